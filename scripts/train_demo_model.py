@@ -1,0 +1,382 @@
+"""Train the tiny demo model bundled in ``shoal/demo_model``.
+
+What it is: a DeepSeek-V3-style causal LM (Multi-head Latent Attention + a
+Mixture-of-Experts FFN with a shared expert and group-limited sigmoid routing,
+first layer dense), built with Hugging Face ``transformers``'
+``DeepseekV3Config`` / ``DeepseekV3ForCausalLM``, with a few million
+parameters and a 4096-entry byte-level BPE tokenizer trained here.
+
+What it was trained on: only text that ships with CPython itself (PSF
+licence): the ``pydoc_data.topics`` help texts and the module / class /
+function docstrings of the standard library's ``.py`` files (test suites,
+IDLE, turtledemo and a few other noisy folders skipped), deduplicated. The
+last 2% of documents are held out to report a validation loss (written to
+/tmp only, never shipped).
+
+This is a DEMO, not a useful model. It exists so that ``shoal generate`` /
+``shoal chat`` can print English-looking text about Python on a machine with
+no network, and so that tests have a real MLA + MoE checkpoint to load. It
+knows nothing, follows no instructions and will happily invent nonsense.
+
+Usage (about 20 minutes on one CPU core)::
+
+    python scripts/train_demo_model.py --out shoal/demo_model --minutes 20
+
+The run is deterministic for a given seed, step count and machine (the time
+budget can cut it short at a different step on a slower machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import torch
+
+BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
+VOCAB_SIZE = 4096
+SKIP_DIRS = {
+    "test", "tests", "idlelib", "turtledemo", "lib2to3", "ensurepip", "tkinter",
+    "distutils", "site-packages", "dist-packages", "pydoc_data", "__pycache__",
+    "__phello__", "venv",
+}
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] }}\n\n"
+    "{% elif message['role'] == 'user' %}### User:\n{{ message['content'] }}\n"
+    "{% else %}### Assistant:\n{{ message['content'] }}{{ eos_token }}\n"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}### Assistant:\n{% endif %}"
+)
+
+
+# --------------------------------------------------------------------------- data
+def stdlib_documents() -> list[str]:
+    """pydoc topics + stdlib docstrings, deduplicated, in a fixed order."""
+    from pydoc_data.topics import topics
+
+    docs: list[str] = [topics[k].strip() for k in sorted(topics)]
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for root, dirs, files in os.walk(stdlib):
+        dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS and not d.startswith("config-"))
+        for name in sorted(files):
+            if not name.endswith(".py") or name.startswith("test_"):
+                continue
+            try:
+                tree = ast.parse(Path(root, name).read_text(encoding="utf-8"))
+            except (SyntaxError, UnicodeDecodeError, ValueError):
+                continue
+            for node in ast.walk(tree):
+                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                    doc = ast.get_docstring(node)
+                    if doc and len(doc) >= 40:  # one-liners like "Return x." add little
+                        docs.append(doc.strip())
+    seen: set[str] = set()
+    out = []
+    for d in docs:
+        h = hashlib.sha1(d.encode()).hexdigest()
+        if h not in seen:
+            seen.add(h)
+            out.append(d)
+    return out
+
+
+def train_tokenizer(texts: list[str]):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=[BOS, EOS, PAD],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        min_frequency=2,
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    assert [tok.token_to_id(t) for t in (BOS, EOS, PAD)] == [0, 1, 2]
+    # Prepend <|bos|> on encode (what add_bos_token promises); byte-level offsets kept.
+    tok.post_processor = processors.Sequence([
+        processors.ByteLevel(trim_offsets=False),
+        processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, 0)]),
+    ])
+    return tok
+
+
+def encode_docs(tok, docs: list[str]) -> torch.Tensor:
+    """One long stream: <|bos|> doc <|eos|> <|bos|> doc <|eos|> ..."""
+    ids: list[int] = []
+    for enc in tok.encode_batch(docs):  # post-processor adds <|bos|>
+        ids.extend(enc.ids)
+        ids.append(1)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+# --------------------------------------------------------------------------- model
+def build_config(args):
+    from transformers import DeepseekV3Config
+
+    cfg = DeepseekV3Config(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=args.hidden,
+        intermediate_size=args.hidden * 3,
+        moe_intermediate_size=args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        n_shared_experts=1,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        n_group=2,
+        topk_group=1,
+        norm_topk_prob=True,
+        routed_scaling_factor=1.0,
+        first_k_dense_replace=1,
+        kv_lora_rank=64,
+        q_lora_rank=128,
+        qk_nope_head_dim=32,
+        qk_rope_head_dim=16,
+        v_head_dim=32,
+        max_position_embeddings=512,
+        rope_interleave=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        tie_word_embeddings=False,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=2,
+        initializer_range=0.02,
+        rms_norm_eps=1e-6,
+        attention_bias=False,
+        use_cache=True,
+    )
+    cfg.architectures = ["DeepseekV3ForCausalLM"]
+    return cfg
+
+
+class RouterBalancer:
+    """DeepSeek-V3's auxiliary-loss-free load balancing.
+
+    Counts how many tokens each routed expert receives in a step and nudges the
+    router's ``e_score_correction_bias`` (used only to *choose* experts, not to
+    weight them) up for under-loaded experts and down for over-loaded ones.
+    """
+
+    def __init__(self, model, rate: float):
+        self.rate = rate
+        self.gates = [m for n, m in model.named_modules() if n.endswith("mlp.gate")]
+        self.counts = [torch.zeros(g.num_experts) for g in self.gates]
+        for i, g in enumerate(self.gates):
+            g.register_forward_hook(self._hook(i))
+        self.enabled = True
+
+    def _hook(self, i):
+        def hook(module, inputs, output):
+            if self.enabled and module.training:
+                idx = output[2]
+                self.counts[i] += torch.bincount(idx.flatten(), minlength=module.num_experts).float()
+        return hook
+
+    @torch.no_grad()
+    def step(self) -> float:
+        """Update biases; return the worst max/mean load ratio seen this step."""
+        worst = 0.0
+        for g, c in zip(self.gates, self.counts):
+            if c.sum() == 0:
+                continue
+            mean = c.mean()
+            g.e_score_correction_bias += self.rate * torch.sign(mean - c)
+            worst = max(worst, float(c.max() / mean))
+            c.zero_()
+        return worst
+
+
+# --------------------------------------------------------------------------- train
+def batches(stream: torch.Tensor, seq: int, batch: int, gen: torch.Generator):
+    n = stream.numel() - seq - 1
+    while True:
+        starts = torch.randint(0, n, (batch,), generator=gen)
+        x = torch.stack([stream[s : s + seq + 1] for s in starts.tolist()])
+        yield x[:, :-1], x[:, 1:]
+
+
+@torch.no_grad()
+def evaluate(model, stream: torch.Tensor, seq: int, batch: int, autocast) -> float:
+    model.eval()
+    n = (stream.numel() - 1) // seq
+    losses = []
+    for i in range(0, n, batch):
+        rows = range(i, min(i + batch, n))
+        x = torch.stack([stream[r * seq : r * seq + seq + 1] for r in rows])
+        with autocast():
+            logits = model(input_ids=x[:, :-1]).logits
+        losses.append(torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1)).item() * len(rows))
+    model.train()
+    return sum(losses) / n
+
+
+def lr_at(step: int, total: int, warmup: int, peak: float, floor: float) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    p = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * p))
+
+
+def save(model, tok, cfg, out: Path, args) -> None:
+    from transformers import GenerationConfig
+
+    out.mkdir(parents=True, exist_ok=True)
+    for f in out.iterdir():  # start clean so no stale shard or index survives
+        if f.is_file() and (f.suffix in {".json", ".safetensors", ".bin", ".txt", ".model"}):
+            f.unlink()
+    model = model.to(torch.bfloat16)
+    # The real DeepSeek-V3 checkpoints keep the routing bias in fp32; so do we.
+    for g in (m for n, m in model.named_modules() if n.endswith("mlp.gate")):
+        g.e_score_correction_bias.data = g.e_score_correction_bias.data.float()
+    model.config.torch_dtype = torch.bfloat16
+    model.config.use_cache = True
+    model.save_pretrained(out, safe_serialization=True)
+    GenerationConfig(bos_token_id=0, eos_token_id=1, pad_token_id=2, do_sample=False, max_new_tokens=64).save_pretrained(out)
+    tok.save(str(out / "tokenizer.json"))
+    tok_cfg = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": BOS,
+        "eos_token": EOS,
+        "pad_token": PAD,
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": cfg.max_position_embeddings,
+        "chat_template": CHAT_TEMPLATE,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
+    (out / "special_tokens_map.json").write_text(json.dumps({"bos_token": BOS, "eos_token": EOS, "pad_token": PAD}, indent=2) + "\n")
+    keep = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"}
+    for f in out.iterdir():
+        if f.is_file() and f.name not in keep and f.suffix != ".py":
+            f.unlink()
+    saved = json.loads((out / "config.json").read_text())
+    assert saved.get("architectures") == ["DeepseekV3ForCausalLM"], saved.get("architectures")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("shoal/demo_model"))
+    ap.add_argument("--minutes", type=float, default=20.0, help="wall-clock budget for the training loop")
+    ap.add_argument("--steps", type=int, default=1200, help="max optimizer steps (the cosine schedule spans these)")
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--warmup", type=int, default=50)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="autocast dtype for training")
+    ap.add_argument("--eval-every", type=int, default=100)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--scratch", type=Path, default=Path("/tmp/shoal_demo_model"))
+    args = ap.parse_args(argv)
+
+    from tqdm import tqdm
+    from transformers import DeepseekV3ForCausalLM
+
+    t0 = time.time()
+    torch.set_num_threads(args.threads)
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+    docs = stdlib_documents()
+    n_val = max(1, len(docs) // 50)  # last 2% held out
+    train_docs, val_docs = docs[:-n_val], docs[-n_val:]
+    args.scratch.mkdir(parents=True, exist_ok=True)
+    (args.scratch / "val.txt").write_text("\n\n".join(val_docs))
+    print(f"corpus: {len(docs)} docs, {sum(map(len, docs)) / 1e6:.2f} MB chars; val {n_val} docs", flush=True)
+
+    tok = train_tokenizer(train_docs)
+    train_ids = encode_docs(tok, train_docs)
+    val_ids = encode_docs(tok, val_docs)
+    print(f"tokens: train {train_ids.numel():,}  val {val_ids.numel():,}  "
+          f"({sum(map(len, train_docs)) / train_ids.numel():.2f} chars/token)  [{time.time() - t0:.0f}s]", flush=True)
+
+    cfg = build_config(args)
+    model = DeepseekV3ForCausalLM(cfg).float()
+    model.train()
+    balancer = RouterBalancer(model, rate=1e-3)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {n_params / 1e6:.2f}M params", flush=True)
+
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "norm" not in n and "gate.weight" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "norm" not in n and "gate.weight" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
+    if args.dtype == "bf16":
+        autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+    else:
+        import contextlib
+        autocast = contextlib.nullcontext
+
+    gen = torch.Generator().manual_seed(args.seed)
+    data = batches(train_ids, args.seq, args.batch, gen)
+    budget = args.minutes * 60
+    t_train = time.time()
+    # The cosine schedule is laid over the time budget: after a few steps we
+    # estimate how many steps fit and shrink `total` (never grow past --steps).
+    total = args.steps
+    ema = None
+    bar = tqdm(range(args.steps), desc="train", dynamic_ncols=True, mininterval=5)
+    step = 0
+    for step in bar:
+        lr = lr_at(step, total, args.warmup, args.lr, args.lr * 0.05)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        x, y = next(data)
+        with autocast():
+            logits = model(input_ids=x).logits
+        loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        imbalance = balancer.step()
+        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        bar.set_postfix(loss=f"{ema:.3f}", lr=f"{lr:.1e}", imb=f"{imbalance:.2f}")
+        elapsed = time.time() - t_train
+        if step == 20:
+            est = int(budget / (elapsed / (step + 1)) * 0.97)
+            if est < total:
+                total = max(est, args.warmup + 1)
+                bar.write(f"time budget: ~{elapsed / (step + 1):.2f}s/step -> schedule over {total} steps")
+        if (step + 1) % args.eval_every == 0:
+            balancer.enabled = False
+            val = evaluate(model, val_ids, args.seq, args.batch * 2, autocast)
+            balancer.enabled = True
+            bar.write(f"step {step + 1:5d}  train {ema:.3f}  val {val:.3f}  lr {lr:.2e}  imbalance {imbalance:.2f}  [{elapsed / 60:.1f} min]")
+        if step + 1 >= total or elapsed > budget:
+            break
+    bar.close()
+    balancer.enabled = False
+    val = evaluate(model, val_ids, args.seq, args.batch * 2, autocast)
+    print(f"final: steps {step + 1}  train(ema) {ema:.3f}  val {val:.3f}  ppl {math.exp(val):.1f}  "
+          f"train time {(time.time() - t_train) / 60:.1f} min", flush=True)
+
+    save(model, tok, cfg, args.out, args)
+    size = sum(f.stat().st_size for f in args.out.iterdir() if f.is_file())
+    print(f"saved {args.out} ({size / 1e6:.1f} MB): {sorted(f.name for f in args.out.iterdir())}")
+    print(f"total wall time {(time.time() - t0) / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""The CPU backend: always present, the fallback when no accelerator is found.
+
+Memory comes from /proc/meminfo (capped by a cgroup limit when one is set); whether bf16 and
+fp16 are native comes from the CPU's feature flags.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+from shoal.backends.base import Backend, MemoryInfo, has_kernel
+
+# Feature flags (x86 "flags", aarch64 "Features" in /proc/cpuinfo) that mean the hardware
+# multiplies in the dtype itself rather than converting to fp32 first.
+_NATIVE_BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}  # "bf16" is the aarch64 name
+_NATIVE_FP16_FLAGS = {"avx512_fp16", "amx_fp16", "asimdhp"}
+
+
+@functools.lru_cache(maxsize=1)
+def _cpuinfo() -> tuple[str, frozenset[str]]:
+    """(model name, feature flags) of the first CPU; empty where /proc/cpuinfo is absent (macOS, Windows)."""
+    name, flags = "", frozenset()
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine(), flags
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip().lower()
+        if key in ("model name", "hardware", "cpu model") and not name:
+            name = value.strip()
+        elif key in ("flags", "features") and not flags:
+            flags = frozenset(value.split())
+        if name and flags:
+            break
+    return name or platform.processor() or platform.machine(), flags
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        return int(Path(path).read_text().split()[0])
+    except (OSError, ValueError, IndexError):  # absent, or "max" meaning no limit
+        return None
+
+
+def _cgroup_limit() -> tuple[int, int] | None:
+    """(limit, usage) bytes of this process's memory cgroup, or None when unlimited.
+
+    Inside a container /proc/meminfo shows the host's memory; the cgroup limit is what the
+    kernel actually enforces before it kills us.
+    """
+    for limit_path, usage_path in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),  # cgroup v2
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),  # v1
+    ):
+        limit = _read_int(limit_path)
+        if limit is not None and limit < (1 << 60):  # v1 writes a huge number for "no limit"
+            return limit, _read_int(usage_path) or 0
+    return None
+
+
+def system_memory() -> MemoryInfo:
+    """Free and total host memory; usable by any backend that shares host RAM."""
+    meminfo: dict[str, int] = {}
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            meminfo[key] = int(value.split()[0]) * 1024  # reported in kB
+    except (OSError, ValueError, IndexError):
+        pass
+    if "MemTotal" in meminfo:
+        total = meminfo["MemTotal"]
+        free = meminfo.get("MemAvailable", meminfo.get("MemFree", 0))
+    else:  # no /proc (macOS): sysconf knows total and free pages, not reclaimable cache
+        page = os.sysconf("SC_PAGE_SIZE")
+        total = os.sysconf("SC_PHYS_PAGES") * page
+        try:
+            free = os.sysconf("SC_AVPHYS_PAGES") * page
+        except (ValueError, OSError):
+            free = total
+    cgroup = _cgroup_limit()
+    if cgroup is not None:
+        limit, usage = cgroup
+        total = min(total, limit)
+        free = min(free, max(limit - usage, 0))
+    return MemoryInfo(free_bytes=free, total_bytes=total)
+
+
+class CpuBackend(Backend):
+    name = "cpu"
+    device_type = "cpu"
+    dist_backend = "gloo"
+    visible_devices_env = None  # threads, not devices; OMP_NUM_THREADS / torch.set_num_threads choose them
+    priority = 10
+
+    def is_available(self) -> bool:
+        return True
+
+    def device_count(self) -> int:
+        return 1
+
+    def device_name(self, index: int = 0) -> str:
+        return _cpuinfo()[0]
+
+    def memory_info(self, index: int = 0) -> MemoryInfo:
+        return system_memory()
+
+    def native_dtypes(self) -> list[torch.dtype]:
+        flags = _cpuinfo()[1]
+        native = [torch.float32]
+        if flags & _NATIVE_BF16_FLAGS:
+            native.append(torch.bfloat16)
+        if flags & _NATIVE_FP16_FLAGS:
+            native.append(torch.float16)
+        return native
+
+    def supported_dtypes(self) -> list[torch.dtype]:
+        # torch computes bf16 and fp16 on any CPU (by converting); only with hardware support
+        # is bf16 faster than fp32, so it leads the list (and becomes --dtype auto) only then.
+        if torch.bfloat16 in self.native_dtypes():
+            return [torch.bfloat16, torch.float32, torch.float16]
+        return [torch.float32, torch.bfloat16, torch.float16]
+
+    def quantized_matmul_kernels(self) -> list[str]:
+        kernels = []
+        if has_kernel("aten::_weight_int8pack_mm", "CPU"):
+            kernels.append("int8pack")
+        if has_kernel("aten::_weight_int4pack_mm_for_cpu", "CPU"):
+            kernels.append("int4pack")
+        return kernels
+
+    def extra_info(self) -> dict[str, str]:
+        flags = _cpuinfo()[1]
+        notable = _NATIVE_BF16_FLAGS | _NATIVE_FP16_FLAGS | {"avx2", "avx512f", "amx_tile", "sve", "asimd"}
+        shown = sorted(flags & notable)
+        return {
+            "capability": torch.backends.cpu.get_cpu_capability(),
+            "features": " ".join(shown) or "unknown",
+            "cores": str(os.cpu_count() or 1),
+            "threads": str(torch.get_num_threads()),
+        }

@@ -1,0 +1,38 @@
+"""Typed errors that shoal raises for bad input; the CLI turns each into a one-line message and exit code 2.
+
+Every message names the problem and says what to do about it, so a user never needs a traceback.
+"""
+
+from __future__ import annotations
+
+
+class ShoalError(Exception):
+    """Base class of every error shoal raises on purpose."""
+
+
+class DeviceError(ShoalError):
+    """The requested device is unknown, absent, or cannot do what was asked."""
+
+
+class ModelNotFoundError(ShoalError):
+    """The model path does not exist or holds no checkpoint."""
+
+
+class ConfigError(ShoalError):
+    """config.json is missing, unreadable, or lacks a field shoal needs."""
+
+
+class UnsupportedArchitectureError(ConfigError):
+    """config.json names an architecture shoal does not implement."""
+
+
+class WeightError(ShoalError):
+    """A weight is missing, has the wrong shape, or its file is damaged."""
+
+
+class TokenizerError(ShoalError):
+    """The tokenizer files are missing, unreadable, or do not match the model."""
+
+
+class InvalidRequestError(ShoalError, ValueError):
+    """A generation request carries an invalid parameter or prompt."""

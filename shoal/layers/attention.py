@@ -1,0 +1,34 @@
+"""Grouped-query attention over the KV cache, with the attention kernel chosen by the backend."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from shoal.backends.base import AttentionFn
+from shoal.layers.kv_cache import ContiguousKVCache
+
+
+class CachedAttention(nn.Module):
+    """Writes this step's keys and values to the cache and attends over everything cached so far."""
+
+    def __init__(self, layer_index: int, scale: float, attention_fn: AttentionFn):
+        super().__init__()
+        self.layer_index = layer_index
+        self.scale = scale
+        self.attention_fn = attention_fn
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cache: ContiguousKVCache
+    ) -> torch.Tensor:
+        """q [b, t, heads, d], k and v [b, t, kv_heads, d] -> [b, t, heads * d_v]."""
+        keys, values = cache.write(self.layer_index, positions, k, v)
+        out = self.attention_fn(
+            q.transpose(1, 2),
+            keys.transpose(1, 2).to(q.dtype),
+            values.transpose(1, 2).to(q.dtype),
+            cache.attention_mask(),
+            self.scale,
+        )
+        b, _, t, _ = out.shape
+        return out.transpose(1, 2).reshape(b, t, -1)

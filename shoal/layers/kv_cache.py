@@ -1,0 +1,62 @@
+"""The KV cache handle a model's forward writes into and reads from.
+
+`ContiguousKVCache` keeps one slab per layer for a fixed batch of sequences that advance together;
+it backs the simple generation loop. The serving engine's paged cache implements the same three
+methods (`begin_forward`, `write`, `attention_mask`), so model code never changes between them.
+What a layer stores is the model's choice: keys and values for GQA, the compressed latent for MLA.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class ContiguousKVCache:
+    def __init__(
+        self,
+        num_layers: int,
+        batch_size: int,
+        max_len: int,
+        entry_shapes: list[tuple[int, ...]],
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        self.max_len = max_len
+        self.batch_size = batch_size
+        self.layers = [
+            [torch.zeros(batch_size, max_len, *shape, dtype=dtype, device=device) for shape in entry_shapes]
+            for _ in range(num_layers)
+        ]
+        self._rows = torch.arange(batch_size, device=device)[:, None]
+        self._kv_len = 0
+        self._mask: torch.Tensor | None = None
+
+    def bytes_per_token(self) -> int:
+        """Cache bytes one token occupies across all layers (the figure MLA shrinks)."""
+        return sum(t[0, 0].numel() * t.element_size() for layer in self.layers for t in layer)
+
+    def begin_forward(self, positions: torch.Tensor, sliding_window: int | None = None) -> None:
+        """Called once per forward with positions [batch, tokens]; sizes the reads and builds the mask."""
+        if positions.shape[0] != self.batch_size:
+            raise ValueError(f"cache holds {self.batch_size} sequences, forward got {positions.shape[0]}")
+        kv_len = int(positions.max()) + 1
+        if kv_len > self.max_len:
+            raise ValueError(f"position {kv_len - 1} is past the cache's {self.max_len} slots")
+        self._kv_len = kv_len
+        keys = torch.arange(kv_len, device=positions.device)
+        allowed = keys[None, None, :] <= positions[:, :, None]  # [batch, tokens, keys]
+        if sliding_window is not None:
+            allowed &= keys[None, None, :] > positions[:, :, None] - sliding_window
+        # A mask that allows everything is dropped: fused kernels run faster without one.
+        self._mask = None if bool(allowed.all()) else allowed[:, None, :, :]
+
+    def attention_mask(self) -> torch.Tensor | None:
+        """Bool mask [batch, 1, tokens, keys] (True = attend) for this forward, or None for 'all keys'."""
+        return self._mask
+
+    def write(self, layer: int, positions: torch.Tensor, *values: torch.Tensor) -> list[torch.Tensor]:
+        """Store this forward's entries [batch, tokens, ...] and return all entries so far [batch, keys, ...]."""
+        slabs = self.layers[layer]
+        for slab, value in zip(slabs, values):
+            slab[self._rows, positions] = value.to(slab.dtype)
+        return [slab[:, : self._kv_len] for slab in slabs]

@@ -1,0 +1,21 @@
+"""The gated SiLU feed-forward block (SwiGLU) shared by Llama, Qwen, Mistral and DeepSeek's dense layers."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from shoal.layers.linear import Linear, MergedLinear
+
+
+class GatedMLP(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False) -> None:
+        super().__init__()
+        self.gate_up_proj = MergedLinear(
+            hidden_size, [intermediate_size, intermediate_size], ("gate_proj", "up_proj"), bias=bias
+        )
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj.split(self.gate_up_proj(x))
+        return self.down_proj(nn.functional.silu(gate) * up)

@@ -1,0 +1,144 @@
+"""DeepSeekMoE: a router picks top-k routed experts per token; always-on shared experts are added.
+
+Routing follows DeepSeek's own code for each generation:
+  V2  softmax scores, top-k greedy or group-limited greedy (best expert per group picks the groups);
+  V3  sigmoid scores plus a load-balancing bias used only for choosing (`e_score_correction_bias`),
+      groups ranked by the sum of their two best experts (`noaux_tc`).
+Routed experts are stored stacked ([experts, out, in]) so tokens can be grouped by expert and each
+expert's weights read once per step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from shoal.errors import WeightError
+from shoal.layers.linear import copy_weight
+from shoal.layers.mlp import GatedMLP
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    num_experts: int
+    top_k: int
+    scoring: str = "softmax"  # "softmax" (V2) or "sigmoid" (V3)
+    topk_method: str = "greedy"  # "greedy", "group_limited_greedy" (V2) or "noaux_tc" (V3)
+    num_groups: int = 1
+    topk_groups: int = 1
+    norm_topk_prob: bool = False
+    routed_scaling_factor: float = 1.0
+    correction_bias: bool = False
+
+
+class Router(nn.Module):
+    def __init__(self, hidden_size: int, cfg: RouterConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        # Routing runs in float32 whatever the model dtype: a flipped expert choice changes the output a lot.
+        self.weight = nn.Parameter(torch.empty(cfg.num_experts, hidden_size, dtype=torch.float32), requires_grad=False)
+        if cfg.correction_bias:
+            self.e_score_correction_bias = nn.Parameter(
+                torch.zeros(cfg.num_experts, dtype=torch.float32), requires_grad=False
+            )
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [tokens, hidden] -> (weights [tokens, top_k] float32, expert ids [tokens, top_k])."""
+        cfg = self.cfg
+        logits = nn.functional.linear(x.float(), self.weight)
+        if cfg.scoring == "sigmoid":
+            scores = logits.sigmoid()
+        else:
+            scores = logits.softmax(dim=-1)
+        choice = scores + self.e_score_correction_bias if cfg.correction_bias else scores
+        if cfg.topk_method in ("group_limited_greedy", "noaux_tc") and cfg.num_groups > 1:
+            grouped = choice.view(-1, cfg.num_groups, cfg.num_experts // cfg.num_groups)
+            if cfg.topk_method == "noaux_tc":
+                group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+            else:
+                group_scores = grouped.max(dim=-1).values
+            top_groups = group_scores.topk(cfg.topk_groups, dim=-1, sorted=False).indices
+            keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, top_groups, True)
+            keep = keep[:, :, None].expand_as(grouped).reshape(-1, cfg.num_experts)
+            fill = float("-inf") if cfg.topk_method == "noaux_tc" else 0.0
+            choice = choice.masked_fill(~keep, fill)
+        expert_ids = choice.topk(cfg.top_k, dim=-1, sorted=False).indices
+        weights = scores.gather(1, expert_ids)
+        if cfg.scoring == "sigmoid":
+            if cfg.norm_topk_prob and cfg.top_k > 1:
+                weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+            weights = weights * cfg.routed_scaling_factor
+        elif cfg.norm_topk_prob and cfg.top_k > 1:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        else:
+            weights = weights * cfg.routed_scaling_factor
+        return weights, expert_ids
+
+
+class StackedExperts(nn.Module):
+    """All routed experts of one layer: gate_up [experts, 2 * inter, hidden], down [experts, hidden, inter]."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.num_experts, self.intermediate_size = num_experts, intermediate_size
+        self.gate_up = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size), requires_grad=False)
+        self.down = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size), requires_grad=False)
+
+    def checkpoint_names(self, module_name: str, attr: str) -> list[str]:
+        shards = ("gate_proj", "up_proj") if attr == "gate_up" else ("down_proj",)
+        return [f"{module_name}.{e}.{s}.weight" for e in range(self.num_experts) for s in shards]
+
+    def load_expert(self, index: int, shard: str, loaded: torch.Tensor, name: str) -> None:
+        if not 0 <= index < self.num_experts:
+            raise WeightError(
+                f"checkpoint tensor {name} names expert {index}, but config.json declares only {self.num_experts}"
+            )
+        inter = self.intermediate_size
+        if shard == "gate_proj":
+            copy_weight(self.gate_up[index, :inter], loaded, name)
+        elif shard == "up_proj":
+            copy_weight(self.gate_up[index, inter:], loaded, name)
+        else:
+            copy_weight(self.down[index], loaded, name)
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        """x [tokens, hidden]; each token's output is the routing-weighted sum of its experts' outputs."""
+        out = torch.zeros_like(x)
+        flat_experts = expert_ids.flatten()
+        order = flat_experts.argsort(stable=True)  # group (token, slot) pairs by expert
+        counts = torch.bincount(flat_experts, minlength=self.num_experts).tolist()
+        token_of = order // expert_ids.shape[1]
+        weight_of = weights.flatten()[order]
+        start = 0
+        for expert, count in enumerate(counts):
+            if count == 0:
+                continue
+            tokens = token_of[start : start + count]
+            gate, up = nn.functional.linear(x[tokens], self.gate_up[expert]).chunk(2, dim=-1)
+            y = nn.functional.linear(nn.functional.silu(gate) * up, self.down[expert])
+            out.index_add_(0, tokens, (y * weight_of[start : start + count, None]).to(x.dtype))
+            start += count
+        return out
+
+
+class MoE(nn.Module):
+    def __init__(
+        self, hidden_size: int, moe_intermediate_size: int, num_shared_experts: int, router: RouterConfig
+    ) -> None:
+        super().__init__()
+        self.gate = Router(hidden_size, router)
+        self.experts = StackedExperts(router.num_experts, hidden_size, moe_intermediate_size)
+        self.shared_experts = (
+            GatedMLP(hidden_size, moe_intermediate_size * num_shared_experts) if num_shared_experts else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        weights, expert_ids = self.gate(flat)
+        out = self.experts(flat, weights, expert_ids)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(flat)
+        return out.view(shape)

@@ -1,0 +1,111 @@
+"""LLM: the Python entry point. Loads a checkpoint onto a device and generates from prompts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from shoal.backends import parse_device
+from shoal.config import EngineConfig
+from shoal.engine.generate_loop import GenerationTarget, run_generation
+from shoal.errors import InvalidRequestError, ModelNotFoundError
+from shoal.loader import build_model, resolve_model_path
+from shoal.outputs import RequestOutput
+from shoal.sampling_params import SamplingParams
+from shoal.tokenizer import Tokenizer
+
+Prompt = str | list[int]
+
+
+def read_eos_token_ids(path: Path) -> list[int]:
+    """EOS ids from generation_config.json (an int or a list), the file transformers' generate() honours."""
+    file = path / "generation_config.json"
+    if not file.is_file():
+        return []
+    try:
+        value = json.loads(file.read_text(encoding="utf-8")).get("eos_token_id")
+    except (OSError, ValueError, AttributeError):
+        return []
+    if isinstance(value, int):
+        return [value]
+    return [int(v) for v in value] if isinstance(value, list) else []
+
+
+class LLM:
+    """`LLM(model, device=None, dtype=None)`; `generate(prompts, SamplingParams(...))`.
+
+    A prompt is a string or a list of token ids. Without `model`, the bundled demo model is used.
+    """
+
+    def __init__(self, model: str | Path | None = None, device: str | None = None, dtype=None, **options) -> None:
+        self.config = EngineConfig(model=str(model) if model else None, device=device, dtype=dtype, **options)
+        if self.config.model is None and not (Path(self.config.model_path) / "config.json").is_file():
+            raise ModelNotFoundError("the bundled demo model is missing from this install; pass a model folder")
+        path = resolve_model_path(self.config.model_path)
+        backend, index = parse_device(self.config.device)
+        backend.set_device(index)
+        self.backend = backend
+        self.device = backend.torch_device(index)
+        self.model, self.model_config, self.dtype = build_model(
+            path, backend, self.device, self.config.torch_dtype, progress=self.config.progress
+        )
+        self.tokenizer = Tokenizer(path, self.model_config.vocab_size)
+        eos = read_eos_token_ids(path) or self.model_config.eos_token_ids
+        if not eos and self.tokenizer.eos_token_id is not None:
+            eos = [self.tokenizer.eos_token_id]
+        max_len = self.model_config.max_position_embeddings
+        if self.config.max_model_len:
+            max_len = min(max_len, self.config.max_model_len)
+        self._target = GenerationTarget(
+            model=self.model,
+            tokenizer=self.tokenizer,
+            device=self.device,
+            cache_dtype=self.dtype,
+            eos_token_ids=frozenset(eos),
+            max_model_len=max_len,
+        )
+
+    def _prompt_ids(self, prompt: Prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+            return None, list(prompt)
+        raise InvalidRequestError("a prompt must be a string or a list of token ids")
+
+    def generate(
+        self, prompts: Prompt | Sequence[Prompt], sampling_params: SamplingParams | None = None
+    ) -> list[RequestOutput]:
+        """Generate for each prompt; returns one RequestOutput per prompt, in order."""
+        params = sampling_params or SamplingParams()
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        results = []
+        for prompt in prompts:
+            text, ids = self._prompt_ids(prompt)
+            results.append(_drain(run_generation(self._target, ids, params, text)))
+        return results
+
+    def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[str]:
+        """Yield the text of one completion piece by piece as it is generated."""
+        text, ids = self._prompt_ids(prompt)
+        yield from run_generation(self._target, ids, sampling_params or SamplingParams(), text)
+
+    def chat_prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of a conversation rendered with the checkpoint's chat template."""
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+
+    def generation(self, prompt_ids: list[int], params: SamplingParams, prompt: str | None = None):
+        """The raw generator: yields text pieces, returns the RequestOutput (for callers that want both)."""
+        return run_generation(self._target, prompt_ids, params, prompt)
+
+
+def _drain(gen) -> RequestOutput:
+    while True:
+        try:
+            next(gen)
+        except StopIteration as stop:
+            return stop.value
+

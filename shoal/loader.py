@@ -1,0 +1,139 @@
+"""Finds a checkpoint (a Hugging Face folder, or a hub id when huggingface_hub and a network exist),
+builds its model on the target device and streams the safetensors weights into it.
+
+Weights are read with safetensors only — never unpickled — one tensor at a time, so peak host memory
+stays near one tensor rather than one model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from tqdm import tqdm
+
+from shoal.backends.base import Backend
+from shoal.errors import DeviceError, ModelNotFoundError, WeightError
+from shoal.models import CausalLM, model_class
+from shoal.models.hf_config import ModelConfig, load_model_config
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve_model_path(model: str | Path) -> Path:
+    """A local folder as is; 'org/name' through huggingface_hub when it is installed; else a clear error."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ModelNotFoundError(
+            f"{model} is a file; point --model at a checkpoint folder holding config.json and *.safetensors"
+        )
+    if _HUB_ID.match(str(model)):
+        try:
+            from huggingface_hub import snapshot_download
+        except ImportError:
+            raise ModelNotFoundError(
+                f"no folder {model}; to download it from the Hugging Face hub, install huggingface_hub "
+                "(pip install 'shoal[hub]') or pass a local checkpoint folder"
+            ) from None
+        try:
+            return Path(
+                snapshot_download(
+                    str(model),
+                    allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.jinja"],
+                )
+            )
+        except Exception as exc:  # network, auth or missing repo: all end the same way for the user
+            raise ModelNotFoundError(f"could not download {model} from the hub: {exc}") from None
+    raise ModelNotFoundError(f"no checkpoint folder at {model}; pass a folder holding config.json and *.safetensors")
+
+
+def safetensors_files(path: Path) -> list[Path]:
+    """The weight files of a checkpoint folder, following model.safetensors.index.json when present."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise WeightError(f"cannot read {index}: {exc}") from None
+        files = [path / name for name in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise WeightError(f"{index.name} lists shard(s) that are not in {path}: {', '.join(missing)}")
+        return files
+    files = sorted(path.glob("*.safetensors"))
+    if files:
+        return files
+    if any(path.glob("*.bin")) or any(path.glob("*.pt")):
+        raise WeightError(
+            f"{path} has only pickle weights (*.bin / *.pt); shoal never unpickles files for safety. "
+            "Convert them to safetensors first (transformers: model.save_pretrained(dir, safe_serialization=True))"
+        )
+    raise WeightError(f"no *.safetensors weights in {path}")
+
+
+def iterate_weights(files: list[Path], progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, CPU tensor) for every tensor in the files, with a progress bar over bytes."""
+    from safetensors import safe_open
+
+    handles = []
+    total = 0
+    for file in files:
+        try:
+            handle = safe_open(str(file), framework="pt", device="cpu")
+        except Exception as exc:  # SafetensorError for truncated or corrupt headers
+            raise WeightError(f"{file} is damaged or truncated ({exc}); download or copy it again") from None
+        handles.append((file, handle))
+        total += file.stat().st_size
+    with tqdm(total=total, unit="B", unit_scale=True, desc="loading weights", disable=not progress, leave=False) as bar:
+        for file, handle in handles:
+            for name in handle.keys():
+                try:
+                    tensor = handle.get_tensor(name)
+                except Exception as exc:
+                    raise WeightError(f"{file}: cannot read tensor {name} ({exc}); the file is damaged") from None
+                bar.update(tensor.numel() * tensor.element_size())
+                yield name, tensor
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def choose_dtype(config: ModelConfig, backend: Backend, requested: torch.dtype | None) -> torch.dtype:
+    """The requested dtype, else the checkpoint's if the device computes in it, else the device's default."""
+    supported = backend.supported_dtypes()
+    if requested is not None:
+        if requested not in supported:
+            names = ", ".join(str(d).removeprefix("torch.") for d in supported)
+            raise DeviceError(f"device {backend.name} cannot compute in {requested}; choose one of {names}")
+        return requested
+    if config.checkpoint_dtype in supported:
+        return config.checkpoint_dtype
+    return backend.default_dtype()
+
+
+def build_model(
+    path: Path, backend: Backend, device: torch.device, dtype: torch.dtype | None, progress: bool = True
+) -> tuple[CausalLM, ModelConfig, torch.dtype]:
+    """Read config.json, construct the model on `device` and load its weights."""
+    config = load_model_config(path)
+    cls = model_class(config)
+    dtype = choose_dtype(config, backend, dtype)
+    files = safetensors_files(path)
+    with _default_dtype(dtype), torch.device(device):
+        model = cls(config, backend)
+    model.load_weights(iterate_weights(files, progress=progress))
+    model.eval()
+    return model, config, dtype

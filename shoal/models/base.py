@@ -1,0 +1,126 @@
+"""What every model family provides to the runner and the loader: a forward over (token ids, positions,
+cache handle), logits, a cache factory, and weight loading from checkpoint names.
+
+Families map checkpoint names onto their modules with `merged_weights` (several checkpoint matrices
+stored as one merged parameter); everything else loads by its exact name.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from shoal.errors import WeightError
+from shoal.layers.kv_cache import ContiguousKVCache
+from shoal.layers.linear import copy_weight
+from shoal.models.hf_config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+
+class CausalLM(nn.Module):
+    """Base of every family. Subclasses build `self.model`-style submodules named as in the checkpoint."""
+
+    # (checkpoint fragment, merged module fragment, shard name), e.g. (".q_proj.", ".qkv_proj.", "q_proj")
+    merged_weights: tuple[tuple[str, str, str], ...] = ()
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.sliding_window: int | None = None
+
+    # ---- the runner's view ----------------------------------------------------------------
+    def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, cache: ContiguousKVCache) -> torch.Tensor:
+        """token_ids and positions [batch, tokens] -> final hidden states [batch, tokens, hidden]."""
+        raise NotImplementedError
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Hidden states -> float32 logits over the vocabulary."""
+        return self.lm_head(hidden).float()
+
+    def cache_entry_shapes(self) -> list[tuple[int, ...]]:
+        """Per-token, per-layer shapes of what the KV cache stores."""
+        raise NotImplementedError
+
+    def make_cache(self, batch_size: int, max_len: int, dtype: torch.dtype, device) -> ContiguousKVCache:
+        return ContiguousKVCache(
+            self.config.num_hidden_layers, batch_size, max_len, self.cache_entry_shapes(), dtype, device
+        )
+
+    # ---- loading --------------------------------------------------------------------------
+    def ignore_weight(self, name: str) -> bool:
+        """Checkpoint tensors that exist but that this model does not use."""
+        if "rotary_emb.inv_freq" in name:
+            return True
+        if self.config.tie_word_embeddings and name == "lm_head.weight":
+            return True
+        return False
+
+    def expert_weight(self, name: str) -> tuple[str, int, str] | None:
+        """For MoE families: map a per-expert checkpoint name to (module name, expert index, shard)."""
+        return None
+
+    def expected_checkpoint_names(self) -> set[str]:
+        """Every checkpoint tensor name this model needs, to report exactly which ones are missing."""
+        names: set[str] = set()
+        modules = dict(self.named_modules())
+        for pname, _ in self.named_parameters():
+            module_name, _, attr = pname.rpartition(".")
+            module = modules[module_name]
+            if hasattr(module, "checkpoint_names"):
+                names.update(module.checkpoint_names(module_name, attr))
+                continue
+            dotted = f".{pname}"
+            parts = [dotted.replace(merged, fragment)[1:] for fragment, merged, _ in self.merged_weights if merged in dotted]
+            names.update(parts or [pname])
+        return names
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy checkpoint tensors into this model; raise WeightError if any is missing or misshapen."""
+        params = dict(self.named_parameters())
+        modules = dict(self.named_modules())
+        seen: set[str] = set()
+        unexpected: list[str] = []
+        for name, tensor in weights:
+            if self.ignore_weight(name):
+                continue
+            expert = self.expert_weight(name)
+            if expert is not None:
+                module_name, index, shard = expert
+                module = modules.get(module_name)
+                if module is None:
+                    unexpected.append(name)
+                    continue
+                module.load_expert(index, shard, tensor, name)
+                seen.add(name)
+                continue
+            dotted = f".{name}"
+            for fragment, merged, shard in self.merged_weights:
+                if fragment in dotted:
+                    pname = dotted.replace(fragment, merged)[1:]
+                    module_name, _, attr = pname.rpartition(".")
+                    module = modules.get(module_name)
+                    if module is None or not hasattr(module, "load_shard"):
+                        unexpected.append(name)
+                    else:
+                        module.load_shard(attr, shard, tensor, name)
+                        seen.add(name)
+                    break
+            else:
+                if name in params:
+                    copy_weight(params[name], tensor, name)
+                    seen.add(name)
+                else:
+                    unexpected.append(name)
+        missing = sorted(self.expected_checkpoint_names() - seen)
+        if missing:
+            more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+            raise WeightError(
+                f"the checkpoint lacks {len(missing)} weight(s) the model needs: {', '.join(missing[:5])}{more}; "
+                "the files are incomplete or belong to a different model"
+            )
+        if unexpected:
+            log.warning("ignored %d checkpoint tensor(s) this model does not use, e.g. %s", len(unexpected), unexpected[0])

@@ -1,0 +1,216 @@
+"""The DeepSeek family: V2, V2-Lite, V3 and R1 — Multi-head Latent Attention (MLA) and DeepSeekMoE.
+
+MLA caches one compressed latent per token (kv_lora_rank values, after RMSNorm) plus one shared
+rotary key (qk_rope_head_dim values) instead of full per-head keys and values. Prefill expands the
+latent into keys and values with kv_b_proj; decode uses the weight-absorbed form, folding kv_b_proj
+into the query and the output so attention runs directly over the cached latent.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from shoal.backends.base import Backend
+from shoal.errors import ConfigError
+from shoal.layers.embedding import LMHead, VocabEmbedding
+from shoal.layers.kv_cache import ContiguousKVCache
+from shoal.layers.linear import Linear
+from shoal.layers.mlp import GatedMLP
+from shoal.layers.moe import MoE, RouterConfig
+from shoal.layers.norm import RMSNorm
+from shoal.layers.rotary import RotaryEmbedding, yarn_mscale
+from shoal.models.base import CausalLM
+from shoal.models.hf_config import ModelConfig
+
+_EXPERT_NAME = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_LAYER_INDEX = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def mla_softmax_scale(config: ModelConfig) -> float:
+    """1/sqrt(qk_head_dim), times YaRN's mscale(mscale_all_dim)^2 when the context is stretched."""
+    head_dim = config.get("qk_nope_head_dim") + config.get("qk_rope_head_dim")
+    scale = head_dim**-0.5
+    rope = config.rope
+    if rope.type == "yarn" and rope.mscale_all_dim:
+        m = yarn_mscale(rope.factor, rope.mscale_all_dim)
+        scale *= m * m
+    return scale
+
+
+class MultiHeadLatentAttention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_index: int, backend: Backend, rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        self.layer_index = layer_index
+        self.num_heads = config.num_attention_heads
+        self.q_lora_rank = config.get("q_lora_rank")
+        self.kv_lora_rank = config.get("kv_lora_rank")
+        self.nope_dim = config.get("qk_nope_head_dim")
+        self.rope_dim = config.get("qk_rope_head_dim")
+        self.v_dim = config.get("v_head_dim")
+        hidden, heads = config.hidden_size, self.num_heads
+        q_out = heads * (self.nope_dim + self.rope_dim)
+        bias = bool(config.get("attention_bias", False))
+        if self.q_lora_rank:
+            self.q_a_proj = Linear(hidden, self.q_lora_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank, config.rms_norm_eps)
+            self.q_b_proj = Linear(self.q_lora_rank, q_out)
+        else:
+            self.q_proj = Linear(hidden, q_out)
+        self.kv_a_proj_with_mqa = Linear(hidden, self.kv_lora_rank + self.rope_dim, bias=bias)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, config.rms_norm_eps)
+        self.kv_b_proj = Linear(self.kv_lora_rank, heads * (self.nope_dim + self.v_dim))
+        self.o_proj = Linear(heads * self.v_dim, hidden, bias=bias)
+        self.rotary = rotary
+        self.scale = mla_softmax_scale(config)
+        self.attention_fn = backend.attention_fn(mla=True, kv_dtype=torch.get_default_dtype())
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: ContiguousKVCache) -> torch.Tensor:
+        b, t, _ = x.shape
+        if self.q_lora_rank:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        else:
+            q = self.q_proj(x)
+        q = q.view(b, t, self.num_heads, self.nope_dim + self.rope_dim)
+        q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        latent = self.kv_a_layernorm(latent)
+        q_rope = self.rotary(q_rope, positions)
+        k_rope = self.rotary(k_rope[:, :, None, :], positions)[:, :, 0]
+        (cached,) = cache.write(self.layer_index, positions, torch.cat([latent, k_rope], dim=-1))
+        cached = cached.to(x.dtype)  # [b, keys, kv_lora_rank + rope_dim]
+        if t == 1:
+            out = self._attend_absorbed(q_nope, q_rope, cached, cache.attention_mask())
+        else:
+            out = self._attend_expanded(q_nope, q_rope, cached, cache.attention_mask())
+        return self.o_proj(out.reshape(b, t, self.num_heads * self.v_dim))
+
+    def _kv_b_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        w = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        return w[:, : self.nope_dim], w[:, self.nope_dim :]  # W_UK [h, nope, rank], W_UV [h, v, rank]
+
+    def _attend_expanded(self, q_nope, q_rope, cached, mask) -> torch.Tensor:
+        """Prefill: rebuild per-head keys and values from the latent, then ordinary attention."""
+        b, n = cached.shape[:2]
+        latent, k_rope = cached.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        kv = self.kv_b_proj(latent).view(b, n, self.num_heads, self.nope_dim + self.v_dim)
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        k = torch.cat([k_nope, k_rope[:, :, None, :].expand(b, n, self.num_heads, self.rope_dim)], dim=-1)
+        q = torch.cat([q_nope, q_rope], dim=-1)
+        out = self.attention_fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, self.scale)
+        return out.transpose(1, 2)  # [b, t, heads, v_dim]
+
+    def _attend_absorbed(self, q_nope, q_rope, cached, mask) -> torch.Tensor:
+        """Decode: q·k = (q_nope W_UK)·latent + q_rope·k_rope, so attend over the latent as one shared KV head."""
+        w_uk, w_uv = self._kv_b_weight()
+        q_latent = torch.einsum("bthd,hdr->bhtr", q_nope, w_uk)
+        q = torch.cat([q_latent, q_rope.transpose(1, 2)], dim=-1)  # [b, heads, t, rank + rope]
+        keys = cached[:, None]  # [b, 1, keys, rank + rope]
+        values = cached[:, None, :, : self.kv_lora_rank]
+        out_latent = self.attention_fn(q, keys, values, mask, self.scale)  # [b, heads, t, rank]
+        return torch.einsum("bhtr,hvr->bthv", out_latent, w_uv)
+
+
+class DeepseekDecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_index: int, backend: Backend, rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        self.self_attn = MultiHeadLatentAttention(config, layer_index, backend, rotary)
+        if is_moe_layer(config, layer_index):
+            self.mlp = MoE(
+                config.hidden_size,
+                config.get("moe_intermediate_size"),
+                int(config.get("n_shared_experts", 0)),
+                router_config(config),
+            )
+        else:
+            self.mlp = GatedMLP(config.hidden_size, config.intermediate_size)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: ContiguousKVCache) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), positions, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def is_moe_layer(config: ModelConfig, index: int) -> bool:
+    """DeepSeek's rule: dense for the first `first_k_dense_replace` layers, then MoE every `moe_layer_freq`."""
+    if not config.get("n_routed_experts"):
+        return False
+    return index >= int(config.get("first_k_dense_replace", 0)) and index % int(config.get("moe_layer_freq", 1)) == 0
+
+
+def router_config(config: ModelConfig) -> RouterConfig:
+    v3 = config.architecture == "DeepseekV3ForCausalLM" or config.model_type == "deepseek_v3"
+    scoring = config.get("scoring_func", "sigmoid" if v3 else "softmax")
+    topk_method = config.get("topk_method", "noaux_tc" if v3 else "greedy")
+    return RouterConfig(
+        num_experts=int(config.get("n_routed_experts")),
+        top_k=int(config.get("num_experts_per_tok")),
+        scoring=scoring,
+        topk_method=topk_method,
+        num_groups=int(config.get("n_group", 1)),
+        topk_groups=int(config.get("topk_group", 1)),
+        norm_topk_prob=bool(config.get("norm_topk_prob", False)),
+        routed_scaling_factor=float(config.get("routed_scaling_factor", 1.0)),
+        correction_bias=topk_method == "noaux_tc",
+    )
+
+
+class DeepseekModel(nn.Module):
+    def __init__(self, config: ModelConfig, backend: Backend) -> None:
+        super().__init__()
+        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
+        rotary = RotaryEmbedding(
+            config.rope,
+            config.get("qk_rope_head_dim"),
+            config.max_position_embeddings,
+            interleaved=bool(config.get("rope_interleave", True)),
+        )
+        self.layers = nn.ModuleList(
+            DeepseekDecoderLayer(config, i, backend, rotary) for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class DeepseekForCausalLM(CausalLM):
+    """DeepseekV2ForCausalLM and DeepseekV3ForCausalLM; the routing differences live in RouterConfig."""
+
+    merged_weights = (
+        (".gate_proj.", ".gate_up_proj.", "gate_proj"),
+        (".up_proj.", ".gate_up_proj.", "up_proj"),
+    )
+
+    def __init__(self, config: ModelConfig, backend: Backend) -> None:
+        super().__init__(config)
+        for key in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+            if not config.get(key):
+                raise ConfigError(f"config.json of a DeepSeek model needs {key!r} (Multi-head Latent Attention sizes)")
+        self.model = DeepseekModel(config, backend)
+        self.lm_head = LMHead(
+            config.vocab_size, config.hidden_size, self.model.embed_tokens if config.tie_word_embeddings else None
+        )
+
+    def cache_entry_shapes(self) -> list[tuple[int, ...]]:
+        return [(self.config.get("kv_lora_rank") + self.config.get("qk_rope_head_dim"),)]
+
+    def ignore_weight(self, name: str) -> bool:
+        # DeepSeek-V3 ships its multi-token-prediction module as extra layers past num_hidden_layers.
+        match = _LAYER_INDEX.match(name)
+        if match and int(match.group(1)) >= self.config.num_hidden_layers:
+            return True
+        return super().ignore_weight(name)
+
+    def expert_weight(self, name: str) -> tuple[str, int, str] | None:
+        match = _EXPERT_NAME.match(name)
+        if match is None:
+            return None
+        return match.group(1), int(match.group(2)), match.group(3)
+
+    def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, cache: ContiguousKVCache) -> torch.Tensor:
+        cache.begin_forward(positions)
+        x = self.model.embed_tokens(token_ids)
+        for layer in self.model.layers:
+            x = layer(x, positions, cache)
+        return self.model.norm(x)

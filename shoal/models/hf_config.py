@@ -1,0 +1,191 @@
+"""Reads a checkpoint's config.json into one ModelConfig that every model family, the loader and the planner share.
+
+Both spellings that exist in the wild are accepted: the original `rope_scaling` + `rope_theta`
+fields and transformers 5's `rope_parameters`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from shoal.errors import ConfigError
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+_DTYPES = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "half": torch.float16,
+}
+
+
+@dataclass
+class RopeConfig:
+    """Rotary position embedding parameters, normalised across config spellings."""
+
+    theta: float = 10000.0
+    type: str = "default"
+    factor: float = 1.0
+    original_max_position_embeddings: int | None = None
+    # llama3
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    # yarn
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    attention_factor: float | None = None
+    truncate: bool = True
+    partial_rotary_factor: float = 1.0
+
+
+@dataclass
+class ModelConfig:
+    """The fields every family needs, plus the raw dict for family-specific ones."""
+
+    architecture: str
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    intermediate_size: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    rope: RopeConfig
+    checkpoint_dtype: torch.dtype | None
+    bos_token_id: int | None
+    eos_token_ids: list[int]
+    raw: dict[str, Any] = field(repr=False, default_factory=dict)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """A family-specific field; a present-but-null value reads as `default`."""
+        value = self.raw.get(key)
+        return default if value is None else value
+
+
+def _as_int_list(value: Any) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, int):
+        return [value]
+    return [int(v) for v in value]
+
+
+def parse_rope(raw: dict[str, Any]) -> RopeConfig:
+    """Normalise `rope_parameters` (transformers >= 5) or `rope_scaling` + `rope_theta` (older files)."""
+    params: dict[str, Any] = {}
+    if isinstance(raw.get("rope_parameters"), dict):
+        params.update(raw["rope_parameters"])
+    if isinstance(raw.get("rope_scaling"), dict):
+        params.update(raw["rope_scaling"])
+    theta = params.get("rope_theta", raw.get("rope_theta", 10000.0))
+    rope_type = params.get("rope_type") or params.get("type") or "default"
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ConfigError(
+            f"config.json asks for rope scaling type {rope_type!r}; shoal supports {', '.join(SUPPORTED_ROPE_TYPES)}"
+        )
+
+    def number(key: str, default: Any) -> Any:
+        value = params.get(key)
+        return default if value is None else value
+
+    return RopeConfig(
+        theta=float(theta),
+        type=rope_type,
+        factor=float(number("factor", 1.0)),
+        original_max_position_embeddings=params.get("original_max_position_embeddings"),
+        low_freq_factor=float(number("low_freq_factor", 1.0)),
+        high_freq_factor=float(number("high_freq_factor", 4.0)),
+        beta_fast=float(number("beta_fast", 32.0)),
+        beta_slow=float(number("beta_slow", 1.0)),
+        mscale=params.get("mscale"),
+        mscale_all_dim=params.get("mscale_all_dim"),
+        attention_factor=params.get("attention_factor"),
+        truncate=bool(number("truncate", True)),
+        partial_rotary_factor=float(number("partial_rotary_factor", raw.get("partial_rotary_factor") or 1.0)),
+    )
+
+
+def _require(raw: dict[str, Any], key: str, path: str) -> Any:
+    value = raw.get(key)
+    if value is None:
+        raise ConfigError(f"{path} has no {key!r}; it does not look like a causal language model config")
+    return value
+
+
+def parse_model_config(raw: dict[str, Any], path: str = "config.json") -> ModelConfig:
+    """Validate a config.json dict once, here, so model code can trust every field."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a JSON object")
+    architectures = raw.get("architectures")
+    if not architectures or not isinstance(architectures, list):
+        raise ConfigError(
+            f"{path} has no 'architectures' list, so shoal cannot tell which model it is; "
+            "add e.g. \"architectures\": [\"LlamaForCausalLM\"]"
+        )
+    hidden_size = int(_require(raw, "hidden_size", path))
+    num_heads = int(_require(raw, "num_attention_heads", path))
+    num_kv_heads = int(raw.get("num_key_value_heads") or num_heads)
+    if num_heads % num_kv_heads:
+        raise ConfigError(
+            f"{path}: num_attention_heads ({num_heads}) must be a multiple of num_key_value_heads ({num_kv_heads})"
+        )
+    dtype_name = raw.get("dtype") or raw.get("torch_dtype")
+    return ModelConfig(
+        architecture=str(architectures[0]),
+        model_type=str(raw.get("model_type", "")),
+        vocab_size=int(_require(raw, "vocab_size", path)),
+        hidden_size=hidden_size,
+        num_hidden_layers=int(_require(raw, "num_hidden_layers", path)),
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        head_dim=int(raw.get("head_dim") or hidden_size // num_heads),
+        intermediate_size=int(raw.get("intermediate_size") or 4 * hidden_size),
+        rms_norm_eps=float(raw.get("rms_norm_eps") or 1e-6),
+        max_position_embeddings=int(raw.get("max_position_embeddings") or 4096),
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        rope=parse_rope(raw),
+        checkpoint_dtype=_DTYPES.get(str(dtype_name)) if dtype_name else None,
+        bos_token_id=raw.get("bos_token_id") if isinstance(raw.get("bos_token_id"), int) else None,
+        eos_token_ids=_as_int_list(raw.get("eos_token_id")),
+        raw=raw,
+    )
+
+
+def load_model_config(path: str | Path) -> ModelConfig:
+    """Read and validate `path` (a config.json file or a folder holding one)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"no config.json at {path}; point --model at a Hugging Face checkpoint folder")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from None
+    return parse_model_config(raw, str(path))
+
+
+def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    """'bfloat16' / 'bf16' / torch.bfloat16 -> torch.bfloat16; None or 'auto' -> None."""
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    aliases = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+    key = aliases.get(name.lower(), name.lower())
+    if key == "auto":
+        return None
+    if key not in _DTYPES:
+        raise ConfigError(f"unknown dtype {name!r}; use auto, float32, bfloat16 or float16")
+    return _DTYPES[key]

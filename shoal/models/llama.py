@@ -1,0 +1,114 @@
+"""The Llama family: Llama 2/3, Qwen2 (q/k/v bias), Qwen3 (per-head q/k RMSNorm), Mistral (sliding window).
+
+Pre-norm decoder with grouped-query attention, rotary positions and a SwiGLU MLP; one class covers
+all four, switched by config fields, so a split or a weight format applied to it covers them all.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from shoal.backends.base import Backend
+from shoal.layers.attention import CachedAttention
+from shoal.layers.embedding import LMHead, VocabEmbedding
+from shoal.layers.kv_cache import ContiguousKVCache
+from shoal.layers.linear import Linear, MergedLinear
+from shoal.layers.mlp import GatedMLP
+from shoal.layers.norm import RMSNorm
+from shoal.layers.rotary import RotaryEmbedding
+from shoal.models.base import CausalLM
+from shoal.models.hf_config import ModelConfig
+
+
+class LlamaAttention(nn.Module):
+    def __init__(
+        self, config: ModelConfig, layer_index: int, backend: Backend, rotary: RotaryEmbedding, qkv_bias: bool, o_bias: bool
+    ):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.qkv_proj = MergedLinear(
+            config.hidden_size, [q_size, kv_size, kv_size], ("q_proj", "k_proj", "v_proj"), bias=qkv_bias
+        )
+        self.o_proj = Linear(q_size, config.hidden_size, bias=o_bias)
+        self.qk_norm = config.model_type == "qwen3" or config.architecture == "Qwen3ForCausalLM"
+        if self.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.rotary = rotary  # shared by all layers: one cos/sin table
+        attention_fn = backend.attention_fn(mla=False, kv_dtype=torch.get_default_dtype())
+        self.attn = CachedAttention(layer_index, self.head_dim**-0.5, attention_fn)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: ContiguousKVCache) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = self.qkv_proj.split(self.qkv_proj(x))
+        q = q.view(b, t, self.num_heads, self.head_dim)
+        k = k.view(b, t, self.num_kv_heads, self.head_dim)
+        v = v.view(b, t, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(q, positions), self.rotary(k, positions)
+        return self.o_proj(self.attn(q, k, v, positions, cache))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(
+        self, config: ModelConfig, layer_index: int, backend: Backend, rotary: RotaryEmbedding, qkv_bias: bool, o_bias: bool
+    ):
+        super().__init__()
+        self.self_attn = LlamaAttention(config, layer_index, backend, rotary, qkv_bias, o_bias)
+        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, bias=bool(config.get("mlp_bias", False)))
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: ContiguousKVCache) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), positions, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: ModelConfig, backend: Backend, qkv_bias: bool, o_bias: bool):
+        super().__init__()
+        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
+        rotary = RotaryEmbedding(config.rope, config.head_dim, config.max_position_embeddings)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, i, backend, rotary, qkv_bias, o_bias) for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class LlamaForCausalLM(CausalLM):
+    merged_weights = (
+        (".q_proj.", ".qkv_proj.", "q_proj"),
+        (".k_proj.", ".qkv_proj.", "k_proj"),
+        (".v_proj.", ".qkv_proj.", "v_proj"),
+        (".gate_proj.", ".gate_up_proj.", "gate_proj"),
+        (".up_proj.", ".gate_up_proj.", "up_proj"),
+    )
+
+    def __init__(self, config: ModelConfig, backend: Backend) -> None:
+        super().__init__(config)
+        qwen2 = config.architecture == "Qwen2ForCausalLM" or config.model_type == "qwen2"
+        attention_bias = bool(config.get("attention_bias", False))
+        # Qwen2 always has q/k/v biases and never an o_proj bias; Llama and Qwen3 use `attention_bias` for all four.
+        qkv_bias, o_bias = (True, False) if qwen2 else (attention_bias, attention_bias)
+        self.model = LlamaModel(config, backend, qkv_bias, o_bias)
+        self.lm_head = LMHead(
+            config.vocab_size, config.hidden_size, self.model.embed_tokens if config.tie_word_embeddings else None
+        )
+        uses_window = config.model_type == "mistral" or bool(config.get("use_sliding_window", False))
+        self.sliding_window = config.get("sliding_window") if uses_window else None
+
+    def cache_entry_shapes(self) -> list[tuple[int, ...]]:
+        shape = (self.config.num_key_value_heads, self.config.head_dim)
+        return [shape, shape]
+
+    def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, cache: ContiguousKVCache) -> torch.Tensor:
+        cache.begin_forward(positions, self.sliding_window)
+        x = self.model.embed_tokens(token_ids)
+        for layer in self.model.layers:
+            x = layer(x, positions, cache)
+        return self.model.norm(x)

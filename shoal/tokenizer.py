@@ -1,0 +1,133 @@
+"""Text <-> token ids for a checkpoint: tokenizer.json through the `tokenizers` library, special tokens
+and the chat template from tokenizer_config.json, and detokenization that streams without ever
+splitting a multi-byte character.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from shoal.errors import TokenizerError
+
+
+def _token_text(value: Any) -> str | None:
+    """tokenizer_config.json writes special tokens as a string or as {"content": ...}."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+class Tokenizer:
+    def __init__(self, path: Path, model_vocab_size: int | None = None) -> None:
+        from tokenizers import Tokenizer as HFTokenizer
+
+        file = path / "tokenizer.json"
+        if not file.is_file():
+            raise TokenizerError(
+                f"no tokenizer.json in {path}; shoal needs the fast-tokenizer file "
+                "(transformers: AutoTokenizer.from_pretrained(...).save_pretrained(dir) writes it)"
+            )
+        try:
+            self._tok = HFTokenizer.from_file(str(file))
+        except Exception as exc:
+            raise TokenizerError(f"cannot read {file}: {exc}") from None
+        config: dict[str, Any] = {}
+        config_file = path / "tokenizer_config.json"
+        if config_file.is_file():
+            try:
+                config = json.loads(config_file.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                raise TokenizerError(f"cannot read {config_file}: {exc}") from None
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        if model_vocab_size is not None and self.vocab_size > model_vocab_size:
+            raise TokenizerError(
+                f"the tokenizer has {self.vocab_size} tokens but the model's vocab_size is {model_vocab_size}; "
+                "tokenizer.json and config.json belong to different models"
+            )
+        self.bos_token = _token_text(config.get("bos_token"))
+        self.eos_token = _token_text(config.get("eos_token"))
+        self.bos_token_id = self._tok.token_to_id(self.bos_token) if self.bos_token else None
+        self.eos_token_id = self._tok.token_to_id(self.eos_token) if self.eos_token else None
+        self.add_bos_token = bool(config.get("add_bos_token", False))
+        template = config.get("chat_template")
+        if isinstance(template, list):  # a list of named templates: take the default one
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default") or next(iter(named.values()), None)
+        jinja_file = path / "chat_template.jinja"
+        if template is None and jinja_file.is_file():
+            template = jinja_file.read_text(encoding="utf-8")
+        self.chat_template: str | None = template
+        self._special_ids = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+
+    # ---- encoding ----------------------------------------------------------------------
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids = self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        if add_special_tokens and self.add_bos_token and self.bos_token_id is not None:
+            if not ids or ids[0] != self.bos_token_id:
+                ids = [self.bos_token_id] + ids
+        return ids
+
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+        """Render the checkpoint's chat template and tokenize it (the template places BOS itself)."""
+        if not self.chat_template:
+            raise TokenizerError("this checkpoint's tokenizer_config.json has no chat_template; use `shoal generate`")
+        from jinja2 import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message: str) -> None:
+            raise TokenizerError(f"the chat template rejected the conversation: {message}")
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        try:
+            text = env.from_string(self.chat_template).render(
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "",
+                eos_token=self.eos_token or "",
+            )
+        except TemplateError as exc:
+            raise TokenizerError(f"the chat template failed to render: {exc}") from None
+        return self.encode(text, add_special_tokens=False)
+
+    # ---- decoding ----------------------------------------------------------------------
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self._tok.id_to_token(token_id)
+
+    def is_special(self, token_id: int) -> bool:
+        return token_id in self._special_ids
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into text pieces as they arrive.
+
+    Text is only released once it no longer ends in an incomplete UTF-8 sequence (the decoder shows
+    those as U+FFFD), and it is decoded in a short window so the cost per token stays constant.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True) -> None:
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.ids: list[int] = []
+        self.text = ""
+        self._prefix_offset = 0  # window start: context so the decoder joins words correctly
+        self._read_offset = 0  # ids before this are already in self.text
+
+    def add(self, token_id: int) -> str:
+        """Append one id; return the new text it completes (possibly empty)."""
+        self.ids.append(token_id)
+        decode = lambda ids: self.tokenizer.decode(ids, self.skip_special_tokens)  # noqa: E731
+        prefix = decode(self.ids[self._prefix_offset : self._read_offset])
+        full = decode(self.ids[self._prefix_offset :])
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            piece = full[len(prefix) :]
+            self._prefix_offset = self._read_offset
+            self._read_offset = len(self.ids)
+            self.text += piece
+            return piece
+        return ""

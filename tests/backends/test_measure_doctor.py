@@ -1,0 +1,62 @@
+"""measure_device and the doctor report on this machine (quick mode only: behaviour, not speed)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from shoal.backends import get_backend
+from shoal.backends.doctor import doctor_report, format_doctor_report
+from shoal.backends.measure import measure_device
+from shoal.errors import DeviceError
+
+
+def test_quick_measure_returns_positive_figures():
+    profile = measure_device(get_backend("cpu"), quick=True)
+    assert profile.memory_bandwidth_gbps > 0.1
+    assert set(profile.matmul_tflops) == {"float32", "bfloat16"}
+    assert all(tflops > 0 for tflops in profile.matmul_tflops.values())
+
+
+@pytest.fixture(scope="module")
+def report():
+    return doctor_report(device="cpu", quick=True)
+
+
+def test_report_is_json_and_covers_every_backend(report):
+    assert json.loads(json.dumps(report)) == report
+    by_name = {entry["name"]: entry for entry in report["backends"]}
+    assert {"cpu", "cuda", "npu", "xpu", "mps"} <= set(by_name)
+    cpu = by_name["cpu"]
+    assert cpu["available"] and cpu["device_count"] == 1
+    assert {"float32", "bfloat16"} <= set(cpu["dtypes"])
+    assert isinstance(cpu["bf16_native"], bool) and cpu["dist_backend"] == "gloo"
+    assert cpu["devices"][0]["memory_total_bytes"] >= cpu["devices"][0]["memory_free_bytes"] > 0
+    for entry in report["backends"]:
+        assert entry["available"] or entry["absence_reason"]
+    assert report["selected"]["backend"] == "cpu"
+    assert report["throughput"]["memory_bandwidth_gbps"] > 0
+    assert report["threads"] >= 1
+
+
+def test_format_shows_table_devices_and_figures(report):
+    text = format_doctor_report(report)
+    assert "backend" in text and "present" in text
+    assert "cpu:0" in text and "GiB free" in text
+    assert "memory bandwidth" in text and "GB/s" in text and "TFLOP/s" in text
+    for entry in report["backends"]:
+        if not entry["available"]:
+            assert entry["absence_reason"] in text
+
+
+def test_format_survives_a_backend_that_errors(report):
+    broken = json.loads(json.dumps(report))
+    broken["backends"].append({**broken["backends"][-1], "name": "flaky", "error": "RuntimeError: driver hung"})
+    broken["backends"][-1]["available"] = True
+    assert "flaky: error: RuntimeError: driver hung" in format_doctor_report(broken)
+
+
+def test_bad_device_raises_before_measuring():
+    with pytest.raises(DeviceError, match="unknown device"):
+        doctor_report(device="nosuchchip", quick=True)

@@ -1,0 +1,170 @@
+"""Builds tiny random checkpoints with transformers (the reference) for the parity tests.
+
+Each entry of ARCHITECTURES is a transformers config class name and the keyword arguments of a
+small model that still exercises the family's distinguishing feature.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+VOCAB = 384
+
+_LLAMA_BASE = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    bos_token_id=0,
+    eos_token_id=1,
+    initializer_range=0.08,
+)
+
+_DEEPSEEK_BASE = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    moe_intermediate_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    n_routed_experts=8,
+    n_shared_experts=1,
+    num_experts_per_tok=2,
+    kv_lora_rank=16,
+    qk_nope_head_dim=16,
+    qk_rope_head_dim=8,
+    v_head_dim=16,
+    max_position_embeddings=256,
+    bos_token_id=0,
+    eos_token_id=1,
+    initializer_range=0.08,
+)
+
+ARCHITECTURES: dict[str, tuple[str, dict]] = {
+    "llama": ("LlamaConfig", dict(_LLAMA_BASE, tie_word_embeddings=False)),
+    "llama-tied-llama3-rope": (
+        "LlamaConfig",
+        dict(
+            _LLAMA_BASE,
+            tie_word_embeddings=True,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 32,
+            },
+        ),
+    ),
+    "llama-linear-rope": ("LlamaConfig", dict(_LLAMA_BASE, rope_scaling={"rope_type": "linear", "factor": 2.0})),
+    "llama-yarn-rope": (
+        "LlamaConfig",
+        dict(
+            _LLAMA_BASE,
+            rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
+        ),
+    ),
+    "qwen2": ("Qwen2Config", dict(_LLAMA_BASE, tie_word_embeddings=True)),
+    "qwen3": ("Qwen3Config", dict(_LLAMA_BASE, head_dim=32, tie_word_embeddings=False)),
+    "mistral": ("MistralConfig", dict(_LLAMA_BASE, sliding_window=24, tie_word_embeddings=False)),
+    # V2-Lite-like: no q_lora_rank, softmax routing, greedy top-k, first layer dense.
+    "deepseek-v2-lite": (
+        "DeepseekV2Config",
+        dict(_DEEPSEEK_BASE, q_lora_rank=None, first_k_dense_replace=1, topk_method="greedy"),
+    ),
+    # V2-like: q_lora_rank and group-limited greedy routing.
+    "deepseek-v2-grouped": (
+        "DeepseekV2Config",
+        dict(
+            _DEEPSEEK_BASE,
+            q_lora_rank=32,
+            first_k_dense_replace=0,
+            topk_method="group_limited_greedy",
+            n_group=4,
+            topk_group=2,
+            routed_scaling_factor=2.0,
+        ),
+    ),
+    # V3-like: q_lora_rank, sigmoid routing with correction bias, groups, dense first layer, YaRN with mscale.
+    "deepseek-v3": (
+        "DeepseekV3Config",
+        dict(
+            _DEEPSEEK_BASE,
+            q_lora_rank=32,
+            first_k_dense_replace=1,
+            n_group=4,
+            topk_group=2,
+            norm_topk_prob=True,
+            routed_scaling_factor=2.5,
+            rope_scaling={
+                "type": "yarn",
+                "factor": 4.0,
+                "original_max_position_embeddings": 64,
+                "mscale": 0.707,
+                "mscale_all_dim": 0.707,
+                "beta_fast": 32,
+                "beta_slow": 1,
+            },
+        ),
+    ),
+}
+
+
+def write_tokenizer(path: Path, vocab_size: int = 300) -> None:
+    """A small byte-level BPE (tokenizer.json + tokenizer_config.json), trained on a few sentences."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    text = ["The quick brown fox jumps over the lazy dog. ", "Héllo wörld, naïve café — 日本語 ✓. "] * 20
+    tok.train_from_iterator(text, trainer)
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+                "add_bos_token": True,
+                "chat_template": "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                "{% if add_generation_prompt %}assistant:{% endif %}",
+            }
+        )
+    )
+
+
+def build_checkpoint(name: str, path: Path, seed: int = 0, **overrides):
+    """Save a random transformers model of architecture `name` to `path`; return the transformers model."""
+    import transformers
+
+    class_name, kwargs = ARCHITECTURES[name]
+    config = getattr(transformers, class_name)(**{**kwargs, **overrides})
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    _randomize_router_biases(model)
+    model.eval()
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path, safe_serialization=True)
+    write_tokenizer(path)
+    return model
+
+
+def _randomize_router_biases(model) -> None:
+    """V3's e_score_correction_bias starts at zero; give it values so the test sees it being used."""
+    generator = torch.Generator().manual_seed(1)
+    for name, buf in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):
+            buf.copy_(torch.rand(buf.shape, generator=generator) * 0.2)
