@@ -119,7 +119,9 @@ def choose_dtype(config: ModelConfig, backend: Backend, requested: torch.dtype |
             names = ", ".join(str(d).removeprefix("torch.") for d in supported)
             raise DeviceError(f"device {backend.name} cannot compute in {requested}; choose one of {names}")
         return requested
-    if config.checkpoint_dtype in supported:
+    # Keep the checkpoint's dtype only where the hardware computes in it natively: bf16 emulated on an
+    # AVX2 CPU is far slower than float32.
+    if config.checkpoint_dtype in backend.native_dtypes():
         return config.checkpoint_dtype
     return backend.default_dtype()
 
@@ -134,6 +136,10 @@ def build_model(
     files = safetensors_files(path)
     with _default_dtype(dtype), torch.device(device):
         model = cls(config, backend)
-    model.load_weights(iterate_weights(files, progress=progress))
+    weights = iterate_weights(files, progress=progress)
+    try:
+        model.load_weights(weights)
+    finally:
+        weights.close()  # close the progress bar now, before any error message is printed
     model.eval()
     return model, config, dtype

@@ -67,6 +67,7 @@ def measure_matmul(backend: Backend, dtype: torch.dtype, index: int = 0, quick: 
         itemsize = torch.empty((), dtype=dtype).element_size()
         while n < 16384 and 3 * (2 * n) ** 2 * itemsize * 2 < free:
             a = torch.randn(n, n, dtype=dtype, device=device)
+            a @ a  # untimed: the first call pays for library handles and kernel selection
             backend.synchronize()
             start = time.perf_counter()
             a @ a

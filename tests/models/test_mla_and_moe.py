@@ -1,0 +1,57 @@
+"""DeepSeek specifics: the cache holds MLA's compressed latent, absorbed decode equals expanded attention,
+and the dense / MoE layer layout follows first_k_dense_replace and moe_layer_freq."""
+
+from __future__ import annotations
+
+import torch
+
+from shoal.backends import get_backend
+from shoal.layers.moe import MoE
+from shoal.loader import build_model
+from shoal.models.deepseek import is_moe_layer
+from shoal.models.hf_config import load_model_config
+
+
+def load(path):
+    model, config, _ = build_model(path, get_backend("cpu"), torch.device("cpu"), torch.float32, progress=False)
+    return model, config
+
+
+def test_cache_stores_the_compressed_latent(checkpoint):
+    path, _ = checkpoint("deepseek-v3")
+    model, config = load(path)
+    latent = config.get("kv_lora_rank") + config.get("qk_rope_head_dim")
+    cache = model.make_cache(1, 16, torch.float32, "cpu")
+    assert [tuple(t.shape) for t in cache.layers[0]] == [(1, 16, latent)]
+    full_kv = 2 * config.num_attention_heads * (config.get("qk_nope_head_dim") + config.get("qk_rope_head_dim"))
+    assert cache.bytes_per_token() == config.num_hidden_layers * latent * 4
+    assert cache.bytes_per_token() < config.num_hidden_layers * full_kv * 4 / 4
+
+
+def test_absorbed_decode_equals_expanded_attention(checkpoint):
+    path, _ = checkpoint("deepseek-v2-lite")
+    model, _ = load(path)
+    ids = torch.randint(2, 300, (1, 20), generator=torch.Generator().manual_seed(5))
+    # one prefill of all 20 tokens (expanded form) ...
+    cache = model.make_cache(1, 20, torch.float32, "cpu")
+    with torch.no_grad():
+        expanded = model(ids, torch.arange(20)[None], cache)[0, -1]
+    # ... against a prefill of 19 and a decode step for the last one (absorbed form)
+    cache = model.make_cache(1, 20, torch.float32, "cpu")
+    with torch.no_grad():
+        model(ids[:, :19], torch.arange(19)[None], cache)
+        absorbed = model(ids[:, 19:], torch.tensor([[19]]), cache)[0, -1]
+    assert (expanded - absorbed).abs().max() < 1e-4
+
+
+def test_dense_and_moe_layer_layout(checkpoint, tmp_path):
+    path, _ = checkpoint("deepseek-v3")
+    config = load_model_config(path)
+    config.raw.update(num_hidden_layers=6, first_k_dense_replace=1, moe_layer_freq=2)
+    assert [is_moe_layer(config, i) for i in range(6)] == [False, False, True, False, True, False]
+    model, _ = load(path)  # first_k_dense_replace=1, moe_layer_freq=1 in the checkpoint
+    kinds = [isinstance(layer.mlp, MoE) for layer in model.model.layers]
+    assert kinds == [False, True, True]
+    moe = model.model.layers[1].mlp
+    assert moe.gate.cfg.scoring == "sigmoid" and moe.gate.cfg.topk_method == "noaux_tc"
+    assert moe.shared_experts is not None
