@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 from typing import Iterator, Sequence
 
-import torch
 
 from shoal.backends import parse_device
 from shoal.config import EngineConfig

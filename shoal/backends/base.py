@@ -148,6 +148,40 @@ class Backend:
         return f"<Backend {self.name} ({self.device_type}, {self.dist_backend})>"
 
 
+class AcceleratorBackend(Backend):
+    """A device family whose torch module (torch.cuda, torch.npu, torch.xpu) has the usual
+    device_count / get_device_name / set_device / synchronize / mem_get_info functions."""
+
+    def _module(self):
+        return getattr(torch, self.device_type)
+
+    def device_count(self) -> int:
+        return self._module().device_count() if self.is_available() else 0
+
+    def device_name(self, index: int = 0) -> str:
+        return self._module().get_device_name(index)
+
+    def set_device(self, index: int) -> None:
+        self._module().set_device(index)
+
+    def synchronize(self) -> None:
+        self._module().synchronize()
+
+    def memory_info(self, index: int = 0) -> MemoryInfo:
+        free, total = self._module().mem_get_info(index)
+        return MemoryInfo(free_bytes=free, total_bytes=total)
+
+
+def packed_matmul_kernels(dispatch_key: str, int4_op: str = "aten::_weight_int4pack_mm") -> list[str]:
+    """The "int8pack" / "int4pack" kernels torch implements for `dispatch_key`."""
+    kernels = []
+    if has_kernel("aten::_weight_int8pack_mm", dispatch_key):
+        kernels.append("int8pack")
+    if has_kernel(int4_op, dispatch_key):
+        kernels.append("int4pack")
+    return kernels
+
+
 def has_kernel(op: str, dispatch_key: str) -> bool:
     """Whether the aten op `op` (e.g. "aten::_weight_int8pack_mm") has a kernel for `dispatch_key`.
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from shoal.backends.base import Backend, MemoryInfo, has_kernel
+from shoal.backends.base import Backend, MemoryInfo, packed_matmul_kernels
 
 # Feature flags (x86 "flags", aarch64 "Features" in /proc/cpuinfo) that mean the hardware
 # multiplies in the dtype itself rather than converting to fp32 first.
@@ -127,12 +127,7 @@ class CpuBackend(Backend):
         return [torch.float32, torch.bfloat16, torch.float16]
 
     def quantized_matmul_kernels(self) -> list[str]:
-        kernels = []
-        if has_kernel("aten::_weight_int8pack_mm", "CPU"):
-            kernels.append("int8pack")
-        if has_kernel("aten::_weight_int4pack_mm_for_cpu", "CPU"):
-            kernels.append("int4pack")
-        return kernels
+        return packed_matmul_kernels("CPU", int4_op="aten::_weight_int4pack_mm_for_cpu")
 
     def extra_info(self) -> dict[str, str]:
         flags = _cpuinfo()[1]

@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from shoal.backends.base import Backend, MemoryInfo, has_kernel
+from shoal.backends.base import AcceleratorBackend, has_kernel
 
 
 def _is_rocm() -> bool:
@@ -27,7 +27,7 @@ def _rocm_arch() -> str:
     return _rocm_arch()
 
 
-class CudaBackend(Backend):
+class CudaBackend(AcceleratorBackend):
     name = "cuda"
     device_type = "cuda"
     dist_backend = "nccl"
@@ -53,22 +53,6 @@ class CudaBackend(Backend):
         if os.environ.get(env, None) == "":
             return f"{env} is set to an empty string, which hides every GPU; unset it or list device ids"
         return "torch found no GPU; check that the driver is installed (nvidia-smi or rocm-smi lists the device)"
-
-    def device_count(self) -> int:
-        return torch.cuda.device_count() if self.is_available() else 0
-
-    def device_name(self, index: int = 0) -> str:
-        return torch.cuda.get_device_name(index)
-
-    def set_device(self, index: int) -> None:
-        torch.cuda.set_device(index)
-
-    def synchronize(self) -> None:
-        torch.cuda.synchronize()
-
-    def memory_info(self, index: int = 0) -> MemoryInfo:
-        free, total = torch.cuda.mem_get_info(index)
-        return MemoryInfo(free_bytes=free, total_bytes=total)
 
     def native_dtypes(self) -> list[torch.dtype]:
         try:

@@ -52,7 +52,6 @@ def measure_bandwidth(backend: Backend, index: int = 0, quick: bool = False) -> 
     dst = torch.empty_like(src)
     seconds = _median_seconds(lambda: dst.copy_(src), backend, reps=5 if quick else 10,
                               min_rep_seconds=0.005 if quick else 0.02)
-    del src, dst
     return 2 * nbytes / seconds / 1e9
 
 

@@ -6,7 +6,7 @@ import platform
 
 import torch
 
-from shoal.backends.base import Backend, MemoryInfo, has_kernel
+from shoal.backends.base import Backend, MemoryInfo, packed_matmul_kernels
 
 
 def _macos_version() -> tuple[int, ...]:
@@ -64,9 +64,4 @@ class MpsBackend(Backend):
         return self.native_dtypes()
 
     def quantized_matmul_kernels(self) -> list[str]:
-        kernels = []
-        if has_kernel("aten::_weight_int8pack_mm", "MPS"):
-            kernels.append("int8pack")
-        if has_kernel("aten::_weight_int4pack_mm", "MPS"):
-            kernels.append("int4pack")
-        return kernels
+        return packed_matmul_kernels("MPS")

@@ -10,7 +10,7 @@ import types
 
 import torch
 
-from shoal.backends.base import Backend, MemoryInfo
+from shoal.backends.base import AcceleratorBackend
 
 _torch_npu: types.ModuleType | None = None
 _import_error: str | None = None
@@ -37,7 +37,7 @@ def _load_torch_npu() -> types.ModuleType | None:
     return _torch_npu
 
 
-class NpuBackend(Backend):
+class NpuBackend(AcceleratorBackend):
     name = "npu"
     device_type = "npu"
     dist_backend = "hccl"
@@ -56,22 +56,6 @@ class NpuBackend(Backend):
         if _load_torch_npu() is None:
             return _import_error or "torch_npu could not be imported"
         return "torch_npu found no Ascend device; check that npu-smi info lists one and ASCEND_RT_VISIBLE_DEVICES"
-
-    def device_count(self) -> int:
-        return torch.npu.device_count() if self.is_available() else 0
-
-    def device_name(self, index: int = 0) -> str:
-        return torch.npu.get_device_name(index)
-
-    def set_device(self, index: int) -> None:
-        torch.npu.set_device(index)
-
-    def synchronize(self) -> None:
-        torch.npu.synchronize()
-
-    def memory_info(self, index: int = 0) -> MemoryInfo:
-        free, total = torch.npu.mem_get_info(index)
-        return MemoryInfo(free_bytes=free, total_bytes=total)
 
     def supported_dtypes(self) -> list[torch.dtype]:
         # 910B and later compute in bf16; 910A and the 310 series only in fp16.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from shoal.backends.base import Backend, MemoryInfo, has_kernel
+from shoal.backends.base import AcceleratorBackend, MemoryInfo, has_kernel, packed_matmul_kernels
 
 
 def _xpu_module():
@@ -12,7 +12,7 @@ def _xpu_module():
     return getattr(torch, "xpu", None)
 
 
-class XpuBackend(Backend):
+class XpuBackend(AcceleratorBackend):
     name = "xpu"
     device_type = "xpu"
     dist_backend = "xccl"
@@ -35,18 +35,6 @@ class XpuBackend(Backend):
             "and the Intel GPU driver, and check ZE_AFFINITY_MASK"
         )
 
-    def device_count(self) -> int:
-        return torch.xpu.device_count() if self.is_available() else 0
-
-    def device_name(self, index: int = 0) -> str:
-        return torch.xpu.get_device_name(index)
-
-    def set_device(self, index: int) -> None:
-        torch.xpu.set_device(index)
-
-    def synchronize(self) -> None:
-        torch.xpu.synchronize()
-
     def memory_info(self, index: int = 0) -> MemoryInfo:
         if hasattr(torch.xpu, "mem_get_info"):  # torch >= 2.6
             free, total = torch.xpu.mem_get_info(index)
@@ -64,9 +52,4 @@ class XpuBackend(Backend):
         return has_kernel("aten::_scaled_mm", "XPU")
 
     def quantized_matmul_kernels(self) -> list[str]:
-        kernels = []
-        if has_kernel("aten::_weight_int8pack_mm", "XPU"):
-            kernels.append("int8pack")
-        if has_kernel("aten::_weight_int4pack_mm", "XPU"):
-            kernels.append("int4pack")
-        return kernels
+        return packed_matmul_kernels("XPU")
