@@ -132,7 +132,7 @@ def build_config(args):
         vocab_size=VOCAB_SIZE,
         hidden_size=args.hidden,
         intermediate_size=args.hidden * 3,
-        moe_intermediate_size=args.hidden,
+        moe_intermediate_size=args.hidden // 2,
         num_hidden_layers=args.layers,
         num_attention_heads=4,
         num_key_value_heads=4,
@@ -246,6 +246,7 @@ def save(model, tok, cfg, out: Path, args) -> None:
         g.e_score_correction_bias.data = g.e_score_correction_bias.data.float()
     model.config.torch_dtype = torch.bfloat16
     model.config.use_cache = True
+    model.config._experts_implementation = None
     model.save_pretrained(out, safe_serialization=True)
     GenerationConfig(bos_token_id=0, eos_token_id=1, pad_token_id=2, do_sample=False, max_new_tokens=64).save_pretrained(out)
     tok.save(str(out / "tokenizer.json"))
@@ -266,6 +267,8 @@ def save(model, tok, cfg, out: Path, args) -> None:
     for f in out.iterdir():
         if f.is_file() and f.name not in keep and f.suffix != ".py":
             f.unlink()
+    for f in out.iterdir():
+        f.chmod(0o644)
     saved = json.loads((out / "config.json").read_text())
     assert saved.get("architectures") == ["DeepseekV3ForCausalLM"], saved.get("architectures")
 
@@ -281,7 +284,10 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=50)
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="autocast dtype for training")
+    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16",
+                    help="autocast dtype for training (bf16 measured ~20%% faster than fp32 on one core here)")
+    ap.add_argument("--experts-impl", default="grouped_mm",
+                    help="transformers experts kernel for training (grouped_mm ~25%% faster than eager here)")
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
@@ -311,9 +317,10 @@ def main(argv=None) -> int:
           f"({sum(map(len, train_docs)) / train_ids.numel():.2f} chars/token)  [{time.time() - t0:.0f}s]", flush=True)
 
     cfg = build_config(args)
+    cfg._experts_implementation = args.experts_impl  # training speed only; not saved
     model = DeepseekV3ForCausalLM(cfg).float()
     model.train()
-    balancer = RouterBalancer(model, rate=1e-3)
+    balancer = RouterBalancer(model, rate=5e-3)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.2f}M params", flush=True)
 
