@@ -89,6 +89,7 @@ def _parse_prompt_ids(text: str) -> list[int]:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from shoal.engine.generate_loop import finish
     from shoal.errors import InvalidRequestError
 
     if (args.prompt is None) == (args.prompt_ids is None):
@@ -100,7 +101,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         prompt_ids = llm.tokenizer.encode(args.prompt)
     run = llm.generation(prompt_ids, params, args.prompt)
     if args.json:
-        output = _drain(run)
+        output = finish(run)
         print(json.dumps(_output_json(output, llm.tokenizer), ensure_ascii=False))
         return 0
     if args.prompt is not None:
@@ -110,14 +111,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
         sys.stdout.flush()
     sys.stdout.write("\n")
     return 0
-
-
-def _drain(run):
-    while True:
-        try:
-            next(run)
-        except StopIteration as stop:
-            return stop.value
 
 
 def _output_json(output, tokenizer) -> dict:
@@ -164,14 +157,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
         prompt_ids = llm.chat_prompt_ids(messages)
         run = llm.generation(prompt_ids, params)
         reply = []
-        try:
-            while True:
-                piece = next(run)
-                reply.append(piece)
-                sys.stdout.write(piece)
-                sys.stdout.flush()
-        except StopIteration:
-            pass
+        for piece in run:
+            reply.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
         sys.stdout.write("\n")
         sys.stdout.flush()
         messages.append({"role": "assistant", "content": "".join(reply).strip()})

@@ -9,7 +9,7 @@ from typing import Iterator, Sequence
 
 from shoal.backends import parse_device
 from shoal.config import EngineConfig
-from shoal.engine.generate_loop import GenerationTarget, run_generation
+from shoal.engine.generate_loop import GenerationTarget, finish, run_generation
 from shoal.errors import InvalidRequestError, ModelNotFoundError
 from shoal.loader import build_model, resolve_model_path
 from shoal.outputs import RequestOutput
@@ -84,13 +84,13 @@ class LLM:
         results = []
         for prompt in prompts:
             text, ids = self._prompt_ids(prompt)
-            results.append(_drain(run_generation(self._target, ids, params, text)))
+            results.append(finish(run_generation(self._target, ids, params, text)))
         return results
 
     def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[str]:
         """Yield the text of one completion piece by piece as it is generated."""
         text, ids = self._prompt_ids(prompt)
-        yield from run_generation(self._target, ids, sampling_params or SamplingParams(), text)
+        yield from self.generation(ids, sampling_params or SamplingParams(), text)
 
     def chat_prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
         """Token ids of a conversation rendered with the checkpoint's chat template."""
@@ -99,12 +99,4 @@ class LLM:
     def generation(self, prompt_ids: list[int], params: SamplingParams, prompt: str | None = None):
         """The raw generator: yields text pieces, returns the RequestOutput (for callers that want both)."""
         return run_generation(self._target, prompt_ids, params, prompt)
-
-
-def _drain(gen) -> RequestOutput:
-    while True:
-        try:
-            next(gen)
-        except StopIteration as stop:
-            return stop.value
 

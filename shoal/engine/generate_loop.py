@@ -100,3 +100,12 @@ def _find_stop(text: str, stops: list[str], emitted: int) -> int | None:
     """Earliest index where a stop string starts, searching only text not yet shown to the user."""
     found = [i for s in stops if (i := text.find(s, max(0, emitted - len(s) + 1))) != -1]
     return min(found) if found else None
+
+
+def finish(run: Generator[str, None, RequestOutput]) -> RequestOutput:
+    """Run a generation to the end without streaming and return its RequestOutput."""
+    while True:
+        try:
+            next(run)
+        except StopIteration as stop:
+            return stop.value
