@@ -34,8 +34,16 @@ class CausalLM(nn.Module):
 
     # ---- the runner's view ----------------------------------------------------------------
     def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, cache: ContiguousKVCache) -> torch.Tensor:
-        """token_ids and positions [batch, tokens] -> final hidden states [batch, tokens, hidden]."""
-        raise NotImplementedError
+        """token_ids and positions [batch, tokens] -> final hidden states [batch, tokens, hidden].
+
+        Every family is embed -> decoder layers -> final norm under `self.model`; each layer takes
+        (hidden, positions, cache).
+        """
+        cache.begin_forward(positions, self.sliding_window)
+        x = self.model.embed_tokens(token_ids)
+        for layer in self.model.layers:
+            x = layer(x, positions, cache)
+        return self.model.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Hidden states -> float32 logits over the vocabulary."""

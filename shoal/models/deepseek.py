@@ -207,10 +207,3 @@ class DeepseekForCausalLM(CausalLM):
         if match is None:
             return None
         return match.group(1), int(match.group(2)), match.group(3)
-
-    def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, cache: ContiguousKVCache) -> torch.Tensor:
-        cache.begin_forward(positions)
-        x = self.model.embed_tokens(token_ids)
-        for layer in self.model.layers:
-            x = layer(x, positions, cache)
-        return self.model.norm(x)

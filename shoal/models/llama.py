@@ -105,10 +105,3 @@ class LlamaForCausalLM(CausalLM):
     def cache_entry_shapes(self) -> list[tuple[int, ...]]:
         shape = (self.config.num_key_value_heads, self.config.head_dim)
         return [shape, shape]
-
-    def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, cache: ContiguousKVCache) -> torch.Tensor:
-        cache.begin_forward(positions, self.sliding_window)
-        x = self.model.embed_tokens(token_ids)
-        for layer in self.model.layers:
-            x = layer(x, positions, cache)
-        return self.model.norm(x)
