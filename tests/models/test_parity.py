@@ -41,7 +41,7 @@ def test_float32_logits_and_greedy_tokens_match_transformers(checkpoint, name):
     assert out.finish_reason == "length"
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen3", "deepseek-v2-lite", "deepseek-v3"])
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
 def test_bfloat16_greedy_tokens_mostly_agree_with_transformers(checkpoint, name):
     """Greedy tokens in bf16 agree with transformers' bf16 on >= 90% of steps.
 
