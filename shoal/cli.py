@@ -89,7 +89,7 @@ def _parse_prompt_ids(text: str) -> list[int]:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from shoal.engine.generate_loop import finish
+    from shoal.llm import finish
     from shoal.errors import InvalidRequestError
 
     if (args.prompt is None) == (args.prompt_ids is None):

@@ -24,11 +24,20 @@ class EngineConfig:
     dtype: str | torch.dtype | None = None  # None or "auto": the checkpoint's dtype if the device has it
     max_model_len: int | None = None  # context cap; None means the model's max_position_embeddings
     progress: bool = True  # progress bars on loading
+    kv_cache_memory: int | None = None  # bytes for the paged KV cache; None: sized from free memory
+    max_num_seqs: int = 64  # sequences batched together at most
+    max_num_batched_tokens: int = 2048  # tokens per step at most; long prompts are prefilled in chunks
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         self.torch_dtype = parse_dtype(self.dtype)
-        if self.max_model_len is not None and self.max_model_len < 1:
-            raise InvalidRequestError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        for name in ("max_model_len", "kv_cache_memory"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise InvalidRequestError(f"{name} must be >= 1, got {value}")
+        for name in ("max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) < 1:
+                raise InvalidRequestError(f"{name} must be >= 1, got {getattr(self, name)}")
 
     @property
     def model_path(self) -> str:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Generator, Iterator, Sequence
 
 
 from shoal.backends import parse_device
 from shoal.config import EngineConfig
-from shoal.engine.generate_loop import GenerationTarget, finish, run_generation
+from shoal.engine.llm_engine import LLMEngine
 from shoal.errors import InvalidRequestError, ModelNotFoundError
 from shoal.loader import build_model, resolve_model_path
 from shoal.outputs import RequestOutput
@@ -58,14 +58,31 @@ class LLM:
         max_len = self.model_config.max_position_embeddings
         if self.config.max_model_len:
             max_len = min(max_len, self.config.max_model_len)
-        self._target = GenerationTarget(
-            model=self.model,
-            tokenizer=self.tokenizer,
-            device=self.device,
+        self.engine = LLMEngine(
+            self.model,
+            self.tokenizer,
+            self.device,
             cache_dtype=self.dtype,
             eos_token_ids=frozenset(eos),
             max_model_len=max_len,
+            kv_cache_bytes=self._kv_cache_bytes(max_len),
+            max_num_seqs=self.config.max_num_seqs,
+            max_num_batched_tokens=self.config.max_num_batched_tokens,
+            enable_prefix_caching=self.config.enable_prefix_caching,
         )
+
+    def _kv_cache_bytes(self, max_len: int) -> int:
+        """--kv-cache-memory if given; else enough for max_num_seqs full contexts, within 80% of free memory."""
+        if self.config.kv_cache_memory:
+            return self.config.kv_cache_memory
+        from shoal.layers.paged_kv_cache import PagedKVCache
+
+        per_token = PagedKVCache.bytes_per_block(
+            self.model_config.num_hidden_layers, 1, self.model.cache_entry_shapes(), self.dtype
+        )
+        wanted = per_token * max_len * self.config.max_num_seqs
+        free = self.backend.memory_info(self.device.index or 0).free_bytes
+        return max(per_token * max_len, min(wanted, int(0.8 * free)))
 
     def _prompt_ids(self, prompt: Prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
@@ -77,15 +94,17 @@ class LLM:
     def generate(
         self, prompts: Prompt | Sequence[Prompt], sampling_params: SamplingParams | None = None
     ) -> list[RequestOutput]:
-        """Generate for each prompt; returns one RequestOutput per prompt, in order."""
+        """Generate for every prompt in one continuous batch; one RequestOutput per prompt, in order."""
         params = sampling_params or SamplingParams()
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
-        results = []
-        for prompt in prompts:
-            text, ids = self._prompt_ids(prompt)
-            results.append(finish(run_generation(self._target, ids, params, text)))
-        return results
+        parsed = [self._prompt_ids(p) for p in prompts]
+        for _, ids in parsed:
+            self.engine.check_prompt(ids)  # reject bad input before any request starts
+        seqs = [self.engine.add_request(ids, params, text) for text, ids in parsed]
+        while self.engine.has_unfinished():
+            self.engine.step()
+        return [seq.to_output() for seq in seqs]
 
     def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[str]:
         """Yield the text of one completion piece by piece as it is generated."""
@@ -96,7 +115,27 @@ class LLM:
         """Token ids of a conversation rendered with the checkpoint's chat template."""
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
 
-    def generation(self, prompt_ids: list[int], params: SamplingParams, prompt: str | None = None):
-        """The raw generator: yields text pieces, returns the RequestOutput (for callers that want both)."""
-        return run_generation(self._target, prompt_ids, params, prompt)
+    def generation(
+        self, prompt_ids: list[int], params: SamplingParams, prompt: str | None = None
+    ) -> Generator[str, None, RequestOutput]:
+        """One request as a generator: yields text pieces as they become final, returns the RequestOutput."""
+        seq = self.engine.add_request(prompt_ids, params, prompt)
+        try:
+            while not seq.is_finished:
+                self.engine.step()
+                piece = seq.take_new_text()
+                if piece:
+                    yield piece
+        finally:
+            if not seq.is_finished:  # the caller stopped early: free its blocks
+                self.engine.abort(seq.request_id)
+        return seq.to_output()
 
+
+def finish(run: Generator[str, None, RequestOutput]) -> RequestOutput:
+    """Run a generation to the end without streaming and return its RequestOutput."""
+    while True:
+        try:
+            next(run)
+        except StopIteration as stop:
+            return stop.value

@@ -1,2 +1,2 @@
-"""Running requests through a model: today the simple one-request loop; the serving engine
-(scheduler, paged block manager, continuous batching) grows here."""
+"""The serving engine: sequences, the block manager (paged KV cache with prefix caching), the
+scheduler (continuous batching, chunked prefill, preemption), the model runner and the step loop."""

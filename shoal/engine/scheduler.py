@@ -1,0 +1,102 @@
+"""Scheduler: continuous batching. Each step decides which sequences run and how many tokens each.
+
+Running sequences go first (one token each when decoding, the next chunk when still prefilling),
+then waiting ones join while the token budget (`max_num_batched_tokens`) lasts, so a long prompt
+is prefilled in chunks instead of stalling everyone's decoding. When KV blocks run out, the newest
+running sequence is preempted: its blocks are freed and it waits to be recomputed — never dropped.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from shoal.engine.block_manager import BlockManager
+from shoal.engine.sequence import Sequence, Status
+
+
+@dataclass
+class ScheduledChunk:
+    seq: Sequence
+    num_tokens: int  # how many of the sequence's uncomputed tokens run this step
+
+    @property
+    def completes(self) -> bool:
+        """Whether this chunk reaches the end of the sequence, so a token is sampled after it."""
+        return self.seq.num_computed + self.num_tokens == self.seq.num_tokens
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048):
+        self.blocks = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        needed = -(-(len(seq.prompt_ids) + 1) // self.blocks.block_size)
+        if needed > self.blocks.num_blocks:
+            raise ValueError(
+                f"the prompt needs {needed} KV blocks but the cache has only {self.blocks.num_blocks}; "
+                "give the KV cache more memory or shorten the prompt"
+            )
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, seq: Sequence) -> None:
+        """Release a finished or aborted sequence's blocks."""
+        self.blocks.free(seq.block_table)
+        if seq in self.running:
+            self.running.remove(seq)
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        seq.status = Status.FINISHED
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.blocks.free(seq.block_table)
+        self.running.remove(seq)
+        seq.reset_for_recompute()
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def schedule(self) -> list[ScheduledChunk]:
+        budget = self.max_num_batched_tokens
+        chunks: list[ScheduledChunk] = []
+        preempted = False
+        for seq in list(self.running):
+            if seq not in self.running or budget == 0:
+                continue
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            while not self.blocks.grow(seq.block_table, seq.num_computed + n):
+                victim = self.running[-1]  # the newest: it has waited least and holds the least work
+                self._preempt(victim)
+                preempted = True
+                if victim is seq:
+                    break
+            if seq.status is not Status.RUNNING:
+                continue
+            chunks.append(ScheduledChunk(seq, n))
+            budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
+            seq = self.waiting[0]
+            if seq.num_computed == 0 and not seq.block_table:
+                # Reuse cached blocks of a shared prefix; always leave the last token to compute for its logits.
+                blocks, hashes = self.blocks.match_prefix(seq.all_ids, seq.num_tokens - 1)
+                seq.block_table.extend(blocks)
+                seq.block_hashes.extend(hashes)
+                seq.num_computed = len(blocks) * self.blocks.block_size
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            if not self.blocks.grow(seq.block_table, seq.num_computed + n):
+                self.blocks.free(seq.block_table)  # give back the prefix it matched; it retries next step
+                seq.reset_for_recompute()
+                break
+            self.waiting.popleft()
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            chunks.append(ScheduledChunk(seq, n))
+            budget -= n
+        return chunks

@@ -1,0 +1,80 @@
+"""The engine: batching does not change greedy tokens; preemption, chunked prefill and prefix caching
+finish every request with the same tokens; every KV block is free afterwards."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from shoal import LLM, SamplingParams
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+
+def prompts(n: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(2, 300) for _ in range(rng.randrange(3, 40))] for _ in range(n)]
+
+
+def alone(llm: LLM, batch: list[list[int]]) -> list[list[int]]:
+    return [llm.generate(p, GREEDY)[0].token_ids for p in batch]
+
+
+@pytest.mark.parametrize("name", ["llama", "deepseek-v3"])
+def test_batch_of_32_gives_the_same_greedy_tokens_as_one_at_a_time(checkpoint, name):
+    path, _ = checkpoint(name)
+    llm = LLM(str(path), dtype="float32", progress=False)
+    batch = prompts(32)
+    together = [out.token_ids for out in llm.generate(batch, GREEDY)]
+    assert together == alone(llm, batch)
+    assert llm.engine.block_manager.num_used_blocks == 0
+
+
+def test_preemption_when_the_pool_is_too_small_still_finishes_everything(checkpoint):
+    path, _ = checkpoint("llama")
+    reference = LLM(str(path), dtype="float32", progress=False)
+    batch = prompts(16, seed=1)
+    expected = [out.token_ids for out in reference.generate(batch, GREEDY)]
+    # 2 layers x 2 (k, v) x 2 heads x 16 dims x 4 bytes = 512 bytes per token: room for ~6 blocks of 16 tokens
+    small = LLM(str(path), dtype="float32", progress=False, kv_cache_memory=512 * 16 * 6)
+    assert small.engine.block_manager.num_blocks == 6
+    assert [out.token_ids for out in small.generate(batch, GREEDY)] == expected
+    assert small.engine.scheduler.num_preemptions > 0
+    assert small.engine.block_manager.num_used_blocks == 0
+
+
+def test_chunked_prefill_gives_the_same_tokens(checkpoint):
+    path, _ = checkpoint("deepseek-v2-lite")
+    batch = prompts(6, seed=2)
+    whole = LLM(str(path), dtype="float32", progress=False)
+    chunked = LLM(str(path), dtype="float32", progress=False, max_num_batched_tokens=7)
+    assert [o.token_ids for o in chunked.generate(batch, GREEDY)] == [o.token_ids for o in whole.generate(batch, GREEDY)]
+
+
+def test_prefix_cache_reuses_a_shared_prompt_prefix(checkpoint):
+    path, _ = checkpoint("qwen3")
+    system = list(range(10, 60))  # 50 shared tokens: 3 full blocks of 16
+    batch = [system + [70, 71, 72], system + [80, 81]]
+    cold = LLM(str(path), dtype="float32", progress=False, enable_prefix_caching=False)
+    expected = [o.token_ids for o in cold.generate(batch, GREEDY)]
+    warm = LLM(str(path), dtype="float32", progress=False)
+    first = warm.generate(batch[0], GREEDY)[0].token_ids
+    blocks = warm.engine.block_manager
+    hits_before = blocks.prefix_hits
+    second = warm.generate(batch[1], GREEDY)[0].token_ids
+    assert [first, second] == expected
+    assert blocks.prefix_hits - hits_before == 3
+    assert blocks.num_used_blocks == 0
+
+
+def test_a_stream_closed_early_frees_its_blocks(checkpoint):
+    path, _ = checkpoint("llama")
+    llm = LLM(str(path), dtype="float32", progress=False)
+    run = llm.generation([5, 6, 7], SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))
+    for _ in range(3):
+        next(run)
+    assert llm.engine.block_manager.num_used_blocks > 0
+    run.close()
+    assert llm.engine.block_manager.num_used_blocks == 0
+    assert not llm.engine.has_unfinished()
