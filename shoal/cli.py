@@ -1,4 +1,4 @@
-"""The `shoal` command: generate, chat and doctor.
+"""The `shoal` command: generate, chat, serve, bench and doctor.
 
 Every error shoal raises on purpose becomes one line on stderr and exit code 2 — never a traceback.
 """
@@ -10,7 +10,9 @@ import json
 import sys
 from typing import Sequence
 
+from shoal.bench import add_bench_parser, cmd_bench
 from shoal.errors import ShoalError
+from shoal.server.cli import add_serve_parser, cmd_serve
 
 EXIT_USAGE = 2
 
@@ -55,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--device", default=None, help="device to measure; default: best present")
     doctor.add_argument("--quick", action="store_true", help="shorter, rougher measurement")
     doctor.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    add_serve_parser(sub)
+    add_bench_parser(sub)
     return parser
 
 
@@ -174,7 +179,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "doctor": cmd_doctor}
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "doctor": cmd_doctor, "serve": cmd_serve, "bench": cmd_bench}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

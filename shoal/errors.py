@@ -36,3 +36,15 @@ class TokenizerError(ShoalError):
 
 class InvalidRequestError(ShoalError, ValueError):
     """A generation request carries an invalid parameter or prompt."""
+
+
+class QueueFullError(ShoalError):
+    """Too many requests are waiting for a slot; the caller should retry after `retry_after` seconds."""
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class EngineUnavailableError(ShoalError):
+    """The engine failed or is shutting down; requests cannot be served."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Generator, Iterator, Sequence
@@ -10,6 +11,7 @@ from typing import Generator, Iterator, Sequence
 from shoal.backends import parse_device
 from shoal.config import EngineConfig
 from shoal.engine.llm_engine import LLMEngine
+from shoal.engine.sequence import Sequence as EngineSequence
 from shoal.errors import InvalidRequestError, ModelNotFoundError
 from shoal.loader import build_model, resolve_model_path
 from shoal.outputs import RequestOutput
@@ -94,17 +96,55 @@ class LLM:
     def generate(
         self, prompts: Prompt | Sequence[Prompt], sampling_params: SamplingParams | None = None
     ) -> list[RequestOutput]:
-        """Generate for every prompt in one continuous batch; one RequestOutput per prompt, in order."""
+        """Generate for every prompt in one continuous batch; one RequestOutput per prompt, in order.
+
+        With n > 1 each prompt runs as n sequences (completion i seeded with seed + i when a seed is given)
+        and its RequestOutput holds the n completions. When the prompt fills at least one KV block, the
+        other n - 1 start once the first has computed the prompt, so prefix caching shares its blocks.
+        """
         params = sampling_params or SamplingParams()
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         parsed = [self._prompt_ids(p) for p in prompts]
         for _, ids in parsed:
             self.engine.check_prompt(ids)  # reject bad input before any request starts
-        seqs = [self.engine.add_request(ids, params, text) for text, ids in parsed]
-        while self.engine.has_unfinished():
+        copies = completion_params(params)
+        groups: list[list[EngineSequence]] = []
+        pending: list[tuple[EngineSequence, list[int], str | None, list[EngineSequence]]] = []
+        for text, ids in parsed:
+            group = [self.engine.add_request(ids, copies[0], text)]
+            groups.append(group)
+            if len(copies) > 1 and self._prompt_blocks(ids) > 0:
+                pending.append((group[0], ids, text, group))
+            else:
+                group.extend(self.engine.add_request(ids, p, text) for p in copies[1:])
+        while self.engine.has_unfinished() or pending:
             self.engine.step()
-        return [seq.to_output() for seq in seqs]
+            waiting = []
+            for first, ids, text, group in pending:
+                if first.is_finished or first.num_computed >= self._prompt_blocks(ids) * self._block_size:
+                    group.extend(self.engine.add_request(ids, p, text) for p in copies[1:])
+                else:
+                    waiting.append((first, ids, text, group))
+            pending = waiting
+        return [
+            RequestOutput(
+                prompt=group[0].prompt,
+                prompt_token_ids=list(group[0].prompt_ids),
+                outputs=[seq.to_completion(index) for index, seq in enumerate(group)],
+            )
+            for group in groups
+        ]
+
+    @property
+    def _block_size(self) -> int:
+        return self.engine.block_manager.block_size
+
+    def _prompt_blocks(self, prompt_ids: list[int]) -> int:
+        """Full KV blocks of a prompt that prefix caching can share (0 when it is off)."""
+        if not self.engine.block_manager.enable_prefix_caching:
+            return 0
+        return (len(prompt_ids) - 1) // self._block_size  # the last prompt token is always computed
 
     def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[str]:
         """Yield the text of one completion piece by piece as it is generated."""
@@ -119,6 +159,8 @@ class LLM:
         self, prompt_ids: list[int], params: SamplingParams, prompt: str | None = None
     ) -> Generator[str, None, RequestOutput]:
         """One request as a generator: yields text pieces as they become final, returns the RequestOutput."""
+        if params.n != 1:
+            raise InvalidRequestError("a streamed generation returns one completion; use generate() for n > 1")
         seq = self.engine.add_request(prompt_ids, params, prompt)
         try:
             while not seq.is_finished:
@@ -130,6 +172,15 @@ class LLM:
             if not seq.is_finished:  # the caller stopped early: free its blocks
                 self.engine.abort(seq.request_id)
         return seq.to_output()
+
+
+def completion_params(params: SamplingParams) -> list[SamplingParams]:
+    """The n single-completion SamplingParams a request with n completions runs as (seed + i for the i-th)."""
+    if params.n == 1:
+        return [params]
+    return [
+        dataclasses.replace(params, n=1, seed=None if params.seed is None else params.seed + i) for i in range(params.n)
+    ]
 
 
 def finish(run: Generator[str, None, RequestOutput]) -> RequestOutput:

@@ -17,11 +17,15 @@ class CompletionOutput:
     token_ids: list[int]
     text: str
     finish_reason: str  # "stop" (EOS, stop string or stop token) or "length"
-    logprobs: list[TokenLogprob] | None = None
+    logprobs: list[TokenLogprob] | None = None  # under the raw model distribution, before penalties and filters
+    index: int = 0  # which of the prompt's n completions this is
 
 
 @dataclass
 class RequestOutput:
+    """One prompt's result: `outputs` holds its n completions (SamplingParams.n), in order of index;
+    token_ids, text and finish_reason are the first completion's."""
+
     prompt: str | None
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from shoal.errors import InvalidRequestError
@@ -9,14 +10,24 @@ from shoal.errors import InvalidRequestError
 MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
+MAX_N = 16
+MAX_PENALTY = 2.0  # presence and frequency penalties lie in [-MAX_PENALTY, MAX_PENALTY], as in the OpenAI API
+MAX_REPETITION_PENALTY = 10.0
 
 
 @dataclass
 class SamplingParams:
     """Field names and defaults follow vLLM and the OpenAI API.
 
-    temperature 0 means greedy; top_k 0 (or -1) and top_p 1.0 disable those filters; seed makes sampling
-    reproducible per request; logprobs=K returns each generated token's logprob and the top K alternatives.
+    temperature 0 means greedy; top_k 0 (or -1), top_p 1.0 and min_p 0 disable those filters; seed makes
+    sampling reproducible per request; logprobs=K returns each generated token's logprob and the top K
+    alternatives, under the raw model distribution (before penalties, temperature and filters).
+
+    Penalties change the logits before temperature: repetition_penalty (HF and vLLM; 1.0 is off) divides
+    the positive logits and multiplies the negative ones of every token in the prompt or the output;
+    frequency_penalty subtracts penalty x count and presence_penalty subtracts the penalty once, for each
+    token generated so far (OpenAI). n asks for n completions of the prompt (`LLM.generate`); with a
+    seed, completion i samples with seed + i.
     """
 
     max_tokens: int = 16
@@ -29,6 +40,11 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    n: int = 1
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -47,6 +63,14 @@ class SamplingParams:
             (all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_LENGTH for s in self.stop),
              f"each stop string must be 1 to {MAX_STOP_LENGTH} characters"),
             (self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS, f"logprobs must be between 0 and {MAX_LOGPROBS}"),
+            (_number(self.min_p) and 0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p!r}"),
+            (_number(self.presence_penalty) and -MAX_PENALTY <= self.presence_penalty <= MAX_PENALTY,
+             f"presence_penalty must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], got {self.presence_penalty!r}"),
+            (_number(self.frequency_penalty) and -MAX_PENALTY <= self.frequency_penalty <= MAX_PENALTY,
+             f"frequency_penalty must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], got {self.frequency_penalty!r}"),
+            (_number(self.repetition_penalty) and 0 < self.repetition_penalty <= MAX_REPETITION_PENALTY,
+             f"repetition_penalty must be in (0, {MAX_REPETITION_PENALTY:g}], got {self.repetition_penalty!r}"),
+            (_integer(self.n) and 1 <= self.n <= MAX_N, f"n must be an integer from 1 to {MAX_N}, got {self.n!r}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -55,3 +79,16 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+
+
+def _number(value) -> bool:
+    # bool is an int in Python, and NaN passes no bound check: both are rejected here.
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -7,7 +7,7 @@ import torch
 
 from shoal.engine.scheduler import ScheduledChunk
 from shoal.layers.paged_kv_cache import PagedKVCache
-from shoal.layers.sampler import sample_token, token_logprob
+from shoal.layers.sampler import sample_batch
 from shoal.models.base import CausalLM
 from shoal.outputs import TokenLogprob
 
@@ -42,16 +42,22 @@ class ModelRunner:
         self.cache.set_batch(as_tensor(slot_mapping), as_tensor(context_slots), as_tensor(context_lens))
         with torch.inference_mode():
             hidden = self.model(as_tensor(token_ids), as_tensor(positions), self.cache)
-            last = torch.tensor([c.num_tokens - 1 for c in chunks], device=self.device)
-            rows = torch.arange(len(chunks), device=self.device)
+            done = [row for row, c in enumerate(chunks) if c.completes]
+            if not done:
+                return [None] * len(chunks)
+            # Only the rows that sample a token need logits: the vocabulary projection is the widest matmul.
+            rows = torch.tensor(done, device=self.device)
+            last = torch.tensor([chunks[row].num_tokens - 1 for row in done], device=self.device)
             logits = self.model.compute_logits(hidden[rows, last])
-        results: list[tuple[int, TokenLogprob | None] | None] = []
-        for row, chunk in enumerate(chunks):
-            if not chunk.completes:
-                results.append(None)
-                continue
-            params = chunk.seq.params
-            token = sample_token(logits[row], params, chunk.seq.generator)
-            logprob = token_logprob(logits[row], token, params.logprobs or 0) if params.logprobs is not None else None
-            results.append((token, logprob))
+            seqs = [chunks[row].seq for row in done]
+            tokens, logprobs = sample_batch(
+                logits,
+                [seq.params for seq in seqs],
+                [seq.generator for seq in seqs],
+                [seq.prompt_ids for seq in seqs],
+                [seq.output_ids for seq in seqs],
+            )
+        results: list[tuple[int, TokenLogprob | None] | None] = [None] * len(chunks)
+        for row, token, logprob in zip(done, tokens, logprobs):
+            results[row] = (token, logprob)
         return results

@@ -103,9 +103,11 @@ class Sequence:
         self.block_hashes.clear()
         self.status = Status.WAITING
 
-    def to_output(self) -> RequestOutput:
-        completion = CompletionOutput(
+    def to_completion(self, index: int = 0) -> CompletionOutput:
+        return CompletionOutput(
             token_ids=list(self.output_ids), text=self.text, finish_reason=self.finish_reason or "length",
-            logprobs=self.logprobs,
+            logprobs=self.logprobs, index=index,
         )
-        return RequestOutput(prompt=self.prompt, prompt_token_ids=list(self.prompt_ids), outputs=[completion])
+
+    def to_output(self) -> RequestOutput:
+        return RequestOutput(prompt=self.prompt, prompt_token_ids=list(self.prompt_ids), outputs=[self.to_completion()])

@@ -1,0 +1,115 @@
+"""Prometheus metrics for GET /metrics, in the text exposition format (version 0.0.4), written here.
+
+Gauges and counters come from the AsyncEngine's stats snapshot; latency histograms are fed by the
+engine thread (`observe`) each time a completion ends.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+
+from shoal.engine.async_engine import EngineStats, SequenceTiming
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0)
+TPOT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0)
+LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 60.0, 120.0)
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _number(value: float) -> str:
+    if isinstance(value, int):
+        return str(value)
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(float(value))
+
+
+class Histogram:
+    """Cumulative buckets, sum and count; observed from the engine thread, rendered from the server's."""
+
+    def __init__(self, name: str, help: str, buckets: tuple[float, ...]) -> None:
+        self.name, self.help, self.bounds = name, help, tuple(sorted(buckets))
+        self._counts = [0] * (len(self.bounds) + 1)  # the last one is +Inf
+        self._sum = 0.0
+        self._lock = threading.Lock()
+
+    def observe(self, value: float) -> None:
+        index = next((i for i, bound in enumerate(self.bounds) if value <= bound), len(self.bounds))
+        with self._lock:
+            self._counts[index] += 1
+            self._sum += value
+
+    def render(self, labels: str) -> list[str]:
+        with self._lock:
+            counts, total = list(self._counts), self._sum
+        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
+        cumulative = 0
+        for bound, count in zip(self.bounds + (math.inf,), counts):
+            cumulative += count
+            lines.append(f'{self.name}_bucket{{{labels},le="{_number(bound)}"}} {cumulative}')
+        lines.append(f"{self.name}_sum{{{labels}}} {_number(total)}")
+        lines.append(f"{self.name}_count{{{labels}}} {cumulative}")
+        return lines
+
+
+class ServerMetrics:
+    def __init__(self, model_name: str) -> None:
+        self.labels = f'model_name="{_escape(model_name)}"'
+        self.ttft = Histogram("shoal_time_to_first_token_seconds", "Time from arrival to the first token.", TTFT_BUCKETS)
+        self.tpot = Histogram(
+            "shoal_time_per_output_token_seconds", "Mean time between output tokens of a completion.", TPOT_BUCKETS
+        )
+        self.latency = Histogram(
+            "shoal_e2e_request_latency_seconds", "Time from arrival to the last token of a completion.", LATENCY_BUCKETS
+        )
+
+    def observe(self, timing: SequenceTiming) -> None:
+        self.ttft.observe(timing.time_to_first_token)
+        if timing.time_per_output_token is not None:
+            self.tpot.observe(timing.time_per_output_token)
+        self.latency.observe(timing.latency)
+
+    def render(self, stats: EngineStats) -> str:
+        labels = self.labels
+        lines: list[str] = []
+
+        def metric(name: str, kind: str, help: str, value: float, extra: str = "") -> None:
+            lines.extend([f"# HELP {name} {help}", f"# TYPE {name} {kind}"])
+            lines.append(f"{name}{{{labels}{extra}}} {_number(value)}")
+
+        hit_rate = stats.prefix_hits / stats.prefix_queries if stats.prefix_queries else 0.0
+        metric("shoal_num_requests_running", "gauge", "Sequences being generated now.", stats.running)
+        metric("shoal_num_requests_waiting", "gauge", "Sequences waiting for a slot (new or preempted).", stats.waiting)
+        metric("shoal_kv_cache_blocks_total", "gauge", "KV-cache blocks in the pool.", stats.num_blocks)
+        metric("shoal_kv_cache_blocks_used", "gauge", "KV-cache blocks held by sequences.", stats.used_blocks)
+        metric("shoal_kv_cache_blocks_free", "gauge", "KV-cache blocks free (prefix-cached ones included).",
+               stats.free_blocks)
+        metric("shoal_kv_cache_usage_ratio", "gauge", "Fraction of KV-cache blocks in use.",
+               stats.used_blocks / stats.num_blocks if stats.num_blocks else 0.0)
+        metric("shoal_prefix_cache_queries_total", "counter", "Prompt blocks looked up in the prefix cache.",
+               stats.prefix_queries)
+        metric("shoal_prefix_cache_hits_total", "counter", "Prompt blocks found in the prefix cache.", stats.prefix_hits)
+        metric("shoal_prefix_cache_hit_rate", "gauge", "Prefix-cache hits over queries since start.", hit_rate)
+        metric("shoal_num_preemptions_total", "counter", "Sequences preempted for lack of KV blocks.",
+               stats.preemptions)
+        metric("shoal_prompt_tokens_total", "counter", "Prompt tokens admitted.", stats.prompt_tokens)
+        metric("shoal_generation_tokens_total", "counter", "Tokens generated.", stats.generation_tokens)
+        name = "shoal_request_success_total"
+        lines.extend([f"# HELP {name} Completions that finished, by finish reason.", f"# TYPE {name} counter"])
+        for reason in sorted({"stop", "length", *stats.requests_finished}):
+            lines.append(f'{name}{{{labels},finished_reason="{_escape(reason)}"}} '
+                         f"{stats.requests_finished.get(reason, 0)}")
+        metric("shoal_requests_aborted_total", "counter", "Requests ended before finishing (client gone, or shutdown).",
+               stats.requests_aborted)
+        metric("shoal_requests_rejected_total", "counter", "Requests refused because the waiting queue was full.",
+               stats.requests_rejected)
+        metric("shoal_engine_healthy", "gauge", "1 while the engine runs, 0 once it has failed.", int(stats.healthy))
+        for histogram in (self.ttft, self.tpot, self.latency):
+            lines.extend(histogram.render(labels))
+        return "\n".join(lines) + "\n"

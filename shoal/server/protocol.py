@@ -1,0 +1,176 @@
+"""Request bodies of the OpenAI-compatible API as pydantic models, with a bound on every field.
+
+Strict types (a string where a number belongs is a 400, not a coercion) and unknown fields ignored,
+as the OpenAI API does. `sampling_params` turns a request into one SamplingParams per completion.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from shoal.sampling_params import MAX_LOGPROBS, MAX_STOP_LENGTH, MAX_STOP_STRINGS, SamplingParams
+
+MAX_N = 16  # completions per prompt
+MAX_BATCH_PROMPTS = 16  # prompts in one /v1/completions request
+MAX_CHOICES = 64  # prompts x n
+MAX_MESSAGES = 1024
+MAX_STOP_TOKEN_IDS = 64
+MAX_TOKENS_FIELD = 1 << 24  # a schema bound; the real bound is the model's context, checked per request
+MAX_NAME_CHARS = 256
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+
+# Fields SamplingParams has today: a request that sets one it lacks is refused, never silently ignored.
+SUPPORTED_PARAMS = frozenset(f.name for f in dataclasses.fields(SamplingParams))
+
+ShortStr = Annotated[str, StringConstraints(max_length=MAX_NAME_CHARS)]
+StopString = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_LENGTH)]
+Stop = StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None
+Penalty = Annotated[float | None, Field(ge=-2.0, le=2.0)]
+TokenIds = Annotated[list[int], Field(max_length=1 << 20)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool | None = None
+
+
+class _Sampling(_Strict):
+    """Fields shared by /v1/completions and /v1/chat/completions (OpenAI's, then vLLM's extras)."""
+
+    model: ShortStr | None = None
+    n: Annotated[int | None, Field(ge=1, le=MAX_N)] = None
+    temperature: Annotated[float | None, Field(ge=0.0, le=2.0)] = None
+    top_p: Annotated[float | None, Field(gt=0.0, le=1.0)] = None
+    stop: Stop = None
+    seed: Annotated[int | None, Field(ge=INT64_MIN, le=INT64_MAX)] = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    presence_penalty: Penalty = None
+    frequency_penalty: Penalty = None
+    logit_bias: Annotated[dict[str, float] | None, Field(max_length=1024)] = None
+    user: ShortStr | None = None
+    # vLLM extras
+    top_k: Annotated[int | None, Field(ge=-1, le=1 << 20)] = None
+    min_p: Annotated[float | None, Field(ge=0.0, le=1.0)] = None
+    repetition_penalty: Annotated[float | None, Field(gt=0.0, le=10.0)] = None
+    ignore_eos: bool | None = None
+    stop_token_ids: Annotated[list[int] | None, Field(max_length=MAX_STOP_TOKEN_IDS)] = None
+    skip_special_tokens: bool | None = None
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=MAX_BATCH_PROMPTS)] | TokenIds | Annotated[
+        list[TokenIds], Field(min_length=1, max_length=MAX_BATCH_PROMPTS)
+    ]
+    max_tokens: Annotated[int | None, Field(le=MAX_TOKENS_FIELD)] = None  # < 1 is refused with a clear message
+    logprobs: Annotated[int | None, Field(ge=0, le=MAX_LOGPROBS)] = None
+    echo: bool | None = None
+    best_of: Annotated[int | None, Field(ge=1, le=MAX_N)] = None
+    suffix: Annotated[str | None, StringConstraints(max_length=MAX_NAME_CHARS)] = None
+
+
+class ContentPart(_Strict):
+    type: ShortStr
+    text: str | None = None
+
+
+class ChatMessage(_Strict):
+    role: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+    content: str | Annotated[list[ContentPart], Field(max_length=MAX_MESSAGES)] | None = None
+    name: ShortStr | None = None
+
+
+class ResponseFormat(_Strict):
+    type: ShortStr
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
+    max_tokens: Annotated[int | None, Field(le=MAX_TOKENS_FIELD)] = None
+    max_completion_tokens: Annotated[int | None, Field(le=MAX_TOKENS_FIELD)] = None
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int | None, Field(ge=0, le=MAX_LOGPROBS)] = None
+    tools: Annotated[list[Any] | None, Field(max_length=128)] = None
+    tool_choice: Any = None
+    response_format: ResponseFormat | None = None
+    add_generation_prompt: bool = True  # vLLM extra
+
+
+class RequestError(Exception):
+    """A request the server refuses, rendered as an OpenAI error body with this HTTP status."""
+
+    def __init__(
+        self,
+        message: str,
+        status: int = 400,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message, self.status, self.type, self.param, self.code = message, status, type, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def _unsupported(param: str, why: str = "is not supported by this server") -> RequestError:
+    return RequestError(f"{param} {why}", param=param, code="unsupported_parameter")
+
+
+# Penalties and filters whose neutral value needs no support; any other value needs the SamplingParams field.
+_NEUTRAL = {"min_p": 0.0, "presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0}
+
+
+def sampling_params(
+    request: CompletionRequest | ChatCompletionRequest, max_tokens: int, logprobs: int | None
+) -> list[SamplingParams]:
+    """One SamplingParams per completion (n of them); with a seed, completion i samples with seed + i."""
+    if request.logit_bias:
+        raise _unsupported("logit_bias")
+    options: dict[str, Any] = {}
+    for name, neutral in _NEUTRAL.items():
+        value = getattr(request, name)
+        if value is None or value == neutral:
+            continue
+        if name not in SUPPORTED_PARAMS:
+            raise _unsupported(name, "is not supported by this server yet")
+        options[name] = value
+    for name in ("top_k", "ignore_eos", "stop_token_ids", "skip_special_tokens"):
+        value = getattr(request, name)
+        if value is not None:
+            options[name] = value
+    stop = request.stop if request.stop is not None else []
+    n = request.n or 1
+    params = []
+    for i in range(n):
+        seed = request.seed + i if request.seed is not None else None
+        params.append(
+            SamplingParams(
+                max_tokens=max_tokens,
+                temperature=1.0 if request.temperature is None else request.temperature,
+                top_p=1.0 if request.top_p is None else request.top_p,
+                seed=seed,
+                stop=[stop] if isinstance(stop, str) else list(stop),
+                logprobs=logprobs,
+                **options,
+            )
+        )
+    return params
+
+
+def stream_usage(request: CompletionRequest | ChatCompletionRequest) -> bool:
+    return bool(request.stream and request.stream_options and request.stream_options.include_usage)
+
