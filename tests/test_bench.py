@@ -22,7 +22,7 @@ from shoal.bench import (
 from shoal.errors import InvalidRequestError, ShoalError
 
 sys.path.insert(0, str(Path(__file__).parent / "server"))
-from server_harness import API_KEY, MODEL, RunningServer  # noqa: E402
+from server_harness import API_KEY, MODEL, RunningServer
 
 VOCAB = 384  # tests/checkpoints.py
 
@@ -134,10 +134,12 @@ def test_serving_bench_poisson_arrivals_and_goodput(server, tmp_path, capsys):
 
 
 def test_serving_bench_reports_bad_setups_in_one_line(server, tmp_path):
-    with pytest.raises(ShoalError, match="warm-up request .* failed: HTTP 401"):
+    with pytest.raises(ShoalError, match="models answered HTTP 401"):
         cmd_bench(serving_args(server, tmp_path, "--api-key", "wrong"))
+    with pytest.raises(ShoalError, match="warm-up request .* failed: HTTP 404"):
+        cmd_bench(serving_args(server, tmp_path, "--model-name", "no-such-model"))
     with pytest.raises(InvalidRequestError, match="context is 256"):
-        cmd_bench(serving_args(server, tmp_path, "--input-len", "250"))
+        cmd_bench(serving_args(server, tmp_path, "--input-len", "252"))
     with pytest.raises(InvalidRequestError, match="--model-name"):
         cmd_bench(serving_args(server, tmp_path, "--model", "x"))
     with pytest.raises(InvalidRequestError, match="--request-rate"):
