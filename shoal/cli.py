@@ -31,6 +31,10 @@ def _add_sampling_options(parser: argparse.ArgumentParser, max_tokens: int) -> N
     parser.add_argument("--temperature", type=float, default=0.7, help="0 means greedy")
     parser.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off)")
     parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (1.0: off)")
+    parser.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeating tokens")
+    parser.add_argument("--presence-penalty", type=float, default=0.0, help="-2..2, OpenAI semantics")
+    parser.add_argument("--frequency-penalty", type=float, default=0.0, help="-2..2, OpenAI semantics")
     parser.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
@@ -71,6 +75,10 @@ def _sampling_params(args: argparse.Namespace, logprobs: int | None = None):
         temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
         seed=args.seed,
         stop=args.stop,
         ignore_eos=args.ignore_eos,

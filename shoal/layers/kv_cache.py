@@ -11,6 +11,24 @@ from __future__ import annotations
 import torch
 
 
+def causal_mask(
+    positions: torch.Tensor,
+    num_keys: int,
+    context_lens: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+) -> torch.Tensor | None:
+    """Bool mask [batch, 1, tokens, keys]: key j is visible to a query at position p when j <= p, j is
+    inside its sequence's context, and (with a window) j > p - window. None when every key is visible:
+    fused kernels run faster without a mask."""
+    keys = torch.arange(num_keys, device=positions.device)
+    allowed = keys[None, None, :] <= positions[:, :, None]  # [batch, tokens, keys]
+    if context_lens is not None:
+        allowed &= keys[None, None, :] < context_lens[:, None, None]
+    if sliding_window is not None:
+        allowed &= keys[None, None, :] > positions[:, :, None] - sliding_window
+    return None if bool(allowed.all()) else allowed[:, None, :, :]
+
+
 class ContiguousKVCache:
     def __init__(
         self,
@@ -43,12 +61,7 @@ class ContiguousKVCache:
         if kv_len > self.max_len:
             raise ValueError(f"position {kv_len - 1} is past the cache's {self.max_len} slots")
         self._kv_len = kv_len
-        keys = torch.arange(kv_len, device=positions.device)
-        allowed = keys[None, None, :] <= positions[:, :, None]  # [batch, tokens, keys]
-        if sliding_window is not None:
-            allowed &= keys[None, None, :] > positions[:, :, None] - sliding_window
-        # A mask that allows everything is dropped: fused kernels run faster without one.
-        self._mask = None if bool(allowed.all()) else allowed[:, None, :, :]
+        self._mask = causal_mask(positions, kv_len, sliding_window=sliding_window)
 
     def attention_mask(self) -> torch.Tensor | None:
         """Bool mask [batch, 1, tokens, keys] (True = attend) for this forward, or None for 'all keys'."""

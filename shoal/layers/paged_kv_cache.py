@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from shoal.layers.kv_cache import causal_mask
+
 
 class PagedKVCache:
     def __init__(
@@ -45,12 +47,7 @@ class PagedKVCache:
         self._slot_mapping, self._context_slots, self._context_lens = slot_mapping, context_slots, context_lens
 
     def begin_forward(self, positions: torch.Tensor, sliding_window: int | None = None) -> None:
-        keys = torch.arange(self._context_slots.shape[1], device=positions.device)
-        allowed = keys[None, None, :] <= positions[:, :, None]
-        allowed &= keys[None, None, :] < self._context_lens[:, None, None]
-        if sliding_window is not None:
-            allowed &= keys[None, None, :] > positions[:, :, None] - sliding_window
-        self._mask = None if bool(allowed.all()) else allowed[:, None, :, :]
+        self._mask = causal_mask(positions, self._context_slots.shape[1], self._context_lens, sliding_window)
 
     def attention_mask(self) -> torch.Tensor | None:
         return self._mask
