@@ -64,10 +64,7 @@ class LLMEngine:
     ) -> Sequence:
         self.check_prompt(prompt_ids)
         seq = Sequence(prompt_ids, params, self.tokenizer, self.eos_token_ids, self.max_model_len, prompt, request_id)
-        try:
-            self.scheduler.add(seq)
-        except ValueError as exc:
-            raise InvalidRequestError(str(exc)) from None
+        self.scheduler.add(seq)
         self.sequences[seq.request_id] = seq
         return seq
 

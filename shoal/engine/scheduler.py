@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from shoal.engine.block_manager import BlockManager
 from shoal.engine.sequence import Sequence, Status
+from shoal.errors import InvalidRequestError
 
 
 @dataclass
@@ -38,7 +39,7 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         needed = -(-(len(seq.prompt_ids) + 1) // self.blocks.block_size)
         if needed > self.blocks.num_blocks:
-            raise ValueError(
+            raise InvalidRequestError(
                 f"the prompt needs {needed} KV blocks but the cache has only {self.blocks.num_blocks}; "
                 "give the KV cache more memory or shorten the prompt"
             )
