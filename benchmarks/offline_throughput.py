@@ -1,10 +1,16 @@
 """Offline throughput, shoal against Hugging Face `transformers` on the same weights and prompts.
 
 For each model and dtype: (a) shoal's continuous-batching engine with all requests submitted at once
-(at most --max-num-seqs running together), (b) transformers `generate` one request at a time, and
-(c) transformers `generate` on one left-padded batch of every prompt. Greedy, EOS ignored (shoal:
-ignore_eos; transformers: min_new_tokens = max_new_tokens), random token prompts of --input-len
-tokens, --output-len new tokens each. Prints output tokens/s and the ratios shoal/(b), shoal/(c).
+(at most --max-num-seqs, 32, running together), (b) transformers `generate` one request at a time,
+and (c) transformers `generate` on left-padded batches of --max-num-seqs consecutive prompts. Greedy,
+EOS ignored (shoal: ignore_eos; transformers: min_new_tokens = max_new_tokens), random token prompts.
+
+Workloads: with --range-ratio 0 every prompt has --input-len tokens and asks for --output-len new
+ones — the case where a padded batch wastes nothing. With --range-ratio R each request's lengths are
+drawn from [len*(1-R), len*(1+R)] as in vLLM's random dataset: a padded batch then pads every prompt
+to its batch's longest and decodes until its batch's longest request is done, as `generate` does
+when requests end at different times. Throughput counts only the tokens each request asked for.
+Prints output tokens/s and the ratios shoal/(b), shoal/(c).
 
 Acceptance: shoal >= 5x (b) and >= 2x (c).
 
@@ -13,7 +19,7 @@ tied embeddings, ~34M parameters) built with transformers into --checkpoint-dir 
 is the bundled DeepSeek-V3-architecture demo model; anything else is a checkpoint folder.
 
 Usage: python benchmarks/offline_throughput.py [--models llama-34m,demo] [--dtypes float32,bfloat16]
-       [--sequential-prompts 8] [--profile]
+       [--num-prompts 32] [--range-ratio 0] [--sequential-prompts 8] [--profile]
 (b) runs the first --sequential-prompts prompts only — one at a time its rate does not depend on how
 many there are — so the whole run stays short.
 """
@@ -31,7 +37,7 @@ from pathlib import Path
 import torch
 
 from shoal import LLM
-from shoal.bench import run_bench
+from shoal.bench import random_lengths, run_bench
 from shoal.config import DEMO_MODEL_PATH
 
 TARGET_VS_SEQUENTIAL = 5.0
@@ -83,9 +89,9 @@ def resolve(name: str, checkpoint_dir: Path) -> Path:
     return Path(name)
 
 
-def make_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+def make_prompts(n: int, length: int, vocab: int, seed: int, range_ratio: float) -> list[list[int]]:
     rng = random.Random(seed)
-    return [[rng.randrange(3, vocab) for _ in range(length)] for _ in range(n)]
+    return [[rng.randrange(3, vocab) for _ in range(m)] for m in random_lengths(n, length, range_ratio, seed)]
 
 
 def hf_generate(model, prompts: list[list[int]], output_len: int, pad_id: int) -> list[list[int]]:
@@ -111,7 +117,18 @@ def load_hf(path: Path, dtype: torch.dtype):
     return model
 
 
-def measure(path: Path, dtype_name: str, prompts: list[list[int]], args) -> dict:
+def hf_batches(model, prompts: list[list[int]], output_lens: list[int], batch: int, pad_id: int) -> list[list[int]]:
+    """Padded batches of `batch` consecutive prompts, each decoding to its longest request; every request
+    keeps only the tokens it asked for."""
+    out = []
+    for i in range(0, len(prompts), batch):
+        lens = output_lens[i : i + batch]
+        rows = hf_generate(model, prompts[i : i + batch], max(lens), pad_id)
+        out.extend(row[:n] for row, n in zip(rows, lens))
+    return out
+
+
+def measure(path: Path, dtype_name: str, prompts: list[list[int]], output_lens: list[int], args) -> dict:
     """(a), (b) and (c) on one model and dtype, interleaved in each of args.repeats rounds so that load from
     other processes on a shared machine hits all three alike; the best round of each is kept."""
     llm = LLM(str(path), device="cpu", dtype=dtype_name, max_num_seqs=args.max_num_seqs, progress=False)
@@ -120,15 +137,16 @@ def measure(path: Path, dtype_name: str, prompts: list[list[int]], args) -> dict
     hf_generate(model, [prompts[0][:8]], 2, pad)  # warm-up (shoal's bench warms itself up)
     best = {"shoal": 0.0, "sequential": 0.0, "batched": 0.0}
     for _ in range(args.repeats):
-        shoal = run_bench(llm, prompts, args.output_len, progress=False)
+        shoal = run_bench(llm, prompts, output_lens, progress=False)
         best["shoal"] = max(best["shoal"], shoal["output_tokens_per_second"])
         start = time.perf_counter()
-        one_by_one = [hf_generate(model, [p], args.output_len, pad)[0] for p in prompts[: args.sequential_prompts]]
+        one_by_one = [hf_generate(model, [p], n, pad)[0]
+                      for p, n in zip(prompts[: args.sequential_prompts], output_lens)]
         best["sequential"] = max(best["sequential"], sum(map(len, one_by_one)) / (time.perf_counter() - start))
         start = time.perf_counter()
-        batched = hf_generate(model, prompts, args.output_len, pad)
+        batched = hf_batches(model, prompts, output_lens, args.max_num_seqs, pad)
         best["batched"] = max(best["batched"], sum(map(len, batched)) / (time.perf_counter() - start))
-    shoal_tokens = [o.token_ids for o in llm.generate(prompts[:4], _greedy(args.output_len))]
+    shoal_tokens = [o.token_ids for o in llm.generate(prompts[:4], [_greedy(n) for n in output_lens[:4]])]
     best["greedy_agreement"] = statistics.mean(_agreement(a, b) for a, b in zip(shoal_tokens, batched[:4]))
     best["llm"] = llm
     return best
@@ -163,6 +181,8 @@ def main() -> int:
     parser.add_argument("--num-prompts", type=int, default=32)
     parser.add_argument("--input-len", type=int, default=64)
     parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument("--range-ratio", type=float, default=0.0,
+                        help="draw each request's lengths from [len*(1-R), len*(1+R)] (default 0: all equal)")
     parser.add_argument("--max-num-seqs", type=int, default=32, help="shoal's concurrent requests")
     parser.add_argument("--sequential-prompts", type=int, default=8, help="prompts run one at a time for (b)")
     parser.add_argument("--repeats", type=int, default=2,
@@ -179,9 +199,10 @@ def main() -> int:
     for name in args.models.split(","):
         path = resolve(name, Path(args.checkpoint_dir))
         vocab = json.loads((path / "config.json").read_text())["vocab_size"]
-        prompts = make_prompts(args.num_prompts, args.input_len, vocab, args.seed)
+        prompts = make_prompts(args.num_prompts, args.input_len, vocab, args.seed, args.range_ratio)
+        output_lens = random_lengths(args.num_prompts, args.output_len, args.range_ratio, args.seed)
         for dtype_name in args.dtypes.split(","):
-            m = measure(path, dtype_name, prompts, args)
+            m = measure(path, dtype_name, prompts, output_lens, args)
             rows.append((name, dtype_name, m["shoal"], m["sequential"], m["batched"], m["greedy_agreement"]))
             print(f"{name} {dtype_name}: shoal {m['shoal']:.0f} tok/s, HF one-by-one {m['sequential']:.0f} tok/s, "
                   f"HF batch {m['batched']:.0f} tok/s", file=sys.stderr)
@@ -189,10 +210,12 @@ def main() -> int:
                 profile_decode_step(m["llm"], prompts[: args.max_num_seqs])
             del m
 
+    spread = f" (each drawn within +-{args.range_ratio:.0%})" if args.range_ratio else ""
     print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads; {args.num_prompts} prompts x "
-          f"{args.input_len} in / {args.output_len} out, greedy, EOS ignored; shoal max_num_seqs={args.max_num_seqs}; "
+          f"{args.input_len} in / {args.output_len} out{spread}, greedy, EOS ignored; "
+          f"shoal max_num_seqs={args.max_num_seqs}, (c) in batches of {args.max_num_seqs}; "
           f"(b) over the first {args.sequential_prompts} prompts; best of {args.repeats} interleaved rounds")
-    header = (f"{'model':<11}{'dtype':<10}{'shoal tok/s':>12}{'(b) HF 1x1':>12}{'(c) HF b=' + str(args.num_prompts):>12}"
+    header = (f"{'model':<11}{'dtype':<10}{'shoal tok/s':>12}{'(b) HF 1x1':>12}{'(c) HF b=' + str(args.max_num_seqs):>12}"
               f"{'shoal/(b)':>11}{'shoal/(c)':>11}{'greedy =HF':>12}")
     print(header)
     passed = True

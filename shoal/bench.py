@@ -1,8 +1,8 @@
 """`shoal bench`: offline throughput and serving load.
 
-Offline (the default), in the spirit of vLLM's benchmark_throughput — N random-token prompts of a
-fixed length, each generating a fixed number of tokens (EOS ignored), all submitted at once to the
-continuous-batching engine; prints requests/s, output tokens/s and total tokens/s. The clock covers
+Offline (the default), in the spirit of vLLM's benchmark_throughput — N random-token prompts, each
+generating a set number of tokens (EOS ignored), all submitted at once to the continuous-batching
+engine (at most --max-num-seqs running together); prints requests/s, output tokens/s and total tokens/s. The clock covers
 submitting every request until the last one finishes; loading the model and one short warm-up
 request are outside it.
 
@@ -13,6 +13,10 @@ streaming /v1/completions requests with random token-id prompts (`max_tokens=--o
 TTFT, TPOT, inter-token latency and end-to-end latency (mean, median, p90, p99 in ms) and, with
 `--slo-ttft-ms` and `--slo-tpot-ms`, goodput. Token counts come from the usage chunk. The clock
 covers the first request sent to the last one finished; one short warm-up request is outside it.
+
+Lengths: every prompt has --input-len tokens and every request asks for --output-len, unless
+--range-ratio R > 0 (vLLM's random dataset's --random-range-ratio): then each request's input and
+output lengths are drawn uniformly from [len * (1 - R), len * (1 + R)], as real traffic varies.
 """
 
 from __future__ import annotations
@@ -39,14 +43,20 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     bench.add_argument(
         "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="compute dtype"
     )
+    bench.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8", "fp8"],
+                       help="KV cache storage (default auto: the compute dtype)")
     bench.add_argument("--num-prompts", type=int, default=64, help="requests to run (default 64)")
     bench.add_argument("--input-len", type=int, default=64, help="tokens per prompt (default 64)")
     bench.add_argument("--output-len", type=int, default=64, help="tokens generated per request (default 64)")
+    bench.add_argument("--range-ratio", type=float, default=0.0,
+                       help="draw each request's input and output length uniformly from "
+                            "[len*(1-R), len*(1+R)] (default 0: every request the same)")
     bench.add_argument("--max-num-seqs", type=int, default=None, help="sequences batched together at most")
     bench.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
     bench.add_argument("--json-out", default=None, metavar="FILE", help="also write the results as JSON to FILE")
     serving = bench.add_argument_group("serving load (with --serve-url; the flags above are for the offline mode "
-                                       "except --num-prompts, --input-len, --output-len, --seed, --json-out)")
+                                       "except --num-prompts, --input-len, --output-len, --range-ratio, --seed, "
+                                       "--json-out)")
     serving.add_argument("--serve-url", default=None, metavar="URL",
                          help="load a running OpenAI-compatible server at URL (e.g. http://127.0.0.1:8000/v1) "
                               "instead of benchmarking offline")
@@ -77,28 +87,51 @@ _SERVING_ONLY = ("model_name", "api_key", "request_rate", "max_concurrency", "vo
                  "slo_tpot_ms", "request_timeout_s", "timeout_s")
 
 
-def random_prompts(num_prompts: int, input_len: int, vocab_size: int, seed: int, avoid=frozenset()) -> list[list[int]]:
-    """num_prompts lists of input_len token ids drawn uniformly from the vocabulary, without the ids in `avoid`."""
+def random_prompts(
+    num_prompts: int, input_len: int, vocab_size: int, seed: int, avoid=frozenset(), range_ratio: float = 0.0
+) -> list[list[int]]:
+    """num_prompts lists of token ids drawn uniformly from the vocabulary, without the ids in `avoid`;
+    input_len tokens each, or lengths drawn by `random_lengths` when range_ratio > 0."""
     allowed = [t for t in range(vocab_size) if t not in avoid]
     rng = random.Random(seed)
-    return [rng.choices(allowed, k=input_len) for _ in range(num_prompts)]
+    lengths = random_lengths(num_prompts, input_len, range_ratio, seed)
+    return [rng.choices(allowed, k=length) for length in lengths]
 
 
-def run_bench(llm, prompts: list[list[int]], output_len: int, progress: bool = True) -> dict:
-    """Run every prompt to output_len tokens on llm's engine at once; return the measured figures."""
+def random_lengths(n: int, length: int, range_ratio: float, seed: int) -> list[int]:
+    """n lengths drawn uniformly from [length * (1 - range_ratio), length * (1 + range_ratio)], at least 1;
+    all equal to `length` when range_ratio is 0."""
+    if range_ratio == 0:
+        return [length] * n
+    rng = random.Random(f"{seed}-{length}-lengths")
+    low, high = max(1, round(length * (1 - range_ratio))), max(1, round(length * (1 + range_ratio)))
+    return [rng.randint(low, high) for _ in range(n)]
+
+
+def max_length(length: int, range_ratio: float) -> int:
+    """The longest length random_lengths can draw."""
+    return max(1, round(length * (1 + range_ratio)))
+
+
+def run_bench(llm, prompts: list[list[int]], output_len: int | list[int], progress: bool = True) -> dict:
+    """Run every prompt to its output length (one for all, or one per prompt) on llm's engine at once;
+    return the measured figures."""
     from tqdm import tqdm
 
     from shoal.sampling_params import SamplingParams
 
-    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+    output_lens = [output_len] * len(prompts) if isinstance(output_len, int) else list(output_len)
     engine = llm.engine
     llm.generate(prompts[0][:8], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))  # warm-up
     preemptions = engine.scheduler.num_preemptions
     steps = 0
     # Progress counts output tokens: with every request running at once, requests all finish near the end.
-    bar = tqdm(total=len(prompts) * output_len, unit="tok", desc="bench", disable=not progress, file=sys.stderr)
+    bar = tqdm(total=sum(output_lens), unit="tok", desc="bench", disable=not progress, file=sys.stderr)
     start = time.perf_counter()
-    seqs = [engine.add_request(ids, params) for ids in prompts]
+    seqs = [
+        engine.add_request(ids, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+        for ids, n in zip(prompts, output_lens)
+    ]
     while engine.has_unfinished():
         bar.update(len(engine.step()))
         steps += 1
@@ -128,28 +161,35 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for name in ("num_prompts", "input_len", "output_len"):
         if getattr(args, name) < 1:
             raise InvalidRequestError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not 0 <= args.range_ratio < 1:
+        raise InvalidRequestError(f"--range-ratio must be in [0, 1), got {args.range_ratio}")
     if getattr(args, "serve_url", None):
         return cmd_serving_bench(args)
     for name in _SERVING_ONLY:
         if getattr(args, name, None) is not None:
             raise InvalidRequestError(f"--{name.replace('_', '-')} applies only with --serve-url")
-    options = {} if args.max_num_seqs is None else {"max_num_seqs": args.max_num_seqs}
+    options = {"kv_cache_dtype": args.kv_cache_dtype}
+    if args.max_num_seqs is not None:
+        options["max_num_seqs"] = args.max_num_seqs
     llm = LLM(args.model, device=args.device, dtype=args.dtype, **options)
-    if args.input_len + args.output_len > llm.engine.max_model_len:
+    longest = max_length(args.input_len, args.range_ratio) + max_length(args.output_len, args.range_ratio)
+    if longest > llm.engine.max_model_len:
         raise InvalidRequestError(
-            f"--input-len + --output-len is {args.input_len + args.output_len} but the model's context is "
-            f"{llm.engine.max_model_len}; shorten them"
+            f"the longest request (input + output, after --range-ratio) is {longest} tokens but the model's "
+            f"context is {llm.engine.max_model_len}; shorten --input-len / --output-len"
         )
-    prompts = random_prompts(
-        args.num_prompts, args.input_len, llm.model_config.vocab_size, args.seed, llm.engine.eos_token_ids
-    )
-    result = run_bench(llm, prompts, args.output_len)
+    prompts = random_prompts(args.num_prompts, args.input_len, llm.model_config.vocab_size, args.seed,
+                             llm.engine.eos_token_ids, args.range_ratio)
+    output_lens = random_lengths(args.num_prompts, args.output_len, args.range_ratio, args.seed)
+    result = run_bench(llm, prompts, output_lens)
     result.update(
         model=llm.config.model_path,
         device=str(llm.device),
         dtype=str(llm.dtype).removeprefix("torch."),
+        kv_cache_dtype=args.kv_cache_dtype,
         input_len=args.input_len,
         output_len=args.output_len,
+        range_ratio=args.range_ratio,
         max_num_seqs=llm.config.max_num_seqs,
         seed=args.seed,
     )
@@ -295,7 +335,7 @@ async def run_serving_bench(
     base_url: str,
     model: str,
     prompts: list[list[int]],
-    output_len: int,
+    output_len: int | list[int],
     *,
     api_key: str | None = None,
     request_rate: float = math.inf,
@@ -308,12 +348,14 @@ async def run_serving_bench(
 ) -> tuple[list[RequestOutcome], float]:
     """Send every prompt as a streaming completion, arriving as a Poisson process at request_rate per second
     (inf: all at once), at most max_concurrency in flight; return each request's outcome and the duration.
-    Requests still running after total_timeout are cancelled and count as failed."""
+    Requests still running after total_timeout are cancelled and count as failed. output_len: one
+    max_tokens for every request, or one per prompt."""
     import httpx
     from tqdm import tqdm
 
     from shoal.errors import ShoalError
 
+    output_lens = [output_len] * len(prompts) if isinstance(output_len, int) else list(output_len)
     url = base_url.rstrip("/") + "/completions"
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     in_flight = max_concurrency or len(prompts)
@@ -338,7 +380,7 @@ async def run_serving_bench(
 
         async def one(index: int, ids: list[int]) -> None:
             async with gate:
-                outcomes[index] = await stream_completion(client, url, payload(ids, output_len), headers,
+                outcomes[index] = await stream_completion(client, url, payload(ids, output_lens[index]), headers,
                                                           request_timeout)
             bar.update(1)
 
@@ -421,8 +463,9 @@ def cmd_serving_bench(args: argparse.Namespace) -> int:
         if getattr(args, name) is not None:
             hint = "; name the served model with --model-name" if name == "model" else ""
             raise InvalidRequestError(f"--{name.replace('_', '-')} applies only to the offline mode{hint}")
-    if args.dtype != "auto":
-        raise InvalidRequestError("--dtype applies only to the offline mode")
+    for name in ("dtype", "kv_cache_dtype"):
+        if getattr(args, name) != "auto":
+            raise InvalidRequestError(f"--{name.replace('_', '-')} applies only to the offline mode")
     rate = math.inf if args.request_rate is None else args.request_rate
     if not rate > 0:
         raise InvalidRequestError(f"--request-rate must be > 0 (inf: all at once), got {args.request_rate}")
@@ -440,14 +483,17 @@ def cmd_serving_bench(args: argparse.Namespace) -> int:
     card = _fetch_model_card(args.serve_url, api_key, min(request_timeout, 30.0))
     model = args.model_name or card["id"]
     max_model_len = card.get("max_model_len")
-    if max_model_len and args.input_len + args.output_len > max_model_len:
+    longest = max_length(args.input_len, args.range_ratio) + max_length(args.output_len, args.range_ratio)
+    if max_model_len and longest > max_model_len:
         raise InvalidRequestError(
-            f"--input-len + --output-len is {args.input_len + args.output_len} but the served model's context is "
-            f"{max_model_len}; shorten them"
+            f"the longest request (input + output, after --range-ratio) is {longest} tokens but the served "
+            f"model's context is {max_model_len}; shorten --input-len / --output-len"
         )
-    prompts = random_prompts(args.num_prompts, args.input_len, vocab, args.seed, frozenset(range(SERVE_MIN_TOKEN_ID)))
+    prompts = random_prompts(args.num_prompts, args.input_len, vocab, args.seed, frozenset(range(SERVE_MIN_TOKEN_ID)),
+                             args.range_ratio)
+    output_lens = random_lengths(args.num_prompts, args.output_len, args.range_ratio, args.seed)
     outcomes, duration = asyncio.run(run_serving_bench(
-        args.serve_url, model, prompts, args.output_len, api_key=api_key, request_rate=rate,
+        args.serve_url, model, prompts, output_lens, api_key=api_key, request_rate=rate,
         max_concurrency=args.max_concurrency, seed=args.seed, request_timeout=request_timeout,
         total_timeout=total_timeout, progress=not args.no_progress,
     ))
@@ -458,6 +504,7 @@ def cmd_serving_bench(args: argparse.Namespace) -> int:
         "num_prompts": args.num_prompts,
         "input_len": args.input_len,
         "output_len": args.output_len,
+        "range_ratio": args.range_ratio,
         "request_rate": rate,
         "max_concurrency": args.max_concurrency,
         "seed": args.seed,

@@ -24,6 +24,8 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
         "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="compute dtype"
     )
     parser.add_argument("--max-model-len", type=int, default=None, help="cap the context length")
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8", "fp8"],
+                        help="store the KV cache in 8 bits with per-token scales (default auto: the compute dtype)")
 
 
 def _add_sampling_options(parser: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -89,7 +91,8 @@ def _sampling_params(args: argparse.Namespace, logprobs: int | None = None):
 def _load(args: argparse.Namespace):
     from shoal.llm import LLM
 
-    return LLM(args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len)
+    return LLM(args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
+               kv_cache_dtype=args.kv_cache_dtype)
 
 
 def _parse_prompt_ids(text: str) -> list[int]:

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from shoal.errors import InvalidRequestError
+from shoal.layers.kv_quant import parse_kv_cache_dtype
 from shoal.models.hf_config import parse_dtype
 
 DEMO_MODEL_PATH = Path(__file__).parent / "demo_model"
@@ -28,9 +29,11 @@ class EngineConfig:
     max_num_seqs: int = 64  # sequences batched together at most
     max_num_batched_tokens: int = 2048  # tokens per step at most; long prompts are prefilled in chunks
     enable_prefix_caching: bool = True
+    kv_cache_dtype: str = "auto"  # "auto" (the compute dtype), "int8" or "fp8": 8-bit codes + per-vector scales
 
     def __post_init__(self) -> None:
         self.torch_dtype = parse_dtype(self.dtype)
+        self.kv_quant = parse_kv_cache_dtype(self.kv_cache_dtype)
         for name in ("max_model_len", "kv_cache_memory"):
             value = getattr(self, name)
             if value is not None and value < 1:

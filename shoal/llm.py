@@ -65,6 +65,7 @@ class LLM:
             self.tokenizer,
             self.device,
             cache_dtype=self.dtype,
+            kv_quant=self.config.kv_quant,
             eos_token_ids=frozenset(eos),
             max_model_len=max_len,
             kv_cache_bytes=self._kv_cache_bytes(max_len),
@@ -80,7 +81,7 @@ class LLM:
         from shoal.layers.paged_kv_cache import PagedKVCache
 
         per_token = PagedKVCache.bytes_per_block(
-            self.model_config.num_hidden_layers, 1, self.model.cache_entry_shapes(), self.dtype
+            self.model_config.num_hidden_layers, 1, self.model.cache_entry_shapes(), self.dtype, self.config.kv_quant
         )
         wanted = per_token * max_len * self.config.max_num_seqs
         free = self.backend.memory_info(self.device.index or 0).free_bytes
@@ -94,38 +95,50 @@ class LLM:
         raise InvalidRequestError("a prompt must be a string or a list of token ids")
 
     def generate(
-        self, prompts: Prompt | Sequence[Prompt], sampling_params: SamplingParams | None = None
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> list[RequestOutput]:
         """Generate for every prompt in one continuous batch; one RequestOutput per prompt, in order.
+
+        `sampling_params` is one SamplingParams for every prompt, or a list with one per prompt.
 
         With n > 1 each prompt runs as n sequences (completion i seeded with seed + i when a seed is given)
         and its RequestOutput holds the n completions. When the prompt fills at least one KV block, the
         other n - 1 start once the first has computed the prompt, so prefix caching shares its blocks.
         """
-        params = sampling_params or SamplingParams()
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
+        if isinstance(sampling_params, (list, tuple)):
+            if len(sampling_params) != len(prompts):
+                raise InvalidRequestError(
+                    f"got {len(sampling_params)} SamplingParams for {len(prompts)} prompts; pass one for all "
+                    "prompts or exactly one per prompt"
+                )
+            per_prompt = list(sampling_params)
+        else:
+            per_prompt = [sampling_params or SamplingParams()] * len(prompts)
         parsed = [self._prompt_ids(p) for p in prompts]
         for _, ids in parsed:
             self.engine.check_prompt(ids)  # reject bad input before any request starts
-        copies = completion_params(params)
         groups: list[list[EngineSequence]] = []
-        pending: list[tuple[EngineSequence, list[int], str | None, list[EngineSequence]]] = []
-        for text, ids in parsed:
+        pending: list[tuple[EngineSequence, list[int], str | None, list[EngineSequence], list[SamplingParams]]] = []
+        for (text, ids), params in zip(parsed, per_prompt):
+            copies = completion_params(params)
             group = [self.engine.add_request(ids, copies[0], text)]
             groups.append(group)
             if len(copies) > 1 and self._prompt_blocks(ids) > 0:
-                pending.append((group[0], ids, text, group))
+                pending.append((group[0], ids, text, group, copies))
             else:
                 group.extend(self.engine.add_request(ids, p, text) for p in copies[1:])
         while self.engine.has_unfinished() or pending:
             self.engine.step()
             waiting = []
-            for first, ids, text, group in pending:
+            for first, ids, text, group, copies in pending:
                 if first.is_finished or first.num_computed >= self._prompt_blocks(ids) * self._block_size:
                     group.extend(self.engine.add_request(ids, p, text) for p in copies[1:])
                 else:
-                    waiting.append((first, ids, text, group))
+                    waiting.append((first, ids, text, group, copies))
             pending = waiting
         return [
             RequestOutput(

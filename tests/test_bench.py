@@ -16,6 +16,7 @@ from shoal.bench import (
     add_bench_parser,
     cmd_bench,
     percentile,
+    random_lengths,
     random_prompts,
     serving_metrics,
 )
@@ -61,6 +62,23 @@ def test_random_prompts_are_seeded_and_avoid_eos():
     assert a == random_prompts(3, 50, 20, seed=1, avoid=frozenset({1}))
     assert a != random_prompts(3, 50, 20, seed=2, avoid=frozenset({1}))
     assert all(len(p) == 50 and 1 not in p and all(0 <= t < 20 for t in p) for p in a)
+
+
+def test_range_ratio_varies_each_requests_lengths_within_bounds(checkpoint, tmp_path):
+    lengths = random_lengths(200, 40, 0.5, seed=3)
+    assert lengths == random_lengths(200, 40, 0.5, seed=3) and min(lengths) >= 20 and max(lengths) <= 60
+    assert len(set(lengths)) > 10  # spread, not constant
+    assert random_lengths(4, 40, 0.0, seed=3) == [40] * 4
+    path, _ = checkpoint("llama")
+    out = tmp_path / "bench.json"
+    args = parse(["--model", str(path), "--dtype", "float32", "--num-prompts", "6", "--input-len", "10",
+                  "--output-len", "8", "--range-ratio", "0.5", "--json-out", str(out)])
+    assert cmd_bench(args) == 0
+    result = json.loads(out.read_text())
+    assert result["output_tokens"] == sum(random_lengths(6, 8, 0.5, seed=0))
+    assert result["input_tokens"] == sum(map(len, random_prompts(6, 10, 300, 0, range_ratio=0.5)))
+    with pytest.raises(InvalidRequestError, match="range-ratio"):
+        cmd_bench(parse(["--model", str(path), "--range-ratio", "1.5"]))
 
 
 def test_bench_rejects_lengths_beyond_the_context(checkpoint):

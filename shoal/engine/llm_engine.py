@@ -34,14 +34,15 @@ class LLMEngine:
         max_num_seqs: int = 64,
         max_num_batched_tokens: int = 2048,
         enable_prefix_caching: bool = True,
+        kv_quant: str | None = None,
     ) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.eos_token_ids, self.max_model_len = eos_token_ids, max_model_len
         shapes = model.cache_entry_shapes()
         layers = model.config.num_hidden_layers
-        per_block = PagedKVCache.bytes_per_block(layers, block_size, shapes, cache_dtype)
+        per_block = PagedKVCache.bytes_per_block(layers, block_size, shapes, cache_dtype, kv_quant)
         num_blocks = max(1, kv_cache_bytes // per_block)
-        self.cache = PagedKVCache(layers, num_blocks, block_size, shapes, cache_dtype, device)
+        self.cache = PagedKVCache(layers, num_blocks, block_size, shapes, cache_dtype, device, kv_quant)
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
         self.runner = ModelRunner(model, self.cache, device)

@@ -1,12 +1,13 @@
-"""ModelRunner: runs one engine step — one forward over every scheduled chunk, padded into a batch —
-and samples the next token of each sequence whose chunk reached its end."""
+"""ModelRunner: runs one engine step — one forward over every scheduled chunk, packed end to end
+without padding (see PagedKVCache) — and samples the next token of each sequence whose chunk reached
+its end."""
 
 from __future__ import annotations
 
 import torch
 
 from shoal.engine.scheduler import ScheduledChunk
-from shoal.layers.paged_kv_cache import PagedKVCache
+from shoal.layers.paged_kv_cache import PagedBatch, PagedKVCache
 from shoal.layers.sampler import sample_batch
 from shoal.models.base import CausalLM
 from shoal.outputs import TokenLogprob
@@ -16,39 +17,52 @@ class ModelRunner:
     def __init__(self, model: CausalLM, cache: PagedKVCache, device: torch.device) -> None:
         self.model, self.cache, self.device = model, cache, device
 
-    def _slots(self, block_table: list[int], start: int, end: int) -> list[int]:
-        size = self.cache.block_size
-        return [block_table[p // size] * size + p % size for p in range(start, end)]
+    def _tensor(self, rows) -> torch.Tensor:
+        return torch.tensor(rows, dtype=torch.long, device=self.device)
 
-    def step(self, chunks: list[ScheduledChunk]) -> list[tuple[int, TokenLogprob | None] | None]:
-        """Run the chunks; for each, the sampled (token, logprob) if it completed its sequence, else None."""
-        longest = max(c.num_tokens for c in chunks)
+    def _layout(self, chunks: list[ScheduledChunk]) -> tuple[PagedBatch, list[int], list[int], list[int]]:
+        """The step's PagedBatch, and its packed token ids, positions and each chunk's packed offset."""
+        size = self.cache.block_size
+        lengths = [c.num_tokens for c in chunks]
+        longest = max(lengths)
         context = max(c.seq.num_computed + c.num_tokens for c in chunks)
-        scratch = self.cache.scratch_slot
-        token_ids, positions, slot_mapping, context_slots, context_lens = [], [], [], [], []
+        blocks = -(-context // size)
+        token_ids, positions, slot_mapping, offsets, context_lens, tables = [], [], [], [], [], []
         for chunk in chunks:
             seq, start = chunk.seq, chunk.seq.num_computed
             end = start + chunk.num_tokens
-            pad = longest - chunk.num_tokens
-            ids = seq.all_ids[start:end]
-            # Padding tokens repeat the last real one at the same position, write to the scratch slot,
-            # and so attend to valid keys only; their outputs are discarded.
-            token_ids.append(ids + [ids[-1]] * pad)
-            positions.append(list(range(start, end)) + [end - 1] * pad)
-            slot_mapping.append(self._slots(seq.block_table, start, end) + [scratch] * pad)
-            context_slots.append(self._slots(seq.block_table, 0, end) + [scratch] * (context - end))
+            offsets.append(len(token_ids))
+            token_ids.extend(seq.all_ids[start:end])
+            positions.extend(range(start, end))
+            table = seq.block_table
+            slot_mapping.extend(table[p // size] * size + p % size for p in range(start, end))
             context_lens.append(end)
-        as_tensor = lambda rows: torch.tensor(rows, dtype=torch.long, device=self.device)  # noqa: E731
-        self.cache.set_batch(as_tensor(slot_mapping), as_tensor(context_slots), as_tensor(context_lens))
+            # Context beyond a sequence's own length is masked out; block 0 only keeps the gather in bounds.
+            tables.append(table[:blocks] + [0] * (blocks - len(table[:blocks])))
+        within = torch.arange(size, device=self.device)
+        context_slots = (self._tensor(tables)[:, :, None] * size + within).flatten(1)[:, :context]
+        unpack_index = pack_index = None
+        if any(n != longest for n in lengths):
+            # Padded query rows repeat the chunk's last real token: same position, so a valid mask row.
+            unpack_index = self._tensor(
+                [[off + min(j, n - 1) for j in range(longest)] for off, n in zip(offsets, lengths)]
+            )
+            pack_index = self._tensor([row * longest + j for row, n in enumerate(lengths) for j in range(n)])
+        batch = PagedBatch(self._tensor(slot_mapping), context_slots, self._tensor(context_lens), unpack_index, pack_index)
+        return batch, token_ids, positions, offsets
+
+    def step(self, chunks: list[ScheduledChunk]) -> list[tuple[int, TokenLogprob | None] | None]:
+        """Run the chunks; for each, the sampled (token, logprob) if it completed its sequence, else None."""
+        batch, token_ids, positions, offsets = self._layout(chunks)
+        self.cache.set_batch(batch)
         with torch.inference_mode():
-            hidden = self.model(as_tensor(token_ids), as_tensor(positions), self.cache)
+            hidden = self.model(self._tensor([token_ids]), self._tensor([positions]), self.cache)[0]
             done = [row for row, c in enumerate(chunks) if c.completes]
             if not done:
                 return [None] * len(chunks)
             # Only the rows that sample a token need logits: the vocabulary projection is the widest matmul.
-            rows = torch.tensor(done, device=self.device)
-            last = torch.tensor([chunks[row].num_tokens - 1 for row in done], device=self.device)
-            logits = self.model.compute_logits(hidden[rows, last])
+            last = self._tensor([offsets[row] + chunks[row].num_tokens - 1 for row in done])
+            logits = self.model.compute_logits(hidden.index_select(0, last))
             seqs = [chunks[row].seq for row in done]
             tokens, logprobs = sample_batch(
                 logits,

@@ -21,8 +21,10 @@ class CachedAttention(nn.Module):
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cache: ContiguousKVCache
     ) -> torch.Tensor:
-        """q [b, t, heads, d], k and v [b, t, kv_heads, d] -> [b, t, heads * d_v]."""
+        """q [b, t, heads, d], k and v [b, t, kv_heads, d] -> [b, t, heads * d_v], in the cache's step
+        layout (packed for the paged cache; attention itself runs one row per sequence)."""
         keys, values = cache.write(self.layer_index, positions, k, v)
+        q = cache.unpack(q)
         out = self.attention_fn(
             q.transpose(1, 2),
             keys.transpose(1, 2).to(q.dtype),
@@ -31,4 +33,4 @@ class CachedAttention(nn.Module):
             self.scale,
         )
         b, _, t, _ = out.shape
-        return out.transpose(1, 2).reshape(b, t, -1)
+        return cache.pack(out.transpose(1, 2).reshape(b, t, -1))

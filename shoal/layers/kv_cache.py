@@ -1,8 +1,9 @@
 """The KV cache handle a model's forward writes into and reads from.
 
 `ContiguousKVCache` keeps one slab per layer for a fixed batch of sequences that advance together;
-it backs the simple generation loop. The serving engine's paged cache implements the same three
-methods (`begin_forward`, `write`, `attention_mask`), so model code never changes between them.
+it backs the simple generation loop. The serving engine's paged cache implements the same methods
+(`begin_forward`, `write`, `attention_mask`, and `unpack` / `pack`, which move queries between the
+layout the linear layers run in and one row per sequence), so model code never changes between them.
 What a layer stores is the model's choice: keys and values for GQA, the compressed latent for MLA.
 """
 
@@ -52,6 +53,14 @@ class ContiguousKVCache:
     def bytes_per_token(self) -> int:
         """Cache bytes one token occupies across all layers (the figure MLA shrinks)."""
         return sum(t[0, 0].numel() * t.element_size() for layer in self.layers for t in layer)
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        """Queries -> one row per sequence for attention; here they already are (see PagedKVCache)."""
+        return x
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """Attention output back to the layout the rest of the model runs in; the inverse of unpack."""
+        return x
 
     def begin_forward(self, positions: torch.Tensor, sliding_window: int | None = None) -> None:
         """Called once per forward with positions [batch, tokens]; sizes the reads and builds the mask."""

@@ -1,17 +1,52 @@
 """The paged KV cache: one pool of fixed-size blocks per layer, shared by every running sequence.
 
 The engine's block manager decides which blocks a sequence owns; before each forward the runner
-tells the cache where this step's tokens go (`slot_mapping`) and where each sequence's context
-lives (`context_slots`). The model sees the same three methods as with ContiguousKVCache, so
-model code does not know which cache it runs on. Slot = block * block_size + offset; the extra
-last slot is scratch, where padding tokens write and from which padding context reads.
+describes the step with a `PagedBatch`: where this step's tokens go (`slot_mapping`) and where each
+sequence's context lives (`context_slots`). The model sees the same methods as with
+ContiguousKVCache, so model code does not know which cache it runs on. Slot = block * block_size +
+offset; the extra last slot is scratch, from which padding context reads.
+
+A step's tokens arrive *packed*: [1, total_tokens], with no padding, so the linear layers — nearly
+all of a step's work — never compute a padded row, even when one long prefill chunk shares the step
+with many one-token decodes. Only attention needs one row per sequence: `unpack` spreads queries to
+[sequences, longest chunk] (padding rows repeat a real query of the same sequence, so they attend to
+valid keys only) and `pack` gathers the real rows back. When every chunk has the same length (a
+pure decode step) both are free reshapes.
+
+With `kv_quant` ("int8" or "fp8", see kv_quant.py) each pool holds 8-bit codes and a parallel pool
+holds one scale per cached vector; `write` quantizes on the way in and dequantizes after the gather.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from shoal.layers.kv_cache import causal_mask
+from shoal.layers.kv_quant import bytes_per_entry, dequantize, quantize, storage_dtype
+
+
+@dataclass
+class PagedBatch:
+    """One step's layout, built by the runner.
+
+    slot_mapping [tokens]: the cache slot each packed token writes;
+    context_slots [sequences, keys]: the slots of each sequence's whole context, this step included;
+    context_lens [sequences]: how many of those keys are real;
+    unpack_index [sequences, longest]: the packed token each padded query row takes (None when every
+    chunk has the same length); pack_index [tokens]: each packed token's row in the flattened padded
+    layout (None likewise)."""
+
+    slot_mapping: torch.Tensor
+    context_slots: torch.Tensor
+    context_lens: torch.Tensor
+    unpack_index: torch.Tensor | None = None
+    pack_index: torch.Tensor | None = None
+
+    @property
+    def num_seqs(self) -> int:
+        return self.context_slots.shape[0]
 
 
 class PagedKVCache:
@@ -23,42 +58,86 @@ class PagedKVCache:
         entry_shapes: list[tuple[int, ...]],
         dtype: torch.dtype,
         device: torch.device | str,
+        kv_quant: str | None = None,
     ) -> None:
+        """dtype: what attention computes in (and, without kv_quant, what the pool stores)."""
         self.num_blocks, self.block_size = num_blocks, block_size
         self.scratch_slot = num_blocks * block_size
+        self.dtype, self.kv_quant = dtype, kv_quant
+        stored = dtype if kv_quant is None else storage_dtype(kv_quant)
+        slots = self.scratch_slot + 1
         self.layers = [
-            [torch.zeros(self.scratch_slot + 1, *shape, dtype=dtype, device=device) for shape in entry_shapes]
+            [torch.zeros(slots, *shape, dtype=stored, device=device) for shape in entry_shapes]
             for _ in range(num_layers)
         ]
-        self._slot_mapping: torch.Tensor | None = None
-        self._context_slots: torch.Tensor | None = None
-        self._context_lens: torch.Tensor | None = None
+        # One float32 scale per cached vector (the last dimension) when quantized.
+        self.scales = [
+            [torch.ones(slots, *shape[:-1], 1, dtype=torch.float32, device=device) for shape in entry_shapes]
+            for _ in range(num_layers)
+        ] if kv_quant else None
+        self._batch: PagedBatch | None = None
+        self._flat_context: torch.Tensor | None = None
         self._mask: torch.Tensor | None = None
 
     @staticmethod
-    def bytes_per_block(num_layers: int, block_size: int, entry_shapes: list[tuple[int, ...]], dtype) -> int:
-        per_token = sum(int(torch.Size(shape).numel()) for shape in entry_shapes)
-        return num_layers * block_size * per_token * torch.empty(0, dtype=dtype).element_size()
+    def bytes_per_block(
+        num_layers: int, block_size: int, entry_shapes: list[tuple[int, ...]], dtype, kv_quant: str | None = None
+    ) -> int:
+        per_token = sum(bytes_per_entry(shape, kv_quant, dtype) for shape in entry_shapes)
+        return num_layers * block_size * per_token
 
-    def set_batch(self, slot_mapping: torch.Tensor, context_slots: torch.Tensor, context_lens: torch.Tensor) -> None:
-        """slot_mapping [batch, tokens]: where this step's tokens are written;
-        context_slots [batch, keys]: the slots of each sequence's whole context, this step included;
-        context_lens [batch]: how many of those keys are real."""
-        self._slot_mapping, self._context_slots, self._context_lens = slot_mapping, context_slots, context_lens
+    def set_batch(self, batch: PagedBatch) -> None:
+        self._batch = batch
+        self._flat_context = batch.context_slots.flatten()
 
+    # ---- packed <-> one row per sequence --------------------------------------------------
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        """[1, tokens, ...] packed -> [sequences, longest, ...], one row per sequence."""
+        batch = self._batch
+        if batch.unpack_index is None:
+            return x.view(batch.num_seqs, -1, *x.shape[2:])
+        return x[0][batch.unpack_index]
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """[sequences, longest, ...] -> [1, tokens, ...]: the real rows back in packed order."""
+        batch = self._batch
+        flat = x.reshape(1, -1, *x.shape[2:])
+        if batch.pack_index is None:
+            return flat
+        return flat.index_select(1, batch.pack_index)
+
+    # ---- the model's view (same as ContiguousKVCache) --------------------------------------
     def begin_forward(self, positions: torch.Tensor, sliding_window: int | None = None) -> None:
-        self._mask = causal_mask(positions, self._context_slots.shape[1], self._context_lens, sliding_window)
+        """positions [1, tokens], packed; the mask is built for the unpacked queries."""
+        keys = self._batch.context_slots.shape[1]
+        self._mask = causal_mask(self.unpack(positions), keys, self._batch.context_lens, sliding_window)
 
     def attention_mask(self) -> torch.Tensor | None:
         return self._mask
 
     def write(self, layer: int, positions: torch.Tensor, *values: torch.Tensor) -> list[torch.Tensor]:
-        pools = self.layers[layer]
+        """Store this step's entries (packed [1, tokens, ...]) and return each sequence's whole context
+        [sequences, keys, ...]."""
+        if self.kv_quant:
+            return self._write_quantized(layer, values)
         out = []
-        flat_slots = self._context_slots.flatten()
-        for pool, value in zip(pools, values):
-            pool[self._slot_mapping] = value.to(pool.dtype)
-            # index_select over a flat view is ~3x faster than advanced indexing for this gather on CPU.
-            rows = pool.view(pool.shape[0], -1).index_select(0, flat_slots)
-            out.append(rows.view(*self._context_slots.shape, *pool.shape[1:]))
+        for pool, value in zip(self.layers[layer], values):
+            pool[self._batch.slot_mapping] = value.reshape(-1, *pool.shape[1:]).to(pool.dtype)
+            out.append(self._gather(pool))
         return out
+
+    def _gather(self, pool: torch.Tensor) -> torch.Tensor:
+        """Every sequence's context from one pool: [sequences, keys, ...]."""
+        # index_select over a flat view is ~3x faster than advanced indexing for this gather on CPU.
+        rows = pool.view(pool.shape[0], -1).index_select(0, self._flat_context)
+        return rows.view(*self._batch.context_slots.shape, *pool.shape[1:])
+
+    def _write_quantized(self, layer: int, values: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+        out = []
+        for pool, scales, value in zip(self.layers[layer], self.scales[layer], values):
+            codes, scale = quantize(value.reshape(-1, *pool.shape[1:]), self.kv_quant)
+            pool[self._batch.slot_mapping] = codes
+            scales[self._batch.slot_mapping] = scale
+            out.append(dequantize(self._gather(pool), self._gather(scales), self.kv_quant, self.dtype))
+        return out
+

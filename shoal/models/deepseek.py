@@ -80,11 +80,13 @@ class MultiHeadLatentAttention(nn.Module):
         q_rope = self.rotary(q_rope, positions)
         k_rope = self.rotary(k_rope[:, :, None, :], positions)[:, :, 0]
         (cached,) = cache.write(self.layer_index, positions, torch.cat([latent, k_rope], dim=-1))
-        cached = cached.to(x.dtype)  # [b, keys, kv_lora_rank + rope_dim]
-        if t == 1:
+        cached = cached.to(x.dtype)  # [sequences, keys, kv_lora_rank + rope_dim]
+        q_nope, q_rope = cache.unpack(q_nope), cache.unpack(q_rope)  # one row per sequence
+        if q_nope.shape[1] == 1:
             out = self._attend_absorbed(q_nope, q_rope, cached, cache.attention_mask())
         else:
             out = self._attend_expanded(q_nope, q_rope, cached, cache.attention_mask())
+        out = cache.pack(out.flatten(2))  # back to the step's layout
         return self.o_proj(out.reshape(b, t, self.num_heads * self.v_dim))
 
     def _kv_b_weight(self) -> tuple[torch.Tensor, torch.Tensor]:

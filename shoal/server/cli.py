@@ -63,6 +63,8 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     serve.add_argument("--max-num-batched-tokens", type=_positive_int, default=2048, help="tokens per step at most")
     serve.add_argument("--kv-cache-memory", type=parse_bytes, default=None,
                        help="bytes for the paged KV cache, e.g. 512MiB or 4GiB (default: sized from free memory)")
+    serve.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8", "fp8"],
+                       help="store the KV cache in 8 bits with per-token scales (default auto: the compute dtype)")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                        help="uvicorn's log level")
     return serve
@@ -83,6 +85,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         kv_cache_memory=args.kv_cache_memory,
+        kv_cache_dtype=args.kv_cache_dtype,
     )
     app = build_app(llm, served_model_name=args.served_model_name, api_key=args.api_key,
                     max_waiting=args.max_waiting or DEFAULT_MAX_WAITING)
