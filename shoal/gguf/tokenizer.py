@@ -47,10 +47,12 @@ def _added_tokens(tok, tokens: list[str], types: list[int]) -> None:
         tok.add_tokens(user)
 
 
-def _vocab(tokens: list[str]) -> dict[str, int]:
+def _vocab(tokens: list[str], types: list[int]) -> dict[str, int]:
+    """Token -> id, leaving out UNUSED padding entries: llama.cpp decodes them to nothing, and so does this."""
     vocab: dict[str, int] = {}
-    for i, t in enumerate(tokens):
-        vocab.setdefault(t, i)  # a repeated string keeps its first id, as llama.cpp's lookup does
+    for i, (t, kind) in enumerate(zip(tokens, types)):
+        if kind != UNUSED:
+            vocab.setdefault(t, i)  # a repeated string keeps its first id, as llama.cpp's lookup does
     return vocab
 
 
@@ -70,7 +72,7 @@ def _gpt2(file: GGUFFile, tokens: list[str], types: list[int]):
     if pre not in PRE_TOKENIZERS:
         log.warning("GGUF pre-tokenizer %r is not known to shoal; splitting words as GPT-2 does", pre)
     split, ignore_merges = PRE_TOKENIZERS.get(pre, PRE_TOKENIZERS["default"])
-    tok = HFTokenizer(models.BPE(vocab=_vocab(tokens), merges=pairs, ignore_merges=ignore_merges))
+    tok = HFTokenizer(models.BPE(vocab=_vocab(tokens, types), merges=pairs, ignore_merges=ignore_merges))
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
             pre_tokenizers.Split(Regex(split), behavior="isolated"),
@@ -102,7 +104,7 @@ def _llama(file: GGUFFile, tokens: list[str], types: list[int]):
     scores = file.metadata("tokenizer.ggml.scores")
     if not isinstance(scores, list) or len(scores) != len(tokens):
         raise TokenizerError(f"{file.path}: a llama (SentencePiece) vocabulary needs one score per token")
-    vocab = _vocab(tokens)
+    vocab = _vocab(tokens, types)
     unk_id = file.metadata("tokenizer.ggml.unknown_token_id", 0)
     unk = tokens[unk_id] if isinstance(unk_id, int) and 0 <= unk_id < len(tokens) else None
     merges = _spm_merges(tokens, scores, types, vocab)
