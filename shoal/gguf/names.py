@@ -78,7 +78,7 @@ def unpermute_rows(w: torch.Tensor, heads: int) -> torch.Tensor:
 
 def merge_kv_b(k_b: torch.Tensor, v_b: torch.Tensor) -> torch.Tensor:
     """attn_k_b [heads, rank, nope] and attn_v_b [heads, v, rank] -> kv_b_proj [heads * (nope + v), rank]."""
-    heads, rank = k_b.shape[0], k_b.shape[1]
+    rank = k_b.shape[1]
     return torch.cat([k_b.transpose(1, 2), v_b], dim=1).reshape(-1, rank)
 
 

@@ -152,17 +152,27 @@ def _walk_header(buf, size: int, path: Path) -> tuple[list[TensorInfo], int]:
         offset = w.unpack("Q", f"the data offset of tensor {name!r}")
         raw.append((name, dims, type_id, offset))
     data_start = w.pos + (-w.pos) % alignment
+    unknown = [(name, type_id) for name, _, type_id, _ in raw if type_id not in types]
+    if unknown:
+        raise WeightError(
+            f"{path}: tensor {unknown[0][0]!r} has unknown ggml type id {unknown[0][1]}; "
+            f"shoal reads GGUF tensors of types {', '.join(SUPPORTED_TYPES)}"
+        )
+    unsupported = sorted({(types[t][0], name) for name, _, t, _ in raw if types[t][0] not in SUPPORTED_TYPES})
+    if unsupported:
+        kinds = sorted({kind for kind, _ in unsupported})
+        raise WeightError(
+            f"{path} holds tensors of type {', '.join(kinds)} (e.g. {unsupported[0][1]}); "
+            f"shoal reads GGUF tensors of types {', '.join(SUPPORTED_TYPES)} only. "
+            "Re-quantize the model to one of them with llama.cpp's llama-quantize, or convert it from its "
+            "Hugging Face checkpoint"
+        )
     tensors: list[TensorInfo] = []
     seen: set[str] = set()
     for name, dims, type_id, offset in raw:
         if name in seen:
             raise w.fail(f"tensor {name!r} appears twice")
         seen.add(name)
-        if type_id not in types:
-            raise WeightError(
-                f"{path}: tensor {name!r} has unknown ggml type id {type_id}; "
-                f"shoal reads GGUF tensors of types {', '.join(SUPPORTED_TYPES)}"
-            )
         type_name, block, block_bytes = types[type_id]
         if any(d <= 0 for d in dims):
             raise w.fail(f"tensor {name!r} has shape {list(dims)} with a zero dimension")
@@ -196,15 +206,6 @@ class GGUFFile:
             raise WeightError(f"{self.path} is empty; it is not a GGUF file")
         data = np.memmap(self.path, dtype=np.uint8, mode="r")
         infos, self.data_start = _walk_header(memoryview(data), size, self.path)
-        unsupported = sorted({(t.type_name, t.name) for t in infos if t.type_name not in SUPPORTED_TYPES})
-        if unsupported:
-            kinds = sorted({kind for kind, _ in unsupported})
-            raise WeightError(
-                f"{self.path} holds tensors of type {', '.join(kinds)} (e.g. {unsupported[0][1]}); "
-                f"shoal reads GGUF tensors of types {', '.join(SUPPORTED_TYPES)} only. "
-                "Re-quantize the model to one of them with llama.cpp's llama-quantize, or convert it from its "
-                "Hugging Face checkpoint"
-            )
         from gguf import GGUFReader
 
         try:
