@@ -38,7 +38,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     bench = subparsers.add_parser(
         "bench", help="measure offline throughput, or load a running server with --serve-url, on random prompts"
     )
-    bench.add_argument("--model", default=None, help="checkpoint folder (or hub id); default: the bundled demo model")
+    bench.add_argument("--model", default=None, help="checkpoint folder, GGUF file or hub id; default: the bundled demo model")
     bench.add_argument("--device", default=None, help="cpu, cuda, cuda:1, npu, xpu, mps, ...; default: best present")
     bench.add_argument(
         "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="compute dtype"

@@ -18,7 +18,7 @@ EXIT_USAGE = 2
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, help="checkpoint folder (or hub id); default: the bundled demo model")
+    parser.add_argument("--model", default=None, help="checkpoint folder, GGUF file or hub id; default: the bundled demo model")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, npu, xpu, mps, ...; default: best present")
     parser.add_argument(
         "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="compute dtype"

@@ -53,7 +53,13 @@ class LLM:
         self.model, self.model_config, self.dtype = build_model(
             path, backend, self.device, self.config.torch_dtype, progress=self.config.progress
         )
-        self.tokenizer = Tokenizer(path, self.model_config.vocab_size)
+        if path.is_file():  # a GGUF file: the tokenizer lives in its metadata
+            from shoal.gguf.reader import GGUFFile
+            from shoal.gguf.tokenizer import gguf_tokenizer
+
+            self.tokenizer = gguf_tokenizer(GGUFFile(path), self.model_config.vocab_size)
+        else:
+            self.tokenizer = Tokenizer(path, self.model_config.vocab_size)
         eos = read_eos_token_ids(path) or self.model_config.eos_token_ids
         if not eos and self.tokenizer.eos_token_id is not None:
             eos = [self.tokenizer.eos_token_id]

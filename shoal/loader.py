@@ -1,5 +1,5 @@
-"""Finds a checkpoint (a Hugging Face folder, or a hub id when huggingface_hub and a network exist),
-builds its model on the target device and streams the safetensors weights into it.
+"""Finds a checkpoint (a Hugging Face folder, a GGUF file, or a hub id when huggingface_hub and a network
+exist), builds its model on the target device and streams the safetensors weights into it.
 
 Weights are read with safetensors only — never unpickled — one tensor at a time, so peak host memory
 stays near one tensor rather than one model.
@@ -30,8 +30,13 @@ def resolve_model_path(model: str | Path) -> Path:
     if path.is_dir():
         return path
     if path.exists():
+        from shoal.gguf import is_gguf
+
+        if is_gguf(path):
+            return path
         raise ModelNotFoundError(
-            f"{model} is a file; point --model at a checkpoint folder holding config.json and *.safetensors"
+            f"{model} is a file but not a GGUF file; point --model at a *.gguf file or a checkpoint folder "
+            "holding config.json and *.safetensors"
         )
     if _HUB_ID.match(str(model)):
         try:
@@ -129,7 +134,11 @@ def choose_dtype(config: ModelConfig, backend: Backend, requested: torch.dtype |
 def build_model(
     path: Path, backend: Backend, device: torch.device, dtype: torch.dtype | None, progress: bool = True
 ) -> tuple[CausalLM, ModelConfig, torch.dtype]:
-    """Read config.json, construct the model on `device` and load its weights."""
+    """Read config.json, construct the model on `device` and load its weights (a GGUF file: shoal.gguf)."""
+    if path.is_file():
+        from shoal.gguf import build_gguf_model
+
+        return build_gguf_model(path, backend, device, dtype, progress)
     config = load_model_config(path)
     cls = model_class(config)
     dtype = choose_dtype(config, backend, dtype)

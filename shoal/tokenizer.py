@@ -40,11 +40,26 @@ class Tokenizer:
                 config = json.loads(config_file.read_text(encoding="utf-8"))
             except (OSError, ValueError) as exc:
                 raise TokenizerError(f"cannot read {config_file}: {exc}") from None
+        jinja_file = path / "chat_template.jinja"
+        if config.get("chat_template") is None and jinja_file.is_file():
+            config = {**config, "chat_template": jinja_file.read_text(encoding="utf-8")}
+        self._setup(config, model_vocab_size, "tokenizer.json and config.json")
+
+    @classmethod
+    def from_tokenizer(cls, tok: Any, config: dict[str, Any], model_vocab_size: int | None = None) -> "Tokenizer":
+        """An in-memory `tokenizers.Tokenizer` plus tokenizer_config.json-style fields (bos_token, eos_token,
+        add_bos_token, chat_template), e.g. built from a GGUF file's metadata."""
+        self = cls.__new__(cls)
+        self._tok = tok
+        self._setup(config, model_vocab_size, "the tokenizer and the model")
+        return self
+
+    def _setup(self, config: dict[str, Any], model_vocab_size: int | None, sources: str) -> None:
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         if model_vocab_size is not None and self.vocab_size > model_vocab_size:
             raise TokenizerError(
                 f"the tokenizer has {self.vocab_size} tokens but the model's vocab_size is {model_vocab_size}; "
-                "tokenizer.json and config.json belong to different models"
+                f"{sources} belong to different models"
             )
         self.bos_token = _token_text(config.get("bos_token"))
         self.eos_token = _token_text(config.get("eos_token"))
@@ -55,9 +70,6 @@ class Tokenizer:
         if isinstance(template, list):  # a list of named templates: take the default one
             named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
             template = named.get("default") or next(iter(named.values()), None)
-        jinja_file = path / "chat_template.jinja"
-        if template is None and jinja_file.is_file():
-            template = jinja_file.read_text(encoding="utf-8")
         self.chat_template: str | None = template
         self._special_ids = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
 

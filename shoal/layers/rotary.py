@@ -82,6 +82,8 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, rope: RopeConfig, dim: int, max_position_embeddings: int, interleaved: bool = False) -> None:
         super().__init__()
         inv_freq, self.attention_factor = rope_frequencies(rope, dim, max_position_embeddings)
+        if rope.frequency_factors is not None:
+            inv_freq = inv_freq / torch.tensor(rope.frequency_factors, dtype=inv_freq.dtype)
         self.interleaved = interleaved
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self._table_len = 0

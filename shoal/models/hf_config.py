@@ -45,6 +45,8 @@ class RopeConfig:
     attention_factor: float | None = None
     truncate: bool = True
     partial_rotary_factor: float = 1.0
+    # per-dimension divisors of the frequencies, as GGUF files store Llama 3's scaling (`rope_freqs`)
+    frequency_factors: tuple[float, ...] | None = None
 
 
 @dataclass

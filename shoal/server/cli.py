@@ -48,7 +48,7 @@ def _port(text: str) -> int:
 
 def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     serve = subparsers.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
-    serve.add_argument("--model", default=None, help="checkpoint folder (or hub id); default: the bundled demo model")
+    serve.add_argument("--model", default=None, help="checkpoint folder, GGUF file or hub id; default: the bundled demo model")
     serve.add_argument("--device", default=None, help="cpu, cuda, cuda:1, npu, xpu, mps, ...; default: best present")
     serve.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                        help="compute dtype")
