@@ -120,6 +120,9 @@ def check_layout(shape: ModelShape, layout: Layout) -> None:
             raise PlanError(f"ep={layout.ep} does not divide the model's {shape.routed_experts}{extra} experts")
         if layout.stage_chips % layout.ep:
             raise PlanError(f"ep={layout.ep} does not divide the {layout.stage_chips} chips of a pipeline stage")
+    if shape.routed_experts and layout.stage_chips // layout.ep > layout.tp:
+        raise PlanError(f"with ep={layout.ep} each expert would be split over {layout.stage_chips // layout.ep} chips, "
+                        f"more than tp={layout.tp}; use ep={layout.stage_chips // layout.tp} (or a larger tp)")
 
 
 @dataclass
