@@ -22,8 +22,8 @@ from shoal.planner.errors import PlanError
 from shoal.planner.shapes import ModelShape, load_shape
 
 FIT = ("prefill_compute", "decode_compute", "layer_overhead_us", "step_overhead_us")
-BOUNDS = {"prefill_compute": (0.01, 1.0), "decode_compute": (0.01, 1.0), "layer_overhead_us": (0.0, 5000.0),
-          "step_overhead_us": (0.0, 50000.0)}
+BOUNDS = {"prefill_compute": (0.01, 1.0), "decode_compute": (0.01, 1.0), "layer_overhead_us": (0.0, 100000.0),
+          "step_overhead_us": (0.0, 2000000.0)}
 
 
 @dataclass

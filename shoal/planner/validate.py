@@ -154,7 +154,7 @@ def predict(case: Case, factors: Factors, chip: Chip, shape: ModelShape) -> dict
             "pieces": stage.pieces, "comm": stage.comm}
 
 
-def _golden(fn, low: float, high: float, iters: int = 40) -> float:
+def _golden(fn, low: float, high: float, iters: int = 28) -> float:
     ratio = (math.sqrt(5) - 1) / 2
     a, b = low, high
     c, d = b - ratio * (b - a), a + ratio * (b - a)
@@ -171,7 +171,7 @@ def _golden(fn, low: float, high: float, iters: int = 40) -> float:
     return (a + b) / 2
 
 
-def fit_factors(cases: list[Case], catalog: dict[str, Chip], rounds: int = 5) -> dict[str, Factors]:
+def fit_factors(cases: list[Case], catalog: dict[str, Chip], rounds: int = 4) -> dict[str, Factors]:
     """Fit FAMILY_FITTED per chip family and SHARED_FITTED across families (least squares in log
     error, coordinate descent) on the cases of role "fit"; the rest keep the ASSUMED values. Returns
     one Factors per family with fit cases, plus DEFAULT (geometric mean of the families) for others."""
