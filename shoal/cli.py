@@ -12,6 +12,7 @@ from typing import Sequence
 
 from shoal.bench import add_bench_parser, cmd_bench
 from shoal.errors import ShoalError
+from shoal.planner.cli import add_plan_parser, cmd_plan
 from shoal.server.cli import add_serve_parser, cmd_serve
 
 EXIT_USAGE = 2
@@ -66,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_parser(sub)
     add_bench_parser(sub)
+    add_plan_parser(sub)
     return parser
 
 
@@ -190,7 +192,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "doctor": cmd_doctor, "serve": cmd_serve, "bench": cmd_bench}
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "doctor": cmd_doctor, "serve": cmd_serve, "bench": cmd_bench,
+            "plan": cmd_plan}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
