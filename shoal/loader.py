@@ -127,19 +127,40 @@ def choose_dtype(config: ModelConfig, backend: Backend, requested: torch.dtype |
 
 
 def build_model(
-    path: Path, backend: Backend, device: torch.device, dtype: torch.dtype | None, progress: bool = True
+    path: Path,
+    backend: Backend,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    progress: bool = True,
+    quant: str | None = None,
+    quant_group_size: int | None = None,
+    prepare: bool = True,
 ) -> tuple[CausalLM, ModelConfig, torch.dtype]:
-    """Read config.json, construct the model on `device` and load its weights."""
+    """Read config.json, construct the model on `device` and load its weights.
+
+    `quant` ("int8", "int4", "fp8") stores the weights quantized, each quantized as it streams in; a
+    checkpoint that is already quantized (config.json's quantization_config) is read as such. See
+    shoal/quant/plan.py. `prepare=False` keeps quantized weights in their canonical layout (for export).
+    """
+    from shoal.quant.plan import apply_plan, parameters_on_meta, plan_quantization, prepare_for_kernels
+
     config = load_model_config(path)
     cls = model_class(config)
     dtype = choose_dtype(config, backend, dtype)
+    plan = plan_quantization(config, backend, quant, quant_group_size, prepare)
     files = safetensors_files(path)
-    with _default_dtype(dtype), torch.device(device):
+    on_meta = parameters_on_meta() if plan is not None and plan.changes_model else contextlib.nullcontext()
+    with _default_dtype(dtype), torch.device(device), on_meta:
         model = cls(config, backend)
+    if plan is not None and plan.changes_model:
+        apply_plan(model, plan, backend, dtype, device)
     weights = iterate_weights(files, progress=progress)
+    stream = plan.checkpoint.wrap(weights) if plan is not None and plan.checkpoint is not None else weights
     try:
-        model.load_weights(weights)
+        model.load_weights(stream)
     finally:
         weights.close()  # close the progress bar now, before any error message is printed
+    if plan is not None and plan.changes_model and plan.prepare:
+        prepare_for_kernels(model)
     model.eval()
     return model, config, dtype
