@@ -27,7 +27,7 @@ from shoal.quant.checkpoint import CheckpointFormat, checkpoint_format
 from shoal.quant.formats import INT4_GROUP_SIZES, _check_group
 from shoal.quant.layers import QuantizedEmbedding, QuantizedLinear, QuantizedStackedExperts, TiedQuantizedHead
 
-QUANT_METHODS = ("int8", "int4", "fp8")
+from shoal.quant import QUANT_METHODS
 DEFAULT_GROUP_SIZE = 64
 # Linear layers kept in the compute dtype (module name suffixes).
 DENSE_LINEARS = ("kv_b_proj",)
