@@ -1,4 +1,4 @@
-"""The `shoal` command: generate, chat, serve, bench and doctor.
+"""The `shoal` command: generate, chat, serve, bench, doctor and quantize.
 
 Every error shoal raises on purpose becomes one line on stderr and exit code 2 — never a traceback.
 """
@@ -13,6 +13,7 @@ from typing import Sequence
 from shoal.bench import add_bench_parser, cmd_bench
 from shoal.errors import ShoalError
 from shoal.planner.cli import add_plan_parser, cmd_plan
+from shoal.quant.cli import add_quant_options, add_quantize_parser, cmd_quantize
 from shoal.server.cli import add_serve_parser, cmd_serve
 
 EXIT_USAGE = 2
@@ -27,6 +28,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-model-len", type=int, default=None, help="cap the context length")
     parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8", "fp8"],
                         help="store the KV cache in 8 bits with per-token scales (default auto: the compute dtype)")
+    add_quant_options(parser)
 
 
 def _add_sampling_options(parser: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -65,9 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--quick", action="store_true", help="shorter, rougher measurement")
     doctor.add_argument("--json", action="store_true", help="print the report as JSON")
 
-    add_serve_parser(sub)
+    add_quant_options(add_serve_parser(sub))
     add_bench_parser(sub)
     add_plan_parser(sub)
+    add_quantize_parser(sub)
     return parser
 
 
@@ -94,7 +97,7 @@ def _load(args: argparse.Namespace):
     from shoal.llm import LLM
 
     return LLM(args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
-               kv_cache_dtype=args.kv_cache_dtype)
+               kv_cache_dtype=args.kv_cache_dtype, quant=args.quant, quant_group_size=args.group_size)
 
 
 def _parse_prompt_ids(text: str) -> list[int]:
@@ -192,8 +195,10 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "doctor": cmd_doctor, "serve": cmd_serve, "bench": cmd_bench,
-            "plan": cmd_plan}
+COMMANDS = {
+    "generate": cmd_generate, "chat": cmd_chat, "doctor": cmd_doctor, "serve": cmd_serve, "bench": cmd_bench,
+    "plan": cmd_plan, "quantize": cmd_quantize,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -30,10 +30,15 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048  # tokens per step at most; long prompts are prefilled in chunks
     enable_prefix_caching: bool = True
     kv_cache_dtype: str = "auto"  # "auto" (the compute dtype), "int8" or "fp8": 8-bit codes + per-vector scales
+    quant: str | None = None  # "int8", "int4" or "fp8": store the weights quantized (see shoal/quant/)
+    quant_group_size: int | None = None  # int4 inputs per scale (32, 64, 128); None: the checkpoint's, else 64
 
     def __post_init__(self) -> None:
+        from shoal.quant.plan import check_quant_options
+
         self.torch_dtype = parse_dtype(self.dtype)
         self.kv_quant = parse_kv_cache_dtype(self.kv_cache_dtype)
+        check_quant_options(self.quant, self.quant_group_size)
         for name in ("max_model_len", "kv_cache_memory"):
             value = getattr(self, name)
             if value is not None and value < 1:

@@ -36,7 +36,7 @@ def read_eos_token_ids(path: Path) -> list[int]:
 
 
 class LLM:
-    """`LLM(model, device=None, dtype=None)`; `generate(prompts, SamplingParams(...))`.
+    """`LLM(model, device=None, dtype=None, quant=None)`; `generate(prompts, SamplingParams(...))`.
 
     A prompt is a string or a list of token ids. Without `model`, the bundled demo model is used.
     """
@@ -51,7 +51,8 @@ class LLM:
         self.backend = backend
         self.device = backend.torch_device(index)
         self.model, self.model_config, self.dtype = build_model(
-            path, backend, self.device, self.config.torch_dtype, progress=self.config.progress
+            path, backend, self.device, self.config.torch_dtype, progress=self.config.progress,
+            quant=self.config.quant, quant_group_size=self.config.quant_group_size,
         )
         if path.is_file():  # a GGUF file: the tokenizer lives in its metadata
             from shoal.gguf.reader import GGUFFile

@@ -132,23 +132,59 @@ def choose_dtype(config: ModelConfig, backend: Backend, requested: torch.dtype |
 
 
 def build_model(
-    path: Path, backend: Backend, device: torch.device, dtype: torch.dtype | None, progress: bool = True
+    path: Path,
+    backend: Backend,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    progress: bool = True,
+    quant: str | None = None,
+    quant_group_size: int | None = None,
+    prepare: bool = True,
 ) -> tuple[CausalLM, ModelConfig, torch.dtype]:
-    """Read config.json, construct the model on `device` and load its weights (a GGUF file: shoal.gguf)."""
+    """Read config.json, construct the model on `device` and load its weights (a GGUF file: shoal.gguf).
+
+    `quant` ("int8", "int4", "fp8") stores the weights quantized, each quantized as it streams in; a
+    checkpoint that is already quantized (config.json's quantization_config) is read as such. See
+    shoal/quant/plan.py. `prepare=False` keeps quantized weights in their canonical layout (for export).
+    """
     if path.is_file():
         from shoal.gguf import build_gguf_model
 
-        return build_gguf_model(path, backend, device, dtype, progress)
+        return build_gguf_model(path, backend, device, dtype, progress, quant, quant_group_size, prepare)
+    from shoal.quant.plan import plan_quantization
+
     config = load_model_config(path)
-    cls = model_class(config)
     dtype = choose_dtype(config, backend, dtype)
-    files = safetensors_files(path)
-    with _default_dtype(dtype), torch.device(device):
+    plan = plan_quantization(config, backend, quant, quant_group_size, prepare)
+    model = construct_model(config, backend, device, dtype, plan)
+    weights = iterate_weights(safetensors_files(path), progress=progress)
+    stream = plan.checkpoint.wrap(weights) if plan is not None and plan.checkpoint is not None else weights
+    return load_into(model, stream, weights.close, plan), config, dtype
+
+
+def construct_model(config: ModelConfig, backend: Backend, device: torch.device, dtype: torch.dtype, plan) -> CausalLM:
+    """The model's modules on `device`, with quantized layers swapped in when `plan` (a QuantPlan) says
+    so — their full-precision parameters never allocated."""
+    from shoal.quant.plan import apply_plan, parameters_on_meta
+
+    cls = model_class(config)
+    on_meta = parameters_on_meta() if plan is not None and plan.changes_model else contextlib.nullcontext()
+    with _default_dtype(dtype), torch.device(device), on_meta:
         model = cls(config, backend)
-    weights = iterate_weights(files, progress=progress)
+    if plan is not None and plan.changes_model:
+        apply_plan(model, plan, backend, dtype, device)
+    return model
+
+
+def load_into(model: CausalLM, stream, close, plan) -> CausalLM:
+    """Load (checkpoint name, tensor) pairs into the model; `close` ends the stream's progress bar."""
+    from shoal.quant.plan import prepare_for_kernels
+
     try:
-        model.load_weights(weights)
+        model.load_weights(stream)
     finally:
-        weights.close()  # close the progress bar now, before any error message is printed
+        close()  # close the progress bar now, before any error message is printed
+    if plan is not None and plan.changes_model and plan.prepare:
+        prepare_for_kernels(model)
     model.eval()
-    return model, config, dtype
+    return model

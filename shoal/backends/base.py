@@ -129,10 +129,16 @@ class Backend:
         return sdpa_attention
 
     def linear_fn(self, weight_format: str) -> Callable[..., torch.Tensor]:
-        """The matmul for a weight format; "dense" is plain F.linear everywhere."""
-        if weight_format != "dense":
+        """The matmul for a weight format: "dense" is plain F.linear everywhere; "int8", "int4" and "fp8"
+        (shoal.quant's formats) get a `QuantizedLinearKernel`, by default the pure-torch one that
+        dequantizes on each call. A backend with faster kernels overrides this."""
+        if weight_format == "dense":
+            return torch.nn.functional.linear
+        from shoal.backends.quantized_matmul import FALLBACK_KERNELS
+
+        if weight_format not in FALLBACK_KERNELS:
             raise NotImplementedError(f"backend {self.name!r} has no kernel for weight format {weight_format!r}")
-        return torch.nn.functional.linear
+        return FALLBACK_KERNELS[weight_format]
 
     def graph_wrapper(self) -> Callable | None:
         """Optional wrapper that captures a decode step as a graph (torch.compile, CUDA graphs)."""

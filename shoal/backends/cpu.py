@@ -129,6 +129,15 @@ class CpuBackend(Backend):
     def quantized_matmul_kernels(self) -> list[str]:
         return packed_matmul_kernels("CPU", int4_op="aten::_weight_int4pack_mm_for_cpu")
 
+    def linear_fn(self, weight_format: str):
+        from shoal.backends.quantized_matmul import CPU_KERNELS
+
+        kernel = CPU_KERNELS.get(weight_format)
+        packed = {"int8": "int8pack", "int4": "int4pack"}.get(weight_format)
+        if kernel is not None and (packed is None or packed in self.quantized_matmul_kernels()):
+            return kernel
+        return super().linear_fn(weight_format)
+
     def extra_info(self) -> dict[str, str]:
         flags = _cpuinfo()[1]
         notable = _NATIVE_BF16_FLAGS | _NATIVE_FP16_FLAGS | {"avx2", "avx512f", "amx_tile", "sve", "asimd"}

@@ -14,7 +14,15 @@ from shoal.errors import WeightError
 
 
 def copy_weight(param: torch.Tensor, loaded: torch.Tensor, name: str) -> None:
-    """Copy a checkpoint tensor into a parameter, converting dtype, after checking the shape."""
+    """Copy a checkpoint tensor into a parameter, converting dtype, after checking the shape.
+
+    `loaded` may be a quantized weight (shoal.quant.formats) arriving at a full-precision parameter:
+    it is dequantized first (an fp8 checkpoint on a device without fp8, MLA's kv_b_proj).
+    """
+    if not isinstance(loaded, torch.Tensor):
+        loaded_shape = tuple(loaded.shape)
+        if loaded_shape == tuple(param.shape):
+            loaded = loaded.dequantize(torch.float32)
     if tuple(param.shape) != tuple(loaded.shape):
         raise WeightError(
             f"weight {name} has shape {tuple(loaded.shape)} in the checkpoint but the model expects "

@@ -86,8 +86,26 @@ class CausalLM(nn.Module):
             names.update(parts or [pname])
         return names
 
+    def weight_destination(self, name: str) -> tuple[str, str, str | None, int | None]:
+        """Where checkpoint tensor `name` loads: (module name, attribute, merged shard or None, expert or None)."""
+        expert = self.expert_weight(name)
+        if expert is not None:
+            module_name, index, shard = expert
+            return module_name, "weight", shard, index
+        dotted = f".{name}"
+        for fragment, merged, shard in self.merged_weights:
+            if fragment in dotted:
+                module_name, _, attr = dotted.replace(fragment, merged)[1:].rpartition(".")
+                return module_name, attr, shard, None
+        module_name, _, attr = name.rpartition(".")
+        return module_name, attr, None, None
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy checkpoint tensors into this model; raise WeightError if any is missing or misshapen."""
+        """Copy checkpoint tensors into this model; raise WeightError if any is missing or misshapen.
+
+        A tensor may also arrive as a quantized weight (shoal.quant.formats): a layer that stores that
+        format keeps it, any other converts it (see `copy_weight`).
+        """
         params = dict(self.named_parameters())
         modules = dict(self.named_modules())
         seen: set[str] = set()
@@ -95,34 +113,20 @@ class CausalLM(nn.Module):
         for name, tensor in weights:
             if self.ignore_weight(name):
                 continue
-            expert = self.expert_weight(name)
-            if expert is not None:
-                module_name, index, shard = expert
-                module = modules.get(module_name)
-                if module is None:
-                    unexpected.append(name)
-                    continue
-                module.load_expert(index, shard, tensor, name)
-                seen.add(name)
-                continue
-            dotted = f".{name}"
-            for fragment, merged, shard in self.merged_weights:
-                if fragment in dotted:
-                    pname = dotted.replace(fragment, merged)[1:]
-                    module_name, _, attr = pname.rpartition(".")
-                    module = modules.get(module_name)
-                    if module is None or not hasattr(module, "load_shard"):
-                        unexpected.append(name)
-                    else:
-                        module.load_shard(attr, shard, tensor, name)
-                        seen.add(name)
-                    break
+            module_name, attr, shard, expert = self.weight_destination(name)
+            module = modules.get(module_name)
+            if expert is not None and module is not None:
+                module.load_expert(expert, shard, tensor, name)
+            elif shard is not None and hasattr(module, "load_shard"):
+                module.load_shard(attr, shard, tensor, name)
+            elif shard is None and expert is None and hasattr(module, "load_weight"):
+                module.load_weight(attr, tensor, name)  # a layer that stores its weight its own way
+            elif shard is None and expert is None and name in params:
+                copy_weight(params[name], tensor, name)
             else:
-                if name in params:
-                    copy_weight(params[name], tensor, name)
-                    seen.add(name)
-                else:
-                    unexpected.append(name)
+                unexpected.append(name)
+                continue
+            seen.add(name)
         missing = sorted(self.expected_checkpoint_names() - seen)
         if missing:
             more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""

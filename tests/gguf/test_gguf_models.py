@@ -105,3 +105,28 @@ def test_auto_dtype_follows_the_file(gguf_model):
         path, _, _, _ = gguf_model("llama", ftype)
         _, _, dtype = build_gguf_model(path, backend, torch.device("cpu"), None, progress=False)
         assert dtype == expected
+
+
+@pytest.mark.parametrize("name", ["llama", "deepseek-v3"])
+def test_a_q4_0_file_loads_into_int4_layers_holding_its_exact_codes(gguf_model, name):
+    from shoal.quant.layers import QuantizedLinear, QuantizedStackedExperts
+
+    path, _, _, _ = gguf_model(name, "Q4_0")
+    model, _ = _load(path)
+    quantized = [m for m in model.modules() if isinstance(m, (QuantizedLinear, QuantizedStackedExperts))]
+    assert quantized, "a Q4_0 file should load into int4 layers"
+    assert all(m.fmt == "int4" and m.group_size == 32 for m in quantized)
+    # Exactness (no second rounding) is test_quantized_gguf_matches_transformers_on_the_weights_it_holds,
+    # which loads the same file the same way and agrees with the file's dequantized weights within 1e-4.
+
+
+def test_quant_int8_requantizes_a_q8_0_file_per_channel(gguf_model):
+    from shoal.quant.layers import QuantizedLinear
+
+    path, _, _, _ = gguf_model("llama", "Q8_0")
+    exact, _ = _load(path)
+    int8, _, _ = build_gguf_model(path, get_backend("cpu"), torch.device("cpu"), torch.float32, progress=False,
+                                  quant="int8")
+    assert not any(isinstance(m, QuantizedLinear) for m in exact.modules())  # Q8_0 loads dense by default
+    assert any(isinstance(m, QuantizedLinear) for m in int8.modules())
+    assert (shoal_logits(exact, IDS) - shoal_logits(int8, IDS)).abs().max() < 0.1
