@@ -8,8 +8,8 @@ where its top-1 token equals the full-precision model's.
 
     python benchmarks/quant_accuracy.py [--dtype float32] [--max-tokens 32768] [--json-out FILE]
 
-The rows are VARIANTS below; a later row (the lead's int8 KV cache) adds itself there with its own
-model loader and, where it needs one, its own cache factory.
+The rows are VARIANTS below: the weight formats, and the 8-bit KV caches (`--kv-cache-dtype int8|fp8`),
+which run the full-precision weights over the engine's paged cache with 8-bit entries.
 """
 
 from __future__ import annotations
@@ -49,8 +49,23 @@ VARIANTS = [
     Variant("int4 (group 64)", {"quant": "int4", "quant_group_size": 64}),
     Variant("int4 (group 128)", {"quant": "int4", "quant_group_size": 128}),
     Variant("fp8 (128x128 blocks)", {"quant": "fp8"}),
-    # Variant("int8 KV cache", {}, cache_factory=...),  # the lead's quantized KV cache row goes here
+    Variant("int8 KV cache", {}, cache_factory=lambda m, b, n, d: paged_cache(m, b, n, d, "int8")),
+    Variant("fp8 KV cache", {}, cache_factory=lambda m, b, n, d: paged_cache(m, b, n, d, "fp8")),
 ]
+
+
+def paged_cache(model, batch: int, length: int, dtype, kv_quant: str):
+    """The engine's paged KV cache with 8-bit entries, laid out for `batch` sequences of `length` tokens
+    computed in one packed step (sequence i owns blocks i*blocks .. (i+1)*blocks - 1)."""
+    from shoal.layers.paged_kv_cache import PagedBatch, PagedKVCache
+
+    block = 16
+    blocks = -(-length // block)
+    cache = PagedKVCache(model.config.num_hidden_layers, batch * blocks, block, model.cache_entry_shapes(), dtype,
+                         "cpu", kv_quant)
+    slots = torch.arange(batch * blocks * block).view(batch, -1)[:, :length]
+    cache.set_batch(PagedBatch(slots.flatten(), slots, torch.full((batch,), length)))
+    return cache
 
 
 def held_out_ids(tokenizer_dir: Path, max_tokens: int) -> torch.Tensor:
@@ -78,7 +93,11 @@ def evaluate(model, ids: torch.Tensor, window: int, batch: int, dtype, cache_fac
             b = x.shape[0]
             cache = cache_factory(model, b, window, dtype) if cache_factory else model.make_cache(b, window, dtype, "cpu")
             positions = torch.arange(window)[None].expand(b, window)
-            logits = model.compute_logits(model(x, positions, cache))[:, :-1]
+            if hasattr(cache, "set_batch"):  # the paged cache runs a packed step: [1, b * window]
+                hidden = model(x.reshape(1, -1), positions.reshape(1, -1), cache).view(b, window, -1)
+            else:
+                hidden = model(x, positions, cache)
+            logits = model.compute_logits(hidden)[:, :-1]
             target = x[:, 1:]
             nll.append(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
                                                          reduction="none"))
