@@ -30,10 +30,22 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048  # tokens per step at most; long prompts are prefilled in chunks
     enable_prefix_caching: bool = True
     kv_cache_dtype: str = "auto"  # "auto" (the compute dtype), "int8" or "fp8": 8-bit codes + per-vector scales
+    # Many devices as one (shoal/parallel): tensor, expert and pipeline ranks; splits; how workers start.
+    tp: int = 1
+    ep: int = 1
+    pp: int = 1
+    pp_layers: str | list[int] | None = None  # "10,14", or "auto" (by measured speed); None: even
+    ep_weights: str | list[float] | None = None  # "3,1", or "auto"; None: even
+    distributed_executor: str = "mp"  # "mp" (this host), "torchrun", "ray"
+    collective_timeout: float = 120.0  # seconds before a silent worker fails the engine
 
     def __post_init__(self) -> None:
         self.torch_dtype = parse_dtype(self.dtype)
         self.kv_quant = parse_kv_cache_dtype(self.kv_cache_dtype)
+        from shoal.parallel.config import ParallelConfig
+
+        self.parallel = ParallelConfig(self.tp, self.ep, self.pp, self.pp_layers, self.ep_weights,
+                                       self.distributed_executor, self.collective_timeout)
         for name in ("max_model_len", "kv_cache_memory"):
             value = getattr(self, name)
             if value is not None and value < 1:
