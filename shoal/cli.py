@@ -12,6 +12,7 @@ from typing import Sequence
 
 from shoal.bench import add_bench_parser, cmd_bench
 from shoal.errors import ShoalError
+from shoal.parallel.config import add_parallel_arguments, parallel_kwargs
 from shoal.server.cli import add_serve_parser, cmd_serve
 
 EXIT_USAGE = 2
@@ -26,6 +27,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-model-len", type=int, default=None, help="cap the context length")
     parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8", "fp8"],
                         help="store the KV cache in 8 bits with per-token scales (default auto: the compute dtype)")
+    add_parallel_arguments(parser)
 
 
 def _add_sampling_options(parser: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -92,7 +94,7 @@ def _load(args: argparse.Namespace):
     from shoal.llm import LLM
 
     return LLM(args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
-               kv_cache_dtype=args.kv_cache_dtype)
+               kv_cache_dtype=args.kv_cache_dtype, **parallel_kwargs(args))
 
 
 def _parse_prompt_ids(text: str) -> list[int]:

@@ -5,6 +5,7 @@ a server drives it request by request.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 
 import torch
@@ -57,6 +58,8 @@ class LLMEngine:
         self.sequences: dict[str, Sequence] = {}
         self.depth = getattr(self.runner, "depth", 1)  # micro-batches in flight (pipeline stages)
         self.in_flight: deque = deque()
+        self._load: dict[int, list[int]] = {}
+        self._load_at = float("-inf")
 
     def check_prompt(self, prompt_ids: list[int]) -> None:
         if not prompt_ids:
@@ -140,7 +143,10 @@ class LLMEngine:
             return self.runner.expert_load()
         from shoal.parallel.runtime import expert_load_table, table_to_dict
 
-        return table_to_dict(expert_load_table(self.model, None))
+        now = time.monotonic()
+        if now - self._load_at >= 1.0:  # read the counters at most once a second: they live on the device
+            self._load, self._load_at = table_to_dict(expert_load_table(self.model, None)), now
+        return self._load
 
     def failure(self) -> str | None:
         """Why the engine cannot run (a worker of a split model stopped), or None."""

@@ -74,3 +74,22 @@ class ParallelConfig:
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+def add_parallel_arguments(parser) -> None:
+    """--tp, --ep, --pp, --pp-layers, --ep-weights, --distributed-executor on generate, chat and serve."""
+    group = parser.add_argument_group("many devices as one")
+    group.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (split heads and MLPs)")
+    group.add_argument("--ep", type=int, default=1, help="expert-parallel ranks (split a MoE model's experts)")
+    group.add_argument("--pp", type=int, default=1, help="pipeline stages (split the layers)")
+    group.add_argument("--pp-layers", default=None, help="layers per stage, e.g. 10,14; auto: by measured speed")
+    group.add_argument("--ep-weights", default=None, help="expert share per EP rank, e.g. 3,1; auto: by measured speed")
+    group.add_argument("--distributed-executor", default="mp", choices=list(EXECUTORS),
+                       help="mp: spawn workers on this host; torchrun: started by torchrun; ray: on a Ray cluster")
+    group.add_argument("--collective-timeout", type=float, default=120.0,
+                       help="seconds a worker may stay silent before the engine fails (default 120)")
+
+
+def parallel_kwargs(args) -> dict:
+    return dict(tp=args.tp, ep=args.ep, pp=args.pp, pp_layers=args.pp_layers, ep_weights=args.ep_weights,
+                distributed_executor=args.distributed_executor, collective_timeout=args.collective_timeout)
