@@ -190,11 +190,13 @@ class AsyncEngine:
 
     @property
     def failure_reason(self) -> str | None:
-        """Why the engine failed (a split model names the worker rank that stopped), or None."""
-        reason = self.engine.failure()
-        if reason is None and self._failed is not None:
-            reason = str(self._failed) or type(self._failed).__name__
-        return reason
+        """Why the engine failed when that is safe to tell a client (a split model names the worker rank
+        that stopped), or None; an internal error's text stays in the log."""
+        return self.engine.failure()
+
+    def failed_message(self) -> str:
+        reason = self.failure_reason
+        return f"the engine failed ({reason}); restart the server" if reason else "the engine failed; restart the server"
 
     # ---- requests (add_request on the event loop; abort and stats from any thread) -----------
     def add_request(
@@ -224,7 +226,7 @@ class AsyncEngine:
         now = time.monotonic()
         with self._cond:
             if self._failed is not None or self.engine.failure() is not None:
-                raise EngineUnavailableError(f"the engine failed ({self.failure_reason}); restart the server")
+                raise EngineUnavailableError(self.failed_message())
             if self._closed_reason is not None:
                 raise EngineUnavailableError(self._closed_reason)
             if request_id in self._streams:
@@ -265,7 +267,7 @@ class AsyncEngine:
             logger.exception("the engine step loop failed; every request in flight gets an error")
             with self._cond:
                 self._failed = exc
-                message = f"the engine failed ({self.failure_reason}); restart the server"
+                message = self.failed_message()
                 self._closed_reason = message
                 streams = list(self._streams.values())
                 self._streams.clear()
@@ -407,7 +409,8 @@ class AsyncEngine:
             s.used_blocks = s.num_blocks - s.free_blocks
             s.prefix_queries, s.prefix_hits = blocks.prefix_queries, blocks.prefix_hits
             s.preemptions = engine.scheduler.num_preemptions
-        load = engine.expert_load() if engine.failure() is None else None  # a split model refreshes it each second
+        # Refreshed at most once a second while busy, and once more when the engine goes idle.
+        load = engine.expert_load(0.0 if not engine.has_unfinished() else 1.0) if engine.failure() is None else None
         if load is not None:
             with self._cond:
                 self._stats.expert_load = load

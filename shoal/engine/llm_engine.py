@@ -137,14 +137,15 @@ class LLMEngine:
                 self.sequences.pop(seq.request_id, None)
         return advanced
 
-    def expert_load(self) -> dict[int, list[int]]:
-        """Tokens routed to each expert since start, by MoE layer ({} for a dense model)."""
+    def expert_load(self, max_age: float = 1.0) -> dict[int, list[int]]:
+        """Tokens routed to each expert since start, by MoE layer ({} for a dense model); counts are
+        re-read at most every `max_age` seconds (they live on the devices)."""
         if hasattr(self.runner, "expert_load"):
-            return self.runner.expert_load()
+            return self.runner.expert_load(max_age)
         from shoal.parallel.runtime import expert_load_table, table_to_dict
 
         now = time.monotonic()
-        if now - self._load_at >= 1.0:  # read the counters at most once a second: they live on the device
+        if now - self._load_at >= max_age:
             self._load, self._load_at = table_to_dict(expert_load_table(self.model, None)), now
         return self._load
 

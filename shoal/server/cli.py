@@ -120,7 +120,7 @@ def _exit_on_failure(server, engine, failed: list[str]) -> None:
     """A split model cannot run without every rank: once the engine has failed (a worker died, or a
     collective timed out), report which rank, keep answering 503 for a moment, then stop the server."""
     while not server.should_exit:
-        reason = engine.failure_reason if not engine.healthy else None
+        reason = (engine.failure_reason or "the engine failed") if not engine.healthy else None
         if reason is not None:
             failed.append(reason)
             print(f"shoal: error: {reason}; the server stops in {FAILED_EXIT_DELAY_S:g} s", file=sys.stderr,
