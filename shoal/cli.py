@@ -14,6 +14,7 @@ from shoal.bench import add_bench_parser, cmd_bench
 from shoal.errors import ShoalError
 from shoal.planner.cli import add_plan_parser, cmd_plan
 from shoal.quant.cli import add_quant_options, add_quantize_parser, cmd_quantize
+from shoal.parallel.config import add_parallel_arguments, parallel_kwargs
 from shoal.server.cli import add_serve_parser, cmd_serve
 
 EXIT_USAGE = 2
@@ -29,6 +30,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8", "fp8"],
                         help="store the KV cache in 8 bits with per-token scales (default auto: the compute dtype)")
     add_quant_options(parser)
+    add_parallel_arguments(parser)
 
 
 def _add_sampling_options(parser: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -97,7 +99,8 @@ def _load(args: argparse.Namespace):
     from shoal.llm import LLM
 
     return LLM(args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
-               kv_cache_dtype=args.kv_cache_dtype, quant=args.quant, quant_group_size=args.group_size)
+               kv_cache_dtype=args.kv_cache_dtype, quant=args.quant, quant_group_size=args.group_size,
+               **parallel_kwargs(args))
 
 
 def _parse_prompt_ids(text: str) -> list[int]:

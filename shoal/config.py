@@ -32,6 +32,14 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"  # "auto" (the compute dtype), "int8" or "fp8": 8-bit codes + per-vector scales
     quant: str | None = None  # "int8", "int4" or "fp8": store the weights quantized (see shoal/quant/)
     quant_group_size: int | None = None  # int4 inputs per scale (32, 64, 128); None: the checkpoint's, else 64
+    # Many devices as one (shoal/parallel): tensor, expert and pipeline ranks; splits; how workers start.
+    tp: int = 1
+    ep: int = 1
+    pp: int = 1
+    pp_layers: str | list[int] | None = None  # "10,14", or "auto" (by measured speed); None: even
+    ep_weights: str | list[float] | None = None  # "3,1", or "auto"; None: even
+    distributed_executor: str = "mp"  # "mp" (this host), "torchrun", "ray"
+    collective_timeout: float = 120.0  # seconds before a silent worker fails the engine
 
     def __post_init__(self) -> None:
         from shoal.quant.plan import check_quant_options
@@ -39,6 +47,10 @@ class EngineConfig:
         self.torch_dtype = parse_dtype(self.dtype)
         self.kv_quant = parse_kv_cache_dtype(self.kv_cache_dtype)
         check_quant_options(self.quant, self.quant_group_size)
+        from shoal.parallel.config import ParallelConfig
+
+        self.parallel = ParallelConfig(self.tp, self.ep, self.pp, self.pp_layers, self.ep_weights,
+                                       self.distributed_executor, self.collective_timeout)
         for name in ("max_model_len", "kv_cache_memory"):
             value = getattr(self, name)
             if value is not None and value < 1:

@@ -12,13 +12,15 @@ from shoal.backends import parse_device
 from shoal.config import EngineConfig
 from shoal.engine.llm_engine import LLMEngine
 from shoal.engine.sequence import Sequence as EngineSequence
-from shoal.errors import InvalidRequestError, ModelNotFoundError
+from shoal.errors import ConfigError, InvalidRequestError, ModelNotFoundError
 from shoal.loader import build_model, resolve_model_path
 from shoal.outputs import RequestOutput
 from shoal.sampling_params import SamplingParams
 from shoal.tokenizer import Tokenizer
 
 Prompt = str | list[int]
+_VLLM_ALIASES = {"tensor_parallel_size": "tp", "pipeline_parallel_size": "pp", "expert_parallel_size": "ep",
+                 "distributed_executor_backend": "distributed_executor"}
 
 
 def read_eos_token_ids(path: Path) -> list[int]:
@@ -42,18 +44,30 @@ class LLM:
     """
 
     def __init__(self, model: str | Path | None = None, device: str | None = None, dtype=None, **options) -> None:
+        for alias, name in _VLLM_ALIASES.items():  # vLLM's spellings of the split sizes
+            if alias in options:
+                options[name] = options.pop(alias)
         self.config = EngineConfig(model=str(model) if model else None, device=device, dtype=dtype, **options)
         if self.config.model is None and not (Path(self.config.model_path) / "config.json").is_file():
             raise ModelNotFoundError("the bundled demo model is missing from this install; pass a model folder")
         path = resolve_model_path(self.config.model_path)
-        backend, index = parse_device(self.config.device)
-        backend.set_device(index)
-        self.backend = backend
-        self.device = backend.torch_device(index)
-        self.model, self.model_config, self.dtype = build_model(
-            path, backend, self.device, self.config.torch_dtype, progress=self.config.progress,
-            quant=self.config.quant, quant_group_size=self.config.quant_group_size,
-        )
+        self.parallel = None
+        if self.config.parallel.enabled:
+            if self.config.quant or path.is_file():
+                raise ConfigError(
+                    "--tp / --ep / --pp run safetensors checkpoints in their own dtype for now; drop --quant "
+                    "(or quantize offline later) and pass a checkpoint folder rather than a GGUF file"
+                )
+            self._start_parallel()
+        else:
+            backend, index = parse_device(self.config.device)
+            backend.set_device(index)
+            self.backend = backend
+            self.device = backend.torch_device(index)
+            self.model, self.model_config, self.dtype = build_model(
+                path, backend, self.device, self.config.torch_dtype, progress=self.config.progress,
+                quant=self.config.quant, quant_group_size=self.config.quant_group_size,
+            )
         if path.is_file():  # a GGUF file: the tokenizer lives in its metadata
             from shoal.gguf.reader import GGUFFile
             from shoal.gguf.tokenizer import gguf_tokenizer
@@ -67,6 +81,7 @@ class LLM:
         max_len = self.model_config.max_position_embeddings
         if self.config.max_model_len:
             max_len = min(max_len, self.config.max_model_len)
+        kv_bytes = self.parallel.kv_cache_bytes(max_len) if self.parallel else self._kv_cache_bytes(max_len)
         self.engine = LLMEngine(
             self.model,
             self.tokenizer,
@@ -75,11 +90,30 @@ class LLM:
             kv_quant=self.config.kv_quant,
             eos_token_ids=frozenset(eos),
             max_model_len=max_len,
-            kv_cache_bytes=self._kv_cache_bytes(max_len),
+            kv_cache_bytes=kv_bytes,
             max_num_seqs=self.config.max_num_seqs,
             max_num_batched_tokens=self.config.max_num_batched_tokens,
             enable_prefix_caching=self.config.enable_prefix_caching,
+            parallel=self.parallel,
         )
+
+    def _start_parallel(self) -> None:
+        """Split the model over tp x ep x pp devices; this process is rank 0 and schedules. Under torchrun,
+        a process of another rank serves as a worker here until rank 0 stops it, then exits."""
+        from shoal.parallel.driver import Driver
+        from shoal.parallel.executor import run_worker_if_not_rank0
+
+        if run_worker_if_not_rank0(self.config):
+            raise SystemExit(0)
+        self.parallel = Driver(self.config)
+        setup = self.parallel.setup
+        self.backend, self.device = setup.backend, setup.device
+        self.model, self.model_config, self.dtype = setup.model, setup.model_config, setup.dtype
+
+    def shutdown(self) -> None:
+        """Stop the worker processes of a split model (also done at exit); a no-op on one device."""
+        if self.parallel is not None:
+            self.parallel.shutdown()
 
     def _kv_cache_bytes(self, max_len: int) -> int:
         """--kv-cache-memory if given; else enough for max_num_seqs full contexts, within 80% of free memory."""

@@ -64,6 +64,7 @@ class EngineStats:
     prefix_queries: int = 0
     prefix_hits: int = 0
     preemptions: int = 0
+    expert_load: dict[int, list[int]] = field(default_factory=dict)  # MoE layer -> tokens routed per expert
     prompt_tokens: int = 0
     generation_tokens: int = 0
     requests_finished: dict[str, int] = field(default_factory=dict)  # finish reason -> count
@@ -185,7 +186,17 @@ class AsyncEngine:
     @property
     def healthy(self) -> bool:
         thread_ok = self._thread is None or self._thread.is_alive() or self._stopping
-        return self._failed is None and thread_ok
+        return self._failed is None and thread_ok and self.engine.failure() is None
+
+    @property
+    def failure_reason(self) -> str | None:
+        """Why the engine failed when that is safe to tell a client (a split model names the worker rank
+        that stopped), or None; an internal error's text stays in the log."""
+        return self.engine.failure()
+
+    def failed_message(self) -> str:
+        reason = self.failure_reason
+        return f"the engine failed ({reason}); restart the server" if reason else "the engine failed; restart the server"
 
     # ---- requests (add_request on the event loop; abort and stats from any thread) -----------
     def add_request(
@@ -214,8 +225,8 @@ class AsyncEngine:
         stream = RequestStream(request_id, len(items), loop)
         now = time.monotonic()
         with self._cond:
-            if self._failed is not None:
-                raise EngineUnavailableError("the engine failed; restart the server")
+            if self._failed is not None or self.engine.failure() is not None:
+                raise EngineUnavailableError(self.failed_message())
             if self._closed_reason is not None:
                 raise EngineUnavailableError(self._closed_reason)
             if request_id in self._streams:
@@ -244,6 +255,7 @@ class AsyncEngine:
         with self._cond:
             s = self._stats
             return EngineStats(**{**s.__dict__, "requests_finished": dict(s.requests_finished),
+                                  "expert_load": {k: list(v) for k, v in s.expert_load.items()},
                                   "waiting": s.waiting + self._admitting + len(self._inbox),
                                   "healthy": self.healthy})
 
@@ -255,11 +267,12 @@ class AsyncEngine:
             logger.exception("the engine step loop failed; every request in flight gets an error")
             with self._cond:
                 self._failed = exc
-                self._closed_reason = "the engine failed; restart the server"
+                message = self.failed_message()
+                self._closed_reason = message
                 streams = list(self._streams.values())
                 self._streams.clear()
                 self._inbox.clear()
-            self._deliver([(s, EngineUnavailableError("the engine failed; restart the server")) for s in streams])
+            self._deliver([(s, EngineUnavailableError(message)) for s in streams])
             self._publish_stats()
 
     def _loop(self) -> None:
@@ -396,6 +409,11 @@ class AsyncEngine:
             s.used_blocks = s.num_blocks - s.free_blocks
             s.prefix_queries, s.prefix_hits = blocks.prefix_queries, blocks.prefix_hits
             s.preemptions = engine.scheduler.num_preemptions
+        # Refreshed at most once a second while busy, and once more when the engine goes idle.
+        load = engine.expert_load(0.0 if not engine.has_unfinished() else 1.0) if engine.failure() is None else None
+        if load is not None:
+            with self._cond:
+                self._stats.expert_load = load
 
     @staticmethod
     def _deliver(items: list[tuple[RequestStream, Delta | BaseException]]) -> None:

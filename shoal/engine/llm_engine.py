@@ -5,6 +5,9 @@ a server drives it request by request.
 
 from __future__ import annotations
 
+import time
+from collections import deque
+
 import torch
 
 from shoal.engine.block_manager import BlockManager
@@ -35,18 +38,28 @@ class LLMEngine:
         max_num_batched_tokens: int = 2048,
         enable_prefix_caching: bool = True,
         kv_quant: str | None = None,
+        parallel=None,
     ) -> None:
+        """`parallel`: rank 0's handle on a split model (shoal.parallel.driver.Driver), else None."""
         self.model, self.tokenizer = model, tokenizer
         self.eos_token_ids, self.max_model_len = eos_token_ids, max_model_len
-        shapes = model.cache_entry_shapes()
-        layers = model.config.num_hidden_layers
-        per_block = PagedKVCache.bytes_per_block(layers, block_size, shapes, cache_dtype, kv_quant)
-        num_blocks = max(1, kv_cache_bytes // per_block)
-        self.cache = PagedKVCache(layers, num_blocks, block_size, shapes, cache_dtype, device, kv_quant)
+        if parallel is None:
+            shapes = model.cache_entry_shapes()
+            layers = model.config.num_hidden_layers
+            per_block = PagedKVCache.bytes_per_block(layers, block_size, shapes, cache_dtype, kv_quant)
+            num_blocks = max(1, kv_cache_bytes // per_block)
+            self.cache = PagedKVCache(layers, num_blocks, block_size, shapes, cache_dtype, device, kv_quant)
+            self.runner = ModelRunner(model, self.cache, device)
+        else:
+            self.cache, self.runner = parallel.make_runner(kv_cache_bytes, block_size, kv_quant)
+            num_blocks = self.cache.num_blocks
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
-        self.runner = ModelRunner(model, self.cache, device)
         self.sequences: dict[str, Sequence] = {}
+        self.depth = getattr(self.runner, "depth", 1)  # micro-batches in flight (pipeline stages)
+        self.in_flight: deque = deque()
+        self._load: dict[int, list[int]] = {}
+        self._load_at = float("-inf")
 
     def check_prompt(self, prompt_ids: list[int]) -> None:
         if not prompt_ids:
@@ -78,14 +91,41 @@ class LLMEngine:
         return self.scheduler.has_unfinished()
 
     def step(self) -> list[Sequence]:
-        """One batch: returns the sequences that got a new token (finished ones are released)."""
+        """One batch: returns the sequences that got a new token (finished ones are released).
+
+        With a pipeline (depth > 1), first fills the pipeline with micro-batches of sequences that have
+        no step in flight, then completes the oldest one."""
+        if self.depth > 1:
+            return self._pipelined_step()
         chunks = self.scheduler.schedule()
         if not chunks:
             return []
-        results = self.runner.step(chunks)
+        return self._apply(chunks, self.runner.step(chunks))
+
+    def _pipelined_step(self) -> list[Sequence]:
+        while len(self.in_flight) < self.depth:
+            ready = sum(not s.in_flight for s in self.scheduler.running) + len(self.scheduler.waiting)
+            free_slots = self.depth - len(self.in_flight)
+            chunks = self.scheduler.schedule(max_chunks=max(1, -(-ready // free_slots)))
+            if not chunks:
+                break
+            for chunk in chunks:
+                chunk.seq.in_flight = True
+            self.in_flight.append(self.runner.launch(chunks))
+        if not self.in_flight:
+            return []
+        launched = self.in_flight.popleft()
+        results = self.runner.collect(launched)
+        for chunk in launched.chunks:
+            chunk.seq.in_flight = False
+        return self._apply(launched.chunks, results)
+
+    def _apply(self, chunks, results) -> list[Sequence]:
         advanced = []
         for chunk, result in zip(chunks, results):
             seq = chunk.seq
+            if seq.is_finished:  # aborted while its step was in flight
+                continue
             seq.num_computed += chunk.num_tokens
             self.block_manager.register_full_blocks(seq.block_table, seq.all_ids[: seq.num_computed], seq.block_hashes)
             if result is None:
@@ -96,3 +136,20 @@ class LLMEngine:
                 self.scheduler.finish(seq)
                 self.sequences.pop(seq.request_id, None)
         return advanced
+
+    def expert_load(self, max_age: float = 1.0) -> dict[int, list[int]]:
+        """Tokens routed to each expert since start, by MoE layer ({} for a dense model); counts are
+        re-read at most every `max_age` seconds (they live on the devices)."""
+        if hasattr(self.runner, "expert_load"):
+            return self.runner.expert_load(max_age)
+        from shoal.parallel.runtime import expert_load_table, table_to_dict
+
+        now = time.monotonic()
+        if now - self._load_at >= max_age:
+            self._load, self._load_at = table_to_dict(expert_load_table(self.model, None)), now
+        return self._load
+
+    def failure(self) -> str | None:
+        """Why the engine cannot run (a worker of a split model stopped), or None."""
+        failure = getattr(self.runner, "failure", None)
+        return failure.reason if failure is not None else None

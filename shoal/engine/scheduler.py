@@ -64,25 +64,34 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
-    def schedule(self) -> list[ScheduledChunk]:
+    def schedule(self, max_chunks: int | None = None) -> list[ScheduledChunk]:
+        """The next step's chunks (at most `max_chunks` sequences: a pipeline's micro-batch). Sequences
+        with a step still in flight are left out and never preempted."""
         budget = self.max_num_batched_tokens
+        limit = max_chunks or self.max_num_seqs
         chunks: list[ScheduledChunk] = []
         preempted = False
         for seq in list(self.running):
-            if seq not in self.running or budget == 0:
+            if seq not in self.running or budget == 0 or seq.in_flight or len(chunks) >= limit:
                 continue
             n = min(seq.num_tokens - seq.num_computed, budget)
+            grown = True
             while not self.blocks.grow(seq.block_table, seq.num_computed + n):
-                victim = self.running[-1]  # the newest: it has waited least and holds the least work
+                # The newest: it has waited least and holds the least work.
+                victim = next((s for s in reversed(self.running) if not s.in_flight), None)
+                if victim is None:
+                    grown = False
+                    break
                 self._preempt(victim)
                 preempted = True
                 if victim is seq:
                     break
-            if seq.status is not Status.RUNNING:
+            if not grown or seq.status is not Status.RUNNING:
                 continue
             chunks.append(ScheduledChunk(seq, n))
             budget -= n
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
+        while (self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted
+               and len(chunks) < limit):
             seq = self.waiting[0]
             if seq.num_computed == 0 and not seq.block_table:
                 # Reuse cached blocks of a shared prefix; always leave the last token to compute for its logits.

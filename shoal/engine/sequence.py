@@ -41,6 +41,7 @@ class Sequence:
         self.params = params
         self.status = Status.WAITING
         self.num_computed = 0  # tokens whose keys and values are in the cache
+        self.in_flight = False  # a pipelined step holding this sequence has not come back yet
         self.block_table: list[int] = []
         self.block_hashes: list[bytes] = []
         self.generator: torch.Generator | None = make_generator(params)

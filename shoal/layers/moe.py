@@ -133,11 +133,14 @@ class MoE(nn.Module):
         self.shared_experts = (
             GatedMLP(hidden_size, moe_intermediate_size * num_shared_experts) if num_shared_experts else None
         )
+        # Tokens routed to each expert since start (the /metrics and benchmark per-expert load).
+        self.register_buffer("expert_load", torch.zeros(router.num_experts, dtype=torch.long), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         weights, expert_ids = self.gate(flat)
+        self.expert_load += torch.bincount(expert_ids.flatten(), minlength=self.expert_load.numel())
         out = self.experts(flat, weights, expert_ids)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)

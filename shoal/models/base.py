@@ -26,6 +26,10 @@ class CausalLM(nn.Module):
 
     # (checkpoint fragment, merged module fragment, shard name), e.g. (".q_proj.", ".qkv_proj.", "q_proj")
     merged_weights: tuple[tuple[str, str, str], ...] = ()
+    # Set by shoal.parallel when the model is split: ranks the attention heads are split over, and a
+    # filter for checkpoint tensors that belong to other pipeline stages.
+    tp_size: int = 1
+    skip_weight = None
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -62,6 +66,8 @@ class CausalLM(nn.Module):
     def ignore_weight(self, name: str) -> bool:
         """Checkpoint tensors that exist but that this model does not use."""
         if "rotary_emb.inv_freq" in name:
+            return True
+        if self.skip_weight is not None and self.skip_weight(name):
             return True
         if self.config.tie_word_embeddings and name == "lm_head.weight":
             return True

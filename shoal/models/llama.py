@@ -103,5 +103,5 @@ class LlamaForCausalLM(CausalLM):
         self.sliding_window = config.get("sliding_window") if uses_window else None
 
     def cache_entry_shapes(self) -> list[tuple[int, ...]]:
-        shape = (self.config.num_key_value_heads, self.config.head_dim)
+        shape = (self.config.num_key_value_heads // self.tp_size, self.config.head_dim)
         return [shape, shape]

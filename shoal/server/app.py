@@ -150,7 +150,7 @@ def build_app(
     async def health() -> Response:
         if engine.healthy and engine.closed_reason is None:
             return Response(status_code=200)
-        reason = "the engine failed; restart the server" if not engine.healthy else engine.closed_reason
+        reason = engine.failed_message() if not engine.healthy else engine.closed_reason
         return JSONResponse(error_body(reason, "server_error", code="engine_unavailable"), status_code=503)
 
     @app.get("/metrics")

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
+import threading
+import time
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "kb": 10**3, "m": 1 << 20, "mib": 1 << 20, "mb": 10**6,
           "g": 1 << 30, "gib": 1 << 30, "gb": 10**9, "t": 1 << 40, "tib": 1 << 40, "tb": 10**12}
@@ -65,6 +68,9 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
                        help="bytes for the paged KV cache, e.g. 512MiB or 4GiB (default: sized from free memory)")
     serve.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8", "fp8"],
                        help="store the KV cache in 8 bits with per-token scales (default auto: the compute dtype)")
+    from shoal.parallel.config import add_parallel_arguments
+
+    add_parallel_arguments(serve)
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                        help="uvicorn's log level")
     return serve
@@ -75,6 +81,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from shoal.engine.async_engine import DEFAULT_MAX_WAITING
     from shoal.llm import LLM
+    from shoal.parallel.config import parallel_kwargs
     from shoal.server.app import build_app
 
     llm = LLM(
@@ -88,13 +95,42 @@ def cmd_serve(args: argparse.Namespace) -> int:
         kv_cache_dtype=args.kv_cache_dtype,
         quant=getattr(args, "quant", None),
         quant_group_size=getattr(args, "group_size", None),
+        **parallel_kwargs(args),
     )
     app = build_app(llm, served_model_name=args.served_model_name, api_key=args.api_key,
                     max_waiting=args.max_waiting or DEFAULT_MAX_WAITING)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=10, lifespan="on")
-    _aborting_server(config, app).run()
+    server = _aborting_server(config, app)
+    failed: list[str] = []
+    if llm.parallel is not None:
+        threading.Thread(target=_exit_on_failure, args=(server, app.state.engine, failed), daemon=True).start()
+    try:
+        server.run()
+    finally:
+        llm.shutdown()
+    if failed:
+        print(f"shoal: error: {failed[0]}; the server stopped", file=sys.stderr, flush=True)
+        return 1
     return 0
+
+
+FAILED_EXIT_DELAY_S = 5.0  # /health answers 503 this long after a failure, then the process exits
+
+
+def _exit_on_failure(server, engine, failed: list[str]) -> None:
+    """A split model cannot run without every rank: once the engine has failed (a worker died, or a
+    collective timed out), report which rank, keep answering 503 for a moment, then stop the server."""
+    while not server.should_exit:
+        reason = (engine.failure_reason or "the engine failed") if not engine.healthy else None
+        if reason is not None:
+            failed.append(reason)
+            print(f"shoal: error: {reason}; the server stops in {FAILED_EXIT_DELAY_S:g} s", file=sys.stderr,
+                  flush=True)
+            time.sleep(FAILED_EXIT_DELAY_S)
+            server.should_exit = True
+            return
+        time.sleep(0.2)
 
 
 def _aborting_server(config, app):

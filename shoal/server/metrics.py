@@ -110,6 +110,18 @@ class ServerMetrics:
         metric("shoal_requests_rejected_total", "counter", "Requests refused because the waiting queue was full.",
                stats.requests_rejected)
         metric("shoal_engine_healthy", "gauge", "1 while the engine runs, 0 once it has failed.", int(stats.healthy))
+        if stats.expert_load:
+            name = "shoal_expert_tokens_total"
+            lines.extend([f"# HELP {name} Tokens routed to each routed expert of each MoE layer since start.",
+                          f"# TYPE {name} counter"])
+            for layer, counts in sorted(stats.expert_load.items()):
+                lines.extend(f'{name}{{{labels},layer="{layer}",expert="{e}"}} {c}' for e, c in enumerate(counts))
+            name = "shoal_expert_load_imbalance"
+            lines.extend([f"# HELP {name} Busiest expert's tokens over the mean, per MoE layer (1 = balanced).",
+                          f"# TYPE {name} gauge"])
+            for layer, counts in sorted(stats.expert_load.items()):
+                mean = sum(counts) / len(counts)
+                lines.append(f'{name}{{{labels},layer="{layer}"}} {_number(max(counts) / mean if mean else 0.0)}')
         for histogram in (self.ttft, self.tpot, self.latency):
             lines.extend(histogram.render(labels))
         return "\n".join(lines) + "\n"

@@ -1,0 +1,177 @@
+"""Builds this rank's shard of a model: construct it with parameters on the meta device (no memory),
+swap layers for their split variants, drop the layers of other pipeline stages, give what remains
+real storage, then stream the checkpoint in — each layer cutting its own slice as a tensor arrives.
+Model code is unchanged: the split is applied to the model from outside, by layer type.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from shoal.backends.base import Backend
+from shoal.layers.linear import Linear
+from shoal.layers.mlp import GatedMLP
+from shoal.layers.moe import MoE
+from shoal.loader import _default_dtype, choose_dtype, iterate_weights, safetensors_files
+from shoal.models import CausalLM, model_class
+from shoal.models.deepseek import MultiHeadLatentAttention
+from shoal.models.hf_config import ModelConfig, load_model_config
+from shoal.models.llama import LlamaAttention
+from shoal.parallel.layers import ColumnParallelLinear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding
+from shoal.parallel.moe import ExpertParallelMoE, PartitionedExperts, TensorParallelExperts, TensorParallelMoE
+from shoal.parallel.split import check_expert_split, check_tensor_split, expert_split, layer_split
+from shoal.parallel.state import ParallelState
+
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+class AbsentLayer(nn.Module):
+    """A decoder layer that lives on another pipeline stage: no weights, never called."""
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("this decoder layer belongs to another pipeline stage")
+
+
+@contextlib.contextmanager
+def parameters_on_meta():
+    """Create every nn.Parameter on the meta device while a model is constructed (buffers such as
+    rotary tables stay real), so a rank never allocates the weights it will not hold."""
+    original = nn.Module.register_parameter
+
+    def register(self, name, param):
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        original(self, name, param)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+def plan_splits(config: ModelConfig, state: ParallelState, speeds: list[float] | None = None) -> None:
+    """Fill in the layer and expert splits (same result on every rank) after checking they fit."""
+    parallel = state.config
+    check_tensor_split(config, parallel.tp)
+    check_expert_split(config, parallel.ep)
+    state.layer_sizes = layer_split(config, parallel, speeds)
+    experts = int(config.get("n_routed_experts") or 0)
+    state.expert_sizes = expert_split(experts, parallel, speeds) if parallel.ep > 1 else [experts]
+
+
+def _materialize(model: nn.Module, device) -> None:
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is not None and param.device.type == "meta":
+                module._parameters[name] = nn.Parameter(
+                    torch.empty(param.shape, dtype=param.dtype, device=device), requires_grad=False
+                )
+
+
+def _split_tensor(model: CausalLM, state: ParallelState) -> None:
+    """Swap attention, MLP, MoE, embedding and head layers for their tensor / expert split variants."""
+    tp, rank, group = state.tp, state.tp_rank, state.stage_group
+    config = model.config
+    done: set[str] = set()
+    for name, module in list(model.named_modules()):
+        if any(name.startswith(prefix + ".") for prefix in done) or isinstance(module, AbsentLayer):
+            continue
+        if isinstance(module, MoE):
+            done.add(name)
+            if state.ep > 1:
+                first, end = state.expert_range()
+                hidden = module.experts.gate_up.shape[-1]
+                experts = PartitionedExperts(module.experts.num_experts, first, end - first, hidden,
+                                             module.experts.intermediate_size)
+                model.set_submodule(name, ExpertParallelMoE(module, experts, state.expert_sizes, state.ep_rank,
+                                                            group))
+            elif tp > 1:
+                hidden = module.experts.gate_up.shape[-1]
+                experts = TensorParallelExperts(module.experts.num_experts, hidden,
+                                                module.experts.intermediate_size, rank, tp)
+                shared = module.shared_experts
+                if shared is not None:
+                    shared.gate_up_proj = ColumnParallelLinear.from_linear(shared.gate_up_proj, rank, tp)
+                    shared.down_proj = RowParallelLinear.from_linear(shared.down_proj, rank, tp, group, reduce=False)
+                model.set_submodule(name, TensorParallelMoE(module, experts, shared, group))
+            continue
+        if tp == 1:
+            continue
+        if isinstance(module, LlamaAttention):
+            module.qkv_proj = ColumnParallelLinear.from_linear(module.qkv_proj, rank, tp)
+            module.o_proj = RowParallelLinear.from_linear(module.o_proj, rank, tp, group)
+            module.num_heads //= tp
+            module.num_kv_heads //= tp
+        elif isinstance(module, MultiHeadLatentAttention):
+            # The latent (q_a, kv_a) projections are small and replicated; the per-head ones are split.
+            for attr in ("q_b_proj", "q_proj", "kv_b_proj"):
+                if isinstance(getattr(module, attr, None), Linear):
+                    setattr(module, attr, ColumnParallelLinear.from_linear(getattr(module, attr), rank, tp))
+            module.o_proj = RowParallelLinear.from_linear(module.o_proj, rank, tp, group)
+            module.num_heads //= tp
+        elif isinstance(module, GatedMLP):
+            module.gate_up_proj = ColumnParallelLinear.from_linear(module.gate_up_proj, rank, tp)
+            module.down_proj = RowParallelLinear.from_linear(module.down_proj, rank, tp, group)
+    if tp > 1:
+        hidden = config.hidden_size
+        embed = model.model.embed_tokens
+        if embed is not None:
+            model.model.embed_tokens = VocabParallelEmbedding(config.vocab_size, hidden, rank, tp, group)
+        if model.lm_head is not None:
+            tied = model.model.embed_tokens if config.tie_word_embeddings else None
+            model.lm_head = ParallelLMHead(config.vocab_size, hidden, rank, tp, group, tied)
+        model.tp_size = tp
+
+
+def _split_pipeline(model: CausalLM, state: ParallelState) -> None:
+    first, end = state.layer_range()
+    layers = model.model.layers
+    for index in range(len(layers)):
+        if not first <= index < end:
+            layers[index] = AbsentLayer()
+    tied = model.config.tie_word_embeddings
+    keep_embedding = state.is_first_stage or (tied and state.is_last_stage)
+    if not keep_embedding:
+        model.model.embed_tokens = None
+    if not state.is_last_stage:
+        model.model.norm = None
+        model.lm_head = None
+
+    def skip(name: str) -> bool:
+        match = _LAYER.match(name)
+        if match:
+            return not first <= int(match.group(1)) < end
+        if name.startswith("model.embed_tokens."):
+            return not keep_embedding
+        if name.startswith(("model.norm.", "lm_head.")):
+            return not state.is_last_stage
+        return False
+
+    model.skip_weight = skip
+
+
+def build_model_shard(path: Path, backend: Backend, device: torch.device, dtype: torch.dtype | None,
+                      state: ParallelState, progress: bool = True) -> tuple[CausalLM, ModelConfig, torch.dtype]:
+    """This rank's part of the model at `path`, loaded; `state` must have its splits planned."""
+    config = load_model_config(path)
+    cls = model_class(config)
+    dtype = choose_dtype(config, backend, dtype)
+    with _default_dtype(dtype), torch.device(device):
+        with parameters_on_meta():
+            model = cls(config, backend)
+        _split_pipeline(model, state)
+        _split_tensor(model, state)
+    _materialize(model, device)
+    weights = iterate_weights(safetensors_files(path), progress=progress)
+    try:
+        model.load_weights(weights)
+    finally:
+        weights.close()
+    model.eval()
+    return model, config, dtype

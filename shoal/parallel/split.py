@@ -1,0 +1,86 @@
+"""How a model is divided: layers over pipeline stages and experts over expert-parallel ranks, evenly,
+by an explicit split, or in proportion to each device's measured throughput; and the checks that a
+split fits the model (tp must divide the heads, a stage needs a layer, a rank needs an expert)."""
+
+from __future__ import annotations
+
+from shoal.errors import ConfigError
+from shoal.models.hf_config import ModelConfig
+from shoal.parallel.config import ParallelConfig
+
+
+def proportional_split(total: int, weights: list[float], minimum: int = 1) -> list[int]:
+    """`total` items in parts proportional to `weights`, each at least `minimum` (largest remainder)."""
+    n = len(weights)
+    if total < minimum * n:
+        raise ConfigError(f"cannot split {total} items over {n} ranks with at least {minimum} each")
+    spare = total - minimum * n
+    scale = sum(weights)
+    exact = [spare * w / scale for w in weights]
+    parts = [int(e) for e in exact]
+    # Hand out what rounding left by largest remainder, ties to the earlier rank.
+    order = sorted(range(n), key=lambda i: (-(exact[i] - parts[i]), i))
+    for i in order[: spare - sum(parts)]:
+        parts[i] += 1
+    return [p + minimum for p in parts]
+
+
+def ranges(sizes: list[int]) -> list[tuple[int, int]]:
+    """[3, 5] -> [(0, 3), (3, 8)]."""
+    out, start = [], 0
+    for size in sizes:
+        out.append((start, start + size))
+        start += size
+    return out
+
+
+def layer_split(config: ModelConfig, parallel: ParallelConfig, speeds: list[float] | None = None) -> list[int]:
+    """Decoder layers per pipeline stage."""
+    layers = config.num_hidden_layers
+    if parallel.pp > layers:
+        raise ConfigError(f"--pp {parallel.pp} needs at least one layer per stage, but the model has {layers}")
+    if isinstance(parallel.pp_layers, list):
+        if sum(parallel.pp_layers) != layers:
+            raise ConfigError(
+                f"--pp-layers {','.join(map(str, parallel.pp_layers))} adds up to {sum(parallel.pp_layers)} "
+                f"but the model has {layers} layers"
+            )
+        return list(parallel.pp_layers)
+    weights = speeds if parallel.pp_layers == "auto" and speeds else [1.0] * parallel.pp
+    return proportional_split(layers, weights)
+
+
+def expert_split(num_experts: int, parallel: ParallelConfig, speeds: list[float] | None = None) -> list[int]:
+    """Routed experts per expert-parallel rank (contiguous ranges, rank order)."""
+    if parallel.ep > num_experts:
+        raise ConfigError(f"--ep {parallel.ep} needs at least one expert per rank, but the model has {num_experts}")
+    if isinstance(parallel.ep_weights, list):
+        weights = parallel.ep_weights
+    elif parallel.ep_weights == "auto" and speeds:
+        weights = speeds
+    else:
+        weights = [1.0] * parallel.ep
+    return proportional_split(num_experts, weights)
+
+
+def check_tensor_split(config: ModelConfig, tp: int) -> None:
+    """tp must divide every dimension the tensor split cuts; say which one does not."""
+    if tp == 1:
+        return
+    checks = [("attention heads (num_attention_heads)", config.num_attention_heads)]
+    if not config.get("kv_lora_rank"):
+        checks.append(("key/value heads (num_key_value_heads)", config.num_key_value_heads))
+    checks.append(("intermediate_size", config.intermediate_size))
+    if config.get("n_routed_experts"):
+        checks.append(("moe_intermediate_size", int(config.get("moe_intermediate_size"))))
+        shared = int(config.get("n_shared_experts", 0) or 0)
+        if shared:
+            checks.append(("shared experts' intermediate size", shared * int(config.get("moe_intermediate_size"))))
+    for what, value in checks:
+        if value % tp:
+            raise ConfigError(f"--tp {tp} must divide the model's {what} ({value}); choose a tp that divides it")
+
+
+def check_expert_split(config: ModelConfig, ep: int) -> None:
+    if ep > 1 and not config.get("n_routed_experts"):
+        raise ConfigError(f"--ep {ep} splits routed experts, but {config.architecture} has none; use --tp or --pp")

@@ -1,0 +1,146 @@
+"""A split model behind `shoal serve`: two launches with their own ranks (as torchrun on two hosts
+would start them) serve a request end to end; and a worker killed mid-request fails the server
+cleanly — the stream gets an error naming the rank, /health turns 503, the process exits 1."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+
+from conftest import subprocess_env
+
+SERVE = "import sys; from shoal.cli import main; sys.exit(main(sys.argv[1:]))"
+BOUND_S = 15  # a failure must reach the client, /health and the exit code within this
+
+
+def _free_port() -> int:
+    from shoal.parallel.executor import free_port
+
+    return free_port()
+
+
+def _serve(path: Path, port: int, *extra: str, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-c", SERVE, "serve", "--model", str(path), "--port", str(port), "--dtype", "float32",
+         "--served-model-name", "tiny", "--kv-cache-memory", "1MiB", "--device", "cpu", "--log-level", "warning",
+         "--collective-timeout", "20", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env or subprocess_env(),
+    )
+
+
+def _collect(process: subprocess.Popen) -> list[str]:
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True).start()
+    return lines
+
+
+def _wait_healthy(port: int, process: subprocess.Popen, lines: list[str], timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "".join(lines)
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError("the server did not become healthy:\n" + "".join(lines))
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and b"spawn_main" in cmdline:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _stop(*processes: subprocess.Popen) -> None:
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_two_launches_with_their_own_ranks_serve_a_request(checkpoint):
+    path, _ = checkpoint("llama")
+    port, master = _free_port(), _free_port()
+    launches = []
+    for rank in (0, 1):
+        env = {**subprocess_env(), "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": "0",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(master)}
+        launches.append(_serve(path, port, "--tp", "2", "--distributed-executor", "torchrun", env=env))
+    server, worker = launches
+    logs = [_collect(p) for p in launches]
+    try:
+        _wait_healthy(port, server, logs[0])
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=30)
+        reply = client.completions.create(model="tiny", prompt=[5, 6, 7, 8], max_tokens=5, temperature=0,
+                                          extra_body={"ignore_eos": True})
+        assert reply.usage.completion_tokens == 5
+        from shoal import LLM, SamplingParams
+
+        alone = LLM(path, device="cpu", dtype="float32", progress=False, kv_cache_memory=1 << 20)
+        expected = alone.generate([[5, 6, 7, 8]], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
+        assert reply.choices[0].text == expected[0].outputs[0].text
+        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        assert "shoal_engine_healthy" in metrics
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=BOUND_S) == 0, "".join(logs[0])
+        assert worker.wait(timeout=BOUND_S) == 0, "".join(logs[1])  # rank 0 told it to stop
+    finally:
+        _stop(*launches)
+
+
+def test_killed_worker_fails_the_server_within_a_bound(checkpoint):
+    path, _ = checkpoint("deepseek-v3")
+    port = _free_port()
+    server = _serve(path, port, "--ep", "2")
+    lines = _collect(server)
+    try:
+        _wait_healthy(port, server, lines)
+        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=30)
+        client.completions.create(model="tiny", prompt=[5, 6, 7], max_tokens=3, extra_body={"ignore_eos": True})
+        time.sleep(1.2)  # expert load is refreshed at most once a second
+        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        assert re.search(r'shoal_expert_tokens_total\{model_name="tiny",layer="1",expert="0"\} \d+', metrics)
+        workers = _children(server.pid)
+        assert len(workers) == 1, workers
+        stream = client.completions.create(model="tiny", prompt=[5, 6, 7], max_tokens=240, stream=True,
+                                           extra_body={"ignore_eos": True})
+        next(iter(stream))
+        killed_at = time.monotonic()
+        os.kill(workers[0], signal.SIGKILL)
+        error = None
+        try:
+            for _ in stream:
+                pass
+        except openai.APIError as exc:
+            error = str(exc)
+        assert error is not None and "worker rank 1" in error, error
+        assert time.monotonic() - killed_at < BOUND_S
+        health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
+        assert health.status_code == 503 and "rank 1" in health.text
+        refused = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=5,
+                             json={"model": "tiny", "prompt": "hi", "max_tokens": 2})
+        assert refused.status_code == 503
+        assert server.wait(timeout=BOUND_S) == 1
+        time.sleep(0.2)
+        assert "worker rank 1" in "".join(lines)
+    finally:
+        _stop(server)
