@@ -21,6 +21,7 @@ from shoal.planner.cost import Deployment, Factors, Layout, decode_step_time, pr
 from shoal.planner.errors import PlanError
 from shoal.planner.shapes import ModelShape, load_shape
 
+PREFILL_TRIALS, DECODE_TRIALS = 5, 3
 FIT = ("prefill_compute", "decode_compute", "layer_overhead_us", "step_overhead_us")
 BOUNDS = {"prefill_compute": (0.01, 1.0), "decode_compute": (0.01, 1.0), "layer_overhead_us": (0.0, 100000.0),
           "step_overhead_us": (0.0, 2000000.0)}
@@ -117,9 +118,13 @@ def measure_engine(path: str, run: Run, device: str | None) -> dict:
         llm.backend.synchronize()
         return (time.perf_counter() - start) / max(count, 1)
 
-    steps_timed(prompts(2), 3, 0)  # warm-up
-    prefill = min(steps_timed(prompts(run.prompts), 1, 0) for _ in range(2))
-    decode = min(steps_timed(prompts(run.batch), run.decode_tokens + 1, 1) for _ in range(2))
+    # Warm up on the very shapes measured: a CPU matmul library prepares its kernels per shape, and the
+    # first prefill of a new shape can take several times as long as the next.
+    steps_timed(prompts(run.prompts), 1, 0)
+    steps_timed(prompts(run.batch), 3, 1)
+    # Best of several: on a shared machine other work only ever slows a trial down.
+    prefill = min(steps_timed(prompts(run.prompts), 1, 0) for _ in range(PREFILL_TRIALS))
+    decode = min(steps_timed(prompts(run.batch), run.decode_tokens + 1, 1) for _ in range(DECODE_TRIALS))
     return {"prefill_s": prefill, "decode_step_s": decode}
 
 
