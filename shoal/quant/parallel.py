@@ -106,6 +106,13 @@ def check_local_output(fmt: str, local_sizes: list[int], size: int, name: str) -
         )
 
 
+def in_format(fmt: str, loaded, group_size: int, scale_dtype: torch.dtype, name: str):
+    """What a column split cuts: a float tensor as it is (quantizing rows commutes with cutting rows), a
+    quantized value in another format (an fp8 checkpoint loaded as int8) converted whole first, as one
+    process converts it."""
+    return loaded if isinstance(loaded, torch.Tensor) else to_format(fmt, loaded, group_size, scale_dtype, name)
+
+
 # ---- linear layers ------------------------------------------------------------------------------------
 class QuantizedColumnParallel(QuantizedLinear):
     """ColumnParallelLinear with its weight in `fmt`: each merged part's [rank]-th rows."""
@@ -121,6 +128,7 @@ class QuantizedColumnParallel(QuantizedLinear):
 
     def _slice(self, index: int, loaded, name: str):
         local = self.out_sizes[index]
+        loaded = in_format(self.fmt, loaded, self.group_size, self.scales.dtype, name)
         return shard_value(loaded, 0, self.rank * local, (self.rank + 1) * local, name)
 
     def load_weight(self, attr: str, loaded, name: str) -> None:
@@ -182,7 +190,8 @@ class QuantizedTensorParallelExperts(QuantizedStackedExperts):
             whole = to_format(self.fmt, loaded, self.group_size, self.down_scales.dtype, name)
             loaded = shard_value(whole, 1, start, end, name)
         else:
-            loaded = shard_value(loaded, 0, start, end, name)
+            loaded = shard_value(in_format(self.fmt, loaded, self.group_size, self.gate_up_scales.dtype, name), 0,
+                                 start, end, name)
         super().load_expert(index, shard, loaded, name)
 
 
@@ -218,8 +227,8 @@ def _load_vocab_rows(tensors: dict[str, torch.Tensor], start: int, end: int, loa
     with torch.no_grad():
         for tensor in tensors.values():
             tensor[rows:].zero_()  # the last rank's padding: zero logits, never looked up
-    store("int8", {k: v[:rows] for k, v in tensors.items()}, (slice(None),), shard_value(loaded, 0, start, end, name),
-          0, name)
+    loaded = shard_value(in_format("int8", loaded, 0, tensors["scales"].dtype, name), 0, start, end, name)
+    store("int8", {k: v[:rows] for k, v in tensors.items()}, (slice(None),), loaded, 0, name)
 
 
 class QuantizedVocabParallelEmbedding(QuantizedEmbedding):

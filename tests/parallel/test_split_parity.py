@@ -54,3 +54,49 @@ def test_uneven_split_matches_even_split(checkpoint, split_run, options, even):
     uneven, balanced = split_run(path, options), split_run(path, even)
     assert uneven["tokens"] == balanced["tokens"]
     assert max_logit_diff(uneven, balanced) < TOLERANCE
+
+
+def _fp8_checkpoint(src, dst):
+    """DeepSeek-V3's own layout: 2-D weights in fp8 128 x 128 blocks (not the embeddings, head, router)."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from shoal.quant.formats import Fp8BlockWeight
+
+    shutil.copytree(src, dst)
+    tensors = {}
+    for name, t in load_file(str(src / "model.safetensors")).items():
+        if t.dim() == 2 and not any(k in name for k in ("embed_tokens", "lm_head", "mlp.gate.weight")):
+            q = Fp8BlockWeight.quantize(t)
+            tensors[name], tensors[name + "_scale_inv"] = q.weight, q.scale_inv
+        else:
+            tensors[name] = t
+    save_file(tensors, str(dst / "model.safetensors"))
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
+@pytest.mark.parametrize("stored,options", [
+    ("int8", {"tp": 2}),  # written by `shoal quantize` (compressed-tensors): loads quantized without --quant
+    ("fp8", {"tp": 2, "quant": "int8"}),  # DeepSeek-V3 fp8 blocks, converted to int8 whole before the split
+])
+def test_quantized_checkpoint_splits_like_one_process(checkpoint, split_run, tmp_path_factory, stored, options):
+    import torch
+
+    from shoal.quant.offline import quantize_checkpoint
+
+    out = tmp_path_factory.mktemp(stored) / "q"
+    if stored == "fp8":
+        path = _fp8_checkpoint(checkpoint("deepseek-v3")[0], out)
+    else:
+        path = quantize_checkpoint(checkpoint("llama")[0], out, stored, None, torch.float32, progress=False)
+    reference = split_run(path, {k: v for k, v in options.items() if k in QUANT_KEYS})
+    split = split_run(path, options)
+    assert split["tokens"] == reference["tokens"]
+    diff = max_logit_diff(split, reference)
+    print(f"{stored} checkpoint {options}: max |logit diff| = {diff:.2e}")
+    assert diff < TOLERANCE
