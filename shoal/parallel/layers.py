@@ -8,9 +8,11 @@ as it loads, and does the one collective its split needs.
                         logits + all-gather.
 
 Weight formats shard along the same dimensions through `shard_value`: a plain tensor is narrowed; a
-quantized weight type registers how (`register_sharder`): per-output-channel scales go with the rows
-of a column split and stay whole in a row split; group scales follow the input columns of a row split
-(see `RowParallelLinear.before_split` for why a row split quantizes the whole weight first).
+quantized weight type registers how (`register_sharder`, done by shoal/quant/parallel.py, which also
+holds the quantized variants of these layers): per-output-channel scales go with the rows of a
+column split and stay whole in a row split; group scales follow the input columns of a row split
+(see `RowParallelLinear.before_split` for why a row split quantizes the whole weight first). These
+plain layers dequantize a quantized checkpoint value whole before cutting it (`dense`).
 """
 
 from __future__ import annotations

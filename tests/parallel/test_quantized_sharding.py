@@ -1,6 +1,7 @@
 """Quantized weights shard along the same dimensions as plain ones and reproduce the unsplit quantized
 layer. The int8 per-output-channel format here mirrors shoal.quant's Int8ChannelWeight (qweight
-[out, in] int8, scales [out]); the quantization branch registers its own types the same way."""
+[out, in] int8, scales [out]); shoal/quant/parallel.py registers shoal.quant's formats the same way,
+tested at the end of this file."""
 
 from __future__ import annotations
 
