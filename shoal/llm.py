@@ -53,10 +53,10 @@ class LLM:
         path = resolve_model_path(self.config.model_path)
         self.parallel = None
         if self.config.parallel.enabled:
-            if self.config.quant or path.is_file():
+            if path.is_file():
                 raise ConfigError(
-                    "--tp / --ep / --pp run safetensors checkpoints in their own dtype for now; drop --quant "
-                    "(or quantize offline later) and pass a checkpoint folder rather than a GGUF file"
+                    "--tp / --ep / --pp run safetensors checkpoint folders, not GGUF files; pass the checkpoint "
+                    "folder (with --quant int8 / int4 / fp8 to store the weights quantized)"
                 )
             self._start_parallel()
         else:

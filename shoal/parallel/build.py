@@ -6,7 +6,6 @@ Model code is unchanged: the split is applied to the model from outside, by laye
 
 from __future__ import annotations
 
-import contextlib
 import re
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from shoal.parallel.layers import ColumnParallelLinear, ParallelLMHead, RowParal
 from shoal.parallel.moe import ExpertParallelMoE, PartitionedExperts, TensorParallelExperts, TensorParallelMoE
 from shoal.parallel.split import check_expert_split, check_tensor_split, expert_split, layer_split
 from shoal.parallel.state import ParallelState
+from shoal.quant.plan import QuantPlan, apply_plan, parameters_on_meta, plan_quantization, prepare_for_kernels
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
@@ -37,28 +37,13 @@ class AbsentLayer(nn.Module):
         raise RuntimeError("this decoder layer belongs to another pipeline stage")
 
 
-@contextlib.contextmanager
-def parameters_on_meta():
-    """Create every nn.Parameter on the meta device while a model is constructed (buffers such as
-    rotary tables stay real), so a rank never allocates the weights it will not hold."""
-    original = nn.Module.register_parameter
-
-    def register(self, name, param):
-        if param is not None and param.device.type != "meta":
-            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        original(self, name, param)
-
-    nn.Module.register_parameter = register
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = original
-
-
-def plan_splits(config: ModelConfig, state: ParallelState, speeds: list[float] | None = None) -> None:
-    """Fill in the layer and expert splits (same result on every rank) after checking they fit."""
+def plan_splits(config: ModelConfig, state: ParallelState, speeds: list[float] | None = None,
+                quant: QuantPlan | None = None) -> None:
+    """Fill in the layer and expert splits (same result on every rank) after checking they fit (also
+    the quantized weights' groups and blocks, under `quant`)."""
     parallel = state.config
-    check_tensor_split(config, parallel.tp)
+    fmt = quant.fmt if quant is not None else None
+    check_tensor_split(config, parallel.tp, fmt, quant.group_size if quant is not None else 0)
     check_expert_split(config, parallel.ep)
     state.layer_sizes = layer_split(config, parallel, speeds)
     experts = int(config.get("n_routed_experts") or 0)
@@ -157,21 +142,32 @@ def _split_pipeline(model: CausalLM, state: ParallelState) -> None:
 
 
 def build_model_shard(path: Path, backend: Backend, device: torch.device, dtype: torch.dtype | None,
-                      state: ParallelState, progress: bool = True) -> tuple[CausalLM, ModelConfig, torch.dtype]:
-    """This rank's part of the model at `path`, loaded; `state` must have its splits planned."""
+                      state: ParallelState, progress: bool = True, quant: str | None = None,
+                      quant_group_size: int | None = None) -> tuple[CausalLM, ModelConfig, torch.dtype]:
+    """This rank's part of the model at `path`, loaded; `state` must have its splits planned.
+
+    `quant` / `quant_group_size` as for shoal.loader.build_model: the split layers are swapped for their
+    quantized variants (shoal/quant/parallel.py) after the split and before any weight is allocated.
+    """
     config = load_model_config(path)
     cls = model_class(config)
     dtype = choose_dtype(config, backend, dtype)
+    plan = plan_quantization(config, backend, quant, quant_group_size)
     with _default_dtype(dtype), torch.device(device):
         with parameters_on_meta():
             model = cls(config, backend)
         _split_pipeline(model, state)
         _split_tensor(model, state)
+        if plan is not None and plan.changes_model:
+            apply_plan(model, plan, backend, dtype, device)
     _materialize(model, device)
     weights = iterate_weights(safetensors_files(path), progress=progress)
+    stream = plan.checkpoint.wrap(weights) if plan is not None and plan.checkpoint is not None else weights
     try:
-        model.load_weights(weights)
+        model.load_weights(stream)
     finally:
         weights.close()
+    if plan is not None and plan.changes_model and plan.prepare:
+        prepare_for_kernels(model)
     model.eval()
     return model, config, dtype

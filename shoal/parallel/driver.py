@@ -15,13 +15,18 @@ log = logging.getLogger("shoal.parallel")
 
 def check_split(engine_config) -> None:
     """Fail before any process starts when the split cannot fit the model (same checks every rank runs)."""
+    from shoal.backends import parse_device
     from shoal.loader import resolve_model_path
     from shoal.models.hf_config import load_model_config
     from shoal.parallel.build import plan_splits
+    from shoal.quant.plan import plan_quantization
 
     parallel = engine_config.parallel
     state = ParallelState(parallel, 0, parallel.world_size, None)
-    plan_splits(load_model_config(resolve_model_path(engine_config.model_path)), state, None)
+    config = load_model_config(resolve_model_path(engine_config.model_path))
+    quant = plan_quantization(config, parse_device(engine_config.device)[0], engine_config.quant,
+                              engine_config.quant_group_size)
+    plan_splits(config, state, None, quant)
 
 
 class Driver:

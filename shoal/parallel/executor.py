@@ -75,6 +75,7 @@ def setup_rank(engine_config, rank: int, world_size: int, local_rank: int, maste
     from shoal.loader import resolve_model_path
     from shoal.models.hf_config import load_model_config
     from shoal.parallel.build import build_model_shard, plan_splits
+    from shoal.quant.plan import plan_quantization
 
     parallel = engine_config.parallel
     backend, index = parse_device(engine_config.device)
@@ -98,9 +99,12 @@ def setup_rank(engine_config, rank: int, world_size: int, local_rank: int, maste
             speeds = speeds_by_rank[:size]
         log.info("measured memory bandwidth per rank (GB/s): %s", speeds_by_rank)
     path = resolve_model_path(engine_config.model_path)
-    plan_splits(load_model_config(path), state, speeds)
+    config = load_model_config(path)
+    quant = plan_quantization(config, backend, engine_config.quant, engine_config.quant_group_size)
+    plan_splits(config, state, speeds, quant)
     progress = engine_config.progress and rank == 0
-    model, model_config, dtype = build_model_shard(path, backend, device, engine_config.torch_dtype, state, progress)
+    model, model_config, dtype = build_model_shard(path, backend, device, engine_config.torch_dtype, state, progress,
+                                                   engine_config.quant, engine_config.quant_group_size)
     log.info("%s ready: experts %s", state.describe(), state.expert_range() if parallel.ep > 1 else "all")
     return RankSetup(state, model, model_config, dtype, backend, device, path)
 

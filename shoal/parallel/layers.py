@@ -8,9 +8,11 @@ as it loads, and does the one collective its split needs.
                         logits + all-gather.
 
 Weight formats shard along the same dimensions through `shard_value`: a plain tensor is narrowed; a
-quantized weight type registers how (`register_sharder`): per-output-channel scales go with the rows
-of a column split and stay whole in a row split; group scales follow the input columns of a row split
-(see `RowParallelLinear.before_split` for why a row split quantizes the whole weight first).
+quantized weight type registers how (`register_sharder`, done by shoal/quant/parallel.py, which also
+holds the quantized variants of these layers): per-output-channel scales go with the rows of a
+column split and stay whole in a row split; group scales follow the input columns of a row split
+(see `RowParallelLinear.before_split` for why a row split quantizes the whole weight first). These
+plain layers dequantize a quantized checkpoint value whole before cutting it (`dense`).
 """
 
 from __future__ import annotations
@@ -50,6 +52,12 @@ def shard_value(value, dim: int, start: int, end: int, name: str = "weight"):
     raise WeightError(f"weight {name} is a {type(value).__name__}, which shoal cannot split across ranks yet")
 
 
+def dense(value):
+    """A checkpoint value for a layer that stores plain tensors: a quantized one (an fp8 checkpoint on a
+    device without fp8, MLA's kv_b_proj) is dequantized whole before it is cut, as one process would."""
+    return value if isinstance(value, torch.Tensor) else value.dequantize(torch.float32)
+
+
 # Payload bytes this process has put into each kind of collective (the benchmark reads it).
 COLLECTIVE_BYTES: Counter = Counter()
 
@@ -86,7 +94,7 @@ class ColumnParallelLinear(MergedLinear):
 
     def _slice(self, index: int, loaded, name: str):
         local = self.out_sizes[index]
-        return shard_value(loaded, 0, self.rank * local, (self.rank + 1) * local, name)
+        return shard_value(dense(loaded), 0, self.rank * local, (self.rank + 1) * local, name)
 
     def load_shard(self, param_name: str, shard: str, loaded, full_name: str) -> None:
         index = self.shard_names.index(shard)
@@ -124,7 +132,7 @@ class RowParallelLinear(Linear):
             copy_weight(self.bias, loaded, full_name)
             return
         local = self.in_features
-        value = shard_value(self.before_split(loaded), 1, self.rank * local, (self.rank + 1) * local, full_name)
+        value = shard_value(self.before_split(dense(loaded)), 1, self.rank * local, (self.rank + 1) * local, full_name)
         copy_weight(self.weight, value, full_name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -147,13 +155,13 @@ class VocabParallelEmbedding(VocabEmbedding):
     def __init__(self, vocab_size: int, hidden_size: int, rank: int, size: int, group) -> None:
         self.start, self.end, per = vocab_range(vocab_size, rank, size)
         super().__init__(per, hidden_size)
-        self.vocab_size, self.group = vocab_size, group
+        self.vocab_size, self.rank, self.size, self.group = vocab_size, rank, size, group
 
     def load_weight(self, param_name: str, loaded, full_name: str) -> None:
         rows = self.end - self.start
         with torch.no_grad():
             self.weight[rows:].zero_()
-        copy_weight(self.weight[:rows], shard_value(loaded, 0, self.start, self.end, full_name), full_name)
+        copy_weight(self.weight[:rows], shard_value(dense(loaded), 0, self.start, self.end, full_name), full_name)
 
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
         inside = (token_ids >= self.start) & (token_ids < self.end)
@@ -169,13 +177,13 @@ class ParallelLMHead(LMHead):
                  tied_to: VocabParallelEmbedding | None = None) -> None:
         self.start, self.end, per = vocab_range(vocab_size, rank, size)
         super().__init__(per, hidden_size, tied_to)
-        self.vocab_size, self.size, self.group = vocab_size, size, group
+        self.vocab_size, self.rank, self.size, self.group = vocab_size, rank, size, group
 
     def load_weight(self, param_name: str, loaded, full_name: str) -> None:
         rows = self.end - self.start
         with torch.no_grad():
             self.weight[rows:].zero_()
-        copy_weight(self.weight[:rows], shard_value(loaded, 0, self.start, self.end, full_name), full_name)
+        copy_weight(self.weight[:rows], shard_value(dense(loaded), 0, self.start, self.end, full_name), full_name)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         local = super().forward(hidden)

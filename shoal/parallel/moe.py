@@ -19,7 +19,11 @@ import torch.distributed as dist
 from torch import nn
 
 from shoal.layers.moe import MoE, StackedExperts
-from shoal.parallel.layers import COLLECTIVE_BYTES, all_gather_cat, all_reduce, shard_value
+from shoal.parallel.layers import COLLECTIVE_BYTES, all_gather_cat, all_reduce, dense, shard_value
+
+# Checkpoint shards behind each stacked parameter (plain and quantized experts).
+_EXPERT_SHARDS = {"gate_up": ("gate_proj", "up_proj"), "down": ("down_proj",),
+                  "gate_up_qweight": ("gate_proj", "up_proj"), "down_qweight": ("down_proj",)}
 
 
 class TensorParallelExperts(StackedExperts):
@@ -27,24 +31,25 @@ class TensorParallelExperts(StackedExperts):
 
     def __init__(self, num_experts: int, hidden_size: int, full_intermediate: int, rank: int, size: int) -> None:
         super().__init__(num_experts, hidden_size, full_intermediate // size)
-        self.rank = rank
+        self.rank, self.size = rank, size
 
     def load_expert(self, index: int, shard: str, loaded, name: str) -> None:
         inter = self.intermediate_size
         start, end = self.rank * inter, (self.rank + 1) * inter
         dim = 1 if shard == "down_proj" else 0
-        super().load_expert(index, shard, shard_value(loaded, dim, start, end, name), name)
+        super().load_expert(index, shard, shard_value(dense(loaded), dim, start, end, name), name)
 
 
-class PartitionedExperts(StackedExperts):
-    """Experts [first, first + count) of the layer; checkpoint tensors of other experts are skipped."""
+class ExpertRange:
+    """Mixin for stacked experts that hold experts [first, first + num_experts) of a layer of
+    `total_experts`: the checkpoint names it needs, and global expert indices mapped to local ones."""
 
-    def __init__(self, total_experts: int, first: int, count: int, hidden_size: int, intermediate_size: int) -> None:
-        super().__init__(count, hidden_size, intermediate_size)
-        self.total_experts, self.first = total_experts, first
+    first: int
+    total_experts: int
+    num_experts: int
 
     def checkpoint_names(self, module_name: str, attr: str) -> list[str]:
-        shards = ("gate_proj", "up_proj") if attr == "gate_up" else ("down_proj",)
+        shards = _EXPERT_SHARDS.get(attr, ())
         return [f"{module_name}.{e}.{s}.weight" for e in range(self.first, self.first + self.num_experts)
                 for s in shards]
 
@@ -54,6 +59,14 @@ class PartitionedExperts(StackedExperts):
             super().load_expert(local, shard, loaded, name)
         elif not 0 <= index < self.total_experts:
             super().load_expert(index, shard, loaded, name)  # raises the out-of-range error
+
+
+class PartitionedExperts(ExpertRange, StackedExperts):
+    """Experts [first, first + count) of the layer; checkpoint tensors of other experts are skipped."""
+
+    def __init__(self, total_experts: int, first: int, count: int, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__(count, hidden_size, intermediate_size)
+        self.total_experts, self.first = total_experts, first
 
     def run(self, rows: torch.Tensor, local_expert: torch.Tensor) -> torch.Tensor:
         """Each row through its (local) expert, unweighted."""

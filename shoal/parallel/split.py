@@ -63,8 +63,10 @@ def expert_split(num_experts: int, parallel: ParallelConfig, speeds: list[float]
     return proportional_split(num_experts, weights)
 
 
-def check_tensor_split(config: ModelConfig, tp: int) -> None:
-    """tp must divide every dimension the tensor split cuts; say which one does not."""
+def check_tensor_split(config: ModelConfig, tp: int, quant: str | None = None, group_size: int = 0) -> None:
+    """tp must divide every dimension the tensor split cuts; say which one does not. Under `quant`
+    ("int4" / "fp8"), each rank's share must also hold whole int4 groups (of `group_size` inputs) or
+    whole 128 x 128 fp8 blocks."""
     if tp == 1:
         return
     checks = [("attention heads (num_attention_heads)", config.num_attention_heads)]
@@ -79,6 +81,47 @@ def check_tensor_split(config: ModelConfig, tp: int) -> None:
     for what, value in checks:
         if value % tp:
             raise ConfigError(f"--tp {tp} must divide the model's {what} ({value}); choose a tp that divides it")
+    if quant in ("int4", "fp8"):
+        _check_quantized_split(config, tp, quant, group_size)
+
+
+def _check_quantized_split(config: ModelConfig, tp: int, quant: str, group_size: int) -> None:
+    heads = config.num_attention_heads
+    mla = bool(config.get("kv_lora_rank"))
+    moe = int(config.get("moe_intermediate_size") or 0) if config.get("n_routed_experts") else 0
+    shared = int(config.get("n_shared_experts", 0) or 0) * moe
+    # Inputs cut by a row split (o_proj, down projections): int4 groups and fp8 blocks run along them.
+    inputs = [("attention output (o_proj inputs)",
+               heads * (int(config.get("v_head_dim")) if mla else config.head_dim)),
+              ("intermediate_size", config.intermediate_size)]
+    if moe:
+        inputs.append(("moe_intermediate_size", moe))
+    if shared:
+        inputs.append(("shared experts' intermediate size", shared))
+    # Outputs cut by a column split: fp8 blocks also span 128 rows.
+    outputs = []
+    if quant == "fp8":
+        if mla:
+            outputs.append(("query heads (q_b_proj outputs)",
+                            heads * (int(config.get("qk_nope_head_dim")) + int(config.get("qk_rope_head_dim")))))
+        else:
+            outputs += [("query heads (q_proj outputs)", heads * config.head_dim),
+                        ("key/value heads (k_proj / v_proj outputs)", config.num_key_value_heads * config.head_dim)]
+        outputs += [(what, value) for what, value in inputs[1:]]  # gate/up outputs = down inputs
+    unit = group_size if quant == "int4" else 128
+    for what, value in inputs + outputs:
+        if (value // tp) % unit:
+            if quant == "int4":
+                fits = [g for g in (32, 64, 128) if (value // tp) % g == 0]
+                hint = f"use --group-size {fits[-1]}" if fits else "use a smaller --tp or --quant int8"
+                raise ConfigError(
+                    f"--tp {tp} with --quant int4 --group-size {group_size}: each rank gets {value // tp} of the "
+                    f"model's {what} ({value}), which is not a whole number of groups; {hint}"
+                )
+            raise ConfigError(
+                f"--tp {tp} with --quant fp8: each rank gets {value // tp} of the model's {what} ({value}), which "
+                "is not a whole number of 128 x 128 fp8 blocks; use a smaller --tp or --quant int8"
+            )
 
 
 def check_expert_split(config: ModelConfig, ep: int) -> None:

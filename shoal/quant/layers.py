@@ -197,14 +197,16 @@ class QuantizedLinear(_QuantizedModule):
         return export(self.fmt, self._tensors(""), (rows,), self.group_size)
 
     # ---- compute ---------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x W^T, without the bias."""
         if self._weight_tensors is None:
             self._weight_tensors = {k: v.data for k, v in self._tensors("").items() if k != "bias"}
-        flat = x.reshape(-1, self.in_features)
-        y = self.kernel(flat, self._weight_tensors, self.group_size)
-        if self.bias is not None:
-            y = y + self.bias
+        y = self.kernel(x.reshape(-1, self.in_features), self._weight_tensors, self.group_size)
         return y.view(*x.shape[:-1], self.out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.matmul(x)
+        return y if self.bias is None else y + self.bias
 
     def split(self, y: torch.Tensor) -> list[torch.Tensor]:
         return list(torch.split(y, self.out_sizes, dim=-1))
@@ -267,13 +269,18 @@ class QuantizedStackedExperts(_QuantizedModule):
         prefix, where = self._where(index, shard)
         return export(self.fmt, self._tensors(prefix), where, self.group_size)
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+    def expert_weights(self) -> list[tuple[dict, dict]]:
+        """Each expert's (gate_up, down) kernel tensors."""
         if self._cached is None:
             self._cached = [
                 ({k: v.data[e] for k, v in self._tensors("gate_up_").items()},
                  {k: v.data[e] for k, v in self._tensors("down_").items()})
                 for e in range(self.num_experts)
             ]
+        return self._cached
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        self.expert_weights()
         out = torch.zeros_like(x)
         flat_experts = expert_ids.flatten()
         order = flat_experts.argsort(stable=True)

@@ -85,8 +85,9 @@ def parameters_on_meta():
     """Create every nn.Parameter on the meta device while a model is constructed.
 
     A quantized model must never hold its full-precision weights on the device, not even empty ones
-    (a device's allocator would have to find room for them). Buffers (rotary tables) stay real.
-    Only used around a model's constructor, in the thread that loads it.
+    (a device's allocator would have to find room for them), and a rank of a split model must never
+    allocate the weights it will not hold. Buffers (rotary tables) stay real. Only used around a
+    model's constructor, in the thread that loads it (shoal.loader and shoal.parallel.build).
     """
     original = nn.Module.register_parameter
 
@@ -104,12 +105,18 @@ def parameters_on_meta():
 
 def apply_plan(model: nn.Module, plan: QuantPlan, backend: Backend, dtype: torch.dtype, device) -> None:
     """Swap the model's layers for quantized ones, then give the remaining (meta) parameters real storage."""
+    from shoal.quant.parallel import quantized_parallel
+
     kernel = backend.linear_fn(plan.fmt) if plan.fmt else None
     int8_kernel = backend.linear_fn("int8") if plan.quantize_embeddings else None
     replaced: dict[int, nn.Module] = {}
     for name, module in list(model.named_modules()):
         new = None
-        if plan.fmt and isinstance(module, Linear) and not name.endswith(DENSE_LINEARS):
+        if name.endswith(DENSE_LINEARS):
+            pass
+        elif (new := quantized_parallel(module, name, plan, kernel, int8_kernel, dtype, device, replaced)) is not None:
+            pass  # a layer of a split model (shoal/parallel), swapped for its quantized split variant
+        elif plan.fmt and isinstance(module, Linear):
             if plan.fmt == "int4":
                 _check_group(module.in_features, plan.group_size, name)
             merged = isinstance(module, MergedLinear)
