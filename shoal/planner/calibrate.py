@@ -20,6 +20,7 @@ from shoal.planner.catalog import Chip, this_machine
 from shoal.planner.cost import Deployment, Factors, Layout, decode_step_time, prefill_time
 from shoal.planner.errors import PlanError
 from shoal.planner.shapes import ModelShape, load_shape
+from shoal.planner.fitting import golden_section_min
 
 PREFILL_TRIALS, DECODE_TRIALS = 5, 3
 FIT = ("prefill_compute", "decode_compute", "layer_overhead_us", "step_overhead_us")
@@ -136,23 +137,6 @@ def predict_run(shape: ModelShape, chip: Chip, factors: Factors, run: Run) -> di
     return {"prefill_s": prefill, "decode_step_s": step}
 
 
-def _golden(fn, low, high, iters=40):
-    ratio = (math.sqrt(5) - 1) / 2
-    a, b = low, high
-    c, d = b - ratio * (b - a), a + ratio * (b - a)
-    fc, fd = fn(c), fn(d)
-    for _ in range(iters):
-        if fc < fd:
-            b, d, fd = d, c, fc
-            c = b - ratio * (b - a)
-            fc = fn(c)
-        else:
-            a, c, fc = c, d, fd
-            d = a + ratio * (b - a)
-            fd = fn(d)
-    return (a + b) / 2
-
-
 def fit(chip: Chip, data: list[tuple[ModelShape, Run, dict]], rounds: int = 6) -> Factors:
     """Factors minimising squared log error of prefill time and decode step time over `data`."""
     factors = Factors(memory=0.8, overlap=0.0)
@@ -166,7 +150,7 @@ def fit(chip: Chip, data: list[tuple[ModelShape, Run, dict]], rounds: int = 6) -
 
     for _ in range(rounds):
         for name in FIT:
-            value = _golden(lambda v, name=name: loss(factors.replaced(**{name: v})), *BOUNDS[name])
+            value = golden_section_min(lambda v, name=name: loss(factors.replaced(**{name: v})), *BOUNDS[name])
             factors = factors.replaced(**{name: value})
     return factors
 

@@ -17,6 +17,7 @@ from shoal.planner.cost import Deployment, Factors, Layout, check_layout, decode
     prefill_time
 from shoal.planner.errors import PlanError
 from shoal.planner.shapes import ModelShape, load_shape
+from shoal.planner.fitting import golden_section_min
 
 try:  # Python >= 3.11
     import tomllib
@@ -154,23 +155,6 @@ def predict(case: Case, factors: Factors, chip: Chip, shape: ModelShape) -> dict
             "pieces": stage.pieces, "comm": stage.comm}
 
 
-def _golden(fn, low: float, high: float, iters: int = 28) -> float:
-    ratio = (math.sqrt(5) - 1) / 2
-    a, b = low, high
-    c, d = b - ratio * (b - a), a + ratio * (b - a)
-    fc, fd = fn(c), fn(d)
-    for _ in range(iters):
-        if fc < fd:
-            b, d, fd = d, c, fc
-            c = b - ratio * (b - a)
-            fc = fn(c)
-        else:
-            a, c, fc = c, d, fd
-            d = a + ratio * (b - a)
-            fd = fn(d)
-    return (a + b) / 2
-
-
 def fit_factors(cases: list[Case], catalog: dict[str, Chip], rounds: int = 4) -> dict[str, Factors]:
     """Fit FAMILY_FITTED per chip family and SHARED_FITTED across families (least squares in log
     error, coordinate descent) on the cases of role "fit"; the rest keep the ASSUMED values. Returns
@@ -212,7 +196,7 @@ def fit_factors(cases: list[Case], catalog: dict[str, Chip], rounds: int = 4) ->
 
     for _ in range(rounds):
         for key in list(values):
-            values[key] = round(_golden(lambda v, key=key: loss({**values, key: v}), *BOUNDS[key[1]]), 4)
+            values[key] = round(golden_section_min(lambda v, key=key: loss({**values, key: v}), *BOUNDS[key[1]], iters=28), 4)
     return build(values)
 
 
