@@ -47,3 +47,11 @@ def test_doctor_json(capsys):
     report = json.loads(capsys.readouterr().out)
     text = json.dumps(report)
     assert "cpu" in text and "bfloat16" in text
+
+
+def test_generate_with_an_8bit_kv_cache_and_int8_weights(checkpoint, capsys):
+    path, _ = checkpoint("llama")
+    assert main(["generate", "--model", str(path), "--max-tokens", "6", "--temperature", "0", "--ignore-eos",
+                 "--dtype", "float32", "--kv-cache-dtype", "int8", "--quant", "int8", "--prompt-ids", "5,6,7", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["token_ids"]) == 6 and out["finish_reason"] == "length"
