@@ -30,6 +30,7 @@ import os
 import statistics
 import subprocess
 import sys
+import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -322,7 +323,7 @@ def plot(records: list[dict], path: str, title: str) -> None:
         ax.set_xlabel(name)
         ax.set_xscale("log")
         ax.legend(loc="lower right", fontsize=8)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(textwrap.fill(title, 150), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
