@@ -40,7 +40,11 @@ class ModelRunner:
             # Context beyond a sequence's own length is masked out; block 0 only keeps the gather in bounds.
             tables.append(table[:blocks] + [0] * (blocks - len(table[:blocks])))
         within = torch.arange(size, device=self.device)
-        context_slots = (self._tensor(tables)[:, :, None] * size + within).flatten(1)[:, :context]
+        block_tensor = self._tensor(tables)
+        context_slots = (block_tensor[:, :, None] * size + within).flatten(1)[:, :context]
+        start = None
+        if len(chunks) == 1 and tables[0] == list(range(tables[0][0], tables[0][0] + blocks)):
+            start = tables[0][0] * size  # one sequence in consecutive blocks: its context is a view of the pool
         unpack_index = pack_index = None
         if any(n != longest for n in lengths):
             # Padded query rows repeat the chunk's last real token: same position, so a valid mask row.
@@ -48,7 +52,8 @@ class ModelRunner:
                 [[off + min(j, n - 1) for j in range(longest)] for off, n in zip(offsets, lengths)]
             )
             pack_index = self._tensor([row * longest + j for row, n in enumerate(lengths) for j in range(n)])
-        batch = PagedBatch(self._tensor(slot_mapping), context_slots, self._tensor(context_lens), unpack_index, pack_index)
+        batch = PagedBatch(self._tensor(slot_mapping), context_slots, self._tensor(context_lens), unpack_index, pack_index,
+                           context_blocks=block_tensor, context_start=start)
         return batch, token_ids, positions, offsets
 
     def step(self, chunks: list[ScheduledChunk]) -> list[tuple[int, TokenLogprob | None] | None]:

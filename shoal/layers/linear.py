@@ -32,6 +32,16 @@ def copy_weight(param: torch.Tensor, loaded: torch.Tensor, name: str) -> None:
         param.copy_(loaded)
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, except for a single bf16 / fp16 row on the CPU, where aten's matrix-vector kernel
+    (torch.mv) reads the weight 1.2-1.8x faster than F.linear's matmul (one [5632, 1024] bf16 weight,
+    2 threads: 531 against 836 us) - the whole of a batch-1 decode step's matmul time."""
+    if x.is_cpu and x.dtype in (torch.bfloat16, torch.float16) and x.numel() == weight.shape[1] == x.shape[-1]:
+        y = torch.mv(weight, x.reshape(-1)).view(*x.shape[:-1], weight.shape[0])
+        return y if bias is None else y + bias
+    return nn.functional.linear(x, weight, bias)
+
+
 class Linear(nn.Module):
     """y = x W^T (+ b), with W stored [out_features, in_features] as in Hugging Face checkpoints."""
 
@@ -43,7 +53,7 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}"

@@ -16,6 +16,6 @@ class RMSNorm(nn.Module):
         # Normalise in float32 and cast back before the weight, as the reference implementations do,
         # so low-precision runs round at the same place.
         dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        # One fused op instead of five (pow, mean, add, rsqrt, mul): the same values, fewer dispatches.
+        x32 = nn.functional.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * x32.to(dtype)

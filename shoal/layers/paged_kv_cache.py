@@ -43,6 +43,12 @@ class PagedBatch:
     context_lens: torch.Tensor
     unpack_index: torch.Tensor | None = None
     pack_index: torch.Tensor | None = None
+    # Optional shortcuts for the gather (the runner sets them; without them the slot-by-slot gather runs):
+    # context_blocks [sequences, blocks], the blocks behind context_slots, gathered whole;
+    # context_start, set when a lone sequence's context is one run of slots [start, start + keys),
+    # which is then read as a view of the pool, without a copy.
+    context_blocks: torch.Tensor | None = None
+    context_start: int | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -122,22 +128,33 @@ class PagedKVCache:
             return self._write_quantized(layer, values)
         out = []
         for pool, value in zip(self.layers[layer], values):
-            pool[self._batch.slot_mapping] = value.reshape(-1, *pool.shape[1:]).to(pool.dtype)
+            # index_copy_ costs a fraction of advanced-index assignment for a few rows (slots are distinct).
+            pool.index_copy_(0, self._batch.slot_mapping, value.reshape(-1, *pool.shape[1:]).to(pool.dtype))
             out.append(self._gather(pool))
         return out
 
     def _gather(self, pool: torch.Tensor) -> torch.Tensor:
-        """Every sequence's context from one pool: [sequences, keys, ...]."""
+        """Every sequence's context from one pool: [sequences, keys, ...] (a view of the pool when the
+        batch's context_start allows it: a lone sequence in consecutive blocks, as at batch-1 decode)."""
+        batch = self._batch
+        seqs, keys = batch.context_slots.shape
+        if batch.context_start is not None:
+            return pool[batch.context_start : batch.context_start + keys].unsqueeze(0)
+        if batch.context_blocks is not None:
+            # Whole blocks: one contiguous copy per block instead of one per slot.
+            blocks = pool[: self.scratch_slot].view(self.num_blocks, -1)
+            rows = blocks.index_select(0, batch.context_blocks.flatten())
+            return rows.view(seqs, -1, *pool.shape[1:])[:, :keys]
         # index_select over a flat view is ~3x faster than advanced indexing for this gather on CPU.
         rows = pool.view(pool.shape[0], -1).index_select(0, self._flat_context)
-        return rows.view(*self._batch.context_slots.shape, *pool.shape[1:])
+        return rows.view(seqs, keys, *pool.shape[1:])
 
     def _write_quantized(self, layer: int, values: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
         out = []
         for pool, scales, value in zip(self.layers[layer], self.scales[layer], values):
             codes, scale = quantize(value.reshape(-1, *pool.shape[1:]), self.kv_quant)
-            pool[self._batch.slot_mapping] = codes
-            scales[self._batch.slot_mapping] = scale
+            pool.index_copy_(0, self._batch.slot_mapping, codes)
+            scales.index_copy_(0, self._batch.slot_mapping, scale)
             out.append(dequantize(self._gather(pool), self._gather(scales), self.kv_quant, self.dtype))
         return out
 

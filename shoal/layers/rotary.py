@@ -99,6 +99,7 @@ class RotaryEmbedding(nn.Module):
         self.cos_table = freqs.cos() * self.attention_factor
         self.sin_table = freqs.sin() * self.attention_factor
         self._table_len = length
+        self._memo = None
 
     def _apply(self, fn, recurse=True):  # keep the float32 table when the module is cast to bf16
         super()._apply(fn, recurse)
@@ -106,13 +107,24 @@ class RotaryEmbedding(nn.Module):
         self._grow(self._table_len)
         return self
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Rotate x [..., tokens, heads, dim] where positions is [..., tokens]."""
+    def _cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [..., tokens, 1, dim/2] for `positions`. Every layer of a forward rotates by the
+        same positions tensor, so the lookup (and the max() it needs, a device sync) runs once per forward
+        instead of twice per layer; the memo holds the tensor itself, so its identity cannot be reused."""
+        memo = self._memo
+        if memo is not None and memo[0] is positions:
+            return memo[1], memo[2]
         max_pos = int(positions.max()) + 1 if positions.numel() else 0
         if max_pos > self._table_len:
             self._grow(max(max_pos, 2 * self._table_len))
-        cos = self.cos_table[positions].unsqueeze(-2)  # [..., tokens, 1, dim/2]
+        cos = self.cos_table[positions].unsqueeze(-2)
         sin = self.sin_table[positions].unsqueeze(-2)
+        self._memo = (positions, cos, sin)
+        return cos, sin
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Rotate x [..., tokens, heads, dim] where positions is [..., tokens]."""
+        cos, sin = self._cos_sin(positions)
         x32 = x.float()
         if self.interleaved:
             x1, x2 = x32[..., 0::2], x32[..., 1::2]

@@ -44,13 +44,18 @@ class LlamaAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: ContiguousKVCache) -> torch.Tensor:
         b, t, _ = x.shape
-        q, k, v = self.qkv_proj.split(self.qkv_proj(x))
-        q = q.view(b, t, self.num_heads, self.head_dim)
-        k = k.view(b, t, self.num_kv_heads, self.head_dim)
+        qkv = self.qkv_proj(x)
+        q, k, v = self.qkv_proj.split(qkv)
         v = v.view(b, t, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(q, positions), self.rotary(k, positions)
+            q = self.q_norm(q.view(b, t, self.num_heads, self.head_dim))
+            k = self.k_norm(k.view(b, t, self.num_kv_heads, self.head_dim))
+            q, k = self.rotary(q, positions), self.rotary(k, positions)
+        else:
+            # q and k sit side by side in the merged output: rotate them as one tensor (half the small ops).
+            heads = self.num_heads + self.num_kv_heads
+            qk = self.rotary(qkv[..., : heads * self.head_dim].view(b, t, heads, self.head_dim), positions)
+            q, k = qk[:, :, : self.num_heads], qk[:, :, self.num_heads :]
         return self.o_proj(self.attn(q, k, v, positions, cache))
 
 

@@ -70,6 +70,10 @@ def roundtrip(arr: np.ndarray, qtype: T) -> np.ndarray:
     return gguf.quants.dequantize(gguf.quants.quantize(arr.astype(np.float32), qtype), qtype).reshape(arr.shape)
 
 
+def _held(keep: bool, arr: np.ndarray, qtype: T) -> torch.Tensor | None:
+    return torch.from_numpy(roundtrip(arr, qtype)) if keep else None
+
+
 def _write_tensor(writer, name: str, arr: np.ndarray, qtype: T) -> None:
     if qtype == T.F32:
         writer.add_tensor(name, arr.astype(np.float32))
@@ -137,10 +141,21 @@ def _rope_metadata(writer, cfg: dict, head_dim: int, tensors: list) -> None:
         tensors.append(("rope_freqs.weight", np.array(factors, dtype=np.float32)))
 
 
-def convert(hf_dir: Path, out: Path, ftype: str = "F32", split_kv_b: bool = True) -> dict[str, torch.Tensor]:
-    """Write hf_dir as a GGUF file at `out`; return the weights it holds, dequantized, under Hugging Face names."""
+def _load_weights(hf_dir: Path) -> dict[str, np.ndarray]:
+    """Every tensor of the folder's safetensors files (one file or shards), as float32 arrays."""
+    weights = {}
+    for file in sorted(hf_dir.glob("*.safetensors")):
+        weights.update({k: v.float().numpy() for k, v in load_file(str(file)).items()})
+    return weights
+
+
+def convert(
+    hf_dir: Path, out: Path, ftype: str = "F32", split_kv_b: bool = True, return_weights: bool = True
+) -> dict[str, torch.Tensor]:
+    """Write hf_dir as a GGUF file at `out`; return the weights it holds, dequantized, under Hugging Face
+    names (an empty dict with return_weights=False, which skips the round trip: benchmarks/compare_cpu.py)."""
     cfg = json.loads((hf_dir / "config.json").read_text())
-    weights = {k: v.float().numpy() for k, v in load_file(str(hf_dir / "model.safetensors")).items()}
+    weights = _load_weights(hf_dir)
     deepseek = cfg["model_type"].startswith("deepseek")
     arch = "deepseek2" if deepseek else cfg["model_type"]
     writer = gguf.GGUFWriter(str(out), arch)
@@ -193,17 +208,17 @@ def convert(hf_dir: Path, out: Path, ftype: str = "F32", split_kv_b: bool = True
     for name, arr in weights.items():
         if name in _GLOBAL:
             tensors.append((_GLOBAL[name], arr))
-            held[name] = torch.from_numpy(roundtrip(arr, _type_for(_GLOBAL[name], arr, ftype)))
+            held[name] = _held(return_weights, arr, _type_for(_GLOBAL[name], arr, ftype))
             continue
         layer, rest = re.match(r"model\.layers\.(\d+)\.(.+)$", name).groups()
         layer = int(layer)
         expert = re.match(r"mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$", rest)
         if expert:
             experts.setdefault((layer, expert.group(2)), {})[int(expert.group(1))] = arr
-            held[name] = torch.from_numpy(roundtrip(arr, _type_for("ffn_exps", arr, ftype)))
+            held[name] = _held(return_weights, arr, _type_for("ffn_exps", arr, ftype))
             continue
         if rest == "self_attn.kv_b_proj.weight":
-            held[name] = torch.from_numpy(roundtrip(arr, _type_for("attn_kv_b", arr, ftype)))
+            held[name] = _held(return_weights, arr, _type_for("attn_kv_b", arr, ftype))
             if split_kv_b:  # DeepseekV2Model.modify_tensors
                 kv_b = arr.reshape(heads, nope + v_dim, rank)
                 tensors.append((f"blk.{layer}.attn_k_b.weight", np.ascontiguousarray(kv_b[:, :nope].transpose(0, 2, 1))))
@@ -212,7 +227,7 @@ def convert(hf_dir: Path, out: Path, ftype: str = "F32", split_kv_b: bool = True
                 tensors.append((f"blk.{layer}.attn_kv_b.weight", arr))
             continue
         part = _LAYER_PARTS[rest]
-        held[name] = torch.from_numpy(roundtrip(arr, _type_for(part, arr, ftype)))
+        held[name] = _held(return_weights, arr, _type_for(part, arr, ftype))
         if arch == "llama" and part.startswith("attn_q."):
             arr = permute(arr, heads)
         elif arch == "llama" and part.startswith("attn_k."):
@@ -227,7 +242,7 @@ def convert(hf_dir: Path, out: Path, ftype: str = "F32", split_kv_b: bool = True
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return held
+    return {k: v for k, v in held.items() if v is not None}
 
 
 def save_hf_folder(hf_dir: Path, weights: dict[str, torch.Tensor], out: Path) -> Path:
