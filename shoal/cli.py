@@ -12,25 +12,12 @@ from typing import Sequence
 
 from shoal.bench import add_bench_parser, cmd_bench
 from shoal.errors import ShoalError
+from shoal.model_options import add_model_options, llm_options
 from shoal.planner.cli import add_plan_parser, cmd_plan
-from shoal.quant.cli import add_quant_options, add_quantize_parser, cmd_quantize
-from shoal.parallel.config import add_parallel_arguments, parallel_kwargs
+from shoal.quant.cli import add_quantize_parser, cmd_quantize
 from shoal.server.cli import add_serve_parser, cmd_serve
 
 EXIT_USAGE = 2
-
-
-def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, help="checkpoint folder, GGUF file or hub id; default: the bundled demo model")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, npu, xpu, mps, ...; default: best present")
-    parser.add_argument(
-        "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="compute dtype"
-    )
-    parser.add_argument("--max-model-len", type=int, default=None, help="cap the context length")
-    parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8", "fp8"],
-                        help="store the KV cache in 8 bits with per-token scales (default auto: the compute dtype)")
-    add_quant_options(parser)
-    add_parallel_arguments(parser)
 
 
 def _add_sampling_options(parser: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -56,12 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt-ids", default=None, help="comma-separated token ids instead of prompt text")
     gen.add_argument("--logprobs", type=int, default=None, help="report each token's logprob and top-K alternatives")
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
-    _add_model_options(gen)
+    add_model_options(gen)
     _add_sampling_options(gen, max_tokens=64)
 
     chat = sub.add_parser("chat", help="talk to the model using its chat template")
     chat.add_argument("--system", default=None, help="system message")
-    _add_model_options(chat)
+    add_model_options(chat)
     _add_sampling_options(chat, max_tokens=256)
 
     doctor = sub.add_parser("doctor", help="report devices, their memory and dtypes, and measured speed")
@@ -69,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--quick", action="store_true", help="shorter, rougher measurement")
     doctor.add_argument("--json", action="store_true", help="print the report as JSON")
 
-    add_quant_options(add_serve_parser(sub))
+    add_serve_parser(sub)
     add_bench_parser(sub)
     add_plan_parser(sub)
     add_quantize_parser(sub)
@@ -98,9 +85,7 @@ def _sampling_params(args: argparse.Namespace, logprobs: int | None = None):
 def _load(args: argparse.Namespace):
     from shoal.llm import LLM
 
-    return LLM(args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
-               kv_cache_dtype=args.kv_cache_dtype, quant=args.quant, quant_group_size=args.group_size,
-               **parallel_kwargs(args))
+    return LLM(args.model, **llm_options(args))
 
 
 def _parse_prompt_ids(text: str) -> list[int]:

@@ -13,6 +13,8 @@ import sys
 import threading
 import time
 
+from shoal.model_options import add_model_options, llm_options, positive_int
+
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "kb": 10**3, "m": 1 << 20, "mib": 1 << 20, "mb": 10**6,
           "g": 1 << 30, "gib": 1 << 30, "gb": 10**9, "t": 1 << 40, "tib": 1 << 40, "tb": 10**12}
 
@@ -29,16 +31,6 @@ def parse_bytes(text: str) -> int:
     return value
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
-
-
 def _port(text: str) -> int:
     try:
         value = int(text)
@@ -51,26 +43,17 @@ def _port(text: str) -> int:
 
 def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     serve = subparsers.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
-    serve.add_argument("--model", default=None, help="checkpoint folder, GGUF file or hub id; default: the bundled demo model")
-    serve.add_argument("--device", default=None, help="cpu, cuda, cuda:1, npu, xpu, mps, ...; default: best present")
-    serve.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                       help="compute dtype")
-    serve.add_argument("--max-model-len", type=_positive_int, default=None, help="cap the context length")
+    add_model_options(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: localhost only)")
     serve.add_argument("--port", type=_port, default=8000, help="port to bind (0: any free port)")
     serve.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1 endpoints")
     serve.add_argument("--served-model-name", default=None, help="the model name clients ask for (default: --model)")
-    serve.add_argument("--max-waiting", type=_positive_int, default=None,
+    serve.add_argument("--max-waiting", type=positive_int, default=None,
                        help="sequences that may wait for a slot (default: 512); beyond it requests get 429")
-    serve.add_argument("--max-num-seqs", type=_positive_int, default=64, help="sequences batched together at most")
-    serve.add_argument("--max-num-batched-tokens", type=_positive_int, default=2048, help="tokens per step at most")
+    serve.add_argument("--max-num-seqs", type=positive_int, default=64, help="sequences batched together at most")
+    serve.add_argument("--max-num-batched-tokens", type=positive_int, default=2048, help="tokens per step at most")
     serve.add_argument("--kv-cache-memory", type=parse_bytes, default=None,
                        help="bytes for the paged KV cache, e.g. 512MiB or 4GiB (default: sized from free memory)")
-    serve.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8", "fp8"],
-                       help="store the KV cache in 8 bits with per-token scales (default auto: the compute dtype)")
-    from shoal.parallel.config import add_parallel_arguments
-
-    add_parallel_arguments(serve)
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                        help="uvicorn's log level")
     return serve
@@ -81,21 +64,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from shoal.engine.async_engine import DEFAULT_MAX_WAITING
     from shoal.llm import LLM
-    from shoal.parallel.config import parallel_kwargs
     from shoal.server.app import build_app
 
     llm = LLM(
         args.model,
-        device=args.device,
-        dtype=args.dtype,
-        max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         kv_cache_memory=args.kv_cache_memory,
-        kv_cache_dtype=args.kv_cache_dtype,
-        quant=getattr(args, "quant", None),
-        quant_group_size=getattr(args, "group_size", None),
-        **parallel_kwargs(args),
+        **llm_options(args),
     )
     app = build_app(llm, served_model_name=args.served_model_name, api_key=args.api_key,
                     max_waiting=args.max_waiting or DEFAULT_MAX_WAITING)

@@ -1,0 +1,43 @@
+"""The command-line options that choose a model and how it runs — shared by `generate`, `chat` and
+`serve` so that each flag is defined, and turned into `LLM(...)` arguments, in one place."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """--model, --device, --dtype, --max-model-len, --kv-cache-dtype, the weight quantization and the
+    parallel-split flags."""
+    from shoal.parallel.config import add_parallel_arguments
+    from shoal.quant.cli import add_quant_options
+
+    parser.add_argument("--model", default=None,
+                        help="checkpoint folder, GGUF file or hub id; default: the bundled demo model")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, npu, xpu, mps, ...; default: best present")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="compute dtype")
+    parser.add_argument("--max-model-len", type=positive_int, default=None, help="cap the context length")
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8", "fp8"],
+                        help="store the KV cache in 8 bits with per-token scales (default auto: the compute dtype)")
+    add_quant_options(parser)
+    add_parallel_arguments(parser)
+
+
+def llm_options(args: argparse.Namespace) -> dict:
+    """The LLM(...) keyword arguments (besides the model) that add_model_options' flags set."""
+    from shoal.parallel.config import parallel_kwargs
+
+    return dict(device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
+                kv_cache_dtype=args.kv_cache_dtype, quant=args.quant, quant_group_size=args.group_size,
+                **parallel_kwargs(args))
