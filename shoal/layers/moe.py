@@ -106,21 +106,26 @@ class StackedExperts(nn.Module):
     def forward(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         """x [tokens, hidden]; each token's output is the routing-weighted sum of its experts' outputs."""
         out = torch.zeros_like(x)
-        flat_experts = expert_ids.flatten()
-        order = flat_experts.argsort(stable=True)  # group (token, slot) pairs by expert
-        counts = torch.bincount(flat_experts, minlength=self.num_experts).tolist()
-        token_of = order // expert_ids.shape[1]
-        weight_of = weights.flatten()[order]
-        start = 0
-        for expert, count in enumerate(counts):
-            if count == 0:
-                continue
-            tokens = token_of[start : start + count]
+        for expert, tokens, token_weights in tokens_by_expert(weights, expert_ids, self.num_experts):
             gate, up = nn.functional.linear(x[tokens], self.gate_up[expert]).chunk(2, dim=-1)
             y = nn.functional.linear(nn.functional.silu(gate) * up, self.down[expert])
-            out.index_add_(0, tokens, (y * weight_of[start : start + count, None]).to(x.dtype))
-            start += count
+            out.index_add_(0, tokens, (y * token_weights[:, None]).to(x.dtype))
         return out
+
+
+def tokens_by_expert(weights: torch.Tensor, expert_ids: torch.Tensor, num_experts: int):
+    """Group a batch's (token, slot) routing choices by expert: yields (expert, token indices, routing
+    weights) for each expert that received tokens, so each expert runs one matmul over all of its tokens."""
+    flat_experts = expert_ids.flatten()
+    order = flat_experts.argsort(stable=True)
+    counts = torch.bincount(flat_experts, minlength=num_experts).tolist()
+    token_of = order // expert_ids.shape[1]
+    weight_of = weights.flatten()[order]
+    start = 0
+    for expert, count in enumerate(counts):
+        if count:
+            yield expert, token_of[start : start + count], weight_of[start : start + count]
+            start += count
 
 
 class MoE(nn.Module):

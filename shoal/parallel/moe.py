@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from shoal.layers.moe import MoE, StackedExperts
+from shoal.layers.moe import MoE, StackedExperts, tokens_by_expert
 from shoal.parallel.layers import COLLECTIVE_BYTES, all_gather_cat, all_reduce, dense, shard_value
 
 # Checkpoint shards behind each stacked parameter (plain and quantized experts).
@@ -71,16 +71,9 @@ class PartitionedExperts(ExpertRange, StackedExperts):
     def run(self, rows: torch.Tensor, local_expert: torch.Tensor) -> torch.Tensor:
         """Each row through its (local) expert, unweighted."""
         out = torch.empty_like(rows)
-        order = local_expert.argsort(stable=True)
-        counts = torch.bincount(local_expert, minlength=self.num_experts).tolist()
-        start = 0
-        for expert, count in enumerate(counts):
-            if count == 0:
-                continue
-            index = order[start : start + count]
+        for expert, index, _ in tokens_by_expert(torch.ones(len(rows)), local_expert[:, None], self.num_experts):
             gate, up = nn.functional.linear(rows[index], self.gate_up[expert]).chunk(2, dim=-1)
             out[index] = nn.functional.linear(nn.functional.silu(gate) * up, self.down[expert]).to(rows.dtype)
-            start += count
         return out
 
 

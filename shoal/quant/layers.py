@@ -15,6 +15,7 @@ from torch import nn
 
 from shoal.errors import WeightError
 from shoal.layers.linear import copy_weight
+from shoal.layers.moe import tokens_by_expert
 from shoal.quant.formats import FP8_BLOCK, Fp8BlockWeight, Int4GroupWeight, Int8ChannelWeight, as_float
 
 # The canonical tensors of each format (see shoal/backends/quantized_matmul.py for their layouts).
@@ -282,21 +283,11 @@ class QuantizedStackedExperts(_QuantizedModule):
     def forward(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         self.expert_weights()
         out = torch.zeros_like(x)
-        flat_experts = expert_ids.flatten()
-        order = flat_experts.argsort(stable=True)
-        counts = torch.bincount(flat_experts, minlength=self.num_experts).tolist()
-        token_of = order // expert_ids.shape[1]
-        weight_of = weights.flatten()[order]
-        start = 0
-        for expert, count in enumerate(counts):
-            if count == 0:
-                continue
-            tokens = token_of[start : start + count]
+        for expert, tokens, token_weights in tokens_by_expert(weights, expert_ids, self.num_experts):
             gate_up, down = self._cached[expert]
             gate, up = self.kernel(x[tokens], gate_up, self.group_size).chunk(2, dim=-1)
             y = self.kernel(nn.functional.silu(gate) * up, down, self.group_size)
-            out.index_add_(0, tokens, (y * weight_of[start : start + count, None]).to(x.dtype))
-            start += count
+            out.index_add_(0, tokens, (y * token_weights[:, None]).to(x.dtype))
         return out
 
 

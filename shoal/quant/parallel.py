@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from shoal.errors import ConfigError, WeightError
+from shoal.layers.moe import tokens_by_expert
 from shoal.parallel.layers import (
     ColumnParallelLinear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding, all_gather_cat, all_reduce,
     register_sharder, shard_value, vocab_range,
@@ -207,17 +208,10 @@ class QuantizedPartitionedExperts(ExpertRange, QuantizedStackedExperts):
         """Each row through its (local) expert, unweighted."""
         weights = self.expert_weights()
         out = torch.empty_like(rows)
-        order = local_expert.argsort(stable=True)
-        counts = torch.bincount(local_expert, minlength=self.num_experts).tolist()
-        start = 0
-        for expert, count in enumerate(counts):
-            if count == 0:
-                continue
-            index = order[start : start + count]
+        for expert, index, _ in tokens_by_expert(torch.ones(len(rows)), local_expert[:, None], self.num_experts):
             gate_up, down = weights[expert]
             gate, up = self.kernel(rows[index], gate_up, self.group_size).chunk(2, dim=-1)
             out[index] = self.kernel(nn.functional.silu(gate) * up, down, self.group_size).to(rows.dtype)
-            start += count
         return out
 
 
