@@ -151,17 +151,22 @@ def vocab_range(vocab_size: int, rank: int, size: int) -> tuple[int, int, int]:
     return min(rank * per, vocab_size), min((rank + 1) * per, vocab_size), per
 
 
-class VocabParallelEmbedding(VocabEmbedding):
-    def __init__(self, vocab_size: int, hidden_size: int, rank: int, size: int, group) -> None:
-        self.start, self.end, per = vocab_range(vocab_size, rank, size)
-        super().__init__(per, hidden_size)
-        self.vocab_size, self.rank, self.size, self.group = vocab_size, rank, size, group
+class VocabRows:
+    """This rank's rows [start, end) of a vocabulary-sized weight; rows past the vocabulary's end (the
+    last rank's padding) stay zero."""
 
     def load_weight(self, param_name: str, loaded, full_name: str) -> None:
         rows = self.end - self.start
         with torch.no_grad():
             self.weight[rows:].zero_()
         copy_weight(self.weight[:rows], shard_value(dense(loaded), 0, self.start, self.end, full_name), full_name)
+
+
+class VocabParallelEmbedding(VocabRows, VocabEmbedding):
+    def __init__(self, vocab_size: int, hidden_size: int, rank: int, size: int, group) -> None:
+        self.start, self.end, per = vocab_range(vocab_size, rank, size)
+        super().__init__(per, hidden_size)
+        self.vocab_size, self.rank, self.size, self.group = vocab_size, rank, size, group
 
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
         inside = (token_ids >= self.start) & (token_ids < self.end)
@@ -170,7 +175,7 @@ class VocabParallelEmbedding(VocabEmbedding):
         return all_reduce(out, self.group)
 
 
-class ParallelLMHead(LMHead):
+class ParallelLMHead(VocabRows, LMHead):
     """This rank's vocabulary rows; logits are gathered so every rank of the stage has all of them."""
 
     def __init__(self, vocab_size: int, hidden_size: int, rank: int, size: int, group,
@@ -178,12 +183,6 @@ class ParallelLMHead(LMHead):
         self.start, self.end, per = vocab_range(vocab_size, rank, size)
         super().__init__(per, hidden_size, tied_to)
         self.vocab_size, self.rank, self.size, self.group = vocab_size, rank, size, group
-
-    def load_weight(self, param_name: str, loaded, full_name: str) -> None:
-        rows = self.end - self.start
-        with torch.no_grad():
-            self.weight[rows:].zero_()
-        copy_weight(self.weight[:rows], shard_value(dense(loaded), 0, self.start, self.end, full_name), full_name)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         local = super().forward(hidden)

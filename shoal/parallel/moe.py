@@ -89,14 +89,9 @@ class TensorParallelMoE(MoE):
         self.experts, self.shared_experts, self.group = experts, shared, group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        flat = x.reshape(-1, shape[-1])
-        weights, expert_ids = self.gate(flat)
-        self.expert_load += torch.bincount(expert_ids.flatten(), minlength=self.expert_load.numel())
-        out = self.experts(flat, weights, expert_ids)
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(flat)  # its down projection is not reduced: one reduction for both
-        return all_reduce(out, self.group).view(shape)
+        # Routed and shared experts both leave partial sums (their down projections are not reduced):
+        # MoE.forward adds them, and one reduction serves both.
+        return all_reduce(super().forward(x), self.group)
 
 
 class ExpertParallelMoE(MoE):
