@@ -127,14 +127,18 @@ class CpuBackend(Backend):
         return [torch.float32, torch.bfloat16, torch.float16]
 
     def quantized_matmul_kernels(self) -> list[str]:
-        return packed_matmul_kernels("CPU", int4_op="aten::_weight_int4pack_mm_for_cpu")
+        from shoal.backends import cpu_gemv
+
+        kernels = packed_matmul_kernels("CPU", int4_op="aten::_weight_int4pack_mm_for_cpu")
+        return (["cpu-gemv"] if cpu_gemv.available() else []) + kernels
 
     def linear_fn(self, weight_format: str):
         from shoal.backends.quantized_matmul import CPU_KERNELS
 
         kernel = CPU_KERNELS.get(weight_format)
         packed = {"int8": "int8pack", "int4": "int4pack"}.get(weight_format)
-        if kernel is not None and (packed is None or packed in self.quantized_matmul_kernels()):
+        kernels = self.quantized_matmul_kernels()
+        if kernel is not None and (packed is None or packed in kernels or "cpu-gemv" in kernels):
             return kernel
         return super().linear_fn(weight_format)
 

@@ -16,6 +16,8 @@ from typing import Callable
 import torch
 from torch.nn import functional as F
 
+from shoal.backends import cpu_gemv
+
 Tensors = dict[str, torch.Tensor]
 
 
@@ -69,27 +71,41 @@ FALLBACK_KERNELS = {
 }
 
 
-# ---- CPU: aten's packed weight-only kernels ----------------------------------------------------------
+# ---- CPU: shoal's matrix-vector kernels for decode, aten's packed kernels where those are absent ---------
 # Measured on a 2-core AVX-512/AMX Xeon, bf16, one thread, [1024 -> 5632]
 # (benchmarks/quant_memory_speed.py --kernels): at 1 token int8pack 0.56 ms and int4pack 0.45 ms
 # against 1.35 ms for the bf16 matmul and 3.1 ms for dequantize-then-matmul; from ~16 tokens on
 # both packed kernels fall behind (they are matrix-vector kernels: 12 ms at 64 tokens against 3.7 ms
 # for int8 dequantize-then-matmul). In fp32 they are slower than the fallback at every size.
+# shoal's own kernels (cpu_gemv.c) take up to 8 rows in float32 or bf16; above that a prefill chunk is
+# a matmul on the CPU's matrix units against the weight dequantized to bf16.
 INT8_PACKED_MAX_TOKENS = 8
 
 
+def int8_cpu_prepare(t: Tensors, group_size: int) -> Tensors:
+    if not cpu_gemv.available():
+        return t
+    return {**t, "scales_f32": t["scales"].to(torch.float32).contiguous()}
+
+
 def int8_cpu(x: torch.Tensor, t: Tensors, group_size: int = 0) -> torch.Tensor:
+    if cpu_gemv.available() and cpu_gemv.accepts(x, t["qweight"].shape[1]):
+        scales = t.get("scales_f32")
+        return cpu_gemv.gemv_int8(x, t["qweight"], scales if scales is not None else t["scales"].float())
     if x.dtype == torch.bfloat16 and x.shape[0] <= INT8_PACKED_MAX_TOKENS:
         return torch.ops.aten._weight_int8pack_mm(x.contiguous(), t["qweight"], t["scales"])
     return int8_fallback(x, t)
 
 
 def int4_cpu_prepare(t: Tensors, group_size: int) -> Tensors:
-    """Re-lay a bf16 int4 weight for aten._weight_int4pack_mm_for_cpu where its shape allows."""
+    """Re-lay an int4 weight for shoal's kernel, else (bf16 scales only) for aten._weight_int4pack_mm_for_cpu;
+    a shape neither takes keeps the canonical layout and the fallback."""
     packed = t["qweight"]
-    out = packed.shape[0]
+    out, k = packed.shape[0], packed.shape[1] * 2
+    if cpu_gemv.available() and group_size % 32 == 0 and k % group_size == 0:
+        return cpu_gemv.int4_relayout(packed, t["scales"], t["zeros"])
     if t["scales"].dtype != torch.bfloat16 or out % 16 or group_size not in (32, 64, 128, 256):
-        return t  # the kernel cannot take it: keep the canonical layout and the fallback
+        return t
     u = torch.stack([packed & 0x0F, packed >> 4], dim=-1).flatten(-2).to(torch.int32)
     return {
         "qweight_cpu": torch.ops.aten._convert_weight_to_int4pack_for_cpu(u.contiguous(), 1),
@@ -98,6 +114,11 @@ def int4_cpu_prepare(t: Tensors, group_size: int) -> Tensors:
 
 
 def int4_cpu(x: torch.Tensor, t: Tensors, group_size: int) -> torch.Tensor:
+    if "qweight_gemv" in t:
+        if cpu_gemv.accepts(x, t["qweight_gemv"].shape[1] * 2):
+            return cpu_gemv.gemv_int4(x, t, group_size)
+        w = cpu_gemv.dequantize_int4_bf16(t, group_size)
+        return F.linear(x.to(torch.bfloat16), w).to(x.dtype)
     if "qweight_cpu" not in t:
         return int4_fallback(x, t, group_size)
     # The kernel reads a bf16 activation; other dtypes are only reached by a caller that skipped prepare.
@@ -108,7 +129,7 @@ def int4_cpu(x: torch.Tensor, t: Tensors, group_size: int) -> torch.Tensor:
 
 
 CPU_KERNELS = {
-    "int8": QuantizedLinearKernel("int8pack", int8_cpu),
-    "int4": QuantizedLinearKernel("int4pack", int4_cpu, int4_cpu_prepare),
+    "int8": QuantizedLinearKernel("int8-gemv", int8_cpu, int8_cpu_prepare),
+    "int4": QuantizedLinearKernel("int4-gemv", int4_cpu, int4_cpu_prepare),
     "fp8": FALLBACK_KERNELS["fp8"],
 }

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from shoal.backends import cpu_gemv
 from shoal.errors import WeightError
 
 
@@ -33,12 +34,19 @@ def copy_weight(param: torch.Tensor, loaded: torch.Tensor, name: str) -> None:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, except for a single bf16 / fp16 row on the CPU, where aten's matrix-vector kernel
-    (torch.mv) reads the weight 1.2-1.8x faster than F.linear's matmul (one [5632, 1024] bf16 weight,
-    2 threads: 531 against 836 us) - the whole of a batch-1 decode step's matmul time."""
-    if x.is_cpu and x.dtype in (torch.bfloat16, torch.float16) and x.numel() == weight.shape[1] == x.shape[-1]:
-        y = torch.mv(weight, x.reshape(-1)).view(*x.shape[:-1], weight.shape[0])
-        return y if bias is None else y + bias
+    """F.linear, except for a few bf16 / fp16 rows on the CPU - decode - where a matrix-vector kernel
+    reads the weight faster than F.linear's matmul: shoal's own (shoal/backends/cpu_gemv.c) for bf16
+    weights where it could be built, else aten's torch.mv for a single row (one [5632, 1024] bf16
+    weight, 2 threads: 531 against 836 us for F.linear)."""
+    if x.is_cpu and x.dtype in (torch.bfloat16, torch.float16) and x.shape[-1] == weight.shape[1]:
+        rows = x.numel() // weight.shape[1]
+        if weight.dtype == torch.bfloat16 and rows <= cpu_gemv.MAX_ROWS and cpu_gemv.available():
+            y = cpu_gemv.gemv_bf16(x.reshape(rows, -1).to(torch.bfloat16), weight)
+            y = y.view(*x.shape[:-1], weight.shape[0]).to(x.dtype)
+            return y if bias is None else y + bias
+        if rows == 1:
+            y = torch.mv(weight, x.reshape(-1)).view(*x.shape[:-1], weight.shape[0])
+            return y if bias is None else y + bias
     return nn.functional.linear(x, weight, bias)
 
 

@@ -1,11 +1,11 @@
-"""The CPU's packed int8 / int4 kernels against the pure-torch fallback, and which one a backend hands out."""
+"""The CPU's int8 / int4 kernels (shoal's own and aten's packed ones) against the pure-torch fallback, and which one a backend hands out."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from shoal.backends import get_backend
+from shoal.backends import cpu_gemv, get_backend
 from shoal.backends.base import Backend
 from shoal.backends.quantized_matmul import FALLBACK_KERNELS, int4_cpu_prepare
 from shoal.quant.formats import Fp8BlockWeight, Int4GroupWeight, Int8ChannelWeight
@@ -23,20 +23,23 @@ def _tensors(fmt, w, group=64):
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 @pytest.mark.parametrize("tokens", [1, 5, 33])
-def test_packed_kernel_agrees_with_fallback_and_dequantized_weight(fmt, tokens):
-    if ("int8pack" if fmt == "int8" else "int4pack") not in CPU.quantized_matmul_kernels():
-        pytest.skip("this torch build has no packed CPU kernel")
+@pytest.mark.parametrize("kernels", ["cpu-gemv", "aten"])
+def test_cpu_kernel_agrees_with_fallback_and_dequantized_weight(fmt, tokens, kernels, monkeypatch):
+    if kernels == "aten":
+        monkeypatch.setattr(cpu_gemv, "available", lambda: False)
+        if ("int8pack" if fmt == "int8" else "int4pack") not in CPU.quantized_matmul_kernels():
+            pytest.skip("this torch build has no packed CPU kernel")
+    elif not cpu_gemv.available():
+        pytest.skip("no C compiler here: shoal's CPU kernels are not built")
     g = torch.Generator().manual_seed(0)
     w = torch.randn(96, 256, generator=g) * 0.05
     x = torch.randn(tokens, 256, generator=g).to(torch.bfloat16)
     q, tensors = _tensors(fmt, w)
     kernel = CPU.linear_fn(fmt)
-    assert kernel.name == ("int8pack" if fmt == "int8" else "int4pack")
-    if kernel.prepare is not None:
-        tensors_k = kernel.prepare(tensors, 64)
-        assert "qweight_cpu" in tensors_k
-    else:
-        tensors_k = tensors
+    assert kernel.name == f"{fmt}-gemv"
+    tensors_k = kernel.prepare(tensors, 64)
+    if fmt == "int4":
+        assert ("qweight_gemv" if kernels == "cpu-gemv" else "qweight_cpu") in tensors_k
     ours = kernel(x, tensors_k, 64).float()
     fallback = FALLBACK_KERNELS[fmt](x, tensors, 64).float()
     reference = x.float() @ q.dequantize().t()
@@ -45,8 +48,9 @@ def test_packed_kernel_agrees_with_fallback_and_dequantized_weight(fmt, tokens):
     assert (ours - fallback).abs().max() < 0.02 * scale
 
 
-def test_int4_kernel_keeps_canonical_layout_when_the_shape_does_not_fit():
-    w = torch.randn(24, 64)  # 24 outputs: the CPU int4 kernel needs a multiple of 16
+def test_int4_kernel_keeps_canonical_layout_when_the_shape_does_not_fit(monkeypatch):
+    monkeypatch.setattr(cpu_gemv, "available", lambda: False)
+    w = torch.randn(24, 64)  # 24 outputs: aten's CPU int4 kernel needs a multiple of 16
     _, tensors = _tensors("int4", w, 32)
     assert int4_cpu_prepare(tensors, 32) is tensors
     x = torch.randn(2, 64).to(torch.bfloat16)

@@ -1,0 +1,77 @@
+"""shoal's CPU matrix-vector kernels (shoal/backends/cpu_gemv.c) against float32 references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from shoal.backends import cpu_gemv
+from shoal.layers.linear import linear
+from shoal.quant.formats import Int4GroupWeight, Int8ChannelWeight
+
+pytestmark = pytest.mark.skipif(not cpu_gemv.available(), reason="no C compiler here: the kernels are not built")
+
+
+def _close(ours: torch.Tensor, reference: torch.Tensor, dtype: torch.dtype) -> None:
+    # float32 activations: only the summation order differs; bf16: the output is rounded to bf16.
+    tol = 1e-5 if dtype == torch.float32 else 8e-3
+    scale = reference.abs().max().item()
+    assert ours.dtype == dtype
+    assert (ours.float() - reference).abs().max().item() <= tol * scale
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8])
+@pytest.mark.parametrize("k", [48, 256, 1040])  # 48 and 1040: not a multiple of the 32-wide unrolled loop
+def test_bf16_and_int8_weights(dtype, rows, k):
+    g = torch.Generator().manual_seed(rows * 1000 + k)
+    w = torch.randn(70, k, generator=g) * 0.05
+    x = torch.randn(rows, k, generator=g).to(dtype)
+    wb = w.to(torch.bfloat16)
+    _close(cpu_gemv.gemv_bf16(x, wb), x.float() @ wb.float().t(), dtype)
+    q = Int8ChannelWeight.quantize(w, torch.float32)
+    _close(cpu_gemv.gemv_int8(x, q.qweight, q.scales), x.float() @ q.dequantize().t(), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3, 4, 7])
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_int4_weights_in_the_kernel_layout(dtype, rows, group):
+    g = torch.Generator().manual_seed(rows * 100 + group)
+    w = torch.randn(45, 256, generator=g) * 0.05
+    x = torch.randn(rows, 256, generator=g).to(dtype)
+    q = Int4GroupWeight.quantize(w, group, torch.bfloat16)
+    t = cpu_gemv.int4_relayout(q.packed, q.scales, q.zeros)
+    _close(cpu_gemv.gemv_int4(x, t, group), x.float() @ q.dequantize().t(), dtype)
+    # Prefill's path: the whole weight back as bf16, exactly what the canonical layout dequantizes to.
+    assert torch.equal(cpu_gemv.dequantize_int4_bf16(t, group), q.dequantize(torch.bfloat16))
+
+
+def test_only_a_few_rows_of_a_supported_dtype_are_accepted():
+    assert cpu_gemv.accepts(torch.zeros(8, 64), 64)
+    assert not cpu_gemv.accepts(torch.zeros(9, 64), 64)  # a prefill chunk: a matmul instead
+    assert not cpu_gemv.accepts(torch.zeros(2, 40), 40)  # in_features must be a multiple of 16
+    assert not cpu_gemv.accepts(torch.zeros(2, 64, dtype=torch.float16), 64)
+
+
+@pytest.mark.parametrize("rows", [1, 6, 12])
+def test_dense_linear_uses_the_kernel_for_decode_and_agrees_with_f_linear(rows):
+    g = torch.Generator().manual_seed(rows)
+    w = (torch.randn(96, 128, generator=g) * 0.05).to(torch.bfloat16)
+    b = torch.randn(96, generator=g).to(torch.bfloat16)
+    x = torch.randn(1, rows, 128, generator=g).to(torch.bfloat16)
+    ours, reference = linear(x, w, b), F.linear(x.float(), w.float(), b.float())
+    assert ours.shape == (1, rows, 96)
+    _close(ours, reference, torch.bfloat16)
+
+
+def test_switched_off_by_the_environment(monkeypatch):
+    monkeypatch.setenv(cpu_gemv.ENV_SWITCH, "0")
+    cpu_gemv.library.cache_clear()
+    try:
+        assert cpu_gemv.library() is None and not cpu_gemv.available()
+    finally:
+        monkeypatch.delenv(cpu_gemv.ENV_SWITCH)
+        cpu_gemv.library.cache_clear()
+    assert cpu_gemv.available()
