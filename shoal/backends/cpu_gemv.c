@@ -2,23 +2,30 @@
  * rows m (batch-1 and small-batch decode), with W in bf16, int8 per output channel, or int4 per group.
  *
  * Decode reads every weight once per step, so these kernels are built to stream W at the memory's
- * speed: each thread takes a contiguous range of output rows, reads each weight row exactly once, and
- * multiplies it against every activation row (held as float32 in cache). Weights are widened to
- * float32 in registers; activations are never quantized, so the result is the weight-only product
- * that the pure-torch fallback computes, up to float summation order.
+ * speed: each thread takes a contiguous range of output rows and reads each weight row exactly once,
+ * multiplying it against every activation row (which stay in cache).
+ *
+ *   bf16 weights: float32 (or, with AVX512-BF16 and bf16 activations, bf16 pair) dot products; the
+ *                 activations are used as given.
+ *   int8 / int4:  with AVX512-VNNI and bf16 activations, as llama.cpp does, the activations are
+ *                 quantized to int8 with one scale per block of 32 and the weights are multiplied in integers (vpdpbusd, 64
+ *                 products per instruction); the blocks' partial sums are then scaled in float32.
+ *                 Otherwise (float32 activations, or no VNNI) the weights are widened to float32 and
+ *                 the activations used as given.
  *
  * Compiled at first use by shoal/backends/cpu_gemv.py with `-O3 -march=native -fopenmp` and linked
- * into the process's OpenMP runtime (torch's own), loaded through ctypes. With AVX-512 the inner
- * loops are hand-vectorized; elsewhere the plain loops below are left to the compiler.
+ * into the process's OpenMP runtime (torch's own), loaded through ctypes.
  *
  * Layouts (row-major, contiguous):
  *   x      [M, K], float32 (act_bf16 = 0) or bf16 (act_bf16 = 1); y [M, N] in the same dtype
  *   bf16   W uint16 [N, K]
- *   int8   W int8 [N, K], scale float32 [N]:                 w = q * scale
- *   int4   W uint8 [N, K / 2], per block of 32 inputs 16 bytes, byte i holding input i in its low
- *          nibble and input i + 16 in its high one; scale, offset float32 [N, K / group]:
- *          w = u * scale + offset   (shoal's canonical (u - 8) * scale + zero, with offset = zero - 8 scale)
+ *   int8   W int8 [N, K], scale float32 [N]:  w = q * scale                      (K % 16 == 0)
+ *   int4   W uint8 [N, K / 2], per block of 128 inputs 64 bytes, byte i holding input i in its low
+ *          nibble and input 64 + i in its high one; scale and zero [N, K / group] in float32 or bf16
+ *          (scale_bf16): w = (u - 8) * scale + zero                              (K % 128 == 0,
+ *                                                                                 group % 32 == 0)
  */
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -26,17 +33,23 @@
 #include <immintrin.h>
 #endif
 
-#define MAX_ROWS 8   /* activation rows per call; the Python side falls back to a matmul above this */
-#define ROW_BLOCK 4  /* activation rows multiplied per pass over a weight row */
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define SHOAL_VNNI 1
+#endif
 
-static inline float bf16_to_float(uint16_t v) {
+#define MAX_ROWS 8   /* activation rows per call; the Python side uses a matmul above this */
+#define ROW_BLOCK 4  /* activation rows multiplied per pass over a weight row */
+#define QBLOCK 32    /* inputs per activation scale when activations are quantized */
+#define INLINE static inline __attribute__((always_inline))
+
+INLINE float bf16_to_float(uint16_t v) {
     uint32_t u = (uint32_t)v << 16;
     float f;
     memcpy(&f, &u, 4);
     return f;
 }
 
-static inline uint16_t float_to_bf16(float f) { /* round to nearest even, as torch does */
+INLINE uint16_t float_to_bf16(float f) { /* round to nearest even, as torch does */
     uint32_t u;
     memcpy(&u, &f, 4);
     if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* NaN stays NaN */
@@ -44,9 +57,22 @@ static inline uint16_t float_to_bf16(float f) { /* round to nearest even, as tor
     return (uint16_t)(u >> 16);
 }
 
-/* x as float32 [M, K]: converted once per call (M * K is tiny next to the weight). */
+INLINE float scale_at(const void *p, int64_t i, int bf16) {
+    return bf16 ? bf16_to_float(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+INLINE void store(void *y, int act_bf16, int64_t index, float value) {
+    if (act_bf16)
+        ((uint16_t *)y)[index] = float_to_bf16(value);
+    else
+        ((float *)y)[index] = value;
+}
+
+static void *alloc(size_t bytes) { return aligned_alloc(64, (bytes + 63) / 64 * 64); }
+
+/* x as float32 [M, K]. */
 static float *activations(const void *x, int act_bf16, int64_t M, int64_t K) {
-    float *xf = (float *)aligned_alloc(64, ((size_t)(M * K * 4) + 63) / 64 * 64);
+    float *xf = (float *)alloc((size_t)(M * K) * 4);
     if (!xf) return NULL;
     if (act_bf16) {
         const uint16_t *xb = (const uint16_t *)x;
@@ -57,46 +83,82 @@ static float *activations(const void *x, int act_bf16, int64_t M, int64_t K) {
     return xf;
 }
 
-static inline void store(void *y, int act_bf16, int64_t index, float value) {
-    if (act_bf16)
-        ((uint16_t *)y)[index] = float_to_bf16(value);
-    else
-        ((float *)y)[index] = value;
-}
+/* Activations quantized per block of 32: xq int8 [M, K], and each block's scale repeated for the 8
+ * int32 lanes of a vpdpbusd result that cover it: lane_scale float32 [M, K / 4]. */
+typedef struct {
+    int8_t *xq;
+    float *lane_scale;
+} QuantizedRows;
 
+static int quantize_rows(const float *xf, int64_t M, int64_t K, QuantizedRows *q) {
+    q->xq = (int8_t *)alloc((size_t)(M * K));
+    q->lane_scale = (float *)alloc((size_t)(M * K / 4) * 4);
+    if (!q->xq || !q->lane_scale) return 2;
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t b = 0; b < K / QBLOCK; b++) {
+            const float *xs = xf + m * K + b * QBLOCK;
+            int8_t *qs = q->xq + m * K + b * QBLOCK;
+            float *lanes = q->lane_scale + m * (K / 4) + b * (QBLOCK / 4);
 #ifdef __AVX512F__
-static inline __m512 load_bf16x16(const uint16_t *p) {
-    __m256i h = _mm256_loadu_si256((const __m256i *)p);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-
-static inline __m512 load_int8x16(const int8_t *p) {
-    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
-}
+            const __m512 x0 = _mm512_loadu_ps(xs), x1 = _mm512_loadu_ps(xs + 16);
+            const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
+            const __m512 inv = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+            /* cvtps rounds to nearest even (the default rounding mode), as lrintf does */
+            _mm_storeu_si128((__m128i *)qs, _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(x0, inv))));
+            _mm_storeu_si128((__m128i *)(qs + 16), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(x1, inv))));
+            _mm256_storeu_ps(lanes, _mm256_set1_ps(amax / 127.0f));
+#else
+            float amax = 0.0f;
+            for (int i = 0; i < QBLOCK; i++) amax = fmaxf(amax, fabsf(xs[i]));
+            const float d = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+            for (int i = 0; i < QBLOCK; i++) qs[i] = (int8_t)lrintf(xs[i] * inv);
+            for (int i = 0; i < QBLOCK / 4; i++) lanes[i] = d;
 #endif
+        }
+    return 0;
+}
 
-#define INLINE static inline __attribute__((always_inline))
+/* ---- bf16 weights ---------------------------------------------------------------------------- */
 
-/* One weight row (bf16 or int8, selected by `int8`) against rows [0, mb) of xf: dots[m]. Always
- * inlined with constant `mb` and `int8` (see dot_row), so the accumulators live in registers. */
-INLINE void dot_row_impl(const void *wrow, const int int8, const float *xf, int64_t K, const int mb, float *dots) {
+/* One bf16 weight row against rows [0, mb) of xf (float32) or xb (bf16 activations): dots[m]. */
+INLINE void dot_bf16_impl(const uint16_t *w, const float *xf, const uint16_t *xb, int64_t K, const int mb,
+                          float *dots) {
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+    if (xb && K % 32 == 0) { /* bf16 pairs: 32 products per instruction, exact, float32 sums */
+        __m512 acc[ROW_BLOCK][2];
+        for (int m = 0; m < mb; m++) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+        int64_t k = 0;
+        for (; k + 64 <= K; k += 64) {
+            __m512bh w0 = (__m512bh)_mm512_loadu_si512(w + k), w1 = (__m512bh)_mm512_loadu_si512(w + k + 32);
+            for (int m = 0; m < mb; m++) {
+                acc[m][0] = _mm512_dpbf16_ps(acc[m][0], w0, (__m512bh)_mm512_loadu_si512(xb + m * K + k));
+                acc[m][1] = _mm512_dpbf16_ps(acc[m][1], w1, (__m512bh)_mm512_loadu_si512(xb + m * K + k + 32));
+            }
+        }
+        for (; k < K; k += 32) {
+            __m512bh w0 = (__m512bh)_mm512_loadu_si512(w + k);
+            for (int m = 0; m < mb; m++)
+                acc[m][0] = _mm512_dpbf16_ps(acc[m][0], w0, (__m512bh)_mm512_loadu_si512(xb + m * K + k));
+        }
+        for (int m = 0; m < mb; m++) dots[m] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]));
+        return;
+    }
+#endif
 #ifdef __AVX512F__
     if (K % 16 == 0) {
         __m512 acc[ROW_BLOCK][2];
         for (int m = 0; m < mb; m++) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
         int64_t k = 0;
-        /* Two accumulators per row so consecutive FMAs do not wait on each other. */
         for (; k + 32 <= K; k += 32) {
-            __m512 w0 = int8 ? load_int8x16((const int8_t *)wrow + k) : load_bf16x16((const uint16_t *)wrow + k);
-            __m512 w1 = int8 ? load_int8x16((const int8_t *)wrow + k + 16)
-                             : load_bf16x16((const uint16_t *)wrow + k + 16);
+            __m512 w0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(w + k))), 16));
+            __m512 w1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(w + k + 16))), 16));
             for (int m = 0; m < mb; m++) {
                 acc[m][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xf + m * K + k), acc[m][0]);
                 acc[m][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xf + m * K + k + 16), acc[m][1]);
             }
         }
         for (; k < K; k += 16) {
-            __m512 w0 = int8 ? load_int8x16((const int8_t *)wrow + k) : load_bf16x16((const uint16_t *)wrow + k);
+            __m512 w0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(w + k))), 16));
             for (int m = 0; m < mb; m++) acc[m][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xf + m * K + k), acc[m][0]);
         }
         for (int m = 0; m < mb; m++) dots[m] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]));
@@ -104,174 +166,315 @@ INLINE void dot_row_impl(const void *wrow, const int int8, const float *xf, int6
     }
 #endif
     for (int m = 0; m < mb; m++) {
-        const float *xm = xf + m * K;
         float s = 0.0f;
-        if (int8) {
-            const int8_t *w = (const int8_t *)wrow;
-            for (int64_t k = 0; k < K; k++) s += (float)w[k] * xm[k];
-        } else {
-            const uint16_t *w = (const uint16_t *)wrow;
-            for (int64_t k = 0; k < K; k++) s += bf16_to_float(w[k]) * xm[k];
-        }
+        for (int64_t k = 0; k < K; k++) s += bf16_to_float(w[k]) * xf[m * K + k];
         dots[m] = s;
     }
 }
 
-static void dot_row(const void *wrow, int int8, const float *xf, int64_t K, int mb, float *dots) {
-    if (int8) {
-        switch (mb) {
-        case 1: dot_row_impl(wrow, 1, xf, K, 1, dots); break;
-        case 2: dot_row_impl(wrow, 1, xf, K, 2, dots); break;
-        case 3: dot_row_impl(wrow, 1, xf, K, 3, dots); break;
-        default: dot_row_impl(wrow, 1, xf, K, 4, dots); break;
-        }
-    } else {
-        switch (mb) {
-        case 1: dot_row_impl(wrow, 0, xf, K, 1, dots); break;
-        case 2: dot_row_impl(wrow, 0, xf, K, 2, dots); break;
-        case 3: dot_row_impl(wrow, 0, xf, K, 3, dots); break;
-        default: dot_row_impl(wrow, 0, xf, K, 4, dots); break;
-        }
+static void dot_bf16(const uint16_t *w, const float *xf, const uint16_t *xb, int64_t K, int mb, float *dots) {
+    switch (mb) { /* constant row counts, so the accumulators live in registers */
+    case 1: dot_bf16_impl(w, xf, xb, K, 1, dots); break;
+    case 2: dot_bf16_impl(w, xf, xb, K, 2, dots); break;
+    case 3: dot_bf16_impl(w, xf, xb, K, 3, dots); break;
+    default: dot_bf16_impl(w, xf, xb, K, 4, dots); break;
     }
-}
-
-static int gemv_dense(const void *x, int act_bf16, int64_t M, int64_t K, const void *w, int int8,
-                      const float *scale, int64_t N, void *y, int threads) {
-    if (M < 1 || M > MAX_ROWS) return 1;
-    float *xf = activations(x, act_bf16, M, K);
-    if (!xf) return 2;
-    const size_t row_bytes = (size_t)K * (int8 ? 1 : 2);
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t n = 0; n < N; n++) {
-        const void *wrow = (const char *)w + (size_t)n * row_bytes;
-        for (int64_t m0 = 0; m0 < M; m0 += ROW_BLOCK) {
-            int mb = (int)(M - m0 < ROW_BLOCK ? M - m0 : ROW_BLOCK);
-            float dots[ROW_BLOCK];
-            dot_row(wrow, int8, xf + m0 * K, K, mb, dots);
-            for (int m = 0; m < mb; m++) store(y, act_bf16, (m0 + m) * N + n, int8 ? dots[m] * scale[n] : dots[m]);
-        }
-    }
-    free(xf);
-    return 0;
 }
 
 int shoal_gemv_bf16(const void *x, int act_bf16, int64_t M, int64_t K, const uint16_t *w, int64_t N, void *y,
                     int threads) {
-    return gemv_dense(x, act_bf16, M, K, w, 0, NULL, N, y, threads);
-}
-
-int shoal_gemv_int8(const void *x, int act_bf16, int64_t M, int64_t K, const int8_t *w, const float *scale,
-                    int64_t N, void *y, int threads) {
-    return gemv_dense(x, act_bf16, M, K, w, 1, scale, N, y, threads);
-}
-
-/* ---- int4 -------------------------------------------------------------------------------------- */
-
-/* One int4 weight row against rows [0, mb) of xf, group sums of x in xsum [M, G]. */
-INLINE void dot_row_int4_impl(const uint8_t *wrow, const float *scale, const float *offset, const float *xf,
-                              const float *xsum, int64_t K, int64_t group, const int mb, float *dots) {
-    const int64_t G = K / group;
-#ifdef __AVX512F__
-    __m512 acc[ROW_BLOCK];
-    for (int m = 0; m < mb; m++) acc[m] = _mm512_setzero_ps();
-    const __m128i low_mask = _mm_set1_epi8(0x0F);
-    for (int64_t g = 0; g < G; g++) {
-        __m512 part[ROW_BLOCK][2];
-        for (int m = 0; m < mb; m++) part[m][0] = part[m][1] = _mm512_setzero_ps();
-        for (int64_t k = g * group; k < (g + 1) * group; k += 32) {
-            __m128i b = _mm_loadu_si128((const __m128i *)(wrow + k / 2));
-            __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(b, low_mask)));
-            __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), low_mask)));
-            for (int m = 0; m < mb; m++) {
-                part[m][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xf + m * K + k), part[m][0]);
-                part[m][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xf + m * K + k + 16), part[m][1]);
-            }
-        }
-        __m512 s = _mm512_set1_ps(scale[g]);
-        for (int m = 0; m < mb; m++) acc[m] = _mm512_fmadd_ps(_mm512_add_ps(part[m][0], part[m][1]), s, acc[m]);
-    }
-    for (int m = 0; m < mb; m++) {
-        float d = _mm512_reduce_add_ps(acc[m]);
-        for (int64_t g = 0; g < G; g++) d += offset[g] * xsum[m * G + g];
-        dots[m] = d;
-    }
-#else
-    for (int m = 0; m < mb; m++) {
-        const float *xm = xf + m * K;
-        float d = 0.0f;
-        for (int64_t g = 0; g < G; g++) {
-            float part = 0.0f;
-            for (int64_t k = g * group; k < (g + 1) * group; k += 32) {
-                const uint8_t *b = wrow + k / 2;
-                for (int i = 0; i < 16; i++) part += (float)(b[i] & 0x0F) * xm[k + i] + (float)(b[i] >> 4) * xm[k + 16 + i];
-            }
-            d += part * scale[g] + offset[g] * xsum[m * G + g];
-        }
-        dots[m] = d;
-    }
-#endif
-}
-
-static void dot_row_int4(const uint8_t *wrow, const float *scale, const float *offset, const float *xf,
-                         const float *xsum, int64_t K, int64_t group, int mb, float *dots) {
-    switch (mb) {
-    case 1: dot_row_int4_impl(wrow, scale, offset, xf, xsum, K, group, 1, dots); break;
-    case 2: dot_row_int4_impl(wrow, scale, offset, xf, xsum, K, group, 2, dots); break;
-    case 3: dot_row_int4_impl(wrow, scale, offset, xf, xsum, K, group, 3, dots); break;
-    default: dot_row_int4_impl(wrow, scale, offset, xf, xsum, K, group, 4, dots); break;
-    }
-}
-
-int shoal_gemv_int4(const void *x, int act_bf16, int64_t M, int64_t K, const uint8_t *w, const float *scale,
-                    const float *offset, int64_t group, int64_t N, void *y, int threads) {
-    if (M < 1 || M > MAX_ROWS || group % 32 || K % group) return 1;
+    if (M < 1 || M > MAX_ROWS) return 1;
     float *xf = activations(x, act_bf16, M, K);
     if (!xf) return 2;
-    const int64_t G = K / group;
-    float *sums = (float *)malloc((size_t)(M * G) * sizeof(float));
-    if (!sums) {
-        free(xf);
-        return 2;
-    }
-    for (int64_t m = 0; m < M; m++)
-        for (int64_t g = 0; g < G; g++) {
-            float s = 0.0f;
-            for (int64_t k = g * group; k < (g + 1) * group; k++) s += xf[m * K + k];
-            sums[m * G + g] = s;
-        }
+    const uint16_t *xb = act_bf16 ? (const uint16_t *)x : NULL;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = 0; n < N; n++) {
-        const uint8_t *wrow = w + (size_t)n * (size_t)(K / 2);
         for (int64_t m0 = 0; m0 < M; m0 += ROW_BLOCK) {
             int mb = (int)(M - m0 < ROW_BLOCK ? M - m0 : ROW_BLOCK);
             float dots[ROW_BLOCK];
-            dot_row_int4(wrow, scale + n * G, offset + n * G, xf + m0 * K, sums + m0 * G, K, group, mb, dots);
+            dot_bf16(w + (size_t)n * (size_t)K, xf + m0 * K, xb ? xb + m0 * K : NULL, K, mb, dots);
             for (int m = 0; m < mb; m++) store(y, act_bf16, (m0 + m) * N + n, dots[m]);
         }
     }
-    free(sums);
     free(xf);
     return 0;
 }
 
-/* The int4 weight above as bf16 [N, K], for prefill, where a matmul on the CPU's matrix units wins. */
-int shoal_dequant_int4_bf16(const uint8_t *w, const float *scale, const float *offset, int64_t group, int64_t N,
-                            int64_t K, uint16_t *out, int threads) {
-    if (group % 32 || K % group) return 1;
+/* ---- int8 weights, one scale per output row -------------------------------------------------- */
+
+INLINE void dot_int8_impl(const int8_t *w, const float *xf, const QuantizedRows *q, int64_t K, const int mb,
+                          float *dots) {
+#ifdef SHOAL_VNNI
+    if (q->xq) {
+        /* sum (xq + 128) w - sum 128 w = sum xq w: vpdpbusd wants its first operand unsigned. */
+        const __m512i flip = _mm512_set1_epi8((char)0x80), zero = _mm512_setzero_si512();
+        const __m512i c128 = _mm512_set1_epi8((char)0x80); /* 128 as an unsigned byte */
+        __m512 acc[ROW_BLOCK];
+        for (int m = 0; m < mb; m++) acc[m] = _mm512_setzero_ps();
+        for (int64_t k = 0; k < K; k += 64) {
+            const __m512i wv = _mm512_loadu_si512(w + k);
+            const __m512i bias = _mm512_dpbusd_epi32(zero, c128, wv);
+            for (int m = 0; m < mb; m++) {
+                __m512i xu = _mm512_xor_si512(_mm512_loadu_si512(q->xq + m * K + k), flip);
+                __m512i d = _mm512_sub_epi32(_mm512_dpbusd_epi32(zero, xu, wv), bias);
+                acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_loadu_ps(q->lane_scale + m * (K / 4) + k / 4), acc[m]);
+            }
+        }
+        for (int m = 0; m < mb; m++) dots[m] = _mm512_reduce_add_ps(acc[m]);
+        return;
+    }
+#endif
+#ifdef __AVX512F__
+    {
+        __m512 acc[ROW_BLOCK];
+        for (int m = 0; m < mb; m++) acc[m] = _mm512_setzero_ps();
+        for (int64_t k = 0; k < K; k += 16) {
+            __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + k))));
+            for (int m = 0; m < mb; m++) acc[m] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xf + m * K + k), acc[m]);
+        }
+        for (int m = 0; m < mb; m++) dots[m] = _mm512_reduce_add_ps(acc[m]);
+        return;
+    }
+#endif
+    for (int m = 0; m < mb; m++) {
+        float s = 0.0f;
+        for (int64_t k = 0; k < K; k++) s += (float)w[k] * xf[m * K + k];
+        dots[m] = s;
+    }
+}
+
+static void dot_int8(const int8_t *w, const float *xf, const QuantizedRows *q, int64_t K, int mb, float *dots) {
+    switch (mb) {
+    case 1: dot_int8_impl(w, xf, q, K, 1, dots); break;
+    case 2: dot_int8_impl(w, xf, q, K, 2, dots); break;
+    case 3: dot_int8_impl(w, xf, q, K, 3, dots); break;
+    default: dot_int8_impl(w, xf, q, K, 4, dots); break;
+    }
+}
+
+int shoal_gemv_int8(const void *x, int act_bf16, int64_t M, int64_t K, const int8_t *w, const float *scale,
+                    int64_t N, void *y, int threads) {
+    if (M < 1 || M > MAX_ROWS || K % 16) return 1;
+    float *xf = activations(x, act_bf16, M, K);
+    if (!xf) return 2;
+    QuantizedRows q = {NULL, NULL};
+#ifdef SHOAL_VNNI
+    /* bf16 activations are quantized (speed); float32 ones are multiplied as given (exact). */
+    if (act_bf16 && K % 64 == 0 && quantize_rows(xf, M, K, &q)) {
+        free(xf);
+        return 2;
+    }
+#endif
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t n = 0; n < N; n++) {
+        for (int64_t m0 = 0; m0 < M; m0 += ROW_BLOCK) {
+            int mb = (int)(M - m0 < ROW_BLOCK ? M - m0 : ROW_BLOCK);
+            float dots[ROW_BLOCK];
+            QuantizedRows qm = {q.xq ? q.xq + m0 * K : NULL, q.xq ? q.lane_scale + m0 * (K / 4) : NULL};
+            dot_int8(w + (size_t)n * (size_t)K, xf + m0 * K, &qm, K, mb, dots);
+            for (int m = 0; m < mb; m++) store(y, act_bf16, (m0 + m) * N + n, dots[m] * scale[n]);
+        }
+    }
+    free(q.xq);
+    free(q.lane_scale);
+    free(xf);
+    return 0;
+}
+
+/* ---- int4 weights, a scale and a zero per group ---------------------------------------------- */
+
+typedef struct {
+    const void *scale, *zero;
+    int scale_bf16;
+    int64_t group;
+} Int4Groups;
+
+/* One int4 weight row (its scales and zeros at row offset `r`) against rows [0, mb); xsum [M, K / group]
+ * holds each group's sum of the activations, for the (zero - 8 * scale) term. */
+INLINE void dot_int4_impl(const uint8_t *w, const Int4Groups *g, int64_t r, const float *xf, const QuantizedRows *q,
+                          const float *xsum, int64_t K, const int mb, const int sb, const int g32, float *dots) {
+    const int64_t G = K / g->group;
+    float out[ROW_BLOCK];
+#ifdef SHOAL_VNNI
+    if (q->xq) {
+        const __m512i low = _mm512_set1_epi8(0x0F), zero = _mm512_setzero_si512();
+        __m512 acc[ROW_BLOCK][2]; /* one per half, so consecutive FMAs do not wait on each other */
+        for (int m = 0; m < mb; m++) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+        for (int64_t k = 0; k < K; k += 128) {
+            const __m512i b = _mm512_loadu_si512(w + k / 2);
+            const __m512i halves[2] = {_mm512_and_si512(b, low), _mm512_and_si512(_mm512_srli_epi16(b, 4), low)};
+            for (int h = 0; h < 2; h++) {
+                const int64_t k0 = k + 64 * h;
+                __m512 s;
+                if (!g32) {
+                    s = _mm512_set1_ps(scale_at(g->scale, r + k0 / g->group, sb));
+                } else { /* group 32: lanes 0-7 in one group, 8-15 in the next */
+                    s = _mm512_insertf32x8(_mm512_set1_ps(scale_at(g->scale, r + k0 / 32, sb)),
+                                           _mm256_set1_ps(scale_at(g->scale, r + k0 / 32 + 1, sb)), 1);
+                }
+                for (int m = 0; m < mb; m++) {
+                    __m512i d = _mm512_dpbusd_epi32(zero, halves[h], _mm512_loadu_si512(q->xq + m * K + k0));
+                    __m512 part = _mm512_mul_ps(_mm512_cvtepi32_ps(d), _mm512_loadu_ps(q->lane_scale + m * (K / 4) + k0 / 4));
+                    acc[m][h] = _mm512_fmadd_ps(part, s, acc[m][h]);
+                }
+            }
+        }
+        for (int m = 0; m < mb; m++) out[m] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]));
+    } else
+#endif
+    {
+        for (int m = 0; m < mb; m++) {
+            const float *xm = xf + m * K;
+            float d = 0.0f;
+            for (int64_t k = 0; k < K; k += 128) {
+                const uint8_t *bytes = w + k / 2;
+                float lo = 0.0f, hi = 0.0f;
+                /* groups of 32 or more never straddle the two 64-input halves of a 128 block */
+                for (int i = 0; i < 64; i++) {
+                    lo += (float)(bytes[i] & 0x0F) * xm[k + i];
+                    hi += (float)(bytes[i] >> 4) * xm[k + 64 + i];
+                }
+                if (g->group >= 64) {
+                    d += lo * scale_at(g->scale, r + k / g->group, sb) + hi * scale_at(g->scale, r + (k + 64) / g->group, sb);
+                } else {
+                    for (int part = 0; part < 4; part++) {
+                        float s = 0.0f;
+                        for (int i = 0; i < 32; i++) {
+                            int j = (part % 2) * 32 + i;
+                            s += (float)(part < 2 ? bytes[j] & 0x0F : bytes[j] >> 4) * xm[k + part * 32 + i];
+                        }
+                        d += s * scale_at(g->scale, r + (k + part * 32) / 32, sb);
+                    }
+                    (void)lo;
+                    (void)hi;
+                }
+            }
+            out[m] = d;
+        }
+    }
+    /* + sum_g (zero - 8 * scale) * xsum */
+#ifdef __AVX512F__
+    {
+        __m512 t[ROW_BLOCK];
+        for (int m = 0; m < mb; m++) t[m] = _mm512_setzero_ps();
+        for (int64_t gi = 0; gi < G; gi += 16) {
+            const __mmask16 lanes = G - gi >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (G - gi)) - 1);
+            __m512 sv, zv;
+            if (sb) {
+                sv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, (const uint16_t *)g->scale + r + gi)), 16));
+                zv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, (const uint16_t *)g->zero + r + gi)), 16));
+            } else {
+                sv = _mm512_maskz_loadu_ps(lanes, (const float *)g->scale + r + gi);
+                zv = _mm512_maskz_loadu_ps(lanes, (const float *)g->zero + r + gi);
+            }
+            const __m512 offset = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), sv, zv);
+            for (int m = 0; m < mb; m++) t[m] = _mm512_fmadd_ps(offset, _mm512_maskz_loadu_ps(lanes, xsum + m * G + gi), t[m]);
+        }
+        for (int m = 0; m < mb; m++) dots[m] = out[m] + _mm512_reduce_add_ps(t[m]);
+        return;
+    }
+#endif
+    for (int m = 0; m < mb; m++) {
+        float t = 0.0f;
+        for (int64_t gi = 0; gi < G; gi++)
+            t += (scale_at(g->zero, r + gi, sb) - 8.0f * scale_at(g->scale, r + gi, sb)) * xsum[m * G + gi];
+        dots[m] = out[m] + t;
+    }
+}
+
+/* Dispatch on the constants the inner loop branches on: rows, bf16 scales, group 32. */
+#define DOT_INT4_CASE(MB, SB, G32) \
+    case (MB) * 4 + (SB) * 2 + (G32): dot_int4_impl(w, g, r, xf, q, xsum, K, MB, SB, G32, dots); break;
+#define DOT_INT4_ROWS(MB) DOT_INT4_CASE(MB, 0, 0) DOT_INT4_CASE(MB, 0, 1) DOT_INT4_CASE(MB, 1, 0) DOT_INT4_CASE(MB, 1, 1)
+
+static void dot_int4(const uint8_t *w, const Int4Groups *g, int64_t r, const float *xf, const QuantizedRows *q,
+                     const float *xsum, int64_t K, int mb, float *dots) {
+    switch (mb * 4 + (g->scale_bf16 ? 2 : 0) + (g->group == 32 ? 1 : 0)) {
+        DOT_INT4_ROWS(1)
+        DOT_INT4_ROWS(2)
+        DOT_INT4_ROWS(3)
+        DOT_INT4_ROWS(4)
+    }
+}
+
+int shoal_gemv_int4(const void *x, int act_bf16, int64_t M, int64_t K, const uint8_t *w, const void *scale,
+                    const void *zero, int scale_bf16, int64_t group, int64_t N, void *y, int threads) {
+    if (M < 1 || M > MAX_ROWS || group % 32 || K % group || K % 128) return 1;
+    float *xf = activations(x, act_bf16, M, K);
+    if (!xf) return 2;
+    const int64_t G = K / group;
+    float *xsum = (float *)alloc((size_t)(M * G) * 4);
+    QuantizedRows q = {NULL, NULL};
+    int failed = !xsum;
+#ifdef SHOAL_VNNI
+    failed = failed || (act_bf16 && quantize_rows(xf, M, K, &q));
+#endif
+    if (failed) {
+        free(xsum), free(q.xq), free(q.lane_scale), free(xf);
+        return 2;
+    }
+    /* Group sums of the activations as the dot products see them (quantized where they are), so that
+     * the zero term cancels the scale term's offset exactly as in w = (u - 8) * scale + zero. */
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t gi = 0; gi < G; gi++) {
+            float s = 0.0f;
+            if (q.xq) { /* per block of 32: its scale times the sum of its codes */
+                for (int64_t b = gi * group / QBLOCK; b < (gi + 1) * group / QBLOCK; b++) {
+                    int codes = 0;
+                    for (int i = 0; i < QBLOCK; i++) codes += q.xq[m * K + b * QBLOCK + i];
+                    s += (float)codes * q.lane_scale[m * (K / 4) + b * (QBLOCK / 4)];
+                }
+            } else {
+                for (int64_t k = gi * group; k < (gi + 1) * group; k++) s += xf[m * K + k];
+            }
+            xsum[m * G + gi] = s;
+        }
+    const Int4Groups groups = {scale, zero, scale_bf16, group};
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t n = 0; n < N; n++) {
+        for (int64_t m0 = 0; m0 < M; m0 += ROW_BLOCK) {
+            int mb = (int)(M - m0 < ROW_BLOCK ? M - m0 : ROW_BLOCK);
+            float dots[ROW_BLOCK];
+            QuantizedRows qm = {q.xq ? q.xq + m0 * K : NULL, q.xq ? q.lane_scale + m0 * (K / 4) : NULL};
+            dot_int4(w + (size_t)n * (size_t)(K / 2), &groups, n * G, xf + m0 * K, &qm, xsum + m0 * G, K, mb, dots);
+            for (int m = 0; m < mb; m++) store(y, act_bf16, (m0 + m) * N + n, dots[m]);
+        }
+    }
+    free(xsum), free(q.xq), free(q.lane_scale), free(xf);
+    return 0;
+}
+
+/* The int4 weight above as bf16 (out_bf16) or float32 [N, K], for prefill, where a matmul on the CPU's
+ * matrix units wins. */
+int shoal_dequant_int4(const uint8_t *w, const void *scale, const void *zero, int scale_bf16, int64_t group,
+                       int64_t N, int64_t K, void *out, int out_bf16, int threads) {
+    if (group % 32 || K % group || K % 128) return 1;
     const int64_t G = K / group;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = 0; n < N; n++) {
         const uint8_t *wrow = w + (size_t)n * (size_t)(K / 2);
-        uint16_t *orow = out + (size_t)n * (size_t)K;
-        for (int64_t k = 0; k < K; k += 32) {
-            const int64_t g = k / group;
-            const float s = scale[n * G + g], o = offset[n * G + g];
+        const int64_t row = n * K;
+        for (int64_t k = 0; k < K; k += 128) {
             const uint8_t *b = wrow + k / 2;
-            for (int i = 0; i < 16; i++) {
-                orow[k + i] = float_to_bf16((float)(b[i] & 0x0F) * s + o);
-                orow[k + 16 + i] = float_to_bf16((float)(b[i] >> 4) * s + o);
+            for (int i = 0; i < 128; i++) {
+                const int64_t gi = n * G + (k + i) / group;
+                const float s = scale_at(scale, gi, scale_bf16), z = scale_at(zero, gi, scale_bf16);
+                const int u = i < 64 ? b[i] & 0x0F : b[i - 64] >> 4;
+                store(out, out_bf16, row + k + i, (float)(u - 8) * s + z);
             }
         }
     }
     return 0;
+}
+
+/* What this build uses: 1 = int8 activations with VNNI for int8 / int4 weights, 2 = bf16 pair products. */
+int shoal_kernel_features(void) {
+    int features = 0;
+#ifdef SHOAL_VNNI
+    features |= 1;
+#endif
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+    features |= 2;
+#endif
+    return features;
 }

@@ -58,7 +58,8 @@ def _cpu_signature() -> str:
 
 
 def _build(compiler: str) -> Path:
-    flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+    # -ffp-contract=off: the scalar dequantization rounds exactly as torch's separate multiply and add.
+    flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-ffp-contract=off"]
     source = SOURCE.read_bytes()
     key = hashlib.sha256(source + " ".join([compiler, *flags]).encode() + _cpu_signature().encode()).hexdigest()[:16]
     target = _cache_dir() / f"cpu_gemv-{key}.so"
@@ -97,15 +98,23 @@ def library() -> ctypes.CDLL | None:
     i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     lib.shoal_gemv_bf16.argtypes = [ptr, i32, i64, i64, ptr, i64, ptr, i32]
     lib.shoal_gemv_int8.argtypes = [ptr, i32, i64, i64, ptr, ptr, i64, ptr, i32]
-    lib.shoal_gemv_int4.argtypes = [ptr, i32, i64, i64, ptr, ptr, ptr, i64, i64, ptr, i32]
-    lib.shoal_dequant_int4_bf16.argtypes = [ptr, ptr, ptr, i64, i64, i64, ptr, i32]
-    for fn in (lib.shoal_gemv_bf16, lib.shoal_gemv_int8, lib.shoal_gemv_int4, lib.shoal_dequant_int4_bf16):
+    lib.shoal_gemv_int4.argtypes = [ptr, i32, i64, i64, ptr, ptr, ptr, i32, i64, i64, ptr, i32]
+    lib.shoal_dequant_int4.argtypes = [ptr, ptr, ptr, i32, i64, i64, i64, ptr, i32, i32]
+    lib.shoal_kernel_features.argtypes = []
+    for fn in (lib.shoal_kernel_features, lib.shoal_gemv_bf16, lib.shoal_gemv_int8, lib.shoal_gemv_int4, lib.shoal_dequant_int4):
         fn.restype = i32
     return lib
 
 
 def available() -> bool:
     return library() is not None
+
+
+def quantizes_activations() -> bool:
+    """Whether int8 / int4 weights multiply bf16 activations quantized to int8 (one scale per 32 inputs,
+    with VNNI, as llama.cpp does) rather than as given. float32 activations are always used as given."""
+    lib = library()
+    return lib is not None and bool(lib.shoal_kernel_features() & 1)
 
 
 def accepts(x: torch.Tensor, in_features: int) -> bool:
@@ -150,18 +159,23 @@ def gemv_int8(x: torch.Tensor, qweight: torch.Tensor, scales_f32: torch.Tensor) 
     return y
 
 
+def int4_layout_fits(in_features: int, group_size: int) -> bool:
+    return in_features % 128 == 0 and group_size % 32 == 0 and in_features % group_size == 0
+
+
 def int4_relayout(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> dict[str, torch.Tensor]:
-    """shoal's canonical int4 (input 2j low nibble, 2j + 1 high; w = (u - 8) s + z) as the kernel's layout:
-    per 32 inputs, byte i = input i (low) | input i + 16 (high); w = u s + offset."""
+    """shoal's canonical int4 (input 2j in the low nibble, 2j + 1 in the high one) as the kernel's layout:
+    per 128 inputs 64 bytes, byte i = input i (low nibble) | input 64 + i (high). Scales and zeros keep
+    their dtype (bf16 or float32; others become float32)."""
     u = torch.stack([packed & 0x0F, packed >> 4], dim=-1).flatten(-2)  # [N, K] uint4 values
     n, k = u.shape
-    blocks = u.view(n, k // 32, 2, 16)
+    blocks = u.view(n, k // 128, 2, 64)
     relaid = (blocks[:, :, 0, :] | (blocks[:, :, 1, :] << 4)).reshape(n, k // 2).contiguous()
-    s = scales.to(torch.float32)
+    dtype = scales.dtype if scales.dtype in (torch.bfloat16, torch.float32) else torch.float32
     return {
         "qweight_gemv": relaid,
-        "scales_f32": s.contiguous(),
-        "offsets_f32": (zeros.to(torch.float32) - 8.0 * s).contiguous(),
+        "scales": scales.to(dtype).contiguous(),
+        "zeros": zeros.to(dtype).contiguous(),
     }
 
 
@@ -171,19 +185,20 @@ def gemv_int4(x: torch.Tensor, t: dict[str, torch.Tensor], group_size: int) -> t
     n = t["qweight_gemv"].shape[0]
     y = torch.empty(m, n, dtype=x.dtype)
     _check(library().shoal_gemv_int4(
-        x.data_ptr(), int(x.dtype == torch.bfloat16), m, k, t["qweight_gemv"].data_ptr(), t["scales_f32"].data_ptr(),
-        t["offsets_f32"].data_ptr(), group_size, n, y.data_ptr(), torch.get_num_threads(),
+        x.data_ptr(), int(x.dtype == torch.bfloat16), m, k, t["qweight_gemv"].data_ptr(), t["scales"].data_ptr(),
+        t["zeros"].data_ptr(), int(t["scales"].dtype == torch.bfloat16), group_size, n, y.data_ptr(),
+        torch.get_num_threads(),
     ), "gemv_int4")
     return y
 
 
-def dequantize_int4_bf16(t: dict[str, torch.Tensor], group_size: int) -> torch.Tensor:
-    """The kernel-layout int4 weight as bf16 [N, K] (for prefill's matmul)."""
+def dequantize_int4(t: dict[str, torch.Tensor], group_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """The kernel-layout int4 weight as bf16 or float32 [N, K] (for prefill's matmul)."""
     q = t["qweight_gemv"]
     n, k = q.shape[0], q.shape[1] * 2
-    out = torch.empty(n, k, dtype=torch.bfloat16)
-    _check(library().shoal_dequant_int4_bf16(
-        q.data_ptr(), t["scales_f32"].data_ptr(), t["offsets_f32"].data_ptr(), group_size, n, k, out.data_ptr(),
-        torch.get_num_threads(),
-    ), "dequant_int4_bf16")
+    out = torch.empty(n, k, dtype=torch.bfloat16 if dtype == torch.bfloat16 else torch.float32)
+    _check(library().shoal_dequant_int4(
+        q.data_ptr(), t["scales"].data_ptr(), t["zeros"].data_ptr(), int(t["scales"].dtype == torch.bfloat16),
+        group_size, n, k, out.data_ptr(), int(out.dtype == torch.bfloat16), torch.get_num_threads(),
+    ), "dequant_int4")
     return out

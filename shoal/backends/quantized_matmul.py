@@ -102,7 +102,7 @@ def int4_cpu_prepare(t: Tensors, group_size: int) -> Tensors:
     a shape neither takes keeps the canonical layout and the fallback."""
     packed = t["qweight"]
     out, k = packed.shape[0], packed.shape[1] * 2
-    if cpu_gemv.available() and group_size % 32 == 0 and k % group_size == 0:
+    if cpu_gemv.available() and cpu_gemv.int4_layout_fits(k, group_size):
         return cpu_gemv.int4_relayout(packed, t["scales"], t["zeros"])
     if t["scales"].dtype != torch.bfloat16 or out % 16 or group_size not in (32, 64, 128, 256):
         return t
@@ -117,8 +117,8 @@ def int4_cpu(x: torch.Tensor, t: Tensors, group_size: int) -> torch.Tensor:
     if "qweight_gemv" in t:
         if cpu_gemv.accepts(x, t["qweight_gemv"].shape[1] * 2):
             return cpu_gemv.gemv_int4(x, t, group_size)
-        w = cpu_gemv.dequantize_int4_bf16(t, group_size)
-        return F.linear(x.to(torch.bfloat16), w).to(x.dtype)
+        w = cpu_gemv.dequantize_int4(t, group_size, x.dtype)
+        return F.linear(x.to(w.dtype), w).to(x.dtype)
     if "qweight_cpu" not in t:
         return int4_fallback(x, t, group_size)
     # The kernel reads a bf16 activation; other dtypes are only reached by a caller that skipped prepare.

@@ -13,17 +13,28 @@ from shoal.quant.formats import Int4GroupWeight, Int8ChannelWeight
 pytestmark = pytest.mark.skipif(not cpu_gemv.available(), reason="no C compiler here: the kernels are not built")
 
 
-def _close(ours: torch.Tensor, reference: torch.Tensor, dtype: torch.dtype) -> None:
+def _close(ours: torch.Tensor, reference: torch.Tensor, dtype: torch.dtype, tol: float = 1e-5) -> None:
     # float32 activations: only the summation order differs; bf16: the output is rounded to bf16.
-    tol = 1e-5 if dtype == torch.float32 else 8e-3
+    tol = max(tol, 0 if dtype == torch.float32 else 8e-3)
     scale = reference.abs().max().item()
     assert ours.dtype == dtype
     assert (ours.float() - reference).abs().max().item() <= tol * scale
 
 
+def _as_the_kernel_sees(x: torch.Tensor, k: int) -> torch.Tensor:
+    """x as the int8 / int4 kernels multiply it: quantized to int8 per block of 32 where they do that."""
+    if x.dtype != torch.bfloat16 or not cpu_gemv.quantizes_activations() or k % 64:
+        return x.float()
+    x = x.float()
+    blocks = x.view(x.shape[0], -1, 32)
+    d = blocks.abs().amax(-1, keepdim=True) / 127
+    q = torch.round(blocks / torch.where(d > 0, d, 1)).clamp(-127, 127)
+    return (q * d).view_as(x)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8])
-@pytest.mark.parametrize("k", [48, 256, 1040])  # 48 and 1040: not a multiple of the 32-wide unrolled loop
+@pytest.mark.parametrize("k", [48, 256, 1040])  # 48 and 1040: not a multiple of the unrolled loops
 def test_bf16_and_int8_weights(dtype, rows, k):
     g = torch.Generator().manual_seed(rows * 1000 + k)
     w = torch.randn(70, k, generator=g) * 0.05
@@ -31,21 +42,29 @@ def test_bf16_and_int8_weights(dtype, rows, k):
     wb = w.to(torch.bfloat16)
     _close(cpu_gemv.gemv_bf16(x, wb), x.float() @ wb.float().t(), dtype)
     q = Int8ChannelWeight.quantize(w, torch.float32)
-    _close(cpu_gemv.gemv_int8(x, q.qweight, q.scales), x.float() @ q.dequantize().t(), dtype)
+    q.qweight[0, :4] = -128  # the full int8 range, which the VNNI path must not overflow on
+    _close(cpu_gemv.gemv_int8(x, q.qweight, q.scales), _as_the_kernel_sees(x, k) @ q.dequantize().t(), dtype)
+    # and against the activations as given: the quantization of the activations costs little
+    _close(cpu_gemv.gemv_int8(x, q.qweight, q.scales), x.float() @ q.dequantize().t(), dtype, tol=2e-2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 3, 4, 7])
 @pytest.mark.parametrize("group", [32, 64, 128])
-def test_int4_weights_in_the_kernel_layout(dtype, rows, group):
+@pytest.mark.parametrize("scale_dtype", [torch.bfloat16, torch.float32])
+def test_int4_weights_in_the_kernel_layout(dtype, rows, group, scale_dtype):
     g = torch.Generator().manual_seed(rows * 100 + group)
-    w = torch.randn(45, 256, generator=g) * 0.05
-    x = torch.randn(rows, 256, generator=g).to(dtype)
-    q = Int4GroupWeight.quantize(w, group, torch.bfloat16)
+    w = torch.randn(45, 384, generator=g) * 0.05
+    x = torch.randn(rows, 384, generator=g).to(dtype)
+    q = Int4GroupWeight.quantize(w, group, scale_dtype)
     t = cpu_gemv.int4_relayout(q.packed, q.scales, q.zeros)
-    _close(cpu_gemv.gemv_int4(x, t, group), x.float() @ q.dequantize().t(), dtype)
+    assert t["scales"].dtype == scale_dtype
+    ours = cpu_gemv.gemv_int4(x, t, group)
+    _close(ours, _as_the_kernel_sees(x, 384) @ q.dequantize().t(), dtype, tol=2e-5)
+    _close(ours, x.float() @ q.dequantize().t(), dtype, tol=2e-2)
     # Prefill's path: the whole weight back as bf16, exactly what the canonical layout dequantizes to.
-    assert torch.equal(cpu_gemv.dequantize_int4_bf16(t, group), q.dequantize(torch.bfloat16))
+    assert torch.equal(cpu_gemv.dequantize_int4(t, group, torch.bfloat16), q.dequantize(torch.bfloat16))
+    assert torch.equal(cpu_gemv.dequantize_int4(t, group, torch.float32), q.dequantize(torch.float32))
 
 
 def test_only_a_few_rows_of_a_supported_dtype_are_accepted():
@@ -53,6 +72,7 @@ def test_only_a_few_rows_of_a_supported_dtype_are_accepted():
     assert not cpu_gemv.accepts(torch.zeros(9, 64), 64)  # a prefill chunk: a matmul instead
     assert not cpu_gemv.accepts(torch.zeros(2, 40), 40)  # in_features must be a multiple of 16
     assert not cpu_gemv.accepts(torch.zeros(2, 64, dtype=torch.float16), 64)
+    assert cpu_gemv.int4_layout_fits(256, 64) and not cpu_gemv.int4_layout_fits(192, 64)
 
 
 @pytest.mark.parametrize("rows", [1, 6, 12])
