@@ -29,9 +29,11 @@ ROUNDS, MIN_ROUNDS, BUDGET_S = 20, 6, 30.0
 # every op for whichever thread lost its core (2 threads on a shared 2-core box: 10x slower steps);
 # one thread only ever loses its share of the time.
 CPU_THREADS = 1
-FIT = ("prefill_compute", "decode_compute", "layer_overhead_us", "step_overhead_us")
-BOUNDS = {"prefill_compute": (0.01, 1.0), "decode_compute": (0.01, 1.0), "layer_overhead_us": (0.0, 100000.0),
-          "step_overhead_us": (0.0, 2000000.0)}
+FIT = ("prefill_compute", "decode_compute", "memory", "activation_passes", "layer_overhead_us", "step_overhead_us",
+       "prefill_expert_us", "decode_expert_us")
+BOUNDS = {"prefill_compute": (0.01, 1.0), "decode_compute": (0.01, 1.0), "memory": (0.01, 1.0),
+          "activation_passes": (0.0, 200.0), "layer_overhead_us": (0.0, 100000.0), "step_overhead_us": (0.0, 2000000.0),
+          "prefill_expert_us": (0.0, 100000.0), "decode_expert_us": (0.0, 100000.0)}
 
 
 @dataclass
@@ -186,7 +188,7 @@ def predict_run(shape: ModelShape, chip: Chip, factors: Factors, run: Run) -> di
     return {"prefill_s": prefill, "decode_step_s": step}
 
 
-def fit(chip: Chip, data: list[tuple[ModelShape, Run, dict]], rounds: int = 6) -> Factors:
+def fit(chip: Chip, data: list[tuple[ModelShape, Run, dict]], rounds: int = 12) -> Factors:
     """Factors minimising squared log error of prefill time and decode step time over `data`."""
     factors = Factors(memory=0.8, overlap=0.0)
 
@@ -272,6 +274,7 @@ def _calibrate(device, path, progress, runs, measure, chip) -> dict:
         "held_back": [r.name for r in runs if r.held_back],
         "rows": rows,
         "threads": _threads(),
+        "rounds": max((len(m["trials"]["prefill_s"]) for _, _, m in data if "trials" in m), default=None),
         "trials": {run.name: m["trials"] for _, run, m in data if "trials" in m},
     }
     if path is not None:
@@ -294,6 +297,8 @@ def format_calibration(report: dict) -> str:
     chip = report["chip"]
     lines = [f"{chip['name']}: measured peak {chip['bf16_tflops']:.3f} TFLOP/s bf16 matmul, "
              f"{chip['memory_bw_gbps']:.1f} GB/s memory",
+             f"measured with {report.get('threads')} torch thread(s); each figure the best of "
+             f"{report.get('rounds')} interleaved trials",
              "fitted factors (on " + "; ".join(report["fitted_on"]) + "):"]
     lines += [f"  {k:<18} {v:.4g}" for k, v in report["factors"].items()]
     rows = [["shape", "metric", "measured", "predicted", "error"]]
