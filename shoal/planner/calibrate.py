@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import statistics
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -22,10 +23,17 @@ from shoal.planner.errors import PlanError
 from shoal.planner.shapes import ModelShape, load_shape
 from shoal.planner.fitting import golden_section_min
 
-PREFILL_TRIALS, DECODE_TRIALS = 5, 3
-FIT = ("prefill_compute", "decode_compute", "layer_overhead_us", "step_overhead_us")
-BOUNDS = {"prefill_compute": (0.01, 1.0), "decode_compute": (0.01, 1.0), "layer_overhead_us": (0.0, 100000.0),
-          "step_overhead_us": (0.0, 2000000.0)}
+# Interleaved rounds of trials (one prefill and one decode trial of every shape per round).
+ROUNDS, MIN_ROUNDS, BUDGET_S = 20, 6, 30.0
+# Torch threads while calibrating a CPU. On a machine other work shares, a team of threads waits at
+# every op for whichever thread lost its core (2 threads on a shared 2-core box: 10x slower steps);
+# one thread only ever loses its share of the time.
+CPU_THREADS = 1
+FIT = ("prefill_compute", "decode_compute", "memory", "activation_passes", "layer_overhead_us", "step_overhead_us",
+       "prefill_expert_us", "decode_expert_us")
+BOUNDS = {"prefill_compute": (0.01, 1.0), "decode_compute": (0.01, 1.0), "memory": (0.01, 1.0),
+          "activation_passes": (0.0, 200.0), "layer_overhead_us": (0.0, 100000.0), "step_overhead_us": (0.0, 2000000.0),
+          "prefill_expert_us": (0.0, 100000.0), "decode_expert_us": (0.0, 100000.0)}
 
 
 @dataclass
@@ -87,46 +95,89 @@ def build_llama(spec: str, folder: Path) -> Path:
     return folder
 
 
-def measure_engine(path: str, run: Run, device: str | None) -> dict:
-    """Time shoal's engine: seconds to prefill the prompts, and seconds per decode step of the batch."""
-    import random
+class EngineProbe:
+    """One shape's engine, kept open so that trials of different shapes can take turns (interleaved, a
+    burst of load from other processes slows all shapes alike instead of whichever was being timed)."""
 
-    from shoal.llm import LLM
-    from shoal.sampling_params import SamplingParams
+    def __init__(self, path: str, run: Run, device: str | None) -> None:
+        import random
 
-    llm = LLM(path, device=device, dtype="bfloat16", progress=False, enable_prefix_caching=False,
-              max_num_seqs=max(run.batch, run.prompts),
-              max_num_batched_tokens=max(2048, run.prompts * run.prompt_len, run.batch * run.prompt_len))
-    rng = random.Random(0)
-    vocab = llm.model_config.vocab_size
-    engine = llm.engine
+        from shoal.llm import LLM
 
-    def prompts(n: int) -> list[list[int]]:
-        return [[rng.randrange(3, vocab) for _ in range(run.prompt_len)] for _ in range(n)]
+        self.run = run
+        self.llm = LLM(path, device=device, dtype="bfloat16", progress=False, enable_prefix_caching=False,
+                       max_num_seqs=max(run.batch, run.prompts),
+                       max_model_len=run.prompt_len + run.decode_tokens + 8,
+                       max_num_batched_tokens=max(2048, run.prompts * run.prompt_len, run.batch * run.prompt_len))
+        self.rng = random.Random(0)
+        self.vocab = self.llm.model_config.vocab_size
 
-    def steps_timed(ps, tokens: int, skip: int) -> float:
-        """Seconds per engine step after the first `skip` steps, running `ps` to `tokens` tokens each."""
+    def _add(self, n: int, tokens: int) -> None:
+        from shoal.sampling_params import SamplingParams
+
         params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
-        for ids in ps:
-            engine.add_request(ids, params)
-        for _ in range(skip):
-            engine.step()
-        llm.backend.synchronize()
-        start, count = time.perf_counter(), 0
+        for _ in range(n):
+            self.llm.engine.add_request([self.rng.randrange(3, self.vocab) for _ in range(self.run.prompt_len)],
+                                        params)
+
+    def prefill_trial(self) -> float:
+        """Seconds to prefill the run's prompts (one engine step; each prompt then stops at its first token)."""
+        engine, sync = self.llm.engine, self.llm.backend.synchronize
+        self._add(self.run.prompts, 1)
+        sync()
+        start = time.perf_counter()
         while engine.has_unfinished():
             engine.step()
-            count += 1
-        llm.backend.synchronize()
-        return (time.perf_counter() - start) / max(count, 1)
+        sync()
+        return time.perf_counter() - start
+
+    def decode_trial(self, tokens: int | None = None) -> float:
+        """Median seconds of one decode step of the run's batch (each step timed on its own, the prefill
+        and the first decode step left out; the median ignores a stall of a few steps)."""
+        engine, sync = self.llm.engine, self.llm.backend.synchronize
+        self._add(self.run.batch, (tokens or self.run.decode_tokens) + 1)
+        engine.step()  # the prefill
+        engine.step()  # the first decode step
+        steps = []
+        while engine.has_unfinished():
+            sync()
+            start = time.perf_counter()
+            engine.step()
+            sync()
+            steps.append(time.perf_counter() - start)
+        return statistics.median(steps) if steps else 0.0
+
+
+def measure_interleaved(probes: list[EngineProbe], rounds: int = ROUNDS, budget_s: float = BUDGET_S,
+                        progress: bool = False) -> list[dict]:
+    """Trials of every shape in turn, round after round; each shape's figure is its best trial.
+
+    Other work on the machine only ever slows a trial down, so the best of several is the engine's own
+    speed; taking turns means a burst of load costs every shape a trial, not one shape all of them.
+    Stops after `rounds` rounds, or after MIN_ROUNDS once `budget_s` seconds of trials have passed."""
+    from tqdm import tqdm
 
     # Warm up on the very shapes measured: a CPU matmul library prepares its kernels per shape, and the
     # first prefill of a new shape can take several times as long as the next.
-    steps_timed(prompts(run.prompts), 1, 0)
-    steps_timed(prompts(run.batch), 3, 1)
-    # Best of several: on a shared machine other work only ever slows a trial down.
-    prefill = min(steps_timed(prompts(run.prompts), 1, 0) for _ in range(PREFILL_TRIALS))
-    decode = min(steps_timed(prompts(run.batch), run.decode_tokens + 1, 1) for _ in range(DECODE_TRIALS))
-    return {"prefill_s": prefill, "decode_step_s": decode}
+    for probe in probes:
+        probe.prefill_trial()
+        probe.decode_trial(tokens=3)
+    trials = [{"prefill_s": [], "decode_step_s": []} for _ in probes]
+    start = time.perf_counter()
+    for r in tqdm(range(rounds), desc="calibrate: rounds", disable=not progress):
+        for probe, got in zip(probes, trials):
+            got["prefill_s"].append(probe.prefill_trial())
+        for probe, got in zip(probes, trials):
+            got["decode_step_s"].append(probe.decode_trial())
+        if r + 1 >= MIN_ROUNDS and time.perf_counter() - start > budget_s:
+            break
+    return [{"prefill_s": min(t["prefill_s"]), "decode_step_s": min(t["decode_step_s"]), "trials": t}
+            for t in trials]
+
+
+def measure_engine(path: str, run: Run, device: str | None) -> dict:
+    """Time shoal's engine on one shape alone: its best prefill and decode trials."""
+    return measure_interleaved([EngineProbe(path, run, device)])[0]
 
 
 def predict_run(shape: ModelShape, chip: Chip, factors: Factors, run: Run) -> dict:
@@ -137,7 +188,7 @@ def predict_run(shape: ModelShape, chip: Chip, factors: Factors, run: Run) -> di
     return {"prefill_s": prefill, "decode_step_s": step}
 
 
-def fit(chip: Chip, data: list[tuple[ModelShape, Run, dict]], rounds: int = 6) -> Factors:
+def fit(chip: Chip, data: list[tuple[ModelShape, Run, dict]], rounds: int = 12) -> Factors:
     """Factors minimising squared log error of prefill time and decode step time over `data`."""
     factors = Factors(memory=0.8, overlap=0.0)
 
@@ -157,25 +208,53 @@ def fit(chip: Chip, data: list[tuple[ModelShape, Run, dict]], rounds: int = 6) -
 
 def calibrate(device: str | None = "cpu", path: str | Path | None = None, progress: bool = True,
               runs: list[Run] | None = None, measure: Callable[[str, Run, str | None], dict] | None = None,
-              chip: Chip | None = None) -> dict:
-    """Measure each run, fit on those not held back, predict all; save the factors to `path`."""
+              chip: Chip | None = None, threads: int | None = None) -> dict:
+    """Measure each run, fit on those not held back, predict all; save the factors to `path`.
+
+    On a CPU the peaks and the engine are measured with `threads` torch threads (default
+    CPU_THREADS) and the thread count is restored afterwards; the factors are ratios to peaks measured
+    the same way, so they carry over to other thread counts."""
+    import torch
+
+    threads = threads or (CPU_THREADS if _is_cpu(device) else None)
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return _calibrate(device, path, progress, runs, measure, chip)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _is_cpu(device: str | None) -> bool:
+    return device is None or str(device).split(":")[0] == "cpu"
+
+
+def _calibrate(device, path, progress, runs, measure, chip) -> dict:
     from tqdm import tqdm
 
     from shoal.config import DEMO_MODEL_PATH
 
     runs = runs or RUNS
-    measure = measure or measure_engine
     chip = chip or this_machine(quick=False, device=device)
     data = []
     with tempfile.TemporaryDirectory(prefix="shoal-calibrate-") as tmp:
-        for i, run in enumerate(tqdm(runs, desc="calibrate", disable=not progress)):
+        folders = []
+        for i, run in enumerate(runs):
             if run.model == "demo":
-                folder = str(DEMO_MODEL_PATH)
+                folders.append(str(DEMO_MODEL_PATH))
             elif run.model.startswith("llama:"):
-                folder = str(build_llama(run.model, Path(tmp) / f"run{i}"))
+                folders.append(str(build_llama(run.model, Path(tmp) / f"run{i}")))
             else:
-                folder = run.model
-            data.append((load_shape(folder), run, measure(folder, run, device)))
+                folders.append(run.model)
+        if measure is not None:  # one shape at a time (tests inject the cost model here)
+            measured = [measure(folder, run, device) for folder, run in
+                        zip(folders, tqdm(runs, desc="calibrate", disable=not progress))]
+        else:
+            probes = [EngineProbe(folder, run, device) for folder, run in
+                      zip(folders, tqdm(runs, desc="calibrate: loading", disable=not progress))]
+            measured = measure_interleaved(probes, progress=progress)
+        data = [(load_shape(folder), run, m) for folder, run, m in zip(folders, runs, measured)]
     train = [d for d in data if not d[1].held_back]
     if not train:
         raise PlanError("calibration needs at least one shape that is not held back")
@@ -194,6 +273,9 @@ def calibrate(device: str | None = "cpu", path: str | Path | None = None, progre
         "fitted_on": [r.name for r in runs if not r.held_back],
         "held_back": [r.name for r in runs if r.held_back],
         "rows": rows,
+        "threads": _threads(),
+        "rounds": max((len(m["trials"]["prefill_s"]) for _, _, m in data if "trials" in m), default=None),
+        "trials": {run.name: m["trials"] for _, run, m in data if "trials" in m},
     }
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -202,10 +284,21 @@ def calibrate(device: str | None = "cpu", path: str | Path | None = None, progre
     return report
 
 
+def _threads() -> int | None:
+    try:
+        import torch
+
+        return torch.get_num_threads()
+    except ImportError:  # pragma: no cover
+        return None
+
+
 def format_calibration(report: dict) -> str:
     chip = report["chip"]
     lines = [f"{chip['name']}: measured peak {chip['bf16_tflops']:.3f} TFLOP/s bf16 matmul, "
              f"{chip['memory_bw_gbps']:.1f} GB/s memory",
+             f"measured with {report.get('threads')} torch thread(s); each figure the best of "
+             f"{report.get('rounds')} interleaved trials",
              "fitted factors (on " + "; ".join(report["fitted_on"]) + "):"]
     lines += [f"  {k:<18} {v:.4g}" for k, v in report["factors"].items()]
     rows = [["shape", "metric", "measured", "predicted", "error"]]

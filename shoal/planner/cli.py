@@ -51,6 +51,9 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
     check.add_argument("--calibrate", action="store_true",
                        help="run shoal's engine here on a few shapes, fit this machine's factors, check a held-back shape")
     check.add_argument("--device", default="cpu", help="device to calibrate (default cpu)")
+    check.add_argument("--threads", type=int, default=None,
+                       help="torch threads while calibrating a CPU (default 1: on a shared machine a team of "
+                            "threads stalls whenever another process holds one of its cores)")
     check.add_argument("--calibration", default=None, metavar="FILE",
                        help="where --calibrate saves its factors and 'this' reads them "
                             "(default ~/.cache/shoal/plan_calibration.json)")
@@ -109,7 +112,7 @@ def _calibrate(args) -> int:
     from shoal.planner.calibrate import calibrate, default_calibration_path, format_calibration
 
     report = calibrate(device=args.device, path=args.calibration or default_calibration_path(),
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, threads=args.threads)
     print(json.dumps(report, indent=2) if args.json else format_calibration(report))
     return 0
 

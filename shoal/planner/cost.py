@@ -37,6 +37,15 @@ class Factors:
     overlap: float = 0.5  # share of the shorter of compute and communication hidden under the other
     layer_overhead_us: float = 0.0  # fixed cost per layer per forward step (kernel launches, syncs, host code)
     step_overhead_us: float = 0.0  # fixed cost per forward step
+    # Fixed cost per routed expert that receives tokens, per MoE layer per forward step: its own gather,
+    # matmul launches and scatter. Per phase: in prefill an expert's token count is new almost every
+    # step, and a CPU matmul library prepares its kernels afresh for each new count.
+    prefill_expert_us: float = 0.0
+    decode_expert_us: float = 0.0
+    # Passes over a token's hidden-size activation per layer made by the ops between the matmuls (norms,
+    # residual adds, rotary, the gated activation, cache writes), each a read or a write at the memory
+    # roofline; 0 where kernels are fused or the matmuls hide them.
+    activation_passes: float = 0.0
 
     def replaced(self, **changes: float) -> "Factors":
         values = asdict(self)
@@ -226,6 +235,11 @@ def forward_cost(shape: ModelShape, dep: Deployment, factors: Factors, tokens: f
         touched = 1.0 - (1.0 - shape.experts_per_token / shape.routed_experts) ** max(tokens, 0.0)
         flops = tokens * shape.experts_per_token * 2 * shape.expert_params / lay.stage_chips * dep.expert_imbalance
         roof("routed experts", flops, per_chip * touched * shape.expert_params * wb / expert_split, peak, moe_layers)
+        active_experts = moe_layers * per_chip * touched
+    else:
+        active_experts = 0.0
+    if factors.activation_passes:
+        roof("activations", 0.0, t_dp * factors.activation_passes * shape.hidden * 2.0 / tp, peak, stage_layers)
     head_tp = tp  # vocabulary-parallel head over the tensor-parallel group
     cost.pieces.setdefault("LM head", 0.0)
     _roofline(cost, "LM head", logits_tokens / dp * 2 * shape.head_params / head_tp,
@@ -250,7 +264,9 @@ def forward_cost(shape: ModelShape, dep: Deployment, factors: Factors, tokens: f
         cost.comm["pp send"] = _link_time(chip, factors, 2 if lay.chips <= chip.scaleup_domain else
                                           chip.scaleup_domain + 1, send)
     cost.comm_s = sum(cost.comm.values())
-    cost.overhead_s = (factors.layer_overhead_us * stage_layers + factors.step_overhead_us) * 1e-6
+    expert_us = factors.prefill_expert_us if phase == "prefill" else factors.decode_expert_us
+    cost.overhead_s = (factors.layer_overhead_us * stage_layers + factors.step_overhead_us
+                       + expert_us * active_experts) * 1e-6
     return cost
 
 

@@ -115,3 +115,28 @@ def test_calibration_fit_recovers_injected_factors(tmp_path):
     held = [r for r in report["rows"] if r["held_back"]]
     assert held and all(abs(r["error"]) < 0.05 for r in held)
     assert json.loads((tmp_path / "cal.json").read_text())["factors"]
+
+
+def test_interleaved_measurement_takes_turns_and_keeps_each_shapes_best_trial():
+    from shoal.planner.calibrate import measure_interleaved
+
+    order = []
+
+    class FakeProbe:
+        def __init__(self, name, prefills, decodes):
+            self.name, self.prefills, self.decodes = name, iter(prefills), iter(decodes)
+
+        def prefill_trial(self):
+            order.append(("prefill", self.name))
+            return next(self.prefills)
+
+        def decode_trial(self, tokens=None):
+            order.append(("decode", self.name))
+            return next(self.decodes)
+
+    # the first trial of each kind is the warm-up and does not count
+    a = FakeProbe("a", [9.0, 3.0, 2.0, 5.0], [9.0, 0.5, 0.4, 0.6])
+    b = FakeProbe("b", [9.0, 7.0, 8.0, 6.0], [9.0, 0.9, 0.7, 0.8])
+    got = measure_interleaved([a, b], rounds=3, budget_s=0.0)
+    assert [(g["prefill_s"], g["decode_step_s"]) for g in got] == [(2.0, 0.4), (6.0, 0.7)]
+    assert order[4:8] == [("prefill", "a"), ("prefill", "b"), ("decode", "a"), ("decode", "b")]

@@ -145,3 +145,36 @@ def test_config_errors_surface(tmp_path):
         load_shape(tmp_path)
     with pytest.raises(ConfigError, match="no model config"):
         load_shape(tmp_path / "missing")
+
+
+def test_expert_overhead_counts_touched_experts_per_phase():
+    """Each routed expert that receives a token costs a fixed time per MoE layer, prefill and decode apart."""
+    s = load_shape("deepseek-v3")  # 58 MoE layers, 256 routed experts, 8 per token
+    dep = Deployment(chip(), Layout(1), quant="bf16", overlap=False)
+    base = Factors()
+    f = Factors(prefill_expert_us=100.0, decode_expert_us=10.0)
+
+    def overhead(factors, tokens, phase):
+        return forward_cost(s, dep, factors, tokens=tokens, keys=0, kv_read_tokens=0, logits_tokens=0,
+                            phase=phase).overhead_s
+
+    # one token touches exactly its 8 experts: 58 layers x 8 x 10 us in decode
+    assert overhead(f, 1, "decode") - overhead(base, 1, "decode") == pytest.approx(58 * 8 * 10e-6)
+    # 64 tokens touch 256 x (1 - (1 - 8/256)^64) experts on average, each 100 us in prefill
+    touched = 256 * (1 - (1 - 8 / 256) ** 64)
+    assert overhead(f, 64, "prefill") - overhead(base, 64, "prefill") == pytest.approx(58 * touched * 100e-6)
+    # a dense model has no experts to pay for
+    llama = load_shape("llama-3-8b")
+    assert forward_cost(llama, dep, f, 64, 0, 0, 0, "prefill").overhead_s == 0.0
+
+
+def test_activation_passes_are_timed_at_the_memory_roofline():
+    """passes x hidden x 2 bytes per token per layer, read or written at bandwidth x memory efficiency."""
+    s = load_shape("llama-3-8b")  # 32 layers, hidden 4096
+    dep = Deployment(chip(memory_bw_gbps=1000.0), Layout(1), quant="bf16", overlap=False)
+    f = Factors(activation_passes=10.0, memory=0.5)
+    cost = forward_cost(s, dep, f, tokens=2048, keys=0, kv_read_tokens=0, logits_tokens=0, phase="prefill")
+    assert cost.pieces["activations"] == pytest.approx(32 * 2048 * 10 * 4096 * 2 / (1000e9 * 0.5))
+    assert cost.bound["activations"] == "memory"
+    # off by default: the published-deployment fits do not see it
+    assert "activations" not in forward_cost(s, dep, Factors(), 2048, 0, 0, 0, "prefill").pieces
