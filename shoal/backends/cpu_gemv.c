@@ -22,8 +22,7 @@
  *   int8   W int8 [N, K], scale float32 [N]:  w = q * scale                      (K % 16 == 0)
  *   int4   W uint8 [N, K / 2], per block of 128 inputs 64 bytes, byte i holding input i in its low
  *          nibble and input 64 + i in its high one; scale and zero [N, K / group] in float32 or bf16
- *          (scale_bf16): w = (u - 8) * scale + zero                              (K % 128 == 0,
- *                                                                                 group % 32 == 0)
+ *          (scale_bf16): w = (u - 8) * scale + zero       (K % 128 == 0, group a power of two >= 32)
  */
 #include <math.h>
 #include <stdint.h>
@@ -283,23 +282,55 @@ int shoal_gemv_int8(const void *x, int act_bf16, int64_t M, int64_t K, const int
 
 /* ---- int4 weights, a scale and a zero per group ---------------------------------------------- */
 
+/* log2(group) for a power of two from 32 up, else -1 */
+static int group_shift(int64_t group) {
+    for (int shift = 5; shift < 31; shift++)
+        if (group == ((int64_t)1 << shift)) return shift;
+    return -1;
+}
+
 typedef struct {
     const void *scale, *zero;
     int scale_bf16;
     int64_t group;
+    int group_shift; /* group = 1 << group_shift: the inner loops shift, never divide */
 } Int4Groups;
+
+#ifdef __AVX512F__
+/* t[m] = lanes whose sum is sum_g (zero - 8 * scale)[g] * xsum[m, g], for one weight row. */
+INLINE void zero_terms(const Int4Groups *g, int64_t r, const float *xsum, int64_t G, const int mb, const int sb,
+                       __m512 *t) {
+    for (int m = 0; m < mb; m++) t[m] = _mm512_setzero_ps();
+    for (int64_t gi = 0; gi < G; gi += 16) {
+        const __mmask16 lanes = G - gi >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (G - gi)) - 1);
+        __m512 sv, zv;
+        if (sb) {
+            sv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, (const uint16_t *)g->scale + r + gi)), 16));
+            zv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, (const uint16_t *)g->zero + r + gi)), 16));
+        } else {
+            sv = _mm512_maskz_loadu_ps(lanes, (const float *)g->scale + r + gi);
+            zv = _mm512_maskz_loadu_ps(lanes, (const float *)g->zero + r + gi);
+        }
+        const __m512 offset = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), sv, zv);
+        for (int m = 0; m < mb; m++) t[m] = _mm512_fmadd_ps(offset, _mm512_maskz_loadu_ps(lanes, xsum + m * G + gi), t[m]);
+    }
+}
+#endif
 
 /* One int4 weight row (its scales and zeros at row offset `r`) against rows [0, mb); xsum [M, K / group]
  * holds each group's sum of the activations, for the (zero - 8 * scale) term. */
 INLINE void dot_int4_impl(const uint8_t *w, const Int4Groups *g, int64_t r, const float *xf, const QuantizedRows *q,
                           const float *xsum, int64_t K, const int mb, const int sb, const int g32, float *dots) {
-    const int64_t G = K / g->group;
+    const int64_t G = K >> g->group_shift;
+    const int gs = g->group_shift;
     float out[ROW_BLOCK];
 #ifdef SHOAL_VNNI
     if (q->xq) {
         const __m512i low = _mm512_set1_epi8(0x0F), zero = _mm512_setzero_si512();
         __m512 acc[ROW_BLOCK][2]; /* one per half, so consecutive FMAs do not wait on each other */
-        for (int m = 0; m < mb; m++) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+        __m512 t[ROW_BLOCK]; /* the zero terms start the second accumulator: one reduction per row */
+        zero_terms(g, r, xsum, G, mb, sb, t);
+        for (int m = 0; m < mb; m++) acc[m][0] = _mm512_setzero_ps(), acc[m][1] = t[m];
         for (int64_t k = 0; k < K; k += 128) {
             const __m512i b = _mm512_loadu_si512(w + k / 2);
             const __m512i halves[2] = {_mm512_and_si512(b, low), _mm512_and_si512(_mm512_srli_epi16(b, 4), low)};
@@ -307,7 +338,7 @@ INLINE void dot_int4_impl(const uint8_t *w, const Int4Groups *g, int64_t r, cons
                 const int64_t k0 = k + 64 * h;
                 __m512 s;
                 if (!g32) {
-                    s = _mm512_set1_ps(scale_at(g->scale, r + k0 / g->group, sb));
+                    s = _mm512_set1_ps(scale_at(g->scale, r + (k0 >> gs), sb));
                 } else { /* group 32: lanes 0-7 in one group, 8-15 in the next */
                     s = _mm512_insertf32x8(_mm512_set1_ps(scale_at(g->scale, r + k0 / 32, sb)),
                                            _mm256_set1_ps(scale_at(g->scale, r + k0 / 32 + 1, sb)), 1);
@@ -319,7 +350,8 @@ INLINE void dot_int4_impl(const uint8_t *w, const Int4Groups *g, int64_t r, cons
                 }
             }
         }
-        for (int m = 0; m < mb; m++) out[m] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]));
+        for (int m = 0; m < mb; m++) dots[m] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]));
+        return;
     } else
 #endif
     {
@@ -334,8 +366,8 @@ INLINE void dot_int4_impl(const uint8_t *w, const Int4Groups *g, int64_t r, cons
                     lo += (float)(bytes[i] & 0x0F) * xm[k + i];
                     hi += (float)(bytes[i] >> 4) * xm[k + 64 + i];
                 }
-                if (g->group >= 64) {
-                    d += lo * scale_at(g->scale, r + k / g->group, sb) + hi * scale_at(g->scale, r + (k + 64) / g->group, sb);
+                if (!g32) {
+                    d += lo * scale_at(g->scale, r + (k >> gs), sb) + hi * scale_at(g->scale, r + ((k + 64) >> gs), sb);
                 } else {
                     for (int part = 0; part < 4; part++) {
                         float s = 0.0f;
@@ -356,20 +388,7 @@ INLINE void dot_int4_impl(const uint8_t *w, const Int4Groups *g, int64_t r, cons
 #ifdef __AVX512F__
     {
         __m512 t[ROW_BLOCK];
-        for (int m = 0; m < mb; m++) t[m] = _mm512_setzero_ps();
-        for (int64_t gi = 0; gi < G; gi += 16) {
-            const __mmask16 lanes = G - gi >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (G - gi)) - 1);
-            __m512 sv, zv;
-            if (sb) {
-                sv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, (const uint16_t *)g->scale + r + gi)), 16));
-                zv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, (const uint16_t *)g->zero + r + gi)), 16));
-            } else {
-                sv = _mm512_maskz_loadu_ps(lanes, (const float *)g->scale + r + gi);
-                zv = _mm512_maskz_loadu_ps(lanes, (const float *)g->zero + r + gi);
-            }
-            const __m512 offset = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), sv, zv);
-            for (int m = 0; m < mb; m++) t[m] = _mm512_fmadd_ps(offset, _mm512_maskz_loadu_ps(lanes, xsum + m * G + gi), t[m]);
-        }
+        zero_terms(g, r, xsum, G, mb, sb, t);
         for (int m = 0; m < mb; m++) dots[m] = out[m] + _mm512_reduce_add_ps(t[m]);
         return;
     }
@@ -399,7 +418,8 @@ static void dot_int4(const uint8_t *w, const Int4Groups *g, int64_t r, const flo
 
 int shoal_gemv_int4(const void *x, int act_bf16, int64_t M, int64_t K, const uint8_t *w, const void *scale,
                     const void *zero, int scale_bf16, int64_t group, int64_t N, void *y, int threads) {
-    if (M < 1 || M > MAX_ROWS || group % 32 || K % group || K % 128) return 1;
+    const int shift = group_shift(group);
+    if (M < 1 || M > MAX_ROWS || shift < 5 || K % group || K % 128) return 1;
     float *xf = activations(x, act_bf16, M, K);
     if (!xf) return 2;
     const int64_t G = K / group;
@@ -429,7 +449,7 @@ int shoal_gemv_int4(const void *x, int act_bf16, int64_t M, int64_t K, const uin
             }
             xsum[m * G + gi] = s;
         }
-    const Int4Groups groups = {scale, zero, scale_bf16, group};
+    const Int4Groups groups = {scale, zero, scale_bf16, group, shift};
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = 0; n < N; n++) {
         for (int64_t m0 = 0; m0 < M; m0 += ROW_BLOCK) {
@@ -448,7 +468,8 @@ int shoal_gemv_int4(const void *x, int act_bf16, int64_t M, int64_t K, const uin
  * matrix units wins. */
 int shoal_dequant_int4(const uint8_t *w, const void *scale, const void *zero, int scale_bf16, int64_t group,
                        int64_t N, int64_t K, void *out, int out_bf16, int threads) {
-    if (group % 32 || K % group || K % 128) return 1;
+    const int shift = group_shift(group);
+    if (shift < 5 || K % group || K % 128) return 1;
     const int64_t G = K / group;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = 0; n < N; n++) {
@@ -456,11 +477,28 @@ int shoal_dequant_int4(const uint8_t *w, const void *scale, const void *zero, in
         const int64_t row = n * K;
         for (int64_t k = 0; k < K; k += 128) {
             const uint8_t *b = wrow + k / 2;
-            for (int i = 0; i < 128; i++) {
-                const int64_t gi = n * G + (k + i) / group;
+            for (int i = 0; i < 128; i += 32) { /* groups are 32 or more: one scale per 32 inputs */
+                const int64_t gi = n * G + ((k + i) >> shift);
                 const float s = scale_at(scale, gi, scale_bf16), z = scale_at(zero, gi, scale_bf16);
-                const int u = i < 64 ? b[i] & 0x0F : b[i - 64] >> 4;
-                store(out, out_bf16, row + k + i, (float)(u - 8) * s + z);
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+                for (int j = i; j < i + 32; j += 16) {
+                    __m128i bytes = _mm_loadu_si128((const __m128i *)(b + (j < 64 ? j : j - 64)));
+                    if (j >= 64) bytes = _mm_srli_epi16(bytes, 4);
+                    bytes = _mm_and_si128(bytes, _mm_set1_epi8(0x0F));
+                    const __m512 u = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes)), _mm512_set1_ps(8.0f));
+                    /* multiply, then add: rounded as torch's separate operations round */
+                    const __m512 v = _mm512_add_ps(_mm512_mul_ps(u, _mm512_set1_ps(s)), _mm512_set1_ps(z));
+                    if (out_bf16)
+                        _mm256_storeu_si256((__m256i *)((uint16_t *)out + row + k + j), (__m256i)_mm512_cvtneps_pbh(v));
+                    else
+                        _mm512_storeu_ps((float *)out + row + k + j, v);
+                }
+                continue;
+#endif
+                for (int j = i; j < i + 32; j++) {
+                    const int u = j < 64 ? b[j] & 0x0F : b[j - 64] >> 4;
+                    store(out, out_bf16, row + k + j, (float)(u - 8) * s + z);
+                }
             }
         }
     }

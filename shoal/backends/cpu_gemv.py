@@ -160,7 +160,8 @@ def gemv_int8(x: torch.Tensor, qweight: torch.Tensor, scales_f32: torch.Tensor) 
 
 
 def int4_layout_fits(in_features: int, group_size: int) -> bool:
-    return in_features % 128 == 0 and group_size % 32 == 0 and in_features % group_size == 0
+    """The int4 kernel's shapes: 128-input blocks, and a power-of-two group of 32 or more."""
+    return in_features % 128 == 0 and group_size >= 32 and group_size & (group_size - 1) == 0 and in_features % group_size == 0
 
 
 def int4_relayout(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> dict[str, torch.Tensor]:
