@@ -105,6 +105,22 @@ def evaluate(model, ids: torch.Tensor, window: int, batch: int, dtype, cache_fac
     return torch.cat(nll), torch.cat(top)
 
 
+def through_decode_kernels() -> None:
+    """Make prefill windows take decode's path: shoal's CPU matrix-vector kernels, 8 rows per call."""
+    from shoal.backends import cpu_gemv
+
+    if not cpu_gemv.available():
+        raise SystemExit("--decode-kernels: shoal's CPU kernels could not be built here (no C compiler?)")
+    accepts = cpu_gemv.accepts
+
+    def chunked(kernel):
+        return lambda x, *rest: torch.cat([kernel(part, *rest) for part in x.split(cpu_gemv.MAX_ROWS)])
+
+    cpu_gemv.accepts = lambda x, k: accepts(x[: cpu_gemv.MAX_ROWS], k)
+    cpu_gemv.gemv_int8 = chunked(cpu_gemv.gemv_int8)
+    cpu_gemv.gemv_int4 = chunked(cpu_gemv.gemv_int4)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=str(DEMO_MODEL_PATH))
@@ -114,7 +130,12 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json-out", default=None)
+    ap.add_argument("--decode-kernels", action="store_true",
+                    help="send every quantized matmul through the CPU decode kernels, 8 rows at a time "
+                         "(with bf16 they multiply int8-quantized activations, as in real decode steps)")
     args = ap.parse_args(argv)
+    if args.decode_kernels:
+        through_decode_kernels()
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     path = Path(args.model)
@@ -146,7 +167,8 @@ def main(argv=None) -> int:
         print(f"| {row['format']} | {row['perplexity']:.3f} | {row['perplexity_change'] * 100:+.2f}% | "
               f"{row['next_token_agreement'] * 100:.2f}% |")
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps({"dtype": args.dtype, "window": args.window, "results": results},
+        Path(args.json_out).write_text(json.dumps({"dtype": args.dtype, "window": args.window,
+                                                   "decode_kernels": args.decode_kernels, "results": results},
                                                   indent=2) + "\n")
     return 0
 
