@@ -4,12 +4,16 @@
 it backs the simple generation loop. The serving engine's paged cache implements the same methods
 (`begin_forward`, `write`, `attention_mask`, and `unpack` / `pack`, which move queries between the
 layout the linear layers run in and one row per sequence), so model code never changes between them.
+Both also offer `decode_attention()`: for a step of one new token per sequence on the CPU, a fused
+kernel (shoal/backends/cpu_ops.py) that writes and attends in one call, or None where it does not apply.
 What a layer stores is the model's choice: keys and values for GQA, the compressed latent for MLA.
 """
 
 from __future__ import annotations
 
 import torch
+
+from shoal.backends import cpu_ops
 
 
 def causal_mask(
@@ -49,6 +53,8 @@ class ContiguousKVCache:
         self._rows = torch.arange(batch_size, device=device)[:, None]
         self._kv_len = 0
         self._mask: torch.Tensor | None = None
+        self._mask_args = None
+        self._decode: cpu_ops.DecodeAttention | None = None
 
     def bytes_per_token(self) -> int:
         """Cache bytes one token occupies across all layers (the figure MLA shrinks)."""
@@ -70,11 +76,31 @@ class ContiguousKVCache:
         if kv_len > self.max_len:
             raise ValueError(f"position {kv_len - 1} is past the cache's {self.max_len} slots")
         self._kv_len = kv_len
-        self._mask = causal_mask(positions, kv_len, sliding_window=sliding_window)
+        self._mask_args = (positions, kv_len, None, sliding_window)  # built when first asked for
+        self._decode = None
+        slab = self.layers[0][0] if self.layers and self.layers[0] else None
+        if positions.shape[1] == 1 and slab is not None and cpu_ops.accepts(slab):
+            # Slab row b, position p is slot b * max_len + p of the slab seen as [batch * max_len, ...].
+            base = self._rows * self.max_len
+            keys = torch.arange(kv_len, device=positions.device)
+            self._decode = cpu_ops.DecodeAttention(
+                positions, base[:, 0] + positions[:, 0], base + keys, torch.full((self.batch_size,), kv_len),
+                sliding_window, slab.dtype,
+            )
 
     def attention_mask(self) -> torch.Tensor | None:
         """Bool mask [batch, 1, tokens, keys] (True = attend) for this forward, or None for 'all keys'."""
+        if self._mask_args is not None:
+            self._mask, self._mask_args = causal_mask(*self._mask_args), None
         return self._mask
+
+    def decode_attention(self) -> cpu_ops.DecodeAttention | None:
+        """This forward's fused decode attention (see the module docstring), or None."""
+        return self._decode
+
+    def pools(self, layer: int) -> list[torch.Tensor]:
+        """The layer's stores as [slots, ...] (the slots `decode_attention` addresses)."""
+        return [slab.view(-1, *slab.shape[2:]) for slab in self.layers[layer]]
 
     def write(self, layer: int, positions: torch.Tensor, *values: torch.Tensor) -> list[torch.Tensor]:
         """Store this forward's entries [batch, tokens, ...] and return all entries so far [batch, keys, ...]."""

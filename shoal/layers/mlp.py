@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from shoal.backends import cpu_ops
 from shoal.layers.linear import Linear, MergedLinear
 
 
@@ -17,5 +18,8 @@ class GatedMLP(nn.Module):
         self.down_proj = Linear(intermediate_size, hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj.split(self.gate_up_proj(x))
+        gate_up = self.gate_up_proj(x)
+        if cpu_ops.accepts(gate_up):
+            return self.down_proj(cpu_ops.silu_mul(gate_up))  # gate and up are the two halves
+        gate, up = self.gate_up_proj.split(gate_up)
         return self.down_proj(nn.functional.silu(gate) * up)

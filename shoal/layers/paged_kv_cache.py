@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from shoal.backends import cpu_ops
 from shoal.layers.kv_cache import causal_mask
 from shoal.layers.kv_quant import bytes_per_entry, dequantize, quantize, storage_dtype
 
@@ -84,6 +85,8 @@ class PagedKVCache:
         self._batch: PagedBatch | None = None
         self._flat_context: torch.Tensor | None = None
         self._mask: torch.Tensor | None = None
+        self._mask_args = None
+        self._decode: cpu_ops.DecodeAttention | None = None
 
     @staticmethod
     def bytes_per_block(
@@ -115,11 +118,31 @@ class PagedKVCache:
     # ---- the model's view (same as ContiguousKVCache) --------------------------------------
     def begin_forward(self, positions: torch.Tensor, sliding_window: int | None = None) -> None:
         """positions [1, tokens], packed; the mask is built for the unpacked queries."""
-        keys = self._batch.context_slots.shape[1]
-        self._mask = causal_mask(self.unpack(positions), keys, self._batch.context_lens, sliding_window)
+        batch = self._batch
+        keys = batch.context_slots.shape[1]
+        self._mask_args = (self.unpack(positions), keys, batch.context_lens, sliding_window)  # built when asked for
+        self._decode = None
+        tokens = batch.slot_mapping.numel()
+        pool = next((pools[0] for pools in self.layers if pools), None)  # a pipeline stage holds only its layers
+        if (self.kv_quant is None and batch.unpack_index is None and tokens == batch.num_seqs and pool is not None
+                and cpu_ops.accepts(pool)):
+            # One new token per sequence: the fused CPU kernel writes and attends in one call per layer.
+            self._decode = cpu_ops.DecodeAttention(
+                positions, batch.slot_mapping, batch.context_slots, batch.context_lens, sliding_window, self.dtype
+            )
 
     def attention_mask(self) -> torch.Tensor | None:
+        if self._mask_args is not None:
+            self._mask, self._mask_args = causal_mask(*self._mask_args), None
         return self._mask
+
+    def decode_attention(self) -> cpu_ops.DecodeAttention | None:
+        """This step's fused decode attention (one new token per sequence, on the CPU), or None."""
+        return self._decode
+
+    def pools(self, layer: int) -> list[torch.Tensor]:
+        """The layer's pools [slots, ...] (the slots `decode_attention` addresses)."""
+        return self.layers[layer]
 
     def write(self, layer: int, positions: torch.Tensor, *values: torch.Tensor) -> list[torch.Tensor]:
         """Store this step's entries (packed [1, tokens, ...]) and return each sequence's whole context

@@ -122,6 +122,12 @@ class RotaryEmbedding(nn.Module):
         self._memo = (positions, cos, sin)
         return cos, sin
 
+    def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole float32 cos and sin tables [table positions, dim / 2], grown to cover `positions`
+        (for a fused kernel that looks positions up itself)."""
+        self._cos_sin(positions)
+        return self.cos_table, self.sin_table
+
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Rotate x [..., tokens, heads, dim] where positions is [..., tokens]."""
         cos, sin = self._cos_sin(positions)

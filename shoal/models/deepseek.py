@@ -132,8 +132,9 @@ class DeepseekDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: ContiguousKVCache) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h = self.self_attn(self.input_layernorm(x), positions, cache)
+        h, x = self.post_attention_layernorm(h, residual=x)  # x + attention, and its norm, in one pass
+        return x + self.mlp(h)
 
 
 def is_moe_layer(config: ModelConfig, index: int) -> bool:

@@ -45,6 +45,9 @@ class LlamaAttention(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: ContiguousKVCache) -> torch.Tensor:
         b, t, _ = x.shape
         qkv = self.qkv_proj(x)
+        fused = cache.decode_attention()
+        if fused is not None and qkv.dtype == fused.dtype:
+            return self.o_proj(self._fused_decode(fused, qkv, positions, cache).view(b, t, -1))
         q, k, v = self.qkv_proj.split(qkv)
         v = v.view(b, t, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
@@ -58,6 +61,22 @@ class LlamaAttention(nn.Module):
             q, k = qk[:, :, : self.num_heads], qk[:, :, self.num_heads :]
         return self.o_proj(self.attn(q, k, v, positions, cache))
 
+    def _fused_decode(self, fused, qkv: torch.Tensor, positions: torch.Tensor, cache: ContiguousKVCache) -> torch.Tensor:
+        """One new token per sequence on the CPU: rotary, the cache write and attention in one kernel call
+        (cpu_ops.DecodeAttention) over the rows of the merged q / k / v output."""
+        heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
+        rows = qkv.view(-1, qkv.shape[-1])
+        q_end, k_end = heads * dim, (heads + kv_heads) * dim
+        q, k, v = rows[:, :q_end], rows[:, q_end:k_end], rows[:, k_end : k_end + kv_heads * dim]
+        cos_sin = None
+        if self.qk_norm:  # per-head norms before the rotation: both in torch, then the kernel only attends
+            q = self.rotary(self.q_norm(q.view(-1, 1, heads, dim)), positions.view(-1, 1)).view(-1, heads * dim)
+            k = self.rotary(self.k_norm(k.view(-1, 1, kv_heads, dim)), positions.view(-1, 1)).view(-1, kv_heads * dim)
+        else:
+            cos_sin = self.rotary.tables(positions)
+        k_pool, v_pool = cache.pools(self.attn.layer_index)
+        return fused(q, k, v, heads, kv_heads, dim, k_pool, v_pool, self.attn.scale, cos_sin)
+
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(
@@ -70,8 +89,9 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: ContiguousKVCache) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h = self.self_attn(self.input_layernorm(x), positions, cache)
+        h, x = self.post_attention_layernorm(h, residual=x)  # x + attention, and its norm, in one pass
+        return x + self.mlp(h)
 
 
 class LlamaModel(nn.Module):

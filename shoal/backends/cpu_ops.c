@@ -1,0 +1,329 @@
+/* The small per-layer operations of CPU decode, fused: RMSNorm (with the residual add before it),
+ * SiLU-and-multiply, and one-query attention over the KV cache (rotary, cache write and attention in
+ * one call).
+ *
+ * At batch-1 decode each of these works on a few thousand values, so through aten they cost their
+ * dispatch (a few microseconds per operator, several operators each) rather than their arithmetic;
+ * here each is one call. They round where the torch code they replace rounds (every intermediate
+ * that torch stores in the model's dtype is rounded to it here too), so results match that code up to
+ * float summation order and the exp() approximation.
+ *
+ * Compiled at first use by shoal/backends/cpu_ops.py (-O3 -march=native -fopenmp -ffp-contract=off,
+ * the last so that a*b - c*d rounds as torch's separate multiply and subtract do), loaded by ctypes.
+ *
+ * dtype codes: 0 float32, 1 bfloat16. Tensors are row-major; strides are in elements.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+#define INLINE static inline __attribute__((always_inline))
+
+INLINE float bf16_to_float(uint16_t v) {
+    uint32_t u = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+INLINE uint16_t float_to_bf16(float f) { /* round to nearest even, as torch does; NaN stays NaN */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    return (uint16_t)((u & 0x7fffffffu) > 0x7f800000u ? (u >> 16) | 0x40 : rounded);
+}
+
+INLINE float load(const void *p, int64_t i, int bf16) {
+    return bf16 ? bf16_to_float(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+INLINE void put(void *p, int64_t i, float v, int bf16) {
+    if (bf16)
+        ((uint16_t *)p)[i] = float_to_bf16(v);
+    else
+        ((float *)p)[i] = v;
+}
+
+/* v rounded to the dtype and back (bf16: what torch keeps after an op in bf16). */
+INLINE float rnd(float v, int bf16) { return bf16 ? bf16_to_float(float_to_bf16(v)) : v; }
+
+/* exp(x) for x <= 0 (softmax after subtracting the max) and for SiLU: Cephes' expf polynomial, about
+ * 1 ulp, written so the compiler vectorizes a loop of it. */
+INLINE float exp_approx(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    x = x > 88.0f ? 88.0f : x;
+    float t = x * 1.44269504088896341f;
+    float n = (t + 12582912.0f) - 12582912.0f; /* round to nearest */
+    float r = x - n * 0.693359375f;
+    r = r + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    float y = p * r * r + r + 1.0f;
+    int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, 4);
+    return y * scale;
+}
+
+/* ---- RMSNorm ------------------------------------------------------------------------------------
+ * With residual (not NULL): s = x + residual, rounded to the dtype and stored to res_out; else s = x.
+ * out = weight * dtype(s * rsqrt(mean(s^2) + eps)), the normalisation in float32 (as RMSNorm does). */
+INLINE void rms_norm_row(const void *x, const void *residual, void *res_out, const void *weight, void *out,
+                         int64_t base, int64_t n, float eps, float *buf, const int bf16) {
+    for (int64_t i = 0; i < n; i++) {
+        float v = load(x, base + i, bf16);
+        if (residual) v = rnd(v + load(residual, base + i, bf16), bf16);
+        buf[i] = v;
+    }
+    if (residual)
+        for (int64_t i = 0; i < n; i++) put(res_out, base + i, buf[i], bf16);
+    float acc[16] = {0};
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        for (int l = 0; l < 16; l++) acc[l] += buf[i + l] * buf[i + l];
+    float sum = 0.0f;
+    for (; i < n; i++) sum += buf[i] * buf[i];
+    for (int l = 0; l < 16; l++) sum += acc[l];
+    const float r = 1.0f / sqrtf(sum / (float)n + eps);
+    for (int64_t j = 0; j < n; j++) put(out, base + j, load(weight, j, bf16) * rnd(buf[j] * r, bf16), bf16);
+}
+
+int shoal_rms_norm(const void *x, const void *residual, void *res_out, const void *weight, void *out, int64_t rows,
+                   int64_t n, float eps, int dtype, int nthreads) {
+    if (n <= 0 || rows < 0 || (dtype != 0 && dtype != 1)) return 1;
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1 && rows * n >= 65536)
+    {
+        float *buf = (float *)malloc((size_t)n * sizeof(float));
+#pragma omp for schedule(static)
+        for (int64_t row = 0; row < rows; row++) {
+            if (!buf) continue;
+            if (dtype == 1)
+                rms_norm_row(x, residual, res_out, weight, out, row * n, n, eps, buf, 1);
+            else
+                rms_norm_row(x, residual, res_out, weight, out, row * n, n, eps, buf, 0);
+        }
+        free(buf);
+    }
+    return 0;
+}
+
+/* ---- SiLU and multiply ----------------------------------------------------------------------------
+ * x [rows, 2 * inter] (gate, then up) -> out [rows, inter] = dtype(silu(gate)) * up. */
+INLINE void silu_mul_row(const void *restrict x, void *restrict out, int64_t in, int64_t o, int64_t inter,
+                         const int bf16) {
+    for (int64_t i = 0; i < inter; i++) {
+        float g = load(x, in + i, bf16);
+        float s = rnd(g / (1.0f + exp_approx(-g)), bf16);
+        put(out, o + i, s * load(x, in + inter + i, bf16), bf16);
+    }
+}
+
+int shoal_silu_mul(const void *x, void *out, int64_t rows, int64_t inter, int dtype, int nthreads) {
+    if (inter <= 0 || rows < 0 || (dtype != 0 && dtype != 1)) return 1;
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1 && rows * inter >= 65536)
+    for (int64_t row = 0; row < rows; row++) {
+        if (dtype == 1)
+            silu_mul_row(x, out, row * 2 * inter, row * inter, inter, 1);
+        else
+            silu_mul_row(x, out, row * 2 * inter, row * inter, inter, 0);
+    }
+    return 0;
+}
+
+/* ---- one-query attention over the cache ------------------------------------------------------------
+ * For each sequence s (one new token each, at positions[s]):
+ *   q = q_ptr[s * q_stride ...] [heads, dim], k = k_ptr[s * k_stride ...] [kv_heads, dim], v likewise;
+ *   with cos / sin tables (float32 [*, dim / 2], not NULL) q and k are rotated (Llama's halves pairing)
+ *   in float32 and rounded to the dtype; k and v are written to cache slot slot_mapping[s] of the pools
+ *   ([slots, kv_heads, dim]); then each head attends over its sequence's keys: context_slots[s *
+ *   ctx_stride + j] for j < context_lens[s] (and j <= position), from position - window + 1 with a
+ *   sliding window (window > 0). Scores, softmax and the weighted sum run in float32; out [s, heads *
+ *   dim] is rounded to the dtype. Grouped-query attention: head h reads kv head h / (heads / kv_heads). */
+INLINE void rotate(const void *src, int64_t off, int64_t dim, const float *cos, const float *sin, float *dst,
+                   const int bf16) {
+    int64_t half = dim / 2;
+    for (int64_t i = 0; i < half; i++) {
+        float x1 = load(src, off + i, bf16), x2 = load(src, off + half + i, bf16);
+        dst[i] = rnd(x1 * cos[i] - x2 * sin[i], bf16);
+        dst[half + i] = rnd(x2 * cos[i] + x1 * sin[i], bf16);
+    }
+}
+
+/* sum_i q[i] * k[i] over dim values, k in the dtype */
+INLINE float dot(const float *q, const void *k, int64_t dim, const int bf16) {
+    int64_t i = 0;
+    float sum = 0.0f;
+#ifdef __AVX512F__
+    __m512 acc = _mm512_setzero_ps();
+    for (; i + 16 <= dim; i += 16) {
+        __m512 kv = bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(
+                               _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)k + i))), 16))
+                         : _mm512_loadu_ps((const float *)k + i);
+        acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), kv, acc);
+    }
+    sum = _mm512_reduce_add_ps(acc);
+#endif
+    for (; i < dim; i++) sum += q[i] * load(k, i, bf16);
+    return sum;
+}
+
+/* acc[i] += p * v[i] over dim values, v in the dtype */
+INLINE void axpy(float *acc, float p, const void *v, int64_t dim, const int bf16) {
+    int64_t i = 0;
+#ifdef __AVX512F__
+    __m512 pv = _mm512_set1_ps(p);
+    for (; i + 16 <= dim; i += 16) {
+        __m512 vv = bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(
+                               _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)v + i))), 16))
+                         : _mm512_loadu_ps((const float *)v + i);
+        _mm512_storeu_ps(acc + i, _mm512_fmadd_ps(pv, vv, _mm512_loadu_ps(acc + i)));
+    }
+#endif
+    for (; i < dim; i++) acc[i] += p * load(v, i, bf16);
+}
+
+/* Rows this far ahead are asked for early: a lone core reaches a fraction of the memory's bandwidth
+ * on a cold cache unless many lines are in flight. */
+#define PREFETCH 4
+
+INLINE void prefetch(const char *p, size_t bytes) {
+    for (size_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b, 0, 3);
+}
+
+/* Heads [h0, h1) of one sequence (kv heads [h0 / group, h1 / group)): reads each cached key and value
+ * row once, in slot order (whole rows stream from memory far better than one head's 128 bytes per row
+ * at a 2 KB stride, which is what a head-by-head loop reads when the cache has left the CPU's caches). */
+INLINE void attend_heads(const void *q_ptr, int64_t qoff, int64_t h0, int64_t h1, int64_t group, int64_t dim,
+                         const float *cos, const float *sin, const void *k_pool, const void *v_pool,
+                         const int64_t *slots, int64_t first, int64_t n, int64_t row, float scale, float *q,
+                         float *acc, float *scores, void *out, int64_t ooff, const int bf16) {
+    const size_t esize = bf16 ? 2 : 4;
+    const int64_t nh = h1 - h0, keys = n - first;
+    for (int64_t h = 0; h < nh; h++) {
+        float *qh = q + h * dim;
+        if (cos) {
+            rotate(q_ptr, qoff + (h0 + h) * dim, dim, cos, sin, qh, bf16);
+        } else {
+            for (int64_t i = 0; i < dim; i++) qh[i] = load(q_ptr, qoff + (h0 + h) * dim + i, bf16);
+        }
+        for (int64_t i = 0; i < dim; i++) qh[i] *= scale;
+    }
+    const size_t span = (size_t)((h1 - 1) / group - h0 / group + 1) * dim * esize; /* bytes of a row these heads read */
+    const size_t start = (size_t)((h0 / group) * dim) * esize;
+    for (int64_t j = 0; j < keys; j++) {
+        const char *krow = (const char *)k_pool + (size_t)(slots[first + j] * row) * esize;
+        if (j + PREFETCH < keys) prefetch((const char *)k_pool + (size_t)(slots[first + j + PREFETCH] * row) * esize + start, span);
+        else if (j + PREFETCH - keys < keys)
+            prefetch((const char *)v_pool + (size_t)(slots[first + j + PREFETCH - keys] * row) * esize + start, span);
+        for (int64_t h = 0; h < nh; h++)
+            scores[h * keys + j] = dot(q + h * dim, krow + (size_t)(((h0 + h) / group) * dim) * esize, dim, bf16);
+    }
+    for (int64_t h = 0; h < nh; h++) {
+        float *sc = scores + h * keys;
+        float best = -INFINITY;
+        for (int64_t j = 0; j < keys; j++) best = sc[j] > best ? sc[j] : best;
+        float total = 0.0f;
+        for (int64_t j = 0; j < keys; j++) {
+            float e = exp_approx(sc[j] - best);
+            sc[j] = e;
+            total += e;
+        }
+        const float inv = keys > 0 ? 1.0f / total : 0.0f;
+        for (int64_t j = 0; j < keys; j++) sc[j] *= inv;
+    }
+    for (int64_t i = 0; i < nh * dim; i++) acc[i] = 0.0f;
+    for (int64_t j = 0; j < keys; j++) {
+        const char *vrow = (const char *)v_pool + (size_t)(slots[first + j] * row) * esize;
+        if (j + PREFETCH < keys) prefetch((const char *)v_pool + (size_t)(slots[first + j + PREFETCH] * row) * esize + start, span);
+        for (int64_t h = 0; h < nh; h++)
+            axpy(acc + h * dim, scores[h * keys + j], vrow + (size_t)(((h0 + h) / group) * dim) * esize, dim, bf16);
+    }
+    for (int64_t i = 0; i < nh * dim; i++) put(out, ooff + h0 * dim + i, acc[i], bf16);
+}
+
+int shoal_decode_attention(const void *q_ptr, int64_t q_stride, const void *k_ptr, int64_t k_stride,
+                           const void *v_ptr, int64_t v_stride, int64_t seqs, int64_t heads, int64_t kv_heads,
+                           int64_t dim, const int64_t *positions, const float *cos_table, const float *sin_table,
+                           void *k_pool, void *v_pool, const int64_t *slot_mapping, const int64_t *context_slots,
+                           int64_t ctx_stride, const int64_t *context_lens, int64_t window, float scale, void *out,
+                           int dtype, int nthreads) {
+    const int bf16 = dtype == 1;
+    if (heads <= 0 || kv_heads <= 0 || heads % kv_heads || dim <= 0 || dim % 2 || (dtype != 0 && dtype != 1))
+        return 1;
+    const int64_t group = heads / kv_heads, half = dim / 2, row = kv_heads * dim;
+    const size_t esize = bf16 ? 2 : 4;
+    int64_t longest = 0;
+    /* 1. this step's keys (rotated) and values into the cache */
+    for (int64_t s = 0; s < seqs; s++) {
+        const int64_t slot = slot_mapping[s];
+        char *kdst = (char *)k_pool + (size_t)(slot * row) * esize;
+        char *vdst = (char *)v_pool + (size_t)(slot * row) * esize;
+        for (int64_t g = 0; g < kv_heads; g++) {
+            const int64_t koff = s * k_stride + g * dim;
+            if (cos_table) {
+                float rot[dim];
+                const float *c = cos_table + positions[s] * half, *sn = sin_table + positions[s] * half;
+                if (bf16) {
+                    rotate(k_ptr, koff, dim, c, sn, rot, 1);
+                    for (int64_t i = 0; i < dim; i++) put(kdst, g * dim + i, rot[i], 1);
+                } else {
+                    rotate(k_ptr, koff, dim, c, sn, (float *)kdst + g * dim, 0);
+                }
+            } else {
+                memcpy(kdst + (size_t)(g * dim) * esize, (const char *)k_ptr + (size_t)koff * esize, (size_t)dim * esize);
+            }
+            memcpy(vdst + (size_t)(g * dim) * esize, (const char *)v_ptr + (size_t)(s * v_stride + g * dim) * esize,
+                   (size_t)dim * esize);
+        }
+        if (context_lens[s] > longest) longest = context_lens[s];
+    }
+    /* 2. attention: work items are (sequence, chunk of kv heads); one chunk per sequence unless threads
+     * would otherwise idle, so that each item reads whole rows of as many heads as possible */
+    int64_t chunks = 1;
+    if (nthreads > 1 && seqs < nthreads && seqs * heads * longest >= 8192) {
+        chunks = (nthreads + seqs - 1) / seqs;
+        if (chunks > kv_heads) chunks = kv_heads;
+    }
+    const int64_t per_chunk = (kv_heads + chunks - 1) / chunks;
+    const int64_t items = seqs * chunks;
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1 && items > 1 && seqs * heads * longest >= 8192)
+    {
+        const int64_t nh = per_chunk * group;
+        float *scores = (float *)malloc((size_t)(nh * (longest > 0 ? longest : 1)) * sizeof(float));
+        float *q = (float *)malloc((size_t)(nh * dim * 2) * sizeof(float));
+        if (!scores || !q) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int64_t item = 0; item < items; item++) {
+            if (!scores || !q) continue;
+            const int64_t s = item / chunks, chunk = item % chunks;
+            const int64_t g0 = chunk * per_chunk, g1 = g0 + per_chunk < kv_heads ? g0 + per_chunk : kv_heads;
+            if (g0 >= g1) continue;
+            const int64_t pos = positions[s];
+            const int64_t n = context_lens[s] < pos + 1 ? context_lens[s] : pos + 1;
+            const int64_t first = window > 0 && pos + 1 - window > 0 ? pos + 1 - window : 0;
+            const float *c = cos_table ? cos_table + pos * half : NULL, *sn = sin_table ? sin_table + pos * half : NULL;
+            const int64_t *slots = context_slots + s * ctx_stride;
+            if (bf16)
+                attend_heads(q_ptr, s * q_stride, g0 * group, g1 * group, group, dim, c, sn, k_pool, v_pool, slots,
+                             first, n, row, scale, q, q + nh * dim, scores, out, s * heads * dim, 1);
+            else
+                attend_heads(q_ptr, s * q_stride, g0 * group, g1 * group, group, dim, c, sn, k_pool, v_pool, slots,
+                             first, n, row, scale, q, q + nh * dim, scores, out, s * heads * dim, 0);
+        }
+        free(scores);
+        free(q);
+    }
+    return failed ? 2 : 0;
+}

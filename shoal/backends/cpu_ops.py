@@ -1,0 +1,178 @@
+"""shoal's fused CPU operations for the small per-layer work of decode (cpu_ops.c): RMSNorm with the
+residual add, SiLU-and-multiply, and one-query attention over the KV cache with rotary and the cache
+write folded in.
+
+A batch-1 decode step runs each of these on a few thousand values, where aten spends its time on
+dispatch (a few microseconds per operator, several operators per step of the layer) rather than on
+arithmetic; one ctypes call replaces each group. Built like cpu_gemv.c: compiled at first use with the
+system's C compiler, cached per source and machine in ~/.cache/shoal/kernels, linked into torch's
+OpenMP runtime. Where it cannot be built, or SHOAL_CPU_KERNELS=0 (all of shoal's CPU kernels) or
+SHOAL_CPU_OPS=0 (these alone), `library()` is None and every caller keeps its torch code.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_ops.c")
+ENV_SWITCHES = ("SHOAL_CPU_KERNELS", "SHOAL_CPU_OPS")
+DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "shoal" / "kernels"
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def _cpu_signature() -> str:
+    """What -march=native depends on: the same cache entry must not be reused on another CPU model."""
+    try:
+        head = Path("/proc/cpuinfo").read_text().split("\n\n", 1)[0]
+        keep = [line for line in head.splitlines() if line.split(":")[0].strip() in ("model name", "flags", "Features")]
+        return "\n".join(keep)
+    except OSError:
+        return platform.processor() + platform.machine()
+
+
+def _build(compiler: str) -> Path:
+    flags = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC", "-std=c11"]
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join([compiler, *flags]).encode() + _cpu_signature().encode()).hexdigest()[:16]
+    target = _cache_dir() / f"cpu_ops-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # build beside it and rename: ranks may race
+        built = Path(tmp) / target.name
+        result = subprocess.run(
+            [compiler, *flags, "-o", str(built), str(SOURCE), "-lm"], capture_output=True, text=True, timeout=120
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"{compiler} failed on {SOURCE.name}: {result.stderr.strip()[-2000:]}")
+        os.replace(built, target)
+    return target
+
+
+@functools.lru_cache(maxsize=1)
+def library() -> ctypes.CDLL | None:
+    """The compiled operations, or None where they cannot be built here (the reason is logged once)."""
+    if any(os.environ.get(name, "1").strip().lower() in ("0", "false", "no", "off") for name in ENV_SWITCHES):
+        return None
+    if platform.system() != "Linux":
+        return None
+    compiler = _compiler()
+    if compiler is None:
+        log.info("no C compiler found: CPU decode keeps torch's operators for norms and attention")
+        return None
+    try:
+        torch.get_num_threads()  # torch's OpenMP runtime first, so ours binds to it
+        lib = ctypes.CDLL(str(_build(compiler)))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        log.warning("shoal's fused CPU operations could not be built (%s); using torch's operators", exc)
+        return None
+    i64, ptr, i32, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+    lib.shoal_rms_norm.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, f32, i32, i32]
+    lib.shoal_silu_mul.argtypes = [ptr, ptr, i64, i64, i32, i32]
+    lib.shoal_decode_attention.argtypes = [
+        ptr, i64, ptr, i64, ptr, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, ptr, i64, f32, ptr,
+        i32, i32,
+    ]
+    for fn in (lib.shoal_rms_norm, lib.shoal_silu_mul, lib.shoal_decode_attention):
+        fn.restype = i32
+    return lib
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def _check(code: int, name: str) -> None:
+    if code != 0:
+        raise RuntimeError(f"shoal CPU operation {name} failed (code {code}); this is a bug in shoal")
+
+
+def accepts(x: torch.Tensor) -> bool:
+    """Whether these operations take x: a contiguous float32 or bf16 CPU tensor, with the library built."""
+    return x.dtype in DTYPES and x.device.type == "cpu" and x.is_contiguous() and library() is not None
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight * dtype(s * rsqrt(mean(s^2) + eps)), s) with s = x + residual (or x, and None for it).
+    x, residual and weight share one dtype (see `accepts`)."""
+    n = x.shape[-1]
+    out = torch.empty_like(x)
+    res_out = torch.empty_like(x) if residual is not None else None
+    _check(library().shoal_rms_norm(
+        x.data_ptr(), residual.data_ptr() if residual is not None else None,
+        res_out.data_ptr() if res_out is not None else None, weight.data_ptr(), out.data_ptr(),
+        x.numel() // n, n, eps, DTYPES[x.dtype], torch.get_num_threads(),
+    ), "rms_norm")
+    return out, res_out
+
+
+def silu_mul(x: torch.Tensor) -> torch.Tensor:
+    """x [..., 2 * inter] (gate then up) -> dtype(silu(gate)) * up, [..., inter]."""
+    inter = x.shape[-1] // 2
+    out = torch.empty(*x.shape[:-1], inter, dtype=x.dtype)
+    _check(library().shoal_silu_mul(
+        x.data_ptr(), out.data_ptr(), x.numel() // x.shape[-1], inter, DTYPES[x.dtype], torch.get_num_threads()
+    ), "silu_mul")
+    return out
+
+
+class DecodeAttention:
+    """One decode step's per-sequence layout for `shoal_decode_attention` (one new token per sequence),
+    built once per forward by the cache: positions, the slot each token writes, each sequence's context
+    slots and lengths, as int64 tensors kept alive here."""
+
+    def __init__(self, positions: torch.Tensor, slot_mapping: torch.Tensor, context_slots: torch.Tensor,
+                 context_lens: torch.Tensor, sliding_window: int | None, dtype: torch.dtype) -> None:
+        self.positions = positions.reshape(-1).contiguous()
+        self.slot_mapping = slot_mapping.reshape(-1).contiguous()
+        self.context_slots = context_slots.contiguous()
+        self.context_lens = context_lens.reshape(-1).contiguous()
+        self.seqs = self.positions.numel()
+        self.window = int(sliding_window or 0)
+        self.dtype = dtype  # of the cache, which q, k and v must share
+        self.threads = torch.get_num_threads()
+        self._ptrs = (self.positions.data_ptr(), self.slot_mapping.data_ptr(), self.context_slots.data_ptr(),
+                      self.context_slots.shape[1], self.context_lens.data_ptr())
+
+    def __call__(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, kv_heads: int, dim: int,
+        k_pool: torch.Tensor, v_pool: torch.Tensor, scale: float, cos_sin: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> torch.Tensor:
+        """q [seqs, heads * dim], k and v [seqs, kv_heads * dim] (rows may be strided: slices of the merged
+        qkv output; each row's heads contiguous) -> attention output [seqs, heads * dim]; writes k
+        (rotated with cos_sin, float32 tables [positions, dim / 2]) and v to the pools first."""
+        out = torch.empty(self.seqs, heads * dim, dtype=q.dtype)
+        positions, slots, context, ctx_stride, lens = self._ptrs
+        cos, sin = (cos_sin[0].data_ptr(), cos_sin[1].data_ptr()) if cos_sin is not None else (None, None)
+        _check(library().shoal_decode_attention(
+            q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), self.seqs, heads,
+            kv_heads, dim, positions, cos, sin, k_pool.data_ptr(), v_pool.data_ptr(), slots, context, ctx_stride,
+            lens, self.window, scale, out.data_ptr(), DTYPES[q.dtype], self.threads,
+        ), "decode_attention")
+        return out

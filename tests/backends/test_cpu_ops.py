@@ -1,0 +1,112 @@
+"""shoal's fused CPU decode operations (shoal/backends/cpu_ops.c) against the torch code they replace."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from shoal.backends import cpu_ops
+from shoal.layers.kv_cache import ContiguousKVCache
+from shoal.layers.norm import RMSNorm
+from shoal.layers.rotary import RotaryEmbedding
+from shoal.models.hf_config import RopeConfig
+
+pytestmark = pytest.mark.skipif(not cpu_ops.available(), reason="no C compiler here: the operations are not built")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 1, 1024), (3, 5, 72), (1, 40, 4096)])
+def test_rms_norm_with_and_without_the_residual(dtype, shape):
+    g = torch.Generator().manual_seed(shape[-1])
+    x, r = (torch.randn(*shape, generator=g) * 3).to(dtype), torch.randn(*shape, generator=g).to(dtype)
+    norm = RMSNorm(shape[-1], 1e-5).to(dtype)
+    norm.weight.data.copy_(torch.randn(shape[-1], generator=g) * 0.2 + 1)
+    out, summed = cpu_ops.rms_norm(x, norm.weight, norm.eps, r)
+    assert torch.equal(summed, x + r)
+    ref = norm._norm(x + r)
+    if dtype == torch.bfloat16:  # rounded where torch rounds: the same values, but for a rare last-bit flip
+        assert (out != ref).float().mean().item() < 0.01  # (the mean of squares sums in another order)
+        torch.testing.assert_close(out, ref)
+    else:
+        torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    alone, none = cpu_ops.rms_norm(x, norm.weight, norm.eps)
+    assert none is None
+    torch.testing.assert_close(alone, norm._norm(x))
+    # and the module takes the fused path with the same result
+    fused, fused_sum = norm(x, residual=r)
+    assert torch.equal(fused, out) and torch.equal(fused_sum, summed)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_mul(dtype):
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(7, 2 * 2816, generator=g) * 4).to(dtype)
+    gate, up = x.chunk(2, dim=-1)
+    ref = F.silu(gate) * up
+    out = cpu_ops.silu_mul(x)
+    if dtype == torch.bfloat16:
+        assert torch.equal(out, ref)
+    else:
+        torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+
+
+def _reference(q, k_pool, v_pool, slots, lens, positions, heads, kv_heads, dim, scale, window):
+    """Per sequence: float64 softmax attention over its context (the torch path's mask semantics)."""
+    outs = []
+    for s in range(q.shape[0]):
+        n = min(int(lens[s]), int(positions[s]) + 1)
+        first = max(0, int(positions[s]) + 1 - window) if window else 0
+        keys = k_pool[slots[s, first:n]].double().transpose(0, 1)  # [kv_heads, keys, dim]
+        values = v_pool[slots[s, first:n]].double().transpose(0, 1)
+        qs = q[s].double().view(heads, 1, dim)
+        out = F.scaled_dot_product_attention(qs[None], keys[None], values[None], scale=scale, enable_gqa=True)
+        outs.append(out[0].reshape(-1))
+    return torch.stack(outs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,kv_heads,dim", [(16, 16, 64), (8, 2, 32), (4, 1, 24)])
+@pytest.mark.parametrize("window", [0, 5])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_decode_attention_writes_the_cache_and_attends(dtype, heads, kv_heads, dim, window, threads):
+    g = torch.Generator().manual_seed(heads * 100 + dim)
+    lens = torch.tensor([13, 1, 40])  # three sequences, one new token each, scattered slots
+    seqs, longest = len(lens), int(lens.max())
+    perm = torch.randperm(200, generator=g)
+    slots = perm[: seqs * longest].view(seqs, longest).clone()
+    positions = lens - 1
+    k_pool = torch.randn(201, kv_heads, dim, generator=g).to(dtype)
+    v_pool = torch.randn(201, kv_heads, dim, generator=g).to(dtype)
+    qkv = (torch.randn(seqs, (heads + 2 * kv_heads) * dim, generator=g) * 2).to(dtype)
+    q, k, v = qkv[:, : heads * dim], qkv[:, heads * dim : (heads + kv_heads) * dim], qkv[:, (heads + kv_heads) * dim :]
+    rotary = RotaryEmbedding(RopeConfig(theta=10000.0), dim, 64)
+    cos_sin = rotary.tables(positions[None])
+    write = slots[torch.arange(seqs), positions]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        fused = cpu_ops.DecodeAttention(positions[None], write, slots, lens, window or None, dtype)
+        k_ours, v_ours = k_pool.clone(), v_pool.clone()
+        out = fused(q, k, v, heads, kv_heads, dim, k_ours, v_ours, dim**-0.5, cos_sin)
+    finally:
+        torch.set_num_threads(previous)
+    # the cache holds the rotated keys (rotated exactly as RotaryEmbedding does) and the values
+    k_rot = rotary(k.view(1, seqs, kv_heads, dim), positions[None])[0]
+    q_rot = rotary(q.view(1, seqs, heads, dim), positions[None])[0].reshape(seqs, -1)
+    k_pool[write], v_pool[write] = k_rot, v.view(seqs, kv_heads, dim)
+    assert torch.equal(k_ours, k_pool) and torch.equal(v_ours, v_pool)
+    ref = _reference(q_rot, k_pool, v_pool, slots, lens, positions, heads, kv_heads, dim, dim**-0.5, window)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
+
+
+def test_contiguous_cache_offers_the_fused_decode_only_for_one_token_steps():
+    cache = ContiguousKVCache(2, 3, 32, [(2, 8), (2, 8)], torch.bfloat16, "cpu")
+    cache.begin_forward(torch.tensor([[0, 1, 2]] * 3), None)
+    assert cache.decode_attention() is None
+    cache.begin_forward(torch.tensor([[3], [3], [3]]), None)
+    fused = cache.decode_attention()
+    assert fused is not None and fused.seqs == 3
+    assert fused.slot_mapping.tolist() == [3, 35, 67]
+    assert cache.pools(0)[0].shape == (96, 2, 8)
