@@ -3,10 +3,8 @@ activation rows, with W in bf16, int8 or int4, streamed at close to the memory's
 
 aten's CPU kernels for one row read weights well below the bandwidth on the machines we measured
 (bf16 torch.mv ~22 GB/s, the packed int8 / int4 kernels ~9 GB/s, against ~27 GB/s that a plain copy
-reaches on 2 cores), and batch-1 decode is nothing but weight reads. The C file is compiled here at
-first use with the system's C compiler (`-O3 -march=native -fopenmp`, under a second), cached per
-source and machine in ~/.cache/shoal/kernels, and called through ctypes, which releases the GIL. Its
-OpenMP runtime is the one torch already loaded, so it shares torch's threads.
+reaches on 2 cores), and batch-1 decode is nothing but weight reads. The C file is built at first use
+by cpu_build.py.
 
 Where no compiler is found, or SHOAL_CPU_KERNELS=0, `library()` is None and every caller keeps
 aten's kernels: the engine runs the same, only slower.
@@ -16,84 +14,24 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
 
-log = logging.getLogger(__name__)
+from shoal.backends.cpu_build import ALL_KERNELS_SWITCH, load, switched_off
 
 SOURCE = Path(__file__).with_name("cpu_gemv.c")
 MAX_ROWS = 8  # activation rows per call (MAX_ROWS in cpu_gemv.c)
-ENV_SWITCH = "SHOAL_CPU_KERNELS"
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(root) / "shoal" / "kernels"
-
-
-def _compiler() -> str | None:
-    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if name and shutil.which(name):
-            return name
-    return None
-
-
-def _cpu_signature() -> str:
-    """What -march=native depends on: the same cache entry must not be reused on another CPU model."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        head = text.split("\n\n", 1)[0]
-        keep = [line for line in head.splitlines() if line.split(":")[0].strip() in ("model name", "flags", "Features")]
-        return "\n".join(keep)
-    except OSError:
-        return platform.processor() + platform.machine()
-
-
-def _build(compiler: str) -> Path:
-    # -ffp-contract=off: the scalar dequantization rounds exactly as torch's separate multiply and add.
-    flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-ffp-contract=off"]
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join([compiler, *flags]).encode() + _cpu_signature().encode()).hexdigest()[:16]
-    target = _cache_dir() / f"cpu_gemv-{key}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Build beside the target and rename: several processes (tensor-parallel ranks) may race here.
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        built = Path(tmp) / target.name
-        result = subprocess.run(
-            [compiler, *flags, "-o", str(built), str(SOURCE)], capture_output=True, text=True, timeout=120
-        )
-        if result.returncode != 0:
-            raise RuntimeError(f"{compiler} failed on {SOURCE.name}: {result.stderr.strip()[-2000:]}")
-        os.replace(built, target)
-    return target
+ENV_SWITCH = ALL_KERNELS_SWITCH
 
 
 @functools.lru_cache(maxsize=1)
 def library() -> ctypes.CDLL | None:
     """The compiled kernels, or None where they cannot be built here (the reason is logged once)."""
-    if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
+    if switched_off():
         return None
-    if platform.system() != "Linux":
-        return None  # -fopenmp against torch's bundled runtime is only arranged for Linux builds
-    compiler = _compiler()
-    if compiler is None:
-        log.info("no C compiler found: the CPU backend uses aten's matrix-vector kernels (slower decode)")
-        return None
-    try:
-        torch.get_num_threads()  # make sure torch (and its OpenMP runtime) is loaded before ours binds to it
-        lib = ctypes.CDLL(str(_build(compiler)))
-    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-        log.warning("shoal's CPU kernels could not be built (%s); using aten's kernels instead", exc)
+    lib = load(SOURCE, "matrix-vector kernels")
+    if lib is None:
         return None
     i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     lib.shoal_gemv_bf16.argtypes = [ptr, i32, i64, i64, ptr, i64, ptr, i32]

@@ -14,81 +14,23 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
 
-log = logging.getLogger(__name__)
+from shoal.backends.cpu_build import load, switched_off
 
 SOURCE = Path(__file__).with_name("cpu_ops.c")
-ENV_SWITCHES = ("SHOAL_CPU_KERNELS", "SHOAL_CPU_OPS")
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(root) / "shoal" / "kernels"
-
-
-def _compiler() -> str | None:
-    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if name and shutil.which(name):
-            return name
-    return None
-
-
-def _cpu_signature() -> str:
-    """What -march=native depends on: the same cache entry must not be reused on another CPU model."""
-    try:
-        head = Path("/proc/cpuinfo").read_text().split("\n\n", 1)[0]
-        keep = [line for line in head.splitlines() if line.split(":")[0].strip() in ("model name", "flags", "Features")]
-        return "\n".join(keep)
-    except OSError:
-        return platform.processor() + platform.machine()
-
-
-def _build(compiler: str) -> Path:
-    flags = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC", "-std=c11"]
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join([compiler, *flags]).encode() + _cpu_signature().encode()).hexdigest()[:16]
-    target = _cache_dir() / f"cpu_ops-{key}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # build beside it and rename: ranks may race
-        built = Path(tmp) / target.name
-        result = subprocess.run(
-            [compiler, *flags, "-o", str(built), str(SOURCE), "-lm"], capture_output=True, text=True, timeout=120
-        )
-        if result.returncode != 0:
-            raise RuntimeError(f"{compiler} failed on {SOURCE.name}: {result.stderr.strip()[-2000:]}")
-        os.replace(built, target)
-    return target
 
 
 @functools.lru_cache(maxsize=1)
 def library() -> ctypes.CDLL | None:
     """The compiled operations, or None where they cannot be built here (the reason is logged once)."""
-    if any(os.environ.get(name, "1").strip().lower() in ("0", "false", "no", "off") for name in ENV_SWITCHES):
+    if switched_off("SHOAL_CPU_OPS"):
         return None
-    if platform.system() != "Linux":
-        return None
-    compiler = _compiler()
-    if compiler is None:
-        log.info("no C compiler found: CPU decode keeps torch's operators for norms and attention")
-        return None
-    try:
-        torch.get_num_threads()  # torch's OpenMP runtime first, so ours binds to it
-        lib = ctypes.CDLL(str(_build(compiler)))
-    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-        log.warning("shoal's fused CPU operations could not be built (%s); using torch's operators", exc)
+    lib = load(SOURCE, "fused decode operations")
+    if lib is None:
         return None
     i64, ptr, i32, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     lib.shoal_rms_norm.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, f32, i32, i32]

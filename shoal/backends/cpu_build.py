@@ -1,0 +1,94 @@
+"""Build and load shoal's C kernels for the CPU (cpu_gemv.c, cpu_ops.c) at first use.
+
+Each C file is compiled with the system's C compiler (`-O3 -march=native -fopenmp`, under a second),
+cached per source, flags and CPU model in ~/.cache/shoal/kernels, and loaded through ctypes, which
+releases the GIL during a call. Its OpenMP runtime is the one torch already loaded, so the kernels
+share torch's threads. SHOAL_CPU_KERNELS=0 switches all of them off; callers then keep torch's code.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+ALL_KERNELS_SWITCH = "SHOAL_CPU_KERNELS"
+# -ffp-contract=off: scalar code rounds a multiply and an add separately, as torch's operators do.
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC", "-std=c11"]
+
+
+def switched_off(*names: str) -> bool:
+    """Whether any of these environment switches (and always SHOAL_CPU_KERNELS) says 0 / false / no / off."""
+    return any(
+        os.environ.get(name, "1").strip().lower() in ("0", "false", "no", "off") for name in (ALL_KERNELS_SWITCH, *names)
+    )
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "shoal" / "kernels"
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def _cpu_signature() -> str:
+    """What -march=native depends on: the same cache entry must not be reused on another CPU model."""
+    try:
+        head = Path("/proc/cpuinfo").read_text().split("\n\n", 1)[0]
+        keep = [line for line in head.splitlines() if line.split(":")[0].strip() in ("model name", "flags", "Features")]
+        return "\n".join(keep)
+    except OSError:
+        return platform.processor() + platform.machine()
+
+
+def _build(source: Path, compiler: str) -> Path:
+    key = hashlib.sha256(
+        source.read_bytes() + " ".join([compiler, *FLAGS]).encode() + _cpu_signature().encode()
+    ).hexdigest()[:16]
+    target = _cache_dir() / f"{source.stem}-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build beside the target and rename: several processes (tensor-parallel ranks) may race here.
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        built = Path(tmp) / target.name
+        result = subprocess.run(
+            [compiler, *FLAGS, "-o", str(built), str(source), "-lm"], capture_output=True, text=True, timeout=120
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"{compiler} failed on {source.name}: {result.stderr.strip()[-2000:]}")
+        os.replace(built, target)
+    return target
+
+
+def load(source: Path, what: str) -> ctypes.CDLL | None:
+    """The compiled `source`, or None where it cannot be built here (the reason is logged once).
+
+    `what` names the kernels in that message, e.g. "matrix-vector kernels"."""
+    if platform.system() != "Linux":
+        return None  # -fopenmp against torch's bundled runtime is only arranged for Linux builds
+    compiler = _compiler()
+    if compiler is None:
+        log.info("no C compiler found: the CPU backend keeps torch's operators instead of shoal's %s", what)
+        return None
+    try:
+        torch.get_num_threads()  # make sure torch (and its OpenMP runtime) is loaded before ours binds to it
+        return ctypes.CDLL(str(_build(source, compiler)))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        log.warning("shoal's CPU %s could not be built (%s); using torch's operators instead", what, exc)
+        return None
