@@ -40,6 +40,9 @@
 #define ROW_BLOCK 4  /* activation rows multiplied per pass over a weight row */
 #define QBLOCK 32    /* inputs per activation scale when activations are quantized */
 #define INLINE static inline __attribute__((always_inline))
+#ifndef PREFETCH
+#define PREFETCH 2048 /* bytes ahead in the weight stream */
+#endif
 
 INLINE float bf16_to_float(uint16_t v) {
     uint32_t u = (uint32_t)v << 16;
@@ -128,6 +131,8 @@ INLINE void dot_bf16_impl(const uint16_t *w, const float *xf, const uint16_t *xb
         for (int m = 0; m < mb; m++) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
         int64_t k = 0;
         for (; k + 64 <= K; k += 64) {
+            _mm_prefetch((const char *)(w + k) + PREFETCH, _MM_HINT_T0);
+            _mm_prefetch((const char *)(w + k) + PREFETCH + 64, _MM_HINT_T0);
             __m512bh w0 = (__m512bh)_mm512_loadu_si512(w + k), w1 = (__m512bh)_mm512_loadu_si512(w + k + 32);
             for (int m = 0; m < mb; m++) {
                 acc[m][0] = _mm512_dpbf16_ps(acc[m][0], w0, (__m512bh)_mm512_loadu_si512(xb + m * K + k));
@@ -211,6 +216,7 @@ INLINE void dot_int8_impl(const int8_t *w, const float *xf, const QuantizedRows 
         __m512 acc[ROW_BLOCK];
         for (int m = 0; m < mb; m++) acc[m] = _mm512_setzero_ps();
         for (int64_t k = 0; k < K; k += 64) {
+            _mm_prefetch((const char *)(w + k) + PREFETCH, _MM_HINT_T0);
             const __m512i wv = _mm512_loadu_si512(w + k);
             const __m512i bias = _mm512_dpbusd_epi32(zero, c128, wv);
             for (int m = 0; m < mb; m++) {
@@ -332,6 +338,10 @@ INLINE void dot_int4_impl(const uint8_t *w, const Int4Groups *g, int64_t r, cons
         zero_terms(g, r, xsum, G, mb, sb, t);
         for (int m = 0; m < mb; m++) acc[m][0] = _mm512_setzero_ps(), acc[m][1] = t[m];
         for (int64_t k = 0; k < K; k += 128) {
+            /* The weight rows of a thread are one stream: ask for the bytes PREFETCH ahead now, so that
+             * the loads overlap this compute-heavy loop (the hardware prefetcher alone leaves the
+             * 0.5B Llama's int4 decode at ~9 GB/s). */
+            _mm_prefetch((const char *)(w + k / 2) + PREFETCH, _MM_HINT_T0);
             const __m512i b = _mm512_loadu_si512(w + k / 2);
             const __m512i halves[2] = {_mm512_and_si512(b, low), _mm512_and_si512(_mm512_srli_epi16(b, 4), low)};
             for (int h = 0; h < 2; h++) {

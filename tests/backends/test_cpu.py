@@ -50,6 +50,7 @@ def test_device_and_identity():
     assert cpu.dist_backend == "gloo" and cpu.device_count() == 1
     assert cpu.device_name()
     assert cpu.extra_info()["threads"] == str(torch.get_num_threads())
+    assert cpu.extra_info()["decode kernels"]  # what decode runs on, for `shoal doctor`
 
 
 def test_reported_quantized_kernels_run():
