@@ -167,7 +167,7 @@ def shoal_runner(path: Path, quant: str | None, args):
     if quant == "int4":
         options["quant_group_size"] = 64
     llm = LLM(str(path), dtype="bfloat16", progress=False, max_model_len=args.prompt_len + args.new_tokens + 16,
-              kv_cache_memory=64 << 20, max_num_seqs=1, enable_prefix_caching=False, **options)
+              kv_cache_memory=256 << 20, max_num_seqs=1, enable_prefix_caching=False, **options)
     engine = llm.engine
 
     def run(prompt: list[int], new: int) -> tuple[float, float]:
@@ -205,7 +205,9 @@ def llama_cpp_runner(path: Path, args):
     import llama_cpp
     import numpy as np
 
-    llm = llama_cpp.Llama(str(path), n_ctx=args.prompt_len + args.new_tokens + 16, n_batch=512, n_ubatch=512,
+    n_ctx = args.prompt_len + args.new_tokens + 16
+    # n_batch = n_ctx: llama-cpp-python keeps n_batch rows of logits, indexed by position
+    llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=max(512, n_ctx), n_ubatch=512,
                           n_threads=args.threads, n_threads_batch=args.threads, verbose=False)
 
     def run(prompt: list[int], new: int) -> tuple[float, float]:

@@ -92,6 +92,12 @@ typedef struct {
     float *lane_scale;
 } QuantizedRows;
 
+/* The quantized activations from row m0 on (NULL pointers where the activations are not quantized). */
+static inline QuantizedRows rows_from(const QuantizedRows *q, int64_t m0, int64_t K) {
+    QuantizedRows rows = {q->xq ? q->xq + m0 * K : NULL, q->xq ? q->lane_scale + m0 * (K / 4) : NULL};
+    return rows;
+}
+
 static int quantize_rows(const float *xf, int64_t M, int64_t K, QuantizedRows *q) {
     q->xq = (int8_t *)alloc((size_t)(M * K));
     q->lane_scale = (float *)alloc((size_t)(M * K / 4) * 4);
@@ -275,7 +281,7 @@ int shoal_gemv_int8(const void *x, int act_bf16, int64_t M, int64_t K, const int
         for (int64_t m0 = 0; m0 < M; m0 += ROW_BLOCK) {
             int mb = (int)(M - m0 < ROW_BLOCK ? M - m0 : ROW_BLOCK);
             float dots[ROW_BLOCK];
-            QuantizedRows qm = {q.xq ? q.xq + m0 * K : NULL, q.xq ? q.lane_scale + m0 * (K / 4) : NULL};
+            const QuantizedRows qm = rows_from(&q, m0, K);
             dot_int8(w + (size_t)n * (size_t)K, xf + m0 * K, &qm, K, mb, dots);
             for (int m = 0; m < mb; m++) store(y, act_bf16, (m0 + m) * N + n, dots[m] * scale[n]);
         }
@@ -465,7 +471,7 @@ int shoal_gemv_int4(const void *x, int act_bf16, int64_t M, int64_t K, const uin
         for (int64_t m0 = 0; m0 < M; m0 += ROW_BLOCK) {
             int mb = (int)(M - m0 < ROW_BLOCK ? M - m0 : ROW_BLOCK);
             float dots[ROW_BLOCK];
-            QuantizedRows qm = {q.xq ? q.xq + m0 * K : NULL, q.xq ? q.lane_scale + m0 * (K / 4) : NULL};
+            const QuantizedRows qm = rows_from(&q, m0, K);
             dot_int4(w + (size_t)n * (size_t)(K / 2), &groups, n * G, xf + m0 * K, &qm, xsum + m0 * G, K, mb, dots);
             for (int m = 0; m < mb; m++) store(y, act_bf16, (m0 + m) * N + n, dots[m]);
         }

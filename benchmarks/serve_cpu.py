@@ -1,0 +1,171 @@
+"""32 concurrent streaming requests on this CPU: `shoal serve` against llama.cpp's `llama-server` with
+32 parallel slots, both serving the same GGUF file, loaded by the same client (`shoal bench
+--serve-url`: random token-id prompts, streamed /v1/completions, ignore_eos, usage in the last chunk).
+
+    python benchmarks/serve_cpu.py [--gguf-types Q4_0,Q8_0] [--num-prompts 64] [--concurrency 32]
+                                   [--input-len 128] [--output-len 64] [--rounds 2]
+
+The GGUF files are the ones `benchmarks/compare_cpu.py` writes (~0.5B random-weight Llama, in
+~/.cache/shoal-bench; run it first). `llama-server` is built from the llama.cpp sources inside the
+llama-cpp-python sdist that compare_cpu.py downloads, with the same CMake flags (AVX-512, VNNI, BF16,
+no AMX: its AMX kernels crash on quantized models on these Xeons): pass --llama-server to use another
+binary. The two servers never run at once: each round starts one, loads it, stops it, then the other,
+so each has both cores. Prints output tok/s and median / p99 TPOT for each, and the ratio; writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = Path.home() / ".cache" / "shoal-bench"
+LLAMA_CPP_SOURCE = Path("/tmp/lcp/llama_cpp_python-0.3.36/vendor/llama.cpp")
+CMAKE_FLAGS = (
+    "-DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON "
+    "-DGGML_AVX512_BF16=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF "
+    "-DGGML_AMX_BF16=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_OPENSSL=OFF"
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def build_llama_server(build_dir: Path) -> Path:
+    binary = build_dir / "bin" / "llama-server"
+    if binary.exists():
+        return binary
+    if not LLAMA_CPP_SOURCE.exists():
+        raise SystemExit(f"no llama.cpp sources at {LLAMA_CPP_SOURCE}: run benchmarks/compare_cpu.py first "
+                         "(it downloads the llama-cpp-python sdist), or pass --llama-server")
+    subprocess.run(["cmake", "-S", str(LLAMA_CPP_SOURCE), "-B", str(build_dir), *CMAKE_FLAGS.split()], check=True)
+    subprocess.run(["cmake", "--build", str(build_dir), "--target", "llama-server", "-j", str(os.cpu_count() or 2)],
+                   check=True)
+    return binary
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 600) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with code {proc.returncode} before it was ready")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise RuntimeError(f"server not ready at {url} after {timeout:.0f} s")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def load(port: int, args, label: str) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        cmd = [sys.executable, "-m", "shoal", "bench", "--serve-url", f"http://127.0.0.1:{port}/v1",
+               "--num-prompts", str(args.num_prompts), "--input-len", str(args.input_len),
+               "--output-len", str(args.output_len), "--max-concurrency", str(args.concurrency),
+               "--vocab-size", "32000", "--no-progress", "--json-out", str(out)]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        result = json.loads(out.read_text())
+    result["server"] = label
+    return result
+
+
+def serve_shoal(gguf: Path, port: int, args) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "shoal", "serve", "--model", str(gguf), "--port", str(port), "--dtype", "bfloat16",
+           "--max-num-seqs", str(args.concurrency), "--max-model-len", str(args.input_len + args.output_len + 32),
+           "--log-level", "warning"]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def serve_llama_cpp(binary: Path, gguf: Path, port: int, args) -> subprocess.Popen:
+    context = args.concurrency * (args.input_len + args.output_len + 32)  # split evenly over the slots
+    cmd = [str(binary), "-m", str(gguf), "--port", str(port), "--host", "127.0.0.1", "-np", str(args.concurrency),
+           "-c", str(context), "-t", str(args.threads), "-tb", str(args.threads), "-b", "512", "-ub", "512",
+           "--no-webui"]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def summary(result: dict) -> dict:
+    keep = ("server", "completed", "output_throughput", "median_tpot_ms", "p99_tpot_ms", "median_ttft_ms")
+    return {k: result.get(k) for k in keep}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--gguf-types", default="Q4_0,Q8_0")
+    ap.add_argument("--num-prompts", type=int, default=64)
+    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--input-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2, help="llama-server's threads (shoal: torch's default)")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--llama-server", default=None, help="path of a llama-server binary (default: build one)")
+    ap.add_argument("--build-dir", default="/tmp/lcp/server-build")
+    ap.add_argument("--json-out", default="benchmarks/results_serve_cpu.json")
+    args = ap.parse_args(argv)
+    binary = Path(args.llama_server) if args.llama_server else build_llama_server(Path(args.build_dir))
+    rows = []
+    for gguf_type in args.gguf_types.split(","):
+        gguf = CACHE / f"llama-0.5b-{gguf_type}.gguf"
+        if not gguf.exists():
+            raise SystemExit(f"{gguf} is missing: run benchmarks/compare_cpu.py first")
+        for round_index in range(args.rounds):
+            for label, start in (("shoal", lambda p: serve_shoal(gguf, p, args)),
+                                 ("llama.cpp", lambda p: serve_llama_cpp(binary, gguf, p, args))):
+                port = free_port()
+                proc = start(port)
+                try:
+                    wait_ready(f"http://127.0.0.1:{port}/health", proc)
+                    result = load(port, args, label)
+                finally:
+                    stop(proc)
+                row = {"gguf": gguf_type, "round": round_index + 1, **summary(result)}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    print()
+    print(f"{args.num_prompts} requests, {args.concurrency} at a time, {args.input_len} tokens in, "
+          f"{args.output_len} out; medians over {args.rounds} rounds")
+    print("| GGUF | server | output tok/s | median TPOT ms | p99 TPOT ms | median TTFT ms | shoal / llama.cpp |")
+    print("|---|---|---|---|---|---|---|")
+    for gguf_type in args.gguf_types.split(","):
+        med = {}
+        for label in ("shoal", "llama.cpp"):
+            mine = [r for r in rows if r["gguf"] == gguf_type and r["server"] == label]
+            med[label] = {k: statistics.median(r[k] for r in mine) for k in
+                          ("output_throughput", "median_tpot_ms", "p99_tpot_ms", "median_ttft_ms")}
+        for label in ("shoal", "llama.cpp"):
+            m = med[label]
+            ratio = m["output_throughput"] / med["llama.cpp"]["output_throughput"]
+            print(f"| {gguf_type} | {label} | {m['output_throughput']:.1f} | {m['median_tpot_ms']:.1f} | "
+                  f"{m['p99_tpot_ms']:.1f} | {m['median_ttft_ms']:.0f} | {ratio:.2f}x |")
+    Path(args.json_out).write_text(json.dumps({"args": vars(args), "runs": rows}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
