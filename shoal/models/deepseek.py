@@ -73,9 +73,15 @@ class MultiHeadLatentAttention(nn.Module):
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         else:
             q = self.q_proj(x)
+        kv = self.kv_a_proj_with_mqa(x)
+        fused = cache.decode_attention()
+        if fused is not None:
+            out = self._fused_decode(fused, q, kv, positions, cache)
+            if out is not None:
+                return self.o_proj(out.view(b, t, self.num_heads * self.v_dim))
         q = q.view(b, t, self.num_heads, self.nope_dim + self.rope_dim)
         q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
-        latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        latent, k_rope = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         latent = self.kv_a_layernorm(latent)
         q_rope = self.rotary(q_rope, positions)
         k_rope = self.rotary(k_rope[:, :, None, :], positions)[:, :, 0]
@@ -88,6 +94,29 @@ class MultiHeadLatentAttention(nn.Module):
             out = self._attend_expanded(q_nope, q_rope, cached, cache.attention_mask())
         out = cache.pack(out.flatten(2))  # back to the step's layout
         return self.o_proj(out.reshape(b, t, self.num_heads * self.v_dim))
+
+    def _fused_decode(self, fused, q, kv, positions, cache) -> torch.Tensor | None:
+        """One new token per sequence on the CPU: the latent's norm, rotary, the cache write, the
+        absorption and attention in one kernel call (cpu_ops.DecodeAttention.mla), or None where it
+        does not apply (another dtype somewhere, a quantized or sharded-away kv_b_proj weight)."""
+        weight = getattr(self.kv_b_proj, "weight", None)
+        norm = self.kv_a_layernorm.weight
+        dtype = fused.dtype
+        if (fused.window or q.dtype != dtype or kv.dtype != dtype or not isinstance(weight, torch.Tensor)
+                or weight.dtype != dtype or norm.dtype != dtype or not weight.is_contiguous()
+                or weight.numel() != self.num_heads * (self.nope_dim + self.v_dim) * self.kv_lora_rank):
+            return None
+        (pool,) = cache.pools(self.layer_index)
+        if pool.dtype != dtype or not pool.is_contiguous():
+            return None
+        rows_q, rows_kv = q.reshape(-1, q.shape[-1]), kv.reshape(-1, kv.shape[-1])
+        if rows_q.stride(-1) != 1 or rows_kv.stride(-1) != 1:
+            return None
+        cos_sin = self.rotary.tables(positions)
+        return fused.mla(
+            rows_q, rows_kv, norm, self.kv_a_layernorm.eps, weight, self.num_heads, self.nope_dim, self.rope_dim,
+            self.kv_lora_rank, self.v_dim, pool, self.scale, cos_sin, self.rotary.interleaved,
+        )
 
     def _kv_b_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
         w = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
