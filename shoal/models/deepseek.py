@@ -13,7 +13,7 @@ import re
 import torch
 from torch import nn
 
-from shoal.backends.base import Backend
+from shoal.backends.base import Backend, sdpa_attention
 from shoal.errors import ConfigError
 from shoal.layers.embedding import LMHead, VocabEmbedding
 from shoal.layers.kv_cache import ContiguousKVCache
@@ -66,6 +66,8 @@ class MultiHeadLatentAttention(nn.Module):
         self.rotary = rotary
         self.scale = mla_softmax_scale(config)
         self.attention_fn = backend.attention_fn(mla=True, kv_dtype=torch.get_default_dtype())
+        # The fused CPU decode (cpu_ops) stands in for the default attention only, never for a backend's own.
+        self.fusable = self.attention_fn is sdpa_attention
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: ContiguousKVCache) -> torch.Tensor:
         b, t, _ = x.shape
@@ -74,7 +76,7 @@ class MultiHeadLatentAttention(nn.Module):
         else:
             q = self.q_proj(x)
         kv = self.kv_a_proj_with_mqa(x)
-        fused = cache.decode_attention()
+        fused = cache.decode_attention() if self.fusable else None
         if fused is not None:
             out = self._fused_decode(fused, q, kv, positions, cache)
             if out is not None:
