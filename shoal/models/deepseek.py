@@ -142,7 +142,16 @@ class MultiHeadLatentAttention(nn.Module):
         q = torch.cat([q_latent, q_rope.transpose(1, 2)], dim=-1)  # [b, heads, t, rank + rope]
         keys = cached[:, None]  # [b, 1, keys, rank + rope]
         values = cached[:, None, :, : self.kv_lora_rank]
-        out_latent = self.attention_fn(q, keys, values, mask, self.scale)  # [b, heads, t, rank]
+        if self.fusable:
+            # torch's SDPA: all heads' queries as rows of one head, so no kernel expands the latent per head
+            # (the CPU's math fallback would copy it 16 times for grouped-query attention)
+            b, h, t = q.shape[:3]
+            if mask is not None:
+                mask = mask.expand(b, h, t, mask.shape[-1]).reshape(b, 1, h * t, mask.shape[-1])
+            out_latent = self.attention_fn(q.reshape(b, 1, h * t, -1), keys, values, mask, self.scale)
+            out_latent = out_latent.view(b, h, t, self.kv_lora_rank)
+        else:
+            out_latent = self.attention_fn(q, keys, values, mask, self.scale)  # [b, heads, t, rank]
         return torch.einsum("bhtr,hvr->bthv", out_latent, w_uv)
 
 

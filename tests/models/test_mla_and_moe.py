@@ -29,9 +29,12 @@ def test_cache_stores_the_compressed_latent(checkpoint):
     assert cache.bytes_per_token() < config.num_hidden_layers * full_kv * 4 / 4
 
 
-def test_absorbed_decode_equals_expanded_attention(checkpoint):
+@pytest.mark.parametrize("fused", [True, False])
+def test_absorbed_decode_equals_expanded_attention(checkpoint, fused):
     path, _ = checkpoint("deepseek-v2-lite")
     model, _ = load(path)
+    for layer in model.model.layers:  # False: the torch code (what runs off the CPU or without the C kernels)
+        layer.self_attn.fusable = fused
     ids = torch.randint(2, 300, (1, 20), generator=torch.Generator().manual_seed(5))
     # one prefill of all 20 tokens (expanded form) ...
     cache = model.make_cache(1, 20, torch.float32, "cpu")
