@@ -135,12 +135,14 @@ def _mla_layer(dtype, heads, nope, rope, rank, v_dim, interleaved, seed):
 @pytest.mark.parametrize("heads,nope,rope,rank,v_dim", [(16, 64, 32, 256, 64), (3, 16, 8, 40, 24), (2, 0, 4, 16, 8)])
 @pytest.mark.parametrize("interleaved", [True, False])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_mla_decode_attention_against_the_torch_path(dtype, heads, nope, rope, rank, v_dim, interleaved, threads):
+@pytest.mark.parametrize("lens", [[13, 1, 40], [37]])
+def test_mla_decode_attention_against_the_torch_path(dtype, heads, nope, rope, rank, v_dim, interleaved, threads, lens):
     """The fused MLA decode (latent norm, rotary, cache write, absorption, attention) against the layer's
-    own torch code (the absorbed form over the gathered cache), three sequences at scattered slots."""
+    own torch code (the absorbed form over the gathered cache): three sequences at scattered slots (threads
+    split the sequences), or one (threads split its heads)."""
     layer = _mla_layer(dtype, heads, nope, rope, rank, v_dim, interleaved, heads * 10 + rank)
     g = torch.Generator().manual_seed(rank)
-    lens = torch.tensor([13, 1, 40])
+    lens = torch.tensor(lens)
     seqs, longest = len(lens), int(lens.max())
     slots = torch.randperm(200, generator=g)[: seqs * longest].view(seqs, longest).clone()
     positions = lens - 1
