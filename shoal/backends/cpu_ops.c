@@ -330,3 +330,158 @@ int shoal_decode_attention(const void *q_ptr, int64_t q_stride, const void *k_pt
     }
     return failed ? 2 : 0;
 }
+
+/* ---- one-query Multi-head Latent Attention (DeepSeek) over the latent cache -----------------------
+ * For each sequence s (one new token each, at positions[s]):
+ *   kv = kv_ptr[s * kv_stride ...] [rank + rope]: the kv_a projection, latent then the shared rotary key;
+ *   the latent is RMS-normed (norm_w, eps, as RMSNorm) and the key rotated (cos / sin float32 [*, rope /
+ *   2]; interleaved: DeepSeek's pairs (2i, 2i + 1), stored de-interleaved as RotaryEmbedding returns
+ *   them; else Llama's halves), each rounded to the dtype, and written to pool slot slot_mapping[s]
+ *   ([slots, rank + rope]);
+ *   q = q_ptr[s * q_stride ...] [heads, nope + rope]; per head the weight-absorbed query
+ *   q_lat = dtype(q_nope W_UK) [rank] (w_kvb [heads, nope + vdim, rank]: W_UK its first nope rows, W_UV
+ *   the rest) and its rotated rope part attend over the context's cached rows (context_slots, as in
+ *   shoal_decode_attention): score = scale * (q_lat . latent + q_rope . k_rope), softmax in float32,
+ *   o = dtype(sum p latent) [rank], out[s, h * vdim ...] = dtype(W_UV o).
+ * Threads split each sequence's heads; every cached row is read once per chunk of heads. */
+INLINE void rotate_pairs(const void *src, int64_t off, int64_t dim, const float *cos, const float *sin, float *dst,
+                         int interleaved, const int bf16) {
+    int64_t half = dim / 2;
+    for (int64_t i = 0; i < half; i++) {
+        float x1 = interleaved ? load(src, off + 2 * i, bf16) : load(src, off + i, bf16);
+        float x2 = interleaved ? load(src, off + 2 * i + 1, bf16) : load(src, off + half + i, bf16);
+        dst[i] = rnd(x1 * cos[i] - x2 * sin[i], bf16);
+        dst[half + i] = rnd(x2 * cos[i] + x1 * sin[i], bf16);
+    }
+}
+
+INLINE void mla_heads(const void *q_ptr, int64_t qoff, int64_t h0, int64_t h1, int64_t nope, int64_t rope,
+                      int64_t rank, int64_t vdim, const float *cos, const float *sin, int interleaved,
+                      const void *w_kvb, const void *pool, const int64_t *slots, int64_t first, int64_t n,
+                      float scale, float *q, float *acc, float *scores, void *out, int64_t ooff, const int bf16) {
+    const size_t esize = bf16 ? 2 : 4;
+    const int64_t nh = h1 - h0, keys = n - first, row = rank + rope, qdim = nope + rope;
+    /* absorbed queries: q[h] = [dtype(q_nope W_UK) * scale, dtype(rot(q_rope)) * scale] */
+    for (int64_t h = 0; h < nh; h++) {
+        float *qh = q + h * row;
+        const int64_t qh_off = qoff + (h0 + h) * qdim;
+        const char *wuk = (const char *)w_kvb + (size_t)((h0 + h) * (nope + vdim) * rank) * esize;
+        for (int64_t r = 0; r < rank; r++) qh[r] = 0.0f;
+        for (int64_t d = 0; d < nope; d++) {
+            if (d + 2 < nope) prefetch(wuk + (size_t)((d + 2) * rank) * esize, (size_t)rank * esize);
+            axpy(qh, load(q_ptr, qh_off + d, bf16), wuk + (size_t)(d * rank) * esize, rank, bf16);
+        }
+        for (int64_t r = 0; r < rank; r++) qh[r] = rnd(qh[r], bf16) * scale;
+        rotate_pairs(q_ptr, qh_off + nope, rope, cos, sin, qh + rank, interleaved, bf16);
+        for (int64_t i = 0; i < rope; i++) qh[rank + i] *= scale;
+    }
+    for (int64_t j = 0; j < keys; j++) {
+        const char *krow = (const char *)pool + (size_t)(slots[first + j] * row) * esize;
+        if (j + PREFETCH < keys) prefetch((const char *)pool + (size_t)(slots[first + j + PREFETCH] * row) * esize, (size_t)row * esize);
+        for (int64_t h = 0; h < nh; h++) scores[h * keys + j] = dot(q + h * row, krow, row, bf16);
+    }
+    for (int64_t h = 0; h < nh; h++) {
+        float *sc = scores + h * keys;
+        float best = -INFINITY;
+        for (int64_t j = 0; j < keys; j++) best = sc[j] > best ? sc[j] : best;
+        float total = 0.0f;
+        for (int64_t j = 0; j < keys; j++) {
+            float e = exp_approx(sc[j] - best);
+            sc[j] = e;
+            total += e;
+        }
+        const float inv = keys > 0 ? 1.0f / total : 0.0f;
+        for (int64_t j = 0; j < keys; j++) sc[j] *= inv;
+    }
+    for (int64_t i = 0; i < nh * rank; i++) acc[i] = 0.0f;
+    for (int64_t j = 0; j < keys; j++) {
+        const char *vrow = (const char *)pool + (size_t)(slots[first + j] * row) * esize;
+        for (int64_t h = 0; h < nh; h++) axpy(acc + h * rank, scores[h * keys + j], vrow, rank, bf16);
+    }
+    for (int64_t h = 0; h < nh; h++) {
+        float *o = acc + h * rank;
+        for (int64_t r = 0; r < rank; r++) o[r] = rnd(o[r], bf16);
+        const char *wuv = (const char *)w_kvb + (size_t)(((h0 + h) * (nope + vdim) + nope) * rank) * esize;
+        for (int64_t v = 0; v < vdim; v++) {
+            if (v + 2 < vdim) prefetch(wuv + (size_t)((v + 2) * rank) * esize, (size_t)rank * esize);
+            put(out, ooff + (h0 + h) * vdim + v, dot(o, wuv + (size_t)(v * rank) * esize, rank, bf16), bf16);
+        }
+    }
+}
+
+int shoal_mla_decode_attention(const void *q_ptr, int64_t q_stride, const void *kv_ptr, int64_t kv_stride,
+                               const void *norm_w, float eps, const void *w_kvb, int64_t seqs, int64_t heads,
+                               int64_t nope, int64_t rope, int64_t rank, int64_t vdim, const int64_t *positions,
+                               const float *cos_table, const float *sin_table, int interleaved, void *pool,
+                               const int64_t *slot_mapping, const int64_t *context_slots, int64_t ctx_stride,
+                               const int64_t *context_lens, float scale, void *out, int dtype, int nthreads) {
+    const int bf16 = dtype == 1;
+    if (heads <= 0 || rank <= 0 || rope <= 0 || rope % 2 || nope < 0 || vdim <= 0 || (dtype != 0 && dtype != 1))
+        return 1;
+    const int64_t row = rank + rope, half = rope / 2;
+    const size_t esize = bf16 ? 2 : 4;
+    int64_t longest = 0;
+    /* 1. this step's normed latent and rotated key into the cache (RMSNorm as rms_norm_row rounds it) */
+    for (int64_t s = 0; s < seqs; s++) {
+        char *dst = (char *)pool + (size_t)(slot_mapping[s] * row) * esize;
+        const int64_t off = s * kv_stride;
+        float acc16[16] = {0}, sum = 0.0f;
+        int64_t i = 0;
+        for (; i + 16 <= rank; i += 16)
+            for (int l = 0; l < 16; l++) {
+                float v = load(kv_ptr, off + i + l, bf16);
+                acc16[l] += v * v;
+            }
+        for (; i < rank; i++) {
+            float v = load(kv_ptr, off + i, bf16);
+            sum += v * v;
+        }
+        for (int l = 0; l < 16; l++) sum += acc16[l];
+        const float r = 1.0f / sqrtf(sum / (float)rank + eps);
+        for (int64_t j = 0; j < rank; j++)
+            put(dst, j, load(norm_w, j, bf16) * rnd(load(kv_ptr, off + j, bf16) * r, bf16), bf16);
+        float rot[rope];
+        rotate_pairs(kv_ptr, off + rank, rope, cos_table + positions[s] * half, sin_table + positions[s] * half, rot,
+                     interleaved, bf16);
+        for (int64_t j = 0; j < rope; j++) put(dst, rank + j, rot[j], bf16);
+        if (context_lens[s] > longest) longest = context_lens[s];
+    }
+    /* 2. attention: work items are (sequence, chunk of heads), chunks only where threads would idle */
+    int64_t chunks = 1;
+    if (nthreads > 1 && seqs < nthreads) {
+        chunks = (nthreads + seqs - 1) / seqs;
+        if (chunks > heads) chunks = heads;
+    }
+    const int64_t per_chunk = (heads + chunks - 1) / chunks;
+    const int64_t items = seqs * chunks;
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1 && items > 1)
+    {
+        float *scores = (float *)malloc((size_t)(per_chunk * (longest > 0 ? longest : 1)) * sizeof(float));
+        float *q = (float *)malloc((size_t)(per_chunk * (row + rank)) * sizeof(float));
+        if (!scores || !q) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int64_t item = 0; item < items; item++) {
+            if (!scores || !q) continue;
+            const int64_t s = item / chunks, chunk = item % chunks;
+            const int64_t h0 = chunk * per_chunk, h1 = h0 + per_chunk < heads ? h0 + per_chunk : heads;
+            if (h0 >= h1) continue;
+            const int64_t pos = positions[s];
+            const int64_t n = context_lens[s] < pos + 1 ? context_lens[s] : pos + 1;
+            const float *c = cos_table + pos * half, *sn = sin_table + pos * half;
+            const int64_t *slots = context_slots + s * ctx_stride;
+            if (bf16)
+                mla_heads(q_ptr, s * q_stride, h0, h1, nope, rope, rank, vdim, c, sn, interleaved, w_kvb, pool, slots,
+                          0, n, scale, q, q + per_chunk * row, scores, out, s * heads * vdim, 1);
+            else
+                mla_heads(q_ptr, s * q_stride, h0, h1, nope, rope, rank, vdim, c, sn, interleaved, w_kvb, pool, slots,
+                          0, n, scale, q, q + per_chunk * row, scores, out, s * heads * vdim, 0);
+        }
+        free(scores);
+        free(q);
+    }
+    return failed ? 2 : 0;
+}

@@ -1,6 +1,7 @@
 """shoal's fused CPU operations for the small per-layer work of decode (cpu_ops.c): RMSNorm with the
 residual add, SiLU-and-multiply, and one-query attention over the KV cache with rotary and the cache
-write folded in.
+write folded in (for grouped-query attention, and for DeepSeek's Multi-head Latent Attention with the
+latent's norm and the kv_b_proj absorption folded in too).
 
 A batch-1 decode step runs each of these on a few thousand values, where aten spends its time on
 dispatch (a few microseconds per operator, several operators per step of the layer) rather than on
@@ -39,7 +40,11 @@ def library() -> ctypes.CDLL | None:
         ptr, i64, ptr, i64, ptr, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, ptr, i64, f32, ptr,
         i32, i32,
     ]
-    for fn in (lib.shoal_rms_norm, lib.shoal_silu_mul, lib.shoal_decode_attention):
+    lib.shoal_mla_decode_attention.argtypes = [
+        ptr, i64, ptr, i64, ptr, f32, ptr, i64, i64, i64, i64, i64, i64, ptr, ptr, ptr, i32, ptr, ptr, ptr, i64, ptr,
+        f32, ptr, i32, i32,
+    ]
+    for fn in (lib.shoal_rms_norm, lib.shoal_silu_mul, lib.shoal_decode_attention, lib.shoal_mla_decode_attention):
         fn.restype = i32
     return lib
 
@@ -117,4 +122,25 @@ class DecodeAttention:
             kv_heads, dim, positions, cos, sin, k_pool.data_ptr(), v_pool.data_ptr(), slots, context, ctx_stride,
             lens, self.window, scale, out.data_ptr(), DTYPES[q.dtype], self.threads,
         ), "decode_attention")
+        return out
+
+    def mla(
+        self, q: torch.Tensor, kv: torch.Tensor, norm_weight: torch.Tensor, eps: float, kv_b_weight: torch.Tensor,
+        heads: int, nope: int, rope: int, rank: int, v_dim: int, pool: torch.Tensor, scale: float,
+        cos_sin: tuple[torch.Tensor, torch.Tensor], interleaved: bool,
+    ) -> torch.Tensor:
+        """Multi-head Latent Attention for one new token per sequence (weight-absorbed, as DeepSeek decodes):
+        q [seqs, heads * (nope + rope)] (the query projection's rows, rope part not yet rotated), kv [seqs,
+        rank + rope] (kv_a_proj_with_mqa's rows: the latent before its RMSNorm (norm_weight, eps) and the
+        shared rotary key before rotation; rows may be strided), kv_b_weight [heads * (nope + v_dim), rank]
+        (kv_b_proj's weight, contiguous), pool [slots, rank + rope] -> [seqs, heads * v_dim]. Writes the
+        normed latent and the rotated key to the pool first. All in one dtype, `self.dtype`."""
+        out = torch.empty(self.seqs, heads * v_dim, dtype=q.dtype)
+        positions, slots, context, ctx_stride, lens = self._ptrs
+        _check(library().shoal_mla_decode_attention(
+            q.data_ptr(), q.stride(0), kv.data_ptr(), kv.stride(0), norm_weight.data_ptr(), eps, kv_b_weight.data_ptr(),
+            self.seqs, heads, nope, rope, rank, v_dim, positions, cos_sin[0].data_ptr(), cos_sin[1].data_ptr(),
+            int(interleaved), pool.data_ptr(), slots, context, ctx_stride, lens, scale, out.data_ptr(),
+            DTYPES[q.dtype], self.threads,
+        ), "mla_decode_attention")
         return out

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from shoal.backends import cpu_ops
 from shoal.errors import WeightError
-from shoal.layers.linear import copy_weight
+from shoal.layers.linear import copy_weight, linear
 from shoal.layers.mlp import GatedMLP
 
 
@@ -72,7 +73,7 @@ class Router(nn.Module):
             weights = weights * cfg.routed_scaling_factor
         elif cfg.norm_topk_prob and cfg.top_k > 1:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        else:
+        elif cfg.routed_scaling_factor != 1.0:
             weights = weights * cfg.routed_scaling_factor
         return weights, expert_ids
 
@@ -105,12 +106,36 @@ class StackedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         """x [tokens, hidden]; each token's output is the routing-weighted sum of its experts' outputs."""
+        if x.shape[0] == 1:
+            return one_token(x, weights, expert_ids, self._expert)
         out = torch.zeros_like(x)
         for expert, tokens, token_weights in tokens_by_expert(weights, expert_ids, self.num_experts):
-            gate, up = nn.functional.linear(x[tokens], self.gate_up[expert]).chunk(2, dim=-1)
-            y = nn.functional.linear(nn.functional.silu(gate) * up, self.down[expert])
+            y = self._expert(x[tokens], expert)
             out.index_add_(0, tokens, (y * token_weights[:, None]).to(x.dtype))
         return out
+
+    def _expert(self, rows: torch.Tensor, expert: int) -> torch.Tensor:
+        return linear(silu_mul(linear(rows, self.gate_up[expert])), self.down[expert])
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for gate_up [..., 2 * inter] (gate then up): one fused call on the CPU."""
+    if cpu_ops.accepts(gate_up):
+        return cpu_ops.silu_mul(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return nn.functional.silu(gate) * up
+
+
+def one_token(x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor, expert_fn) -> torch.Tensor:
+    """The experts' weighted sum for a lone token x [1, hidden] (batch-1 decode): each chosen expert runs
+    straight on the row, without the grouping and scatter the batched path needs. Experts are added in
+    the batched path's order (by expert index), each weighted output rounded to x's dtype, so the sums
+    are the same. expert_fn(rows, expert) -> the expert's unweighted output."""
+    out = None
+    for expert, weight in sorted(zip(expert_ids[0].tolist(), weights[0].tolist())):
+        y = (expert_fn(x, expert) * weight).to(x.dtype)
+        out = y if out is None else out.add_(y)
+    return out if out is not None else torch.zeros_like(x)
 
 
 def tokens_by_expert(weights: torch.Tensor, expert_ids: torch.Tensor, num_experts: int):
@@ -145,7 +170,10 @@ class MoE(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         weights, expert_ids = self.gate(flat)
-        self.expert_load += torch.bincount(expert_ids.flatten(), minlength=self.expert_load.numel())
+        if flat.shape[0] == 1:
+            self.expert_load.index_add_(0, expert_ids[0], torch.ones_like(expert_ids[0]))  # distinct experts
+        else:
+            self.expert_load += torch.bincount(expert_ids.flatten(), minlength=self.expert_load.numel())
         out = self.experts(flat, weights, expert_ids)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)

@@ -13,7 +13,7 @@ import re
 import torch
 from torch import nn
 
-from shoal.backends.base import Backend
+from shoal.backends.base import Backend, sdpa_attention
 from shoal.errors import ConfigError
 from shoal.layers.embedding import LMHead, VocabEmbedding
 from shoal.layers.kv_cache import ContiguousKVCache
@@ -66,6 +66,8 @@ class MultiHeadLatentAttention(nn.Module):
         self.rotary = rotary
         self.scale = mla_softmax_scale(config)
         self.attention_fn = backend.attention_fn(mla=True, kv_dtype=torch.get_default_dtype())
+        # The fused CPU decode (cpu_ops) stands in for the default attention only, never for a backend's own.
+        self.fusable = self.attention_fn is sdpa_attention
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: ContiguousKVCache) -> torch.Tensor:
         b, t, _ = x.shape
@@ -73,9 +75,15 @@ class MultiHeadLatentAttention(nn.Module):
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         else:
             q = self.q_proj(x)
+        kv = self.kv_a_proj_with_mqa(x)
+        fused = cache.decode_attention() if self.fusable else None
+        if fused is not None:
+            out = self._fused_decode(fused, q, kv, positions, cache)
+            if out is not None:
+                return self.o_proj(out.view(b, t, self.num_heads * self.v_dim))
         q = q.view(b, t, self.num_heads, self.nope_dim + self.rope_dim)
         q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
-        latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        latent, k_rope = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         latent = self.kv_a_layernorm(latent)
         q_rope = self.rotary(q_rope, positions)
         k_rope = self.rotary(k_rope[:, :, None, :], positions)[:, :, 0]
@@ -88,6 +96,29 @@ class MultiHeadLatentAttention(nn.Module):
             out = self._attend_expanded(q_nope, q_rope, cached, cache.attention_mask())
         out = cache.pack(out.flatten(2))  # back to the step's layout
         return self.o_proj(out.reshape(b, t, self.num_heads * self.v_dim))
+
+    def _fused_decode(self, fused, q, kv, positions, cache) -> torch.Tensor | None:
+        """One new token per sequence on the CPU: the latent's norm, rotary, the cache write, the
+        absorption and attention in one kernel call (cpu_ops.DecodeAttention.mla), or None where it
+        does not apply (another dtype somewhere, a quantized or sharded-away kv_b_proj weight)."""
+        weight = getattr(self.kv_b_proj, "weight", None)
+        norm = self.kv_a_layernorm.weight
+        dtype = fused.dtype
+        if (fused.window or q.dtype != dtype or kv.dtype != dtype or not isinstance(weight, torch.Tensor)
+                or weight.dtype != dtype or norm.dtype != dtype or not weight.is_contiguous()
+                or weight.numel() != self.num_heads * (self.nope_dim + self.v_dim) * self.kv_lora_rank):
+            return None
+        (pool,) = cache.pools(self.layer_index)
+        if pool.dtype != dtype or not pool.is_contiguous():
+            return None
+        rows_q, rows_kv = q.reshape(-1, q.shape[-1]), kv.reshape(-1, kv.shape[-1])
+        if rows_q.stride(-1) != 1 or rows_kv.stride(-1) != 1:
+            return None
+        cos_sin = self.rotary.tables(positions)
+        return fused.mla(
+            rows_q, rows_kv, norm, self.kv_a_layernorm.eps, weight, self.num_heads, self.nope_dim, self.rope_dim,
+            self.kv_lora_rank, self.v_dim, pool, self.scale, cos_sin, self.rotary.interleaved,
+        )
 
     def _kv_b_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
         w = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
@@ -111,7 +142,16 @@ class MultiHeadLatentAttention(nn.Module):
         q = torch.cat([q_latent, q_rope.transpose(1, 2)], dim=-1)  # [b, heads, t, rank + rope]
         keys = cached[:, None]  # [b, 1, keys, rank + rope]
         values = cached[:, None, :, : self.kv_lora_rank]
-        out_latent = self.attention_fn(q, keys, values, mask, self.scale)  # [b, heads, t, rank]
+        if self.fusable:
+            # torch's SDPA: all heads' queries as rows of one head, so no kernel expands the latent per head
+            # (the CPU's math fallback would copy it 16 times for grouped-query attention)
+            b, h, t = q.shape[:3]
+            if mask is not None:
+                mask = mask.expand(b, h, t, mask.shape[-1]).reshape(b, 1, h * t, mask.shape[-1])
+            out_latent = self.attention_fn(q.reshape(b, 1, h * t, -1), keys, values, mask, self.scale)
+            out_latent = out_latent.view(b, h, t, self.kv_lora_rank)
+        else:
+            out_latent = self.attention_fn(q, keys, values, mask, self.scale)  # [b, heads, t, rank]
         return torch.einsum("bhtr,hvr->bthv", out_latent, w_uv)
 
 

@@ -110,3 +110,72 @@ def test_contiguous_cache_offers_the_fused_decode_only_for_one_token_steps():
     assert fused is not None and fused.seqs == 3
     assert fused.slot_mapping.tolist() == [3, 35, 67]
     assert cache.pools(0)[0].shape == (96, 2, 8)
+
+
+def _mla_layer(dtype, heads, nope, rope, rank, v_dim, interleaved, seed):
+    from shoal.backends import get_backend
+    from shoal.models.deepseek import MultiHeadLatentAttention
+    from shoal.models.hf_config import parse_model_config
+
+    raw = dict(hidden_size=96, num_attention_heads=heads, kv_lora_rank=rank, qk_nope_head_dim=nope,
+               qk_rope_head_dim=rope, v_head_dim=v_dim, rms_norm_eps=1e-6, num_hidden_layers=1, vocab_size=10,
+               intermediate_size=8, max_position_embeddings=64, rope_theta=10000.0,
+               architectures=["DeepseekV2ForCausalLM"], model_type="deepseek_v2")
+    config = parse_model_config(raw)
+    rotary = RotaryEmbedding(RopeConfig(theta=10000.0), rope, 64, interleaved=interleaved)
+    layer = MultiHeadLatentAttention(config, 0, get_backend("cpu"), rotary)
+    g = torch.Generator().manual_seed(seed)
+    for p in layer.parameters():
+        p.data.copy_(torch.randn(p.shape, generator=g) * p.shape[-1] ** -0.5)
+    layer.kv_a_layernorm.weight.data.copy_(torch.rand(rank, generator=g) + 0.5)
+    return layer.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,nope,rope,rank,v_dim", [(16, 64, 32, 256, 64), (3, 16, 8, 40, 24), (2, 0, 4, 16, 8)])
+@pytest.mark.parametrize("interleaved", [True, False])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("lens", [[13, 1, 40], [37]])
+def test_mla_decode_attention_against_the_torch_path(dtype, heads, nope, rope, rank, v_dim, interleaved, threads, lens):
+    """The fused MLA decode (latent norm, rotary, cache write, absorption, attention) against the layer's
+    own torch code (the absorbed form over the gathered cache): three sequences at scattered slots (threads
+    split the sequences), or one (threads split its heads)."""
+    layer = _mla_layer(dtype, heads, nope, rope, rank, v_dim, interleaved, heads * 10 + rank)
+    g = torch.Generator().manual_seed(rank)
+    lens = torch.tensor(lens)
+    seqs, longest = len(lens), int(lens.max())
+    slots = torch.randperm(200, generator=g)[: seqs * longest].view(seqs, longest).clone()
+    positions = lens - 1
+    pool = (torch.randn(201, rank + rope, generator=g)).to(dtype)
+    q = (torch.randn(seqs, heads * (nope + rope), generator=g) * 2).to(dtype)
+    kv = (torch.randn(seqs, rank + rope + 5, generator=g) * 2).to(dtype)[:, : rank + rope]  # strided rows
+    write = slots[torch.arange(seqs), positions]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        fused = cpu_ops.DecodeAttention(positions[None], write, slots, lens, None, dtype)
+        ours_pool = pool.clone()
+        out = fused.mla(q, kv, layer.kv_a_layernorm.weight, layer.kv_a_layernorm.eps,
+                        layer.kv_b_proj.weight.contiguous(), heads, nope, rope, rank, v_dim, ours_pool, layer.scale,
+                        layer.rotary.tables(positions[None]), interleaved)
+    finally:
+        torch.set_num_threads(previous)
+    # the cache: the normed latent and the rotated key, as the torch path writes them
+    latent = layer.kv_a_layernorm(kv[:, :rank].contiguous())
+    k_rope = layer.rotary(kv[None, :, None, rank:], positions[None])[0, :, 0]
+    pool[write] = torch.cat([latent, k_rope], dim=-1)
+    torch.testing.assert_close(ours_pool, pool, rtol=0, atol=0 if dtype == torch.float32 else 1e-2)
+    # attention, in float64 from the same cache
+    q_ = q.view(seqs, heads, nope + rope)
+    q_rope = layer.rotary(q_[None, :, :, nope:], positions[None])[0]
+    w = layer.kv_b_proj.weight.double().view(heads, nope + v_dim, rank)
+    refs = []
+    for s in range(seqs):
+        ctx = pool[slots[s, : int(lens[s])]].double()  # [keys, rank + rope]
+        q_lat = torch.einsum("hd,hdr->hr", q_[s, :, :nope].double(), w[:, :nope]).to(dtype).double()
+        scores = (q_lat @ ctx[:, :rank].T + q_rope[s].double() @ ctx[:, rank:].T) * layer.scale
+        o = scores.softmax(-1) @ ctx[:, :rank]
+        refs.append(torch.einsum("hr,hvr->hv", o, w[:, nope:]).reshape(-1))
+    ref = torch.stack(refs)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)

@@ -3,6 +3,7 @@ and the dense / MoE layer layout follows first_k_dense_replace and moe_layer_fre
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from shoal.backends import get_backend
@@ -28,9 +29,12 @@ def test_cache_stores_the_compressed_latent(checkpoint):
     assert cache.bytes_per_token() < config.num_hidden_layers * full_kv * 4 / 4
 
 
-def test_absorbed_decode_equals_expanded_attention(checkpoint):
+@pytest.mark.parametrize("fused", [True, False])
+def test_absorbed_decode_equals_expanded_attention(checkpoint, fused):
     path, _ = checkpoint("deepseek-v2-lite")
     model, _ = load(path)
+    for layer in model.model.layers:  # False: the torch code (what runs off the CPU or without the C kernels)
+        layer.self_attn.fusable = fused
     ids = torch.randint(2, 300, (1, 20), generator=torch.Generator().manual_seed(5))
     # one prefill of all 20 tokens (expanded form) ...
     cache = model.make_cache(1, 20, torch.float32, "cpu")
@@ -55,3 +59,35 @@ def test_dense_and_moe_layer_layout(checkpoint, tmp_path):
     moe = model.model.layers[1].mlp
     assert moe.gate.cfg.scoring == "sigmoid" and moe.gate.cfg.topk_method == "noaux_tc"
     assert moe.shared_experts is not None
+
+
+def _batched(experts, x, weights, expert_ids):
+    """The batched path's result for each row of x, one row at a time (the lone-token path bypassed)."""
+    from shoal.layers.moe import tokens_by_expert
+
+    out = torch.zeros_like(x)
+    for expert, tokens, token_weights in tokens_by_expert(weights, expert_ids, experts.num_experts):
+        out.index_add_(0, tokens, (experts._expert(x[tokens], expert) * token_weights[:, None]).to(x.dtype))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("quant", [None, "int4", "int8"])
+def test_one_token_experts_equal_the_batched_path(checkpoint, dtype, quant):
+    """Batch-1 decode runs a lone token's experts straight on its row; the sum equals the grouped path's."""
+    path, _ = checkpoint("deepseek-v2-lite")
+    model, _, _ = build_model(path, get_backend("cpu"), torch.device("cpu"), dtype, progress=False, quant=quant,
+                              quant_group_size=32 if quant == "int4" else None)
+    moe = next(layer.mlp for layer in model.model.layers if isinstance(layer.mlp, MoE))
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, moe.gate.weight.shape[1], generator=g).to(dtype)
+    weights, expert_ids = moe.gate(x)
+    with torch.no_grad():
+        lone = moe.experts(x, weights, expert_ids)
+        batched = _batched(moe.experts, x, weights, expert_ids)
+    assert torch.equal(lone, batched)
+    load = moe.expert_load.clone()
+    with torch.no_grad():
+        moe(x[None])
+    assert (moe.expert_load - load).sum() == expert_ids.numel()
+    assert ((moe.expert_load - load)[expert_ids[0]] == 1).all()
