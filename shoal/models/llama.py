@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from shoal.backends.base import Backend
+from shoal.backends.base import Backend, sdpa_attention
 from shoal.layers.attention import CachedAttention
 from shoal.layers.embedding import LMHead, VocabEmbedding
 from shoal.layers.kv_cache import ContiguousKVCache
@@ -41,11 +41,13 @@ class LlamaAttention(nn.Module):
         self.rotary = rotary  # shared by all layers: one cos/sin table
         attention_fn = backend.attention_fn(mla=False, kv_dtype=torch.get_default_dtype())
         self.attn = CachedAttention(layer_index, self.head_dim**-0.5, attention_fn)
+        # The fused CPU decode (cpu_ops) stands in for the default attention only, never for a backend's own.
+        self.fusable = attention_fn is sdpa_attention
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: ContiguousKVCache) -> torch.Tensor:
         b, t, _ = x.shape
         qkv = self.qkv_proj(x)
-        fused = cache.decode_attention()
+        fused = cache.decode_attention() if self.fusable else None
         if fused is not None and qkv.dtype == fused.dtype:
             return self.o_proj(self._fused_decode(fused, qkv, positions, cache).view(b, t, -1))
         q, k, v = self.qkv_proj.split(qkv)

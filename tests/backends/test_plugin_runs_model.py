@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import pytest
+
 from shoal import LLM, SamplingParams
 
 
-def test_fake_entry_point_backend_runs_a_model(fake_backend, checkpoint):
-    path, _ = checkpoint("deepseek-v3")
+@pytest.mark.parametrize("name", ["deepseek-v3", "llama"])
+def test_fake_entry_point_backend_runs_a_model(fake_backend, checkpoint, name):
+    # Both model families: neither may swap a backend's own attention for shoal's fused CPU decode.
+    fake_backend.attention_calls = 0
+    path, _ = checkpoint(name)
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     on_fake = LLM(str(path), device="fakechip", dtype="float32", progress=False)
     assert on_fake.backend is fake_backend
