@@ -73,6 +73,23 @@ INLINE float exp_approx(float x) {
     return y * scale;
 }
 
+/* Each of `rows` rows of scores [rows, keys] replaced by its softmax (float32, max subtracted). */
+static void softmax_rows(float *scores, int64_t rows, int64_t keys) {
+    for (int64_t h = 0; h < rows; h++) {
+        float *sc = scores + h * keys;
+        float best = -INFINITY;
+        for (int64_t j = 0; j < keys; j++) best = sc[j] > best ? sc[j] : best;
+        float total = 0.0f;
+        for (int64_t j = 0; j < keys; j++) {
+            float e = exp_approx(sc[j] - best);
+            sc[j] = e;
+            total += e;
+        }
+        const float inv = keys > 0 ? 1.0f / total : 0.0f;
+        for (int64_t j = 0; j < keys; j++) sc[j] *= inv;
+    }
+}
+
 /* ---- RMSNorm ------------------------------------------------------------------------------------
  * With residual (not NULL): s = x + residual, rounded to the dtype and stored to res_out; else s = x.
  * out = weight * dtype(s * rsqrt(mean(s^2) + eps)), the normalisation in float32 (as RMSNorm does). */
@@ -226,19 +243,7 @@ INLINE void attend_heads(const void *q_ptr, int64_t qoff, int64_t h0, int64_t h1
         for (int64_t h = 0; h < nh; h++)
             scores[h * keys + j] = dot(q + h * dim, krow + (size_t)(((h0 + h) / group) * dim) * esize, dim, bf16);
     }
-    for (int64_t h = 0; h < nh; h++) {
-        float *sc = scores + h * keys;
-        float best = -INFINITY;
-        for (int64_t j = 0; j < keys; j++) best = sc[j] > best ? sc[j] : best;
-        float total = 0.0f;
-        for (int64_t j = 0; j < keys; j++) {
-            float e = exp_approx(sc[j] - best);
-            sc[j] = e;
-            total += e;
-        }
-        const float inv = keys > 0 ? 1.0f / total : 0.0f;
-        for (int64_t j = 0; j < keys; j++) sc[j] *= inv;
-    }
+    softmax_rows(scores, nh, keys);
     for (int64_t i = 0; i < nh * dim; i++) acc[i] = 0.0f;
     for (int64_t j = 0; j < keys; j++) {
         const char *vrow = (const char *)v_pool + (size_t)(slots[first + j] * row) * esize;
@@ -380,19 +385,7 @@ INLINE void mla_heads(const void *q_ptr, int64_t qoff, int64_t h0, int64_t h1, i
         if (j + PREFETCH < keys) prefetch((const char *)pool + (size_t)(slots[first + j + PREFETCH] * row) * esize, (size_t)row * esize);
         for (int64_t h = 0; h < nh; h++) scores[h * keys + j] = dot(q + h * row, krow, row, bf16);
     }
-    for (int64_t h = 0; h < nh; h++) {
-        float *sc = scores + h * keys;
-        float best = -INFINITY;
-        for (int64_t j = 0; j < keys; j++) best = sc[j] > best ? sc[j] : best;
-        float total = 0.0f;
-        for (int64_t j = 0; j < keys; j++) {
-            float e = exp_approx(sc[j] - best);
-            sc[j] = e;
-            total += e;
-        }
-        const float inv = keys > 0 ? 1.0f / total : 0.0f;
-        for (int64_t j = 0; j < keys; j++) sc[j] *= inv;
-    }
+    softmax_rows(scores, nh, keys);
     for (int64_t i = 0; i < nh * rank; i++) acc[i] = 0.0f;
     for (int64_t j = 0; j < keys; j++) {
         const char *vrow = (const char *)pool + (size_t)(slots[first + j] * row) * esize;
