@@ -106,13 +106,7 @@ class StackedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         """x [tokens, hidden]; each token's output is the routing-weighted sum of its experts' outputs."""
-        if x.shape[0] == 1:
-            return one_token(x, weights, expert_ids, self._expert)
-        out = torch.zeros_like(x)
-        for expert, tokens, token_weights in tokens_by_expert(weights, expert_ids, self.num_experts):
-            y = self._expert(x[tokens], expert)
-            out.index_add_(0, tokens, (y * token_weights[:, None]).to(x.dtype))
-        return out
+        return weighted_expert_sum(x, weights, expert_ids, self.num_experts, self._expert)
 
     def _expert(self, rows: torch.Tensor, expert: int) -> torch.Tensor:
         return linear(silu_mul(linear(rows, self.gate_up[expert])), self.down[expert])
@@ -124,6 +118,22 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
         return cpu_ops.silu_mul(gate_up)
     gate, up = gate_up.chunk(2, dim=-1)
     return nn.functional.silu(gate) * up
+
+
+def weighted_expert_sum(
+    x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor, num_experts: int, expert_fn
+) -> torch.Tensor:
+    """Each token's routing-weighted sum of its experts' outputs, for x [tokens, hidden]: the experts'
+    tokens grouped so each expert runs once on all of its rows, or a lone token's experts run straight
+    on its row. expert_fn(rows, expert) -> the expert's unweighted output; shared by the dense and the
+    quantized stacked experts."""
+    if x.shape[0] == 1:
+        return one_token(x, weights, expert_ids, expert_fn)
+    out = torch.zeros_like(x)
+    for expert, tokens, token_weights in tokens_by_expert(weights, expert_ids, num_experts):
+        y = expert_fn(x[tokens], expert)
+        out.index_add_(0, tokens, (y * token_weights[:, None]).to(x.dtype))
+    return out
 
 
 def one_token(x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor, expert_fn) -> torch.Tensor:

@@ -15,7 +15,7 @@ from torch import nn
 
 from shoal.errors import WeightError
 from shoal.layers.linear import copy_weight
-from shoal.layers.moe import one_token, silu_mul, tokens_by_expert
+from shoal.layers.moe import silu_mul, weighted_expert_sum
 from shoal.quant.formats import FP8_BLOCK, Fp8BlockWeight, Int4GroupWeight, Int8ChannelWeight, as_float
 
 # The canonical tensors of each format (see shoal/backends/quantized_matmul.py for their layouts).
@@ -282,13 +282,7 @@ class QuantizedStackedExperts(_QuantizedModule):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         self.expert_weights()
-        if x.shape[0] == 1:
-            return one_token(x, weights, expert_ids, self._expert)
-        out = torch.zeros_like(x)
-        for expert, tokens, token_weights in tokens_by_expert(weights, expert_ids, self.num_experts):
-            y = self._expert(x[tokens], expert)
-            out.index_add_(0, tokens, (y * token_weights[:, None]).to(x.dtype))
-        return out
+        return weighted_expert_sum(x, weights, expert_ids, self.num_experts, self._expert)
 
     def _expert(self, rows: torch.Tensor, expert: int) -> torch.Tensor:
         gate_up, down = self._cached[expert]
