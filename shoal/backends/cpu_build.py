@@ -56,11 +56,12 @@ def _cpu_signature() -> str:
         return platform.processor() + platform.machine()
 
 
-def _build(source: Path, compiler: str) -> Path:
+def _build(sources: tuple[Path, ...], compiler: str) -> Path:
     key = hashlib.sha256(
-        source.read_bytes() + " ".join([compiler, *FLAGS]).encode() + _cpu_signature().encode()
+        b"".join(source.read_bytes() for source in sources)
+        + " ".join([compiler, *FLAGS]).encode() + _cpu_signature().encode()
     ).hexdigest()[:16]
-    target = _cache_dir() / f"{source.stem}-{key}.so"
+    target = _cache_dir() / f"{sources[-1].stem}-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -68,18 +69,21 @@ def _build(source: Path, compiler: str) -> Path:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
         result = subprocess.run(
-            [compiler, *FLAGS, "-o", str(built), str(source), "-lm"], capture_output=True, text=True, timeout=120
+            [compiler, *FLAGS, "-o", str(built), *map(str, sources), "-lm"], capture_output=True, text=True, timeout=120
         )
         if result.returncode != 0:
-            raise RuntimeError(f"{compiler} failed on {source.name}: {result.stderr.strip()[-2000:]}")
+            names = ", ".join(source.name for source in sources)
+            raise RuntimeError(f"{compiler} failed on {names}: {result.stderr.strip()[-2000:]}")
         os.replace(built, target)
     return target
 
 
-def load(source: Path, what: str) -> ctypes.CDLL | None:
-    """The compiled `source`, or None where it cannot be built here (the reason is logged once).
+def load(source: Path | tuple[Path, ...], what: str) -> ctypes.CDLL | None:
+    """The compiled `source` (one C file, or several linked into one library), or None where it cannot
+    be built here (the reason is logged once).
 
     `what` names the kernels in that message, e.g. "matrix-vector kernels"."""
+    sources = (source,) if isinstance(source, Path) else tuple(source)
     if platform.system() != "Linux":
         return None  # -fopenmp against torch's bundled runtime is only arranged for Linux builds
     compiler = _compiler()
@@ -88,7 +92,7 @@ def load(source: Path, what: str) -> ctypes.CDLL | None:
         return None
     try:
         torch.get_num_threads()  # make sure torch (and its OpenMP runtime) is loaded before ours binds to it
-        return ctypes.CDLL(str(_build(source, compiler)))
+        return ctypes.CDLL(str(_build(sources, compiler)))
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         log.warning("shoal's CPU %s could not be built (%s); using torch's operators instead", what, exc)
         return None

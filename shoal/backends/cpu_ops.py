@@ -107,6 +107,10 @@ class DecodeAttention:
         self._ptrs = (self.positions.data_ptr(), self.slot_mapping.data_ptr(), self.context_slots.data_ptr(),
                       self.context_slots.shape[1], self.context_lens.data_ptr())
 
+    def pointers(self) -> tuple[int, int, int, int, int]:
+        """(positions, slot_mapping, context_slots, context_slots' row stride, context_lens) for the C side."""
+        return self._ptrs
+
     def __call__(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, kv_heads: int, dim: int,
         k_pool: torch.Tensor, v_pool: torch.Tensor, scale: float, cos_sin: tuple[torch.Tensor, torch.Tensor] | None,

@@ -45,9 +45,17 @@ class CausalLM(nn.Module):
         """
         cache.begin_forward(positions, self.sliding_window)
         x = self.model.embed_tokens(token_ids)
+        fused = self.fused_decode(x, positions, cache)
+        if fused is not None:
+            return fused
         for layer in self.model.layers:
             x = layer(x, positions, cache)
         return self.model.norm(x)
+
+    def fused_decode(self, x: torch.Tensor, positions: torch.Tensor, cache: ContiguousKVCache) -> torch.Tensor | None:
+        """The decoder layers and the final norm in one backend call, where the family has one for this
+        step (Llama: shoal/backends/cpu_decode.py on a CPU); None runs them layer by layer."""
+        return None
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Hidden states -> float32 logits over the vocabulary."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from shoal.backends import cpu_decode, cpu_gemv
 from shoal.backends.base import Backend, sdpa_attention
 from shoal.layers.attention import CachedAttention
 from shoal.layers.embedding import LMHead, VocabEmbedding
@@ -128,6 +129,46 @@ class LlamaForCausalLM(CausalLM):
         )
         uses_window = config.model_type == "mistral" or bool(config.get("use_sliding_window", False))
         self.sliding_window = config.get("sliding_window") if uses_window else None
+        self._cpu_decode: cpu_decode.LlamaDecode | None | bool = None  # described at the first decode step
+
+    def fused_decode(self, x: torch.Tensor, positions: torch.Tensor, cache: ContiguousKVCache) -> torch.Tensor | None:
+        step = cache.decode_attention()
+        if step is None or self._cpu_decode is False or x.dtype != step.dtype:
+            return None
+        rows = x.numel() // self.config.hidden_size
+        if rows > cpu_gemv.MAX_ROWS:
+            return None
+        if self._cpu_decode is None:
+            self._cpu_decode = self._describe_cpu_decode(x.dtype) or False
+            if self._cpu_decode is False:
+                return None
+        attention = self.model.layers[0].self_attn
+        pools = [cache.pools(i) for i in range(len(self.model.layers))]
+        out = self._cpu_decode.run(x, step, pools, attention.rotary.tables(positions))
+        return out.view_as(x)
+
+    def _describe_cpu_decode(self, dtype: torch.dtype) -> cpu_decode.LlamaDecode | None:
+        """The whole decoder stack for cpu_decode, where every layer is one it runs exactly as the layers
+        would: unsplit, default attention without per-head norms, and weights its kernels read."""
+        if self.tp_size != 1 or self.skip_weight is not None or self.model.norm is None:
+            return None
+        layers = []
+        for layer in self.model.layers:
+            if type(layer) is not LlamaDecoderLayer or not layer.self_attn.fusable or layer.self_attn.qk_norm:
+                return None
+            attn, mlp = layer.self_attn, layer.mlp
+            layers.append((layer.input_layernorm.weight, layer.post_attention_layernorm.weight, attn.qkv_proj,
+                           attn.o_proj, mlp.gate_up_proj, mlp.down_proj))
+        norm = self.model.norm
+        eps = {norm.eps} | {n.eps for layer in self.model.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)}
+        if len(eps) != 1:
+            return None
+        attention = self.model.layers[0].self_attn
+        return cpu_decode.LlamaDecode.build(
+            hidden=self.config.hidden_size, heads=attention.num_heads, kv_heads=attention.num_kv_heads,
+            head_dim=attention.head_dim, intermediate=self.model.layers[0].mlp.down_proj.in_features, eps=norm.eps,
+            scale=attention.attn.scale, dtype=dtype, final_norm=norm.weight, layers=layers,
+        )
 
     def cache_entry_shapes(self) -> list[tuple[int, ...]]:
         shape = (self.config.num_key_value_heads // self.tp_size, self.config.head_dim)

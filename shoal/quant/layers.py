@@ -103,7 +103,12 @@ class _QuantizedModule(nn.Module):
             self.register_parameter(prefix + key, nn.Parameter(tensor, requires_grad=False))
 
     def _tensors(self, prefix: str) -> dict[str, torch.Tensor]:
-        return {k[len(prefix):]: p for k, p in self._parameters.items() if k.startswith(prefix) and p is not None}
+        """The weight's tensors (never the bias: a kernel's re-layout must not drop it)."""
+        return {
+            k[len(prefix):]: p
+            for k, p in self._parameters.items()
+            if k.startswith(prefix) and p is not None and k != "bias"
+        }
 
     def _prepare(self, prefix: str, kernel, experts: int | None = None) -> None:
         """Re-lay the weight for `kernel` (once, after loading); afterwards it can no longer be exported."""
@@ -201,7 +206,7 @@ class QuantizedLinear(_QuantizedModule):
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x W^T, without the bias."""
         if self._weight_tensors is None:
-            self._weight_tensors = {k: v.data for k, v in self._tensors("").items() if k != "bias"}
+            self._weight_tensors = {k: v.data for k, v in self._tensors("").items()}
         y = self.kernel(x.reshape(-1, self.in_features), self._weight_tensors, self.group_size)
         return y.view(*x.shape[:-1], self.out_features)
 

@@ -1,0 +1,148 @@
+"""A whole CPU decode step of a Llama-family decoder stack in one C call (cpu_decode.c).
+
+Batch-1 decode runs ~8 small operations per layer between the weight reads; from Python each costs
+microseconds of dispatch, and with the weight stream evicting the interpreter's data from the caches
+those gaps added up to about a fifth of a 0.5B model's bf16 step. `LlamaDecode` describes every layer
+to the C side once (weight pointers, norms, cache pools) and then runs a step as one call into the same
+kernels Python would call (cpu_gemv.c, cpu_ops.c), so its results are bit for bit those of the
+layer-by-layer path. The model decides when it applies (shoal/models/llama.py, `fused_decode`);
+SHOAL_CPU_DECODE=0 (or SHOAL_CPU_KERNELS=0 / SHOAL_CPU_OPS=0) keeps the layer-by-layer path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from pathlib import Path
+
+import torch
+
+from shoal.backends import cpu_gemv, cpu_ops
+from shoal.backends.cpu_build import load, switched_off
+
+SOURCES = (cpu_gemv.SOURCE, cpu_ops.SOURCE, Path(__file__).with_name("cpu_decode.c"))
+WEIGHT_BF16, WEIGHT_INT8, WEIGHT_INT4 = 0, 1, 2
+
+_p, _i64, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+
+
+class DecodeLinear(ctypes.Structure):
+    _fields_ = [("kind", _i64), ("weight", _p), ("scale", _p), ("zero", _p), ("scale_bf16", _i64), ("group", _i64),
+                ("bias", _p), ("n", _i64), ("k", _i64)]
+
+
+class DecodeLayer(ctypes.Structure):
+    _fields_ = [("input_norm", _p), ("post_attention_norm", _p), ("qkv", DecodeLinear), ("o", DecodeLinear),
+                ("gate_up", DecodeLinear), ("down", DecodeLinear), ("k_pool", _p), ("v_pool", _p)]
+
+
+class DecodeModel(ctypes.Structure):
+    _fields_ = [("layers", _i64), ("hidden", _i64), ("heads", _i64), ("kv_heads", _i64), ("head_dim", _i64),
+                ("intermediate", _i64), ("eps", _f32), ("scale", _f32), ("dtype", _i64), ("final_norm", _p)]
+
+
+class DecodeStep(ctypes.Structure):
+    _fields_ = [("rows", _i64), ("positions", _p), ("slot_mapping", _p), ("context_slots", _p),
+                ("context_lens", _p), ("ctx_stride", _i64), ("window", _i64), ("cos", _p), ("sin", _p)]
+
+
+@functools.lru_cache(maxsize=1)
+def library() -> ctypes.CDLL | None:
+    """The compiled decode step, or None where it cannot be built here or is switched off."""
+    if switched_off("SHOAL_CPU_OPS", "SHOAL_CPU_DECODE") or not cpu_gemv.available() or not cpu_ops.available():
+        return None
+    lib = load(SOURCES, "whole-step decode")
+    if lib is None:
+        return None
+    lib.shoal_llama_decode.argtypes = [ctypes.POINTER(DecodeModel), ctypes.POINTER(DecodeLayer),
+                                       ctypes.POINTER(DecodeStep), _p, _p, ctypes.c_int]
+    lib.shoal_llama_decode.restype = ctypes.c_int
+    return lib
+
+
+def linear_descriptor(module: torch.nn.Module, dtype: torch.dtype) -> tuple[DecodeLinear, list[torch.Tensor]] | None:
+    """How the C step reads this linear layer's weight (and the tensors to keep alive), or None where the
+    layer is not one the kernels take exactly as its own forward would (a tensor-parallel split, another
+    kernel, another dtype)."""
+    from shoal.layers.linear import Linear, MergedLinear
+    from shoal.quant.layers import QuantizedLinear
+
+    bias = getattr(module, "bias", None)
+    if bias is not None and (bias.dtype != dtype or not bias.is_contiguous()):
+        return None
+    keep = [bias] if bias is not None else []
+    bias_ptr = bias.data_ptr() if bias is not None else None
+    if type(module) in (Linear, MergedLinear):
+        w = module.weight
+        if w.dtype != torch.bfloat16 or dtype != torch.bfloat16 or not w.is_contiguous() or w.device.type != "cpu":
+            return None
+        n, k = w.shape
+        return DecodeLinear(WEIGHT_BF16, w.data_ptr(), None, None, 0, 0, bias_ptr, n, k), keep + [w]
+    if type(module) is not QuantizedLinear:
+        return None
+    t = {name: p.data for name, p in module._tensors("").items()}
+    n, k = module.out_features, module.in_features
+    if module.fmt == "int8" and module.kernel.name == "int8-gemv" and "scales_f32" in t and k % 16 == 0:
+        return DecodeLinear(WEIGHT_INT8, t["qweight"].data_ptr(), t["scales_f32"].data_ptr(), None, 0, 0, bias_ptr,
+                            n, k), keep + list(t.values())
+    if module.fmt == "int4" and module.kernel.name == "int4-gemv" and "qweight_gemv" in t:
+        scales = t["scales"]
+        return DecodeLinear(WEIGHT_INT4, t["qweight_gemv"].data_ptr(), scales.data_ptr(), t["zeros"].data_ptr(),
+                            int(scales.dtype == torch.bfloat16), module.group_size, bias_ptr, n, k), keep + list(t.values())
+    return None
+
+
+class LlamaDecode:
+    """A Llama-family decoder stack described once for `shoal_llama_decode`.
+
+    `layers` holds per layer (input_norm weight, post_attention_norm weight, qkv, o, gate_up, down
+    modules). Build with `build`, which returns None where any part is not one the C step takes.
+    """
+
+    def __init__(self, model: DecodeModel, layers: list[DecodeLayer], keep: list[torch.Tensor]) -> None:
+        self.model = model
+        self.layers = (DecodeLayer * len(layers))(*layers)
+        self._keep = keep  # the tensors whose memory the descriptors point into
+        self._pools: tuple[int, ...] | None = None
+
+    @classmethod
+    def build(cls, *, hidden: int, heads: int, kv_heads: int, head_dim: int, intermediate: int, eps: float,
+              scale: float, dtype: torch.dtype, final_norm: torch.Tensor, layers: list[tuple]) -> LlamaDecode | None:
+        if library() is None or dtype not in cpu_ops.DTYPES:
+            return None
+        keep: list[torch.Tensor] = [final_norm]
+        described = []
+        for input_norm, post_norm, *linears in layers:
+            parts = [linear_descriptor(module, dtype) for module in linears]
+            norms = (input_norm, post_norm)
+            if any(p is None for p in parts) or any(w.dtype != dtype or not w.is_contiguous() for w in norms):
+                return None
+            for _, tensors in parts:
+                keep.extend(tensors)
+            keep.extend(norms)
+            described.append(DecodeLayer(input_norm.data_ptr(), post_norm.data_ptr(), *(p[0] for p in parts), None, None))
+        if final_norm.dtype != dtype or not final_norm.is_contiguous():
+            return None
+        model = DecodeModel(len(layers), hidden, heads, kv_heads, head_dim, intermediate, eps, scale,
+                            cpu_ops.DTYPES[dtype], final_norm.data_ptr())
+        return cls(model, described, keep)
+
+    def run(self, x: torch.Tensor, step: cpu_ops.DecodeAttention, pools: list[list[torch.Tensor]],
+            cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """x [rows, hidden] embeddings (one new token per sequence, rows <= cpu_gemv.MAX_ROWS) -> the final
+        norm's output [rows, hidden]; writes every layer's keys and values to `pools` (per layer [k, v])."""
+        key = tuple(p.data_ptr() for layer in pools for p in layer[:2])
+        if key != self._pools:
+            for layer, (k_pool, v_pool) in zip(self.layers, pools):
+                layer.k_pool, layer.v_pool = k_pool.data_ptr(), v_pool.data_ptr()
+            self._pools = key
+        stream = x.reshape(-1, self.model.hidden).clone()  # becomes the residual stream
+        out = torch.empty_like(stream)
+        positions, slots, context, ctx_stride, lens = step.pointers()
+        desc = DecodeStep(step.seqs, positions, slots, context, lens, ctx_stride, step.window,
+                          cos_sin[0].data_ptr(), cos_sin[1].data_ptr())
+        code = library().shoal_llama_decode(ctypes.byref(self.model), self.layers, ctypes.byref(desc),
+                                            stream.data_ptr(), out.data_ptr(), step.threads)
+        if code != 0:
+            raise RuntimeError(f"shoal's CPU decode step failed (code {code}); this is a bug in shoal")
+        return out

@@ -1,0 +1,74 @@
+"""The one-call CPU decode step (shoal/backends/cpu_decode.c) against the layer-by-layer path it
+replaces: the same kernels in the same order, so the same tokens and the same log-probabilities, bit for
+bit, for plain, quantized, biased and sliding-window Llama-family models and mixed batches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from checkpoints import build_checkpoint
+from shoal import LLM, SamplingParams
+from shoal.backends import cpu_decode
+
+pytestmark = pytest.mark.skipif(cpu_decode.library() is None, reason="no C compiler here: the kernels are not built")
+
+# Wide enough for every kernel: int4's 128-input blocks, int8's 16.
+SHAPE = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=3)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    paths = {}
+
+    def get(name: str):
+        if name not in paths:
+            paths[name] = tmp_path_factory.mktemp(name)
+            build_checkpoint(name, paths[name], **SHAPE)
+        return paths[name]
+
+    return get
+
+
+def generate(llm: LLM, fused: bool):
+    llm.engine.model._cpu_decode = None if fused else False  # None: described again at the next step
+    # 11 prompts with max_num_seqs 8: steps of 8 rows, then of 3; mistral's window (24) is passed.
+    prompts = [[(7 * i + 3 * j) % 250 + 3 for j in range(4 + 3 * i)] for i in range(11)]
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=3)
+    outs = llm.generate(prompts, params)
+    return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in outs]
+
+
+@pytest.mark.parametrize("quant", [None, "int8", "int4"])
+@pytest.mark.parametrize("name", ["llama", "qwen2", "mistral"])
+def test_one_call_decode_equals_the_layers(built, name, quant):
+    llm = LLM(str(built(name)), dtype="bfloat16", progress=False, max_model_len=128, max_num_seqs=8,
+              quant=quant, quant_group_size=32, kv_cache_memory=8 << 20)
+    fused = generate(llm, True)
+    assert isinstance(llm.engine.model._cpu_decode, cpu_decode.LlamaDecode)  # the one-call step ran
+    layered = generate(llm, False)
+    assert fused == layered
+
+
+def test_models_it_cannot_run_keep_their_layers(built):
+    # Qwen3's per-head norms and float32 weights are not what the step runs: the layers do, as before.
+    qwen3 = LLM(str(built("qwen3")), dtype="bfloat16", progress=False, max_model_len=64, kv_cache_memory=4 << 20)
+    qwen3.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=3))
+    assert qwen3.engine.model._cpu_decode is False
+    fp32 = LLM(str(built("llama")), dtype="float32", progress=False, max_model_len=64, kv_cache_memory=4 << 20)
+    fp32.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=3))
+    assert fp32.engine.model._cpu_decode is False
+
+
+def test_switched_off(built, monkeypatch):
+    monkeypatch.setenv("SHOAL_CPU_DECODE", "0")
+    cpu_decode.library.cache_clear()
+    try:
+        assert cpu_decode.library() is None
+        llm = LLM(str(built("llama")), dtype="bfloat16", progress=False, max_model_len=64, kv_cache_memory=4 << 20)
+        out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=3))
+        assert len(out[0].outputs[0].token_ids) == 3 and llm.engine.model._cpu_decode is False
+    finally:
+        monkeypatch.delenv("SHOAL_CPU_DECODE")
+        cpu_decode.library.cache_clear()
+    assert torch.get_num_threads() >= 1 and cpu_decode.library() is not None
