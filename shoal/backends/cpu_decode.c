@@ -73,6 +73,40 @@ typedef struct {
     const float *cos, *sin;
 } DecodeStep;
 
+/* Values in the activations' dtype, read as float32 and written rounded to nearest even (as torch rounds). */
+static float round_to(float v, int bf16) {
+    if (!bf16) return v;
+    uint32_t u;
+    memcpy(&u, &v, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) {
+        u = (u | 0x400000u) & 0xffff0000u;
+    } else {
+        u += 0x7fffu + ((u >> 16) & 1u);
+        u &= 0xffff0000u;
+    }
+    memcpy(&v, &u, 4);
+    return v;
+}
+
+static float get(const void *p, int64_t i, int bf16) {
+    if (!bf16) return ((const float *)p)[i];
+    uint32_t u = (uint32_t)((const uint16_t *)p)[i] << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static void set(void *p, int64_t i, float v, int bf16) {
+    if (!bf16) {
+        ((float *)p)[i] = v;
+        return;
+    }
+    uint32_t u;
+    v = round_to(v, 1);
+    memcpy(&u, &v, 4);
+    ((uint16_t *)p)[i] = (uint16_t)(u >> 16);
+}
+
 static int linear(const DecodeLinear *l, const void *x, int64_t rows, void *y, int bf16, int threads) {
     int code;
     switch (l->kind) {
@@ -85,27 +119,8 @@ static int linear(const DecodeLinear *l, const void *x, int64_t rows, void *y, i
     default: return 1;
     }
     if (code || !l->bias) return code;
-    /* y + bias, rounded to the dtype as torch's add rounds */
-    for (int64_t r = 0; r < rows; r++)
-        for (int64_t i = 0; i < l->n; i++) {
-            if (bf16) {
-                uint16_t *yr = (uint16_t *)y + r * l->n;
-                uint32_t a = (uint32_t)yr[i] << 16, b = (uint32_t)((const uint16_t *)l->bias)[i] << 16;
-                float fa, fb;
-                memcpy(&fa, &a, 4), memcpy(&fb, &b, 4);
-                float s = fa + fb;
-                uint32_t u;
-                memcpy(&u, &s, 4);
-                if ((u & 0x7fffffffu) > 0x7f800000u) {
-                    yr[i] = (uint16_t)((u >> 16) | 0x40);
-                } else {
-                    u += 0x7fffu + ((u >> 16) & 1u);
-                    yr[i] = (uint16_t)(u >> 16);
-                }
-            } else {
-                ((float *)y)[r * l->n + i] += ((const float *)l->bias)[i];
-            }
-        }
+    for (int64_t r = 0; r < rows; r++) /* y + bias, rounded as torch's add rounds */
+        for (int64_t i = 0; i < l->n; i++) set(y, r * l->n + i, get(y, r * l->n + i, bf16) + get(l->bias, i, bf16), bf16);
     return 0;
 }
 
@@ -142,5 +157,43 @@ int shoal_llama_decode(const DecodeModel *m, const DecodeLayer *layers, const De
     }
     if (!code) code = shoal_rms_norm(proj, x, x, m->final_norm, out, rows, hidden, m->eps, bf16, threads);
     free(h), free(proj), free(wide), free(narrow);
+    return code;
+}
+
+/* ---- a lone token's routed experts ---------------------------------------------------------------
+ * out [1, hidden] = sum over the token's `count` chosen experts, in expert order, of
+ * dtype(weight * down(silu(gate) * up)), each term rounded to the dtype and added in the dtype: what
+ * shoal.layers.moe.one_token computes one torch call at a time. gate_up and down hold every expert's
+ * weight descriptor (indexed by expert id). */
+int shoal_token_experts(const DecodeLinear *gate_up, const DecodeLinear *down, int64_t num_experts, int64_t count,
+                        const int64_t *expert_ids, const float *weights, const void *x, int64_t hidden,
+                        int64_t inter, void *out, int dtype, int threads) {
+    const int bf16 = dtype == 1;
+    const size_t esize = bf16 ? 2 : 4;
+    if (count < 0 || count > 64) return 1;
+    int64_t order[64];
+    for (int64_t i = 0; i < count; i++) { /* insertion sort by expert id: the batched path's order */
+        if (expert_ids[i] < 0 || expert_ids[i] >= num_experts) return 1;
+        int64_t j = i;
+        for (; j > 0 && expert_ids[order[j - 1]] > expert_ids[i]; j--) order[j] = order[j - 1];
+        order[j] = i;
+    }
+    char *gu = malloc((size_t)(2 * inter) * esize), *act = malloc((size_t)inter * esize);
+    char *y = malloc((size_t)hidden * esize);
+    int code = (!gu || !act || !y) ? 2 : 0;
+    if (!code && count == 0) memset(out, 0, (size_t)hidden * esize);
+    for (int64_t c = 0; c < count && !code; c++) {
+        const int64_t i = order[c], e = expert_ids[i];
+        code = linear(&gate_up[e], x, 1, gu, bf16, threads);
+        code = code ? code : shoal_silu_mul(gu, act, 1, inter, bf16, threads);
+        code = code ? code : linear(&down[e], act, 1, y, bf16, threads);
+        if (code) break;
+        const float w = weights[i];
+        for (int64_t h = 0; h < hidden; h++) {
+            const float term = round_to(get(y, h, bf16) * w, bf16);
+            set(out, h, c ? get(out, h, bf16) + term : term, bf16);
+        }
+    }
+    free(gu), free(act), free(y);
     return code;
 }

@@ -57,39 +57,96 @@ def library() -> ctypes.CDLL | None:
     lib.shoal_llama_decode.argtypes = [ctypes.POINTER(DecodeModel), ctypes.POINTER(DecodeLayer),
                                        ctypes.POINTER(DecodeStep), _p, _p, ctypes.c_int]
     lib.shoal_llama_decode.restype = ctypes.c_int
+    lib.shoal_token_experts.argtypes = [ctypes.POINTER(DecodeLinear), ctypes.POINTER(DecodeLinear), _i64, _i64, _p,
+                                        _p, _p, _i64, _i64, _p, ctypes.c_int, ctypes.c_int]
+    lib.shoal_token_experts.restype = ctypes.c_int
     return lib
 
 
+def weight_descriptor(fmt: str | None, kernel: str | None, t: dict[str, torch.Tensor], group_size: int,
+                      dtype: torch.dtype, bias: torch.Tensor | None = None) -> DecodeLinear | None:
+    """How the C side reads one weight: `t` holds {"weight": bf16 [N, K]} (fmt None) or a quantized
+    layer's tensors in its kernel's layout (fmt "int8" / "int4", kernel "int8-gemv" / "int4-gemv").
+    None where the kernels would not take it exactly as the layer's own forward does."""
+    if bias is not None and (bias.dtype != dtype or not bias.is_contiguous()):
+        return None
+    bias_ptr = bias.data_ptr() if bias is not None else None
+    if fmt is None:
+        w = t["weight"]
+        if w.dtype != torch.bfloat16 or dtype != torch.bfloat16 or not w.is_contiguous() or w.device.type != "cpu":
+            return None
+        n, k = w.shape
+        return DecodeLinear(WEIGHT_BF16, w.data_ptr(), None, None, 0, 0, bias_ptr, n, k)
+    if not all(v.is_contiguous() and v.device.type == "cpu" for v in t.values()):
+        return None
+    if fmt == "int8" and kernel == "int8-gemv" and "scales_f32" in t and t["qweight"].shape[1] % 16 == 0:
+        n, k = t["qweight"].shape
+        return DecodeLinear(WEIGHT_INT8, t["qweight"].data_ptr(), t["scales_f32"].data_ptr(), None, 0, 0, bias_ptr, n, k)
+    if fmt == "int4" and kernel == "int4-gemv" and "qweight_gemv" in t:
+        scales = t["scales"]
+        n, k = t["qweight_gemv"].shape[0], t["qweight_gemv"].shape[1] * 2
+        return DecodeLinear(WEIGHT_INT4, t["qweight_gemv"].data_ptr(), scales.data_ptr(), t["zeros"].data_ptr(),
+                            int(scales.dtype == torch.bfloat16), group_size, bias_ptr, n, k)
+    return None
+
+
 def linear_descriptor(module: torch.nn.Module, dtype: torch.dtype) -> tuple[DecodeLinear, list[torch.Tensor]] | None:
-    """How the C step reads this linear layer's weight (and the tensors to keep alive), or None where the
-    layer is not one the kernels take exactly as its own forward would (a tensor-parallel split, another
-    kernel, another dtype)."""
+    """`weight_descriptor` for a linear layer (and the tensors to keep alive), or None for any layer but
+    a plain or a quantized Linear (a tensor-parallel split, for one)."""
     from shoal.layers.linear import Linear, MergedLinear
     from shoal.quant.layers import QuantizedLinear
 
     bias = getattr(module, "bias", None)
-    if bias is not None and (bias.dtype != dtype or not bias.is_contiguous()):
-        return None
-    keep = [bias] if bias is not None else []
-    bias_ptr = bias.data_ptr() if bias is not None else None
     if type(module) in (Linear, MergedLinear):
-        w = module.weight
-        if w.dtype != torch.bfloat16 or dtype != torch.bfloat16 or not w.is_contiguous() or w.device.type != "cpu":
-            return None
-        n, k = w.shape
-        return DecodeLinear(WEIGHT_BF16, w.data_ptr(), None, None, 0, 0, bias_ptr, n, k), keep + [w]
-    if type(module) is not QuantizedLinear:
+        t, fmt, kernel, group = {"weight": module.weight}, None, None, 0
+    elif type(module) is QuantizedLinear:
+        t, fmt, kernel, group = module._tensors(""), module.fmt, module.kernel.name, module.group_size
+    else:
         return None
-    t = {name: p.data for name, p in module._tensors("").items()}
-    n, k = module.out_features, module.in_features
-    if module.fmt == "int8" and module.kernel.name == "int8-gemv" and "scales_f32" in t and k % 16 == 0:
-        return DecodeLinear(WEIGHT_INT8, t["qweight"].data_ptr(), t["scales_f32"].data_ptr(), None, 0, 0, bias_ptr,
-                            n, k), keep + list(t.values())
-    if module.fmt == "int4" and module.kernel.name == "int4-gemv" and "qweight_gemv" in t:
-        scales = t["scales"]
-        return DecodeLinear(WEIGHT_INT4, t["qweight_gemv"].data_ptr(), scales.data_ptr(), t["zeros"].data_ptr(),
-                            int(scales.dtype == torch.bfloat16), module.group_size, bias_ptr, n, k), keep + list(t.values())
-    return None
+    t = {name: p.data for name, p in t.items()}
+    described = weight_descriptor(fmt, kernel, t, group, dtype, bias)
+    return None if described is None else (described, list(t.values()) + ([bias] if bias is not None else []))
+
+
+class TokenExperts:
+    """One MoE layer's routed experts for `shoal_token_experts`: a lone token's chosen experts (gate_up,
+    SiLU, down, weighted sum) in one call. `build` returns None where any expert's weights are not ones
+    the kernels take."""
+
+    def __init__(self, gate_up: list[DecodeLinear], down: list[DecodeLinear], inter: int, keep: list) -> None:
+        self.num_experts = len(gate_up)
+        self.gate_up = (DecodeLinear * len(gate_up))(*gate_up)
+        self.down = (DecodeLinear * len(down))(*down)
+        self.inter = inter
+        self._keep = keep
+
+    @classmethod
+    def build(cls, fmt: str | None, kernel: str | None, experts: list[tuple[dict, dict]], group_size: int,
+              dtype: torch.dtype) -> TokenExperts | None:
+        """experts: each expert's (gate_up, down) tensors, as `weight_descriptor` takes them."""
+        if library() is None or dtype not in cpu_ops.DTYPES or not experts or len(experts) > 1 << 20:
+            return None
+        gate_up = [weight_descriptor(fmt, kernel, g, group_size, dtype) for g, _ in experts]
+        down = [weight_descriptor(fmt, kernel, d, group_size, dtype) for _, d in experts]
+        if any(d is None for d in gate_up + down):
+            return None
+        return cls(gate_up, down, down[0].k, experts)
+
+    def __call__(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor | None:
+        """x [1, hidden] (contiguous, this layer's dtype), weights float32 [1, top_k], expert_ids [1, top_k]
+        -> the weighted sum [1, hidden], or None where the inputs are not ones the call takes."""
+        if weights.dtype != torch.float32 or expert_ids.dtype != torch.int64 or expert_ids.shape[1] > 64 \
+                or x.dtype not in cpu_ops.DTYPES or not x.is_contiguous():
+            return None
+        weights, expert_ids = weights.contiguous(), expert_ids.contiguous()
+        out = torch.empty_like(x)
+        code = library().shoal_token_experts(
+            self.gate_up, self.down, self.num_experts, expert_ids.shape[1], expert_ids.data_ptr(), weights.data_ptr(),
+            x.data_ptr(), x.shape[1], self.inter, out.data_ptr(), cpu_ops.DTYPES[x.dtype], torch.get_num_threads(),
+        )
+        if code != 0:
+            raise RuntimeError(f"shoal's CPU expert call failed (code {code}); this is a bug in shoal")
+        return out
 
 
 class LlamaDecode:

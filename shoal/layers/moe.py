@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from shoal.backends import cpu_ops
+from shoal.backends import cpu_decode, cpu_ops
 from shoal.errors import WeightError
 from shoal.layers.linear import copy_weight, linear
 from shoal.layers.mlp import GatedMLP
@@ -86,6 +86,7 @@ class StackedExperts(nn.Module):
         self.num_experts, self.intermediate_size = num_experts, intermediate_size
         self.gate_up = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size), requires_grad=False)
         self.down = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size), requires_grad=False)
+        self._one_call = None  # cpu_decode.TokenExperts, described at the first lone token (False: none)
 
     def checkpoint_names(self, module_name: str, attr: str) -> list[str]:
         shards = ("gate_proj", "up_proj") if attr == "gate_up" else ("down_proj",)
@@ -106,10 +107,16 @@ class StackedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         """x [tokens, hidden]; each token's output is the routing-weighted sum of its experts' outputs."""
-        return weighted_expert_sum(x, weights, expert_ids, self.num_experts, self._expert)
+        return weighted_expert_sum(x, weights, expert_ids, self.num_experts, self._expert, self._token_experts)
 
     def _expert(self, rows: torch.Tensor, expert: int) -> torch.Tensor:
         return linear(silu_mul(linear(rows, self.gate_up[expert])), self.down[expert])
+
+    def _token_experts(self, x: torch.Tensor) -> cpu_decode.TokenExperts | None:
+        if self._one_call is None:
+            experts = [({"weight": self.gate_up.data[e]}, {"weight": self.down.data[e]}) for e in range(self.num_experts)]
+            self._one_call = cpu_decode.TokenExperts.build(None, None, experts, 0, x.dtype) or False
+        return self._one_call or None
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
@@ -121,14 +128,17 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 def weighted_expert_sum(
-    x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor, num_experts: int, expert_fn
+    x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor, num_experts: int, expert_fn, one_call=None
 ) -> torch.Tensor:
     """Each token's routing-weighted sum of its experts' outputs, for x [tokens, hidden]: the experts'
     tokens grouped so each expert runs once on all of its rows, or a lone token's experts run straight
     on its row. expert_fn(rows, expert) -> the expert's unweighted output; shared by the dense and the
-    quantized stacked experts."""
+    quantized stacked experts. one_call(x) -> a cpu_decode.TokenExperts (a lone token's experts in one C
+    call, with the same sums as `one_token`) or None."""
     if x.shape[0] == 1:
-        return one_token(x, weights, expert_ids, expert_fn)
+        fused = one_call(x) if one_call is not None and x.device.type == "cpu" else None
+        out = fused(x, weights, expert_ids) if fused is not None else None
+        return out if out is not None else one_token(x, weights, expert_ids, expert_fn)
     out = torch.zeros_like(x)
     for expert, tokens, token_weights in tokens_by_expert(weights, expert_ids, num_experts):
         y = expert_fn(x[tokens], expert)

@@ -13,6 +13,7 @@ import math
 import torch
 from torch import nn
 
+from shoal.backends import cpu_decode
 from shoal.errors import WeightError
 from shoal.layers.linear import copy_weight
 from shoal.layers.moe import silu_mul, weighted_expert_sum
@@ -238,6 +239,7 @@ class QuantizedStackedExperts(_QuantizedModule):
         self._register("gate_up_", allocate(fmt, lead, 2 * intermediate_size, hidden_size, group_size, dtype, device))
         self._register("down_", allocate(fmt, lead, hidden_size, intermediate_size, group_size, dtype, device))
         self._cached = None
+        self._one_call = None  # cpu_decode.TokenExperts, described at the first lone token (False: none)
 
     def checkpoint_names(self, module_name: str, attr: str) -> list[str]:
         if attr == "gate_up_qweight":
@@ -267,7 +269,7 @@ class QuantizedStackedExperts(_QuantizedModule):
     def prepare(self) -> None:
         for prefix in ("gate_up_", "down_"):
             self._prepare(prefix, self.kernel, experts=self.num_experts)
-        self._cached = None
+        self._cached = self._one_call = None
 
     def export(self, index: int, shard: str):
         if not self.canonical:
@@ -287,7 +289,14 @@ class QuantizedStackedExperts(_QuantizedModule):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         self.expert_weights()
-        return weighted_expert_sum(x, weights, expert_ids, self.num_experts, self._expert)
+        return weighted_expert_sum(x, weights, expert_ids, self.num_experts, self._expert, self._token_experts)
+
+    def _token_experts(self, x: torch.Tensor):
+        if self._one_call is None:
+            self._one_call = cpu_decode.TokenExperts.build(
+                self.fmt, self.kernel.name, self.expert_weights(), self.group_size, x.dtype
+            ) or False
+        return self._one_call or None
 
     def _expert(self, rows: torch.Tensor, expert: int) -> torch.Tensor:
         gate_up, down = self._cached[expert]

@@ -72,3 +72,28 @@ def test_switched_off(built, monkeypatch):
         monkeypatch.delenv("SHOAL_CPU_DECODE")
         cpu_decode.library.cache_clear()
     assert torch.get_num_threads() >= 1 and cpu_decode.library() is not None
+
+
+# ---- a lone token's routed experts in one call (cpu_decode.TokenExperts) ----------------------------
+MOE_SHAPE = dict(hidden_size=128, moe_intermediate_size=128, intermediate_size=256, num_hidden_layers=2)
+
+
+@pytest.mark.parametrize("quant", [None, "int8", "int4"])
+@pytest.mark.parametrize("name", ["deepseek-v2-lite", "deepseek-v3"])
+def test_one_call_experts_equal_one_token(tmp_path_factory, name, quant):
+    path = tmp_path_factory.mktemp(name)
+    build_checkpoint(name, path, **MOE_SHAPE)
+    llm = LLM(str(path), dtype="bfloat16", progress=False, max_model_len=64, max_num_seqs=1,
+              quant=quant, quant_group_size=32, kv_cache_memory=4 << 20)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=3)
+    prompts = [[5, 9, 11, 40, 7], [100, 3, 3, 8]]
+
+    def run():
+        return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in llm.generate(prompts, params)]
+
+    fused = run()
+    stacks = [m for m in llm.engine.model.modules() if hasattr(m, "_one_call")]
+    assert stacks and all(isinstance(m._one_call, cpu_decode.TokenExperts) for m in stacks)  # the call ran
+    for m in stacks:
+        m._one_call = False
+    assert run() == fused
