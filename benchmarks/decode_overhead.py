@@ -5,7 +5,9 @@
 
 With --stub every linear layer (and the output head) returns a preallocated zero tensor instead of
 multiplying, so the step time left is the rest of the step: norms, rotary, the cache write, attention,
-residual adds, the runner's step preparation and sampling, and Python. Prints the median wall time of
+residual adds, the runner's step preparation and sampling, and Python. Stubbing needs the layers to
+run one by one, so --stub also switches off the one-call decode step (shoal/backends/cpu_decode.py)
+and the one-call MoE experts: compare a stubbed run with an unstubbed one under SHOAL_CPU_DECODE=0. Prints the median wall time of
 --steps decode steps after a --prompt-token prefill, and their median thread CPU time (steadier on a
 shared machine at one thread); --profile adds torch.profiler's self-CPU table over three more steps.
 To compare two trees, run this with PYTHONPATH pointing at each, alternately.
@@ -61,6 +63,10 @@ def main() -> int:
     engine = llm.engine
     if args.stub:
         stub_matmuls(engine.model)
+        engine.model._cpu_decode = False  # the one-call step reads the weights itself
+        for module in engine.model.modules():
+            if hasattr(module, "_one_call"):
+                module._one_call = False
     vocab = engine.model.config.vocab_size
     prompt = torch.randint(3, vocab, (args.prompt,), generator=torch.Generator().manual_seed(0)).tolist()
     extra = 3 if args.profile else 0

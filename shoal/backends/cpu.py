@@ -157,10 +157,12 @@ class CpuBackend(Backend):
 
 def _decode_kernels() -> str:
     """What batch-1 / small-batch decode runs on here (shoal's C kernels are built on first use)."""
-    from shoal.backends import cpu_gemv, cpu_ops
+    from shoal.backends import cpu_decode, cpu_gemv, cpu_ops
 
     if not cpu_gemv.available():
         return "aten (shoal's C kernels not built: no C compiler, or SHOAL_CPU_KERNELS=0)"
     int_path = "int8 activations (VNNI)" if cpu_gemv.quantizes_activations() else "float activations"
     fused = "fused norm / SiLU / attention" if cpu_ops.available() else "aten norm / attention"
-    return f"shoal gemv (int8 / int4 weights x {int_path}), {fused}"
+    step = (", one C call per step (Llama, <= 8 sequences) and per token's experts (MoE)"
+            if cpu_decode.library() is not None else "")
+    return f"shoal gemv (int8 / int4 weights x {int_path}), {fused}{step}"

@@ -15,6 +15,9 @@
  *   res += attn Wo^T (+ b);  h = rms_norm(res)
  *   mlp  = silu(gate) * up of h Wgu^T (+ b), then down (+ b)
  * and after the last layer out = rms_norm(res + mlp).
+ *
+ * shoal_token_experts does the same for a MoE layer's routed experts of one token (batch-1 decode of
+ * DeepSeek-style models): every chosen expert's gate_up, SiLU, down and weighted sum in one call.
  */
 #include <stdint.h>
 #include <stdlib.h>

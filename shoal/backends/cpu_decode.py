@@ -5,7 +5,8 @@ microseconds of dispatch, and with the weight stream evicting the interpreter's 
 those gaps added up to about a fifth of a 0.5B model's bf16 step. `LlamaDecode` describes every layer
 to the C side once (weight pointers, norms, cache pools) and then runs a step as one call into the same
 kernels Python would call (cpu_gemv.c, cpu_ops.c), so its results are bit for bit those of the
-layer-by-layer path. The model decides when it applies (shoal/models/llama.py, `fused_decode`);
+layer-by-layer path. The model decides when it applies (shoal/models/llama.py, `fused_decode`).
+`TokenExperts` does the same for a lone token's routed MoE experts (shoal/layers/moe.py).
 SHOAL_CPU_DECODE=0 (or SHOAL_CPU_KERNELS=0 / SHOAL_CPU_OPS=0) keeps the layer-by-layer path.
 """
 
