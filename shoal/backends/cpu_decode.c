@@ -16,8 +16,9 @@
  *   mlp  = silu(gate) * up of h Wgu^T (+ b), then down (+ b)
  * and after the last layer out = rms_norm(res + mlp).
  *
- * shoal_token_experts does the same for a MoE layer's routed experts of one token (batch-1 decode of
- * DeepSeek-style models): every chosen expert's gate_up, SiLU, down and weighted sum in one call.
+ * shoal_moe_token does the same for a MoE layer's experts of one token (batch-1 decode of DeepSeek-style
+ * models): every chosen expert's gate_up, SiLU, down and weighted sum, and the shared experts, in one
+ * call; shoal_mla_attention_half the attention half of a DeepSeek layer (the router stays in torch).
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -40,6 +41,13 @@ int shoal_decode_attention(const void *q_ptr, int64_t q_stride, const void *k_pt
                            void *k_pool, void *v_pool, const int64_t *slot_mapping, const int64_t *context_slots,
                            int64_t ctx_stride, const int64_t *context_lens, int64_t window, float scale, void *out,
                            int dtype, int nthreads);
+
+int shoal_mla_decode_attention(const void *q_ptr, int64_t q_stride, const void *kv_ptr, int64_t kv_stride,
+                               const void *norm_w, float eps, const void *w_kvb, int64_t seqs, int64_t heads,
+                               int64_t nope, int64_t rope, int64_t rank, int64_t vdim, const int64_t *positions,
+                               const float *cos_table, const float *sin_table, int interleaved, void *pool,
+                               const int64_t *slot_mapping, const int64_t *context_slots, int64_t ctx_stride,
+                               const int64_t *context_lens, float scale, void *out, int dtype, int nthreads);
 
 enum { WEIGHT_BF16 = 0, WEIGHT_INT8 = 1, WEIGHT_INT4 = 2 };
 
@@ -127,6 +135,26 @@ static int linear(const DecodeLinear *l, const void *x, int64_t rows, void *y, i
     return 0;
 }
 
+/* out [rows, down.n] = down(dtype(silu(gate)) * up) of gate_up(x): the gated MLP (GatedMLP.forward). */
+static int gated_mlp(const DecodeLinear *gate_up, const DecodeLinear *down, const void *x, int64_t rows, void *out,
+                     int bf16, int threads) {
+    const size_t esize = bf16 ? 2 : 4;
+    const int64_t inter = down->k;
+    if (gate_up->n != 2 * inter) return 1;
+    char *gu = malloc((size_t)(rows * 2 * inter) * esize), *act = malloc((size_t)(rows * inter) * esize);
+    int code = (!gu || !act) ? 2 : 0;
+    code = code ? code : linear(gate_up, x, rows, gu, bf16, threads);
+    code = code ? code : shoal_silu_mul(gu, act, rows, inter, bf16, threads);
+    code = code ? code : linear(down, act, rows, out, bf16, threads);
+    free(gu), free(act);
+    return code;
+}
+
+int shoal_gated_mlp(const DecodeLinear *gate_up, const DecodeLinear *down, const void *x, int64_t rows, void *out,
+                    int dtype, int threads) {
+    return gated_mlp(gate_up, down, x, rows, out, dtype == 1, threads);
+}
+
 /* x [rows, hidden] (the embeddings; overwritten: it becomes the residual stream) -> out [rows, hidden],
  * the final norm's output. Returns 0, 1 for arguments the kernels reject, 2 when out of memory. */
 int shoal_llama_decode(const DecodeModel *m, const DecodeLayer *layers, const DecodeStep *s, void *x, void *out,
@@ -168,10 +196,9 @@ int shoal_llama_decode(const DecodeModel *m, const DecodeLayer *layers, const De
  * dtype(weight * down(silu(gate) * up)), each term rounded to the dtype and added in the dtype: what
  * shoal.layers.moe.one_token computes one torch call at a time. gate_up and down hold every expert's
  * weight descriptor (indexed by expert id). */
-int shoal_token_experts(const DecodeLinear *gate_up, const DecodeLinear *down, int64_t num_experts, int64_t count,
-                        const int64_t *expert_ids, const float *weights, const void *x, int64_t hidden,
-                        int64_t inter, void *out, int dtype, int threads) {
-    const int bf16 = dtype == 1;
+static int token_experts(const DecodeLinear *gate_up, const DecodeLinear *down, int64_t num_experts, int64_t count,
+                         const int64_t *expert_ids, const float *weights, const void *x, int64_t hidden,
+                         int64_t inter, void *out, int bf16, int threads) {
     const size_t esize = bf16 ? 2 : 4;
     if (count < 0 || count > 64) return 1;
     int64_t order[64];
@@ -198,5 +225,74 @@ int shoal_token_experts(const DecodeLinear *gate_up, const DecodeLinear *down, i
         }
     }
     free(gu), free(act), free(y);
+    return code;
+}
+
+/* A MoE layer's output for one token: its routed experts (token_experts above), plus the shared experts'
+ * gated MLP (shared_gate_up NULL: none), added in the dtype as MoE.forward adds them. */
+int shoal_moe_token(const DecodeLinear *gate_up, const DecodeLinear *down, int64_t num_experts, int64_t count,
+                    const int64_t *expert_ids, const float *weights, const DecodeLinear *shared_gate_up,
+                    const DecodeLinear *shared_down, const void *x, int64_t hidden, int64_t inter, void *out,
+                    int dtype, int threads) {
+    const int bf16 = dtype == 1;
+    int code = token_experts(gate_up, down, num_experts, count, expert_ids, weights, x, hidden, inter, out, bf16,
+                             threads);
+    if (code || !shared_gate_up) return code;
+    char *shared = malloc((size_t)hidden * (bf16 ? 2 : 4));
+    if (!shared) return 2;
+    code = gated_mlp(shared_gate_up, shared_down, x, 1, shared, bf16, threads);
+    for (int64_t h = 0; h < hidden && !code; h++) set(out, h, get(out, h, bf16) + get(shared, h, bf16), bf16);
+    free(shared);
+    return code;
+}
+
+/* ---- DeepSeek: the attention half of a decoder layer (Multi-head Latent Attention) ----------------
+ * With `res` the residual stream [rows, hidden] and `mlp` the previous layer's MLP output (NULL for the
+ * first layer):
+ *   a  = rms_norm(res (+ mlp))            q = q_proj(a), or q_b_proj(rms_norm(q_a_proj(a))) with q_lora
+ *   kv = kv_a_proj_with_mqa(a)            attn = MLA decode attention (cpu_ops.c: latent norm, rotary,
+ *                                          cache write, absorption, attention)
+ *   res += o_proj(attn);  h = rms_norm(res)
+ * as DeepseekDecoderLayer runs it up to its MLP; Python routes the experts between this call and the
+ * MLP's (the router stays torch's, so its choices are the layer-by-layer ones). */
+typedef struct {
+    const void *input_norm, *post_attention_norm, *q_a_norm, *kv_a_norm, *kv_b; /* q_a_norm NULL: no q_lora */
+    DecodeLinear q, q_a, q_b, kv_a, o;                                           /* q unused with q_lora */
+    void *pool;                                                                  /* [slots, rank + rope] */
+} MlaLayer;
+
+typedef struct {
+    int64_t hidden, heads, nope, rope, rank, v_dim, q_lora_rank, interleaved;
+    float eps, scale;
+    int64_t dtype;
+} MlaModel;
+
+int shoal_mla_attention_half(const MlaModel *m, const MlaLayer *l, const DecodeStep *s, void *res, const void *mlp,
+                             void *h, int threads) {
+    const int bf16 = m->dtype == 1;
+    const size_t esize = bf16 ? 2 : 4;
+    const int64_t rows = s->rows, q_width = m->heads * (m->nope + m->rope), kv_width = m->rank + m->rope;
+    char *a = malloc((size_t)(rows * m->hidden) * esize), *q = malloc((size_t)(rows * q_width) * esize);
+    char *kv = malloc((size_t)(rows * kv_width) * esize), *attn = malloc((size_t)(rows * m->heads * m->v_dim) * esize);
+    char *qa = m->q_lora_rank ? malloc((size_t)(rows * m->q_lora_rank) * esize) : NULL;
+    char *o = malloc((size_t)(rows * m->hidden) * esize);
+    int code = (!a || !q || !kv || !attn || !o || (m->q_lora_rank && !qa)) ? 2 : 0;
+    code = code ? code : shoal_rms_norm(mlp ? mlp : res, mlp ? res : NULL, mlp ? res : NULL, l->input_norm, a, rows,
+                                        m->hidden, m->eps, bf16, threads);
+    if (!code && m->q_lora_rank) {
+        code = linear(&l->q_a, a, rows, qa, bf16, threads);
+        code = code ? code : shoal_rms_norm(qa, NULL, NULL, l->q_a_norm, qa, rows, m->q_lora_rank, m->eps, bf16, threads);
+        code = code ? code : linear(&l->q_b, qa, rows, q, bf16, threads);
+    } else if (!code) {
+        code = linear(&l->q, a, rows, q, bf16, threads);
+    }
+    code = code ? code : linear(&l->kv_a, a, rows, kv, bf16, threads);
+    code = code ? code : shoal_mla_decode_attention(
+        q, q_width, kv, kv_width, l->kv_a_norm, m->eps, l->kv_b, rows, m->heads, m->nope, m->rope, m->rank, m->v_dim,
+        s->positions, s->cos, s->sin, (int)m->interleaved, l->pool, s->slot_mapping, s->context_slots, s->ctx_stride,
+        s->context_lens, m->scale, attn, bf16, threads);
+    code = code ? code : linear(&l->o, attn, rows, o, bf16, threads);
+    code = code ? code : shoal_rms_norm(o, res, res, l->post_attention_norm, h, rows, m->hidden, m->eps, bf16, threads);
+    free(a), free(q), free(kv), free(attn), free(qa), free(o);
     return code;
 }

@@ -47,6 +47,17 @@ class DecodeStep(ctypes.Structure):
                 ("context_lens", _p), ("ctx_stride", _i64), ("window", _i64), ("cos", _p), ("sin", _p)]
 
 
+class MlaLayer(ctypes.Structure):
+    _fields_ = [("input_norm", _p), ("post_attention_norm", _p), ("q_a_norm", _p), ("kv_a_norm", _p), ("kv_b", _p),
+                ("q", DecodeLinear), ("q_a", DecodeLinear), ("q_b", DecodeLinear), ("kv_a", DecodeLinear),
+                ("o", DecodeLinear), ("pool", _p)]
+
+
+class MlaModel(ctypes.Structure):
+    _fields_ = [("hidden", _i64), ("heads", _i64), ("nope", _i64), ("rope", _i64), ("rank", _i64), ("v_dim", _i64),
+                ("q_lora_rank", _i64), ("interleaved", _i64), ("eps", _f32), ("scale", _f32), ("dtype", _i64)]
+
+
 @functools.lru_cache(maxsize=1)
 def library() -> ctypes.CDLL | None:
     """The compiled decode step, or None where it cannot be built here or is switched off."""
@@ -58,10 +69,20 @@ def library() -> ctypes.CDLL | None:
     lib.shoal_llama_decode.argtypes = [ctypes.POINTER(DecodeModel), ctypes.POINTER(DecodeLayer),
                                        ctypes.POINTER(DecodeStep), _p, _p, ctypes.c_int]
     lib.shoal_llama_decode.restype = ctypes.c_int
-    lib.shoal_token_experts.argtypes = [ctypes.POINTER(DecodeLinear), ctypes.POINTER(DecodeLinear), _i64, _i64, _p,
-                                        _p, _p, _i64, _i64, _p, ctypes.c_int, ctypes.c_int]
-    lib.shoal_token_experts.restype = ctypes.c_int
+    linear_ptr = ctypes.POINTER(DecodeLinear)
+    lib.shoal_moe_token.argtypes = [linear_ptr, linear_ptr, _i64, _i64, _p, _p, linear_ptr, linear_ptr, _p, _i64, _i64,
+                                    _p, ctypes.c_int, ctypes.c_int]
+    lib.shoal_gated_mlp.argtypes = [linear_ptr, linear_ptr, _p, _i64, _p, ctypes.c_int, ctypes.c_int]
+    lib.shoal_mla_attention_half.argtypes = [ctypes.POINTER(MlaModel), ctypes.POINTER(MlaLayer),
+                                             ctypes.POINTER(DecodeStep), _p, _p, _p, ctypes.c_int]
+    for fn in (lib.shoal_moe_token, lib.shoal_gated_mlp, lib.shoal_mla_attention_half):
+        fn.restype = ctypes.c_int
     return lib
+
+
+def _check(code: int, what: str) -> None:
+    if code != 0:
+        raise RuntimeError(f"shoal's CPU {what} failed (code {code}); this is a bug in shoal")
 
 
 def weight_descriptor(fmt: str | None, kernel: str | None, t: dict[str, torch.Tensor], group_size: int,
@@ -133,20 +154,22 @@ class TokenExperts:
             return None
         return cls(gate_up, down, down[0].k, experts)
 
-    def __call__(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor | None:
+    def __call__(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor,
+                 shared: tuple[DecodeLinear, DecodeLinear] | None = None, threads: int | None = None) -> torch.Tensor | None:
         """x [1, hidden] (contiguous, this layer's dtype), weights float32 [1, top_k], expert_ids [1, top_k]
-        -> the weighted sum [1, hidden], or None where the inputs are not ones the call takes."""
-        if weights.dtype != torch.float32 or expert_ids.dtype != torch.int64 or expert_ids.shape[1] > 64 \
-                or x.dtype not in cpu_ops.DTYPES or not x.is_contiguous():
+        -> the weighted sum [1, hidden], plus the shared experts' gated MLP (gate_up, down) where given; or
+        None where the inputs are not ones the call takes."""
+        if x.shape[0] != 1 or weights.dtype != torch.float32 or expert_ids.dtype != torch.int64 \
+                or expert_ids.shape[1] > 64 or x.dtype not in cpu_ops.DTYPES or not x.is_contiguous():
             return None
         weights, expert_ids = weights.contiguous(), expert_ids.contiguous()
         out = torch.empty_like(x)
-        code = library().shoal_token_experts(
+        shared_gate_up, shared_down = (ctypes.byref(shared[0]), ctypes.byref(shared[1])) if shared else (None, None)
+        _check(library().shoal_moe_token(
             self.gate_up, self.down, self.num_experts, expert_ids.shape[1], expert_ids.data_ptr(), weights.data_ptr(),
-            x.data_ptr(), x.shape[1], self.inter, out.data_ptr(), cpu_ops.DTYPES[x.dtype], torch.get_num_threads(),
-        )
-        if code != 0:
-            raise RuntimeError(f"shoal's CPU expert call failed (code {code}); this is a bug in shoal")
+            shared_gate_up, shared_down, x.data_ptr(), x.shape[1], self.inter, out.data_ptr(), cpu_ops.DTYPES[x.dtype],
+            threads or torch.get_num_threads(),
+        ), "MoE token step")
         return out
 
 
@@ -196,11 +219,111 @@ class LlamaDecode:
             self._pools = key
         stream = x.reshape(-1, self.model.hidden).clone()  # becomes the residual stream
         out = torch.empty_like(stream)
-        positions, slots, context, ctx_stride, lens = step.pointers()
-        desc = DecodeStep(step.seqs, positions, slots, context, lens, ctx_stride, step.window,
-                          cos_sin[0].data_ptr(), cos_sin[1].data_ptr())
-        code = library().shoal_llama_decode(ctypes.byref(self.model), self.layers, ctypes.byref(desc),
-                                            stream.data_ptr(), out.data_ptr(), step.threads)
-        if code != 0:
-            raise RuntimeError(f"shoal's CPU decode step failed (code {code}); this is a bug in shoal")
+        desc = _step_descriptor(step, cos_sin)
+        _check(library().shoal_llama_decode(ctypes.byref(self.model), self.layers, ctypes.byref(desc),
+                                            stream.data_ptr(), out.data_ptr(), step.threads), "decode step")
         return out
+
+
+def _step_descriptor(step: cpu_ops.DecodeAttention, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> DecodeStep:
+    positions, slots, context, ctx_stride, lens = step.pointers()
+    return DecodeStep(step.seqs, positions, slots, context, lens, ctx_stride, step.window,
+                      cos_sin[0].data_ptr(), cos_sin[1].data_ptr())
+
+
+class DeepseekDecode:
+    """A DeepSeek decoder stack described once for the C side: per layer, the attention half
+    (`shoal_mla_attention_half`) and the MLP half (`shoal_gated_mlp` for a dense layer or a MoE layer's
+    shared experts, `shoal_moe_token` for a lone token's routed and shared experts) are one call each.
+    The model runs the router between them (shoal/models/deepseek.py, `fused_decode`)."""
+
+    def __init__(self, model: MlaModel, layers: list[MlaLayer], mlps: list[tuple | None], keep: list) -> None:
+        self.model = model
+        self.layers = layers
+        self.mlps = mlps  # per layer: (gate_up, down) of a dense MLP, (routed TokenExperts, shared (gate_up, down) or None)
+        self._keep = keep
+        self._pools: tuple[int, ...] | None = None
+
+    @classmethod
+    def build(cls, *, hidden: int, heads: int, nope: int, rope: int, rank: int, v_dim: int, q_lora_rank: int,
+              interleaved: bool, eps: float, scale: float, dtype: torch.dtype, layers: list[dict]) -> DeepseekDecode | None:
+        """layers: per layer a dict of the modules and tensors (see DeepseekForCausalLM._describe_cpu_decode);
+        "mlp" is ("dense", gate_up, down) or ("moe", TokenExperts, shared gate_up or None, shared down or None)."""
+        if library() is None or dtype not in cpu_ops.DTYPES:
+            return None
+        keep: list = []
+
+        def describe(module) -> DecodeLinear | None:
+            if module is None:
+                return DecodeLinear()
+            described = linear_descriptor(module, dtype)
+            if described is None:
+                return None
+            keep.extend(described[1])
+            return described[0]
+
+        def plain(t: torch.Tensor | None) -> bool:
+            return t is None or (isinstance(t, torch.Tensor) and t.dtype == dtype and t.is_contiguous()
+                                 and t.device.type == "cpu")
+
+        described_layers, mlps = [], []
+        for layer in layers:
+            tensors = [layer[k] for k in ("input_norm", "post_attention_norm", "q_a_norm", "kv_a_norm", "kv_b")]
+            if not all(plain(t) for t in tensors):
+                return None
+            keep.extend(t for t in tensors if t is not None)
+            linears = [describe(layer[k]) for k in ("q", "q_a", "q_b", "kv_a", "o")]
+            if any(d is None for d in linears):
+                return None
+            ptrs = [t.data_ptr() if t is not None else None for t in tensors]
+            described_layers.append(MlaLayer(*ptrs, *linears, None))
+            kind, *parts = layer["mlp"]
+            if kind == "dense":
+                pair = (describe(parts[0]), describe(parts[1]))
+                if None in pair:
+                    return None
+                mlps.append(("dense", *pair))
+            else:
+                routed, shared_gate_up, shared_down = parts
+                shared = (describe(shared_gate_up), describe(shared_down)) if shared_gate_up is not None else None
+                if shared is not None and None in shared:
+                    return None
+                mlps.append(("moe", routed, shared))  # routed None: MoE layers run in torch
+        model = MlaModel(hidden, heads, nope, rope, rank, v_dim, q_lora_rank or 0, int(interleaved), eps, scale,
+                         cpu_ops.DTYPES[dtype])
+        return cls(model, described_layers, mlps, keep)
+
+    def begin(self, pools: list[torch.Tensor], step: cpu_ops.DecodeAttention,
+              cos_sin: tuple[torch.Tensor, torch.Tensor]) -> DecodeStep:
+        """This step's descriptor; `pools` are the layers' latent caches (re-read when the cache moved)."""
+        key = tuple(p.data_ptr() for p in pools)
+        if key != self._pools:
+            for layer, pool in zip(self.layers, pools):
+                layer.pool = pool.data_ptr()
+            self._pools = key
+        return _step_descriptor(step, cos_sin)
+
+    def attention_half(self, index: int, step: DecodeStep, res: torch.Tensor, mlp: torch.Tensor | None,
+                       threads: int) -> torch.Tensor:
+        """Layer `index` up to its MLP: updates the residual stream `res` [rows, hidden] in place (adding
+        the previous layer's MLP output `mlp` first, where given) and returns the MLP's input [rows, hidden]."""
+        h = torch.empty_like(res)
+        _check(library().shoal_mla_attention_half(
+            ctypes.byref(self.model), ctypes.byref(self.layers[index]), ctypes.byref(step), res.data_ptr(),
+            mlp.data_ptr() if mlp is not None else None, h.data_ptr(), threads,
+        ), "MLA decode step")
+        return h
+
+    def dense_mlp(self, index: int, h: torch.Tensor, threads: int) -> torch.Tensor:
+        _, gate_up, down = self.mlps[index]
+        out = torch.empty(h.shape[0], down.n, dtype=h.dtype)
+        _check(library().shoal_gated_mlp(ctypes.byref(gate_up), ctypes.byref(down), h.data_ptr(), h.shape[0],
+                                         out.data_ptr(), cpu_ops.DTYPES[h.dtype], threads), "gated MLP")
+        return out
+
+    def moe_token(self, index: int, h: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor,
+                  threads: int) -> torch.Tensor | None:
+        """A lone token's MoE output (routed experts, plus the shared ones) in one call, or None where this
+        layer's experts are not ones the call takes."""
+        _, routed, shared = self.mlps[index]
+        return routed(h, weights, expert_ids, shared, threads) if routed is not None else None

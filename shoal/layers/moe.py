@@ -113,9 +113,13 @@ class StackedExperts(nn.Module):
         return linear(silu_mul(linear(rows, self.gate_up[expert])), self.down[expert])
 
     def _token_experts(self, x: torch.Tensor) -> cpu_decode.TokenExperts | None:
+        return self.token_experts(x.dtype)
+
+    def token_experts(self, dtype: torch.dtype) -> cpu_decode.TokenExperts | None:
+        """These experts for a lone token in one C call (described once), or None where that does not apply."""
         if self._one_call is None:
             experts = [({"weight": self.gate_up.data[e]}, {"weight": self.down.data[e]}) for e in range(self.num_experts)]
-            self._one_call = cpu_decode.TokenExperts.build(None, None, experts, 0, x.dtype) or False
+            self._one_call = cpu_decode.TokenExperts.build(None, None, experts, 0, dtype) or False
         return self._one_call or None
 
 
@@ -186,14 +190,19 @@ class MoE(nn.Module):
         # Tokens routed to each expert since start (the /metrics and benchmark per-expert load).
         self.register_buffer("expert_load", torch.zeros(router.num_experts, dtype=torch.long), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        flat = x.reshape(-1, shape[-1])
+    def route(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The router's (weights, expert ids) for flat [tokens, hidden], counted in `expert_load`."""
         weights, expert_ids = self.gate(flat)
         if flat.shape[0] == 1:
             self.expert_load.index_add_(0, expert_ids[0], torch.ones_like(expert_ids[0]))  # distinct experts
         else:
             self.expert_load += torch.bincount(expert_ids.flatten(), minlength=self.expert_load.numel())
+        return weights, expert_ids
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        weights, expert_ids = self.route(flat)
         out = self.experts(flat, weights, expert_ids)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)

@@ -13,6 +13,7 @@ import re
 import torch
 from torch import nn
 
+from shoal.backends import cpu_decode, cpu_gemv, cpu_ops
 from shoal.backends.base import Backend, sdpa_attention
 from shoal.errors import ConfigError
 from shoal.layers.embedding import LMHead, VocabEmbedding
@@ -235,8 +236,88 @@ class DeepseekForCausalLM(CausalLM):
             config.vocab_size, config.hidden_size, self.model.embed_tokens if config.tie_word_embeddings else None
         )
 
+        self._cpu_decode: cpu_decode.DeepseekDecode | None | bool = None  # described at the first decode step
+
     def cache_entry_shapes(self) -> list[tuple[int, ...]]:
         return [(self.config.get("kv_lora_rank") + self.config.get("qk_rope_head_dim"),)]
+
+    def fused_decode(self, x: torch.Tensor, positions: torch.Tensor, cache: ContiguousKVCache) -> torch.Tensor | None:
+        """Up to 8 sequences' decode step on the CPU with two C calls per layer (cpu_decode.DeepseekDecode):
+        the attention half, then the MLP half (a lone token's experts in one call); the router runs in
+        torch between them, and a MoE layer with several tokens runs its torch path. The same kernels in
+        the same order as layer by layer, so the same results."""
+        step = cache.decode_attention()
+        if step is None or self._cpu_decode is False or x.dtype != step.dtype or step.window:
+            return None
+        rows = x.numel() // self.config.hidden_size
+        if rows > cpu_gemv.MAX_ROWS:
+            return None
+        if self._cpu_decode is None:
+            self._cpu_decode = self._describe_cpu_decode(x.dtype) or False
+            if self._cpu_decode is False:
+                return None
+        plan, threads = self._cpu_decode, step.threads
+        attention = self.model.layers[0].self_attn
+        desc = plan.begin([cache.pools(i)[0] for i in range(len(self.model.layers))], step,
+                          attention.rotary.tables(positions))
+        res = x.reshape(rows, -1).clone()  # the residual stream
+        mlp_out = None
+        for index, layer in enumerate(self.model.layers):
+            h = plan.attention_half(index, desc, res, mlp_out, threads)
+            if isinstance(layer.mlp, MoE):
+                weights, expert_ids = layer.mlp.route(h)
+                mlp_out = plan.moe_token(index, h, weights, expert_ids, threads) if rows == 1 else None
+                if mlp_out is None:
+                    out = layer.mlp.experts(h, weights, expert_ids)
+                    shared = layer.mlp.shared_experts
+                    mlp_out = out + shared(h) if shared is not None else out
+            else:
+                mlp_out = plan.dense_mlp(index, h, threads)
+        out, _ = cpu_ops.rms_norm(mlp_out, self.model.norm.weight, self.model.norm.eps, residual=res)
+        return out.view_as(x)
+
+    def _describe_cpu_decode(self, dtype: torch.dtype) -> cpu_decode.DeepseekDecode | None:
+        """The decoder stack for cpu_decode, where every layer is one it runs exactly as the layers would:
+        unsplit, default attention, a full-precision kv_b_proj, weights its kernels read, one norm eps."""
+        norm = self.model.norm
+        if self.tp_size != 1 or self.skip_weight is not None or norm is None or norm.weight.dtype != dtype:
+            return None
+        layers, eps = [], {norm.eps}
+        for layer in self.model.layers:
+            if type(layer) is not DeepseekDecoderLayer or not layer.self_attn.fusable:
+                return None
+            attn, mlp = layer.self_attn, layer.mlp
+            q_lora = bool(attn.q_lora_rank)
+            norms = [layer.input_layernorm, layer.post_attention_layernorm, attn.kv_a_layernorm]
+            norms += [attn.q_a_layernorm] if q_lora else []
+            eps |= {n.eps for n in norms}
+            kv_b = getattr(attn.kv_b_proj, "weight", None)
+            if type(attn.kv_b_proj) is not Linear or getattr(attn.kv_b_proj, "bias", None) is not None:
+                return None
+            if isinstance(mlp, MoE):
+                shared = mlp.shared_experts
+                experts = mlp.experts.token_experts(dtype) if hasattr(mlp.experts, "token_experts") else None
+                described_mlp = ("moe", experts, shared.gate_up_proj if shared else None,
+                                 shared.down_proj if shared else None)
+            elif type(mlp) is GatedMLP:
+                described_mlp = ("dense", mlp.gate_up_proj, mlp.down_proj)
+            else:
+                return None
+            layers.append({
+                "input_norm": layer.input_layernorm.weight, "post_attention_norm": layer.post_attention_layernorm.weight,
+                "q_a_norm": attn.q_a_layernorm.weight if q_lora else None, "kv_a_norm": attn.kv_a_layernorm.weight,
+                "kv_b": kv_b, "q": None if q_lora else attn.q_proj, "q_a": attn.q_a_proj if q_lora else None,
+                "q_b": attn.q_b_proj if q_lora else None, "kv_a": attn.kv_a_proj_with_mqa, "o": attn.o_proj,
+                "mlp": described_mlp,
+            })
+        if len(eps) != 1:
+            return None
+        attn = self.model.layers[0].self_attn
+        return cpu_decode.DeepseekDecode.build(
+            hidden=self.config.hidden_size, heads=attn.num_heads, nope=attn.nope_dim, rope=attn.rope_dim,
+            rank=attn.kv_lora_rank, v_dim=attn.v_dim, q_lora_rank=attn.q_lora_rank or 0,
+            interleaved=attn.rotary.interleaved, eps=norm.eps, scale=attn.scale, dtype=dtype, layers=layers,
+        )
 
     def ignore_weight(self, name: str) -> bool:
         # DeepSeek-V3 ships its multi-token-prediction module as extra layers past num_hidden_layers.

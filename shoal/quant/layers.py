@@ -292,9 +292,13 @@ class QuantizedStackedExperts(_QuantizedModule):
         return weighted_expert_sum(x, weights, expert_ids, self.num_experts, self._expert, self._token_experts)
 
     def _token_experts(self, x: torch.Tensor):
+        return self.token_experts(x.dtype)
+
+    def token_experts(self, dtype: torch.dtype):
+        """These experts for a lone token in one C call (described once), or None where that does not apply."""
         if self._one_call is None:
             self._one_call = cpu_decode.TokenExperts.build(
-                self.fmt, self.kernel.name, self.expert_weights(), self.group_size, x.dtype
+                self.fmt, self.kernel.name, self.expert_weights(), self.group_size, dtype
             ) or False
         return self._one_call or None
 

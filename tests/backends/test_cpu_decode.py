@@ -74,26 +74,44 @@ def test_switched_off(built, monkeypatch):
     assert torch.get_num_threads() >= 1 and cpu_decode.library() is not None
 
 
-# ---- a lone token's routed experts in one call (cpu_decode.TokenExperts) ----------------------------
-MOE_SHAPE = dict(hidden_size=128, moe_intermediate_size=128, intermediate_size=256, num_hidden_layers=2)
+# ---- DeepSeek: two calls per layer (cpu_decode.DeepseekDecode), a lone token's experts in one --------
+# Every projection's input a multiple of 128 (int4's kernel blocks): v_head_dim 32 for o_proj, q_lora_rank 128.
+MOE_SHAPE = dict(hidden_size=128, moe_intermediate_size=128, intermediate_size=256, num_hidden_layers=2, v_head_dim=32)
 
 
-@pytest.mark.parametrize("quant", [None, "int8", "int4"])
-@pytest.mark.parametrize("name", ["deepseek-v2-lite", "deepseek-v3"])
-def test_one_call_experts_equal_one_token(tmp_path_factory, name, quant):
-    path = tmp_path_factory.mktemp(name)
-    build_checkpoint(name, path, **MOE_SHAPE)
-    llm = LLM(str(path), dtype="bfloat16", progress=False, max_model_len=64, max_num_seqs=1,
+@pytest.fixture(scope="module")
+def built_moe(tmp_path_factory):
+    paths = {}
+
+    def get(name: str):
+        if name not in paths:
+            paths[name] = tmp_path_factory.mktemp(name)
+            build_checkpoint(name, paths[name], **MOE_SHAPE, **({} if name == "deepseek-v2-lite" else {"q_lora_rank": 128}))
+        return paths[name]
+
+    return get
+
+
+@pytest.mark.parametrize(("name", "quant"), [
+    ("deepseek-v2-lite", None), ("deepseek-v2-lite", "int4"), ("deepseek-v2-grouped", "int8"), ("deepseek-v3", "int4"),
+])
+def test_deepseek_calls_equal_the_layers(built_moe, name, quant):
+    llm = LLM(str(built_moe(name)), dtype="bfloat16", progress=False, max_model_len=64, max_num_seqs=8,
               quant=quant, quant_group_size=32, kv_cache_memory=4 << 20)
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=3)
-    prompts = [[5, 9, 11, 40, 7], [100, 3, 3, 8]]
+    model = llm.engine.model
+    stacks = [m for m in model.modules() if hasattr(m, "_one_call")]
 
-    def run():
-        return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in llm.generate(prompts, params)]
+    def run(fused: bool):
+        model._cpu_decode = None if fused else False
+        for m in stacks:
+            m._one_call = None if fused else False
+        # three sequences at once (the MoE layers' torch path between the calls), then one alone (one call)
+        together = llm.generate([[5, 9, 11, 40, 7], [100, 3, 3, 8], [17] * 9], params)
+        alone = llm.generate([[61, 2, 90]], params)
+        return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in together + alone]
 
-    fused = run()
-    stacks = [m for m in llm.engine.model.modules() if hasattr(m, "_one_call")]
-    assert stacks and all(isinstance(m._one_call, cpu_decode.TokenExperts) for m in stacks)  # the call ran
-    for m in stacks:
-        m._one_call = False
-    assert run() == fused
+    fused = run(True)
+    assert isinstance(model._cpu_decode, cpu_decode.DeepseekDecode)  # the calls ran
+    assert stacks and all(isinstance(m._one_call, cpu_decode.TokenExperts) for m in stacks)
+    assert run(False) == fused
