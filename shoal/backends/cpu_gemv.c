@@ -350,10 +350,35 @@ INLINE void dot_int4_impl(const uint8_t *w, const Int4Groups *g, int64_t r, cons
             _mm_prefetch((const char *)(w + k / 2) + PREFETCH, _MM_HINT_T0);
             const __m512i b = _mm512_loadu_si512(w + k / 2);
             const __m512i halves[2] = {_mm512_and_si512(b, low), _mm512_and_si512(_mm512_srli_epi16(b, 4), low)};
+            /* bf16 scales of groups >= 64: the block's one or two scales in one 32-bit broadcast; bf16 ->
+             * float32 is then a shift (or a mask) per half, instead of a scalar load, shift and broadcast */
+            __m512i scale_bits = _mm512_setzero_si512();
+            if (sb && !g32) {
+                const uint16_t *sp = (const uint16_t *)g->scale + r + (k >> gs);
+                uint32_t word = sp[0];
+                if (gs == 6) word |= (uint32_t)sp[1] << 16; /* group 64: one scale per half */
+                else word |= word << 16;                    /* larger: both halves in one group */
+                scale_bits = _mm512_set1_epi32((int)word);
+            } else if (sb) { /* group 32: the block's four scales, 16 bits each, in every 64-bit lane */
+                uint64_t four;
+                memcpy(&four, (const uint16_t *)g->scale + r + k / 32, 8);
+                scale_bits = _mm512_set1_epi64((long long)four);
+            }
             for (int h = 0; h < 2; h++) {
                 const int64_t k0 = k + 64 * h;
                 __m512 s;
-                if (!g32) {
+                if (sb && !g32) {
+                    s = _mm512_castsi512_ps(h ? _mm512_and_si512(scale_bits, _mm512_set1_epi32((int)0xFFFF0000u))
+                                              : _mm512_slli_epi32(scale_bits, 16));
+                } else if (sb) {
+                    /* lanes 0-7 take scale 2h, lanes 8-15 scale 2h + 1, each in the upper 16 bits of its lane
+                     * (the lower 16 zeroed): bf16 as float32 */
+                    const __m512i pick = h ? _mm512_set_epi16(7, 0, 7, 0, 7, 0, 7, 0, 7, 0, 7, 0, 7, 0, 7, 0,
+                                                              6, 0, 6, 0, 6, 0, 6, 0, 6, 0, 6, 0, 6, 0, 6, 0)
+                                           : _mm512_set_epi16(5, 0, 5, 0, 5, 0, 5, 0, 5, 0, 5, 0, 5, 0, 5, 0,
+                                                              4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0);
+                    s = _mm512_castsi512_ps(_mm512_maskz_permutexvar_epi16((__mmask32)0xAAAAAAAAu, pick, scale_bits));
+                } else if (!g32) {
                     s = _mm512_set1_ps(scale_at(g->scale, r + (k0 >> gs), sb));
                 } else { /* group 32: lanes 0-7 in one group, 8-15 in the next */
                     s = _mm512_insertf32x8(_mm512_set1_ps(scale_at(g->scale, r + k0 / 32, sb)),
