@@ -152,7 +152,20 @@ class CpuBackend(Backend):
             "cores": str(os.cpu_count() or 1),
             "threads": str(torch.get_num_threads()),
             "decode kernels": _decode_kernels(),
+            "batched decode": _batched_decode(),
         }
+
+
+def _batched_decode() -> str:
+    """What decode steps of 9-32 sequences multiply bf16 weights with (chosen per model at load)."""
+    from shoal.backends import cpu_packed
+    from shoal.backends.cpu_build import switched_off
+
+    if not cpu_packed.supported() or switched_off(cpu_packed.ENV_SWITCH):
+        return "F.linear on the plain weights"
+    share = int(cpu_packed.MEMORY_SHARE * 100)
+    return (f"oneDNN-packed bf16 weights for {cpu_packed.MIN_ROWS}-{cpu_packed.MAX_ROWS} rows where the copies fit "
+            f"{share}% of available memory ({cpu_packed.ENV_SWITCH}=1 / 0 to force)")
 
 
 def _decode_kernels() -> str:
