@@ -556,7 +556,7 @@ int shoal_dequant_int4(const uint8_t *w, const void *scale, const void *zero, in
 #define KCHUNK 32 /* inputs per AMX tile row (64 bytes of bf16); K is padded with zeros to a multiple */
 #define AMX_M 16  /* activation rows per B tile */
 #ifndef KSEG
-#define KSEG 512  /* inputs of a weight tile turned into bf16 at a time on the AMX path */
+#define KSEG 256  /* inputs of a weight tile turned into bf16 at a time on the AMX path */
 #endif
 
 enum { ROWS_BF16 = 0, ROWS_INT8 = 1, ROWS_INT4 = 2 };
@@ -572,6 +572,13 @@ typedef struct {
 INLINE uint16_t rows_output(const RowsWeight *rw, int64_t n, float sum) {
     return rw->kind == ROWS_INT8 ? float_to_bf16(bf16_to_float(float_to_bf16(sum)) * rw->scale[n]) : float_to_bf16(sum);
 }
+
+#ifndef ROWS_AHEAD
+#define ROWS_AHEAD(row_bytes) (TILE_N * (row_bytes))
+#endif
+#ifndef ROWS_PREFETCH
+#define ROWS_PREFETCH(p) _mm_prefetch((p), _MM_HINT_T1)
+#endif
 
 #ifdef SHOAL_ROWS
 /* The 16 bf16 values (u - 8) * scale + zero for u = 0..15 of one int4 group, in the low half of a vector
@@ -595,12 +602,18 @@ static void rows_weight_part(const RowsWeight *rw, int64_t n, int64_t k0, int64_
     const int64_t K = rw->K, end = k0 + len < K ? k0 + len : K;
     int64_t k = k0;
     if (rw->kind == ROWS_BF16) {
-        memcpy(dst, (const uint16_t *)rw->w + n * K + k0, (size_t)(end - k0) * 2);
-        k = end;
+        const uint16_t *src = (const uint16_t *)rw->w + n * K;
+        const int64_t ahead = ROWS_AHEAD(K * 2);
+        for (; k + 32 <= end; k += 32) {
+            ROWS_PREFETCH((const char *)(src + k) + ahead);
+            _mm512_storeu_si512(dst + k - k0, _mm512_loadu_si512(src + k));
+        }
+        for (; k < end; k++) dst[k - k0] = src[k];
     } else if (rw->kind == ROWS_INT8) {
         const int8_t *src = (const int8_t *)rw->w + n * K;
+        const int64_t ahead = ROWS_AHEAD(K);
         for (; k + 32 <= end; k += 32) {
-            _mm_prefetch((const char *)(src + k) + PREFETCH, _MM_HINT_T0);
+            ROWS_PREFETCH((const char *)(src + k) + ahead);
             const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(src + k))));
             const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(src + k + 16))));
             _mm512_storeu_si512(dst + k - k0, (__m512i)_mm512_cvtne2ps_pbh(hi, lo)); /* exact: |q| <= 128 */
@@ -612,10 +625,11 @@ static void rows_weight_part(const RowsWeight *rw, int64_t n, int64_t k0, int64_
         const int64_t r = n * (K >> g->group_shift);
         const int gs = g->group_shift;
         const __m512i low = _mm512_set1_epi16(0x0F);
+        const int64_t ahead = ROWS_AHEAD(K / 2);
         for (; k < end; k += 128) {
             const uint8_t *b = src + k / 2;
             uint16_t *d = dst + k - k0;
-            _mm_prefetch((const char *)b + PREFETCH, _MM_HINT_T0);
+            ROWS_PREFETCH((const char *)b + ahead);
             /* tables for inputs k + [0, 32), [32, 64), [64, 96), [96, 128): groups are 32 or more */
             __m512i t[4];
             t[0] = int4_table(g, r + (k >> gs));
@@ -637,15 +651,12 @@ static void rows_weight_part(const RowsWeight *rw, int64_t n, int64_t k0, int64_
     if (k < k0 + len) memset(dst + (k - k0), 0, (size_t)(k0 + len - k) * 2);
 }
 
-/* Inputs [k0, k0 + len) of weight rows [n0, n0 + TILE_N) as bf16 [TILE_N, stride]; rows past N are zeros. */
-static void rows_weight_tile(const RowsWeight *rw, int64_t n0, int64_t k0, int64_t len, uint16_t *tile,
-                             int64_t stride) {
-    for (int r = 0; r < TILE_N; r++) {
-        if (n0 + r < rw->N)
-            rows_weight_part(rw, n0 + r, k0, len, tile + r * stride);
-        else
-            memset(tile + r * stride, 0, (size_t)len * 2);
-    }
+/* rows_weight_part for row n0 + r of a tile; zeros for a row past N. */
+INLINE void rows_tile_row(const RowsWeight *rw, int64_t n0, int r, int64_t k0, int64_t len, uint16_t *dst) {
+    if (n0 + r < rw->N)
+        rows_weight_part(rw, n0 + r, k0, len, dst);
+    else
+        memset(dst, 0, (size_t)len * 2);
 }
 
 /* [sum of a, sum of b, sum of c, sum of d] */
@@ -794,17 +805,25 @@ static void amx_output(const RowsWeight *rw, const float *sums, int64_t n0, int6
 
 /* Weight rows [n0, n0 + 32) against every activation row with tdpbf16ps, 2 x 2 tiles at a time: A tiles 4
  * and 5 hold weight rows [0, 16) and [16, 32) of 32 inputs, B tiles 6 and 7 two blocks of 16 activation
- * rows, accumulators 0..3 the four products (so each tile loaded feeds two multiplies). The weights are
- * turned into bf16 KSEG inputs at a time, into a buffer that stays in L1, between the multiplies. Up to
- * 32 activation rows the sums stay in the tile registers across all of K; past that each pair of blocks
- * (a pass) keeps them in `sums` between segments. */
-static void rows_tile_amx(const RowsWeight *rw, uint16_t *tile, int64_t n0, const uint16_t *xp, int64_t M,
-                          float *sums, uint16_t *y) {
+ * rows, accumulators 0..3 the four products (so each tile loaded feeds two multiplies). Up to 32
+ * activation rows the sums stay in the tile registers across all of K; past that each pair of blocks
+ * (a pass) keeps them in `sums` between segments.
+ * The weights are turned into bf16 KSEG inputs (a segment) at a time, into one of two TILE_N x KSEG
+ * buffers that stay in L1: while the tile unit multiplies one segment, the core fills the other with
+ * the next, a few rows after each multiply, so that the two overlap instead of taking turns. */
+static void rows_tile_amx(const RowsWeight *rw, uint16_t *buffers, int64_t n0, const uint16_t *xp, int64_t M,
+                          float *sums) {
     const int64_t Kp = rw->Kp, chunks = Kp / KCHUNK, mblocks = (M + AMX_M - 1) / AMX_M, passes = (mblocks + 1) / 2;
-    const uint16_t *a1 = tile + 16 * KSEG;
-    for (int64_t k0 = 0; k0 < Kp; k0 += KSEG) {
-        const int64_t len = Kp - k0 < KSEG ? Kp - k0 : KSEG;
-        rows_weight_tile(rw, n0, k0, len, tile, KSEG);
+    const int64_t segments = (Kp + KSEG - 1) / KSEG;
+    for (int r = 0; r < TILE_N; r++) rows_tile_row(rw, n0, r, 0, Kp < KSEG ? Kp : KSEG, buffers + r * KSEG);
+    for (int64_t s = 0; s < segments; s++) {
+        const int64_t k0 = s * KSEG, len = Kp - k0 < KSEG ? Kp - k0 : KSEG;
+        const int64_t next_len = s + 1 < segments ? (Kp - k0 - KSEG < KSEG ? Kp - k0 - KSEG : KSEG) : 0;
+        const uint16_t *a0 = buffers + (s & 1) * TILE_N * KSEG, *a1 = a0 + 16 * KSEG;
+        uint16_t *next = buffers + ((s + 1) & 1) * TILE_N * KSEG;
+        const int64_t steps = passes * (len / KCHUNK);
+        int64_t step = 0;
+        int filled = 0; /* rows of the next segment written so far */
         for (int64_t p = 0; p < passes; p++) {
             const int two = 2 * p + 1 < mblocks; /* a second block of activation rows in this pass */
             float *cs = sums + p * 1024;
@@ -821,7 +840,7 @@ static void rows_tile_amx(const RowsWeight *rw, uint16_t *tile, int64_t n0, cons
             }
             const uint16_t *b0 = xp + 2 * p * chunks * 512, *b1 = b0 + chunks * 512;
             for (int64_t c = 0, kc = k0 / KCHUNK; c < len / KCHUNK; c++, kc++) {
-                _tile_loadd(4, tile + c * KCHUNK, KSEG * 2);
+                _tile_loadd(4, a0 + c * KCHUNK, KSEG * 2);
                 _tile_loadd(6, b0 + kc * 512, 64);
                 _tile_dpbf16ps(0, 4, 6);
                 _tile_loadd(5, a1 + c * KCHUNK, KSEG * 2);
@@ -831,8 +850,11 @@ static void rows_tile_amx(const RowsWeight *rw, uint16_t *tile, int64_t n0, cons
                     _tile_dpbf16ps(2, 4, 7);
                     _tile_dpbf16ps(3, 5, 7);
                 }
+                if (next_len) /* the next segment's rows, spread evenly over this segment's multiplies */
+                    for (const int upto = (int)(++step * TILE_N / steps); filled < upto; filled++)
+                        rows_tile_row(rw, n0, filled, k0 + KSEG, next_len, next + filled * KSEG);
             }
-            if (passes > 1 || k0 + len >= Kp) {
+            if (passes > 1 || s + 1 == segments) {
                 _tile_stored(0, cs, 64);
                 _tile_stored(1, cs + 256, 64);
                 _tile_stored(2, cs + 512, 64);
@@ -840,6 +862,13 @@ static void rows_tile_amx(const RowsWeight *rw, uint16_t *tile, int64_t n0, cons
             }
         }
     }
+}
+
+/* rows_tile_amx, then its sums into y */
+static void rows_tile_amx_out(const RowsWeight *rw, uint16_t *buffers, int64_t n0, const uint16_t *xp, int64_t M,
+                              float *sums, uint16_t *y) {
+    const int64_t mblocks = (M + AMX_M - 1) / AMX_M, passes = (mblocks + 1) / 2;
+    rows_tile_amx(rw, buffers, n0, xp, M, sums);
     for (int64_t p = 0; p < passes; p++) /* accumulator q: weight rows n0 + 16 (q & 1), block 2 p + (q >> 1) */
         for (int q = 0; q < (2 * p + 1 < mblocks ? 4 : 2); q++)
             amx_output(rw, sums + p * 1024 + q * 256, n0 + 16 * (q & 1), (2 * p + (q >> 1)) * AMX_M, M, y);
@@ -877,7 +906,7 @@ static int rows_run(const RowsWeight *rw, const uint16_t *x, int64_t M, uint16_t
             amx_configure();
         }
 #endif
-        uint16_t *tile = (uint16_t *)alloc((size_t)(TILE_N * (amx ? KSEG : Kp)) * 2);
+        uint16_t *tile = (uint16_t *)alloc((size_t)(TILE_N * (amx ? 2 * KSEG : Kp)) * 2);
         float *sums = (float *)alloc((size_t)((M + 31) / 32 * 1024) * 4); /* AMX: 4 accumulators per 32 rows */
         if (!tile || !sums) {
 #pragma omp atomic write
@@ -888,11 +917,11 @@ static int rows_run(const RowsWeight *rw, const uint16_t *x, int64_t M, uint16_t
             if (!tile || !sums) continue;
 #ifdef SHOAL_AMX
             if (amx) {
-                rows_tile_amx(rw, tile, t * TILE_N, xs, M, sums, y);
+                rows_tile_amx_out(rw, tile, t * TILE_N, xs, M, sums, y);
                 continue;
             }
 #endif
-            rows_weight_tile(rw, t * TILE_N, 0, Kp, tile, Kp);
+            for (int r = 0; r < TILE_N; r++) rows_tile_row(rw, t * TILE_N, r, 0, Kp, tile + r * Kp);
             rows_tile_dp(rw, tile, t * TILE_N, xs ? xs : x, Kp, M, y);
         }
 #ifdef SHOAL_AMX
