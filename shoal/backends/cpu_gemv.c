@@ -1,5 +1,6 @@
 /* Matrix-vector kernels for the CPU backend: y[m, n] = sum_k x[m, k] * W[n, k] for a few activation
- * rows m (batch-1 and small-batch decode), with W in bf16, int8 per output channel, or int4 per group.
+ * rows m (batch-1 and small-batch decode), with W in bf16, int8 per output channel, or int4 per group;
+ * and, further down (shoal_matmul_rows_*), the same products for a batched decode step of more rows.
  *
  * Decode reads every weight once per step, so these kernels are built to stream W at the memory's
  * speed: each thread takes a contiguous range of output rows and reads each weight row exactly once,
@@ -529,12 +530,12 @@ int shoal_dequant_int4(const uint8_t *w, const void *scale, const void *zero, in
 /* ---- many activation rows: batched decode ---------------------------------------------------- */
 
 /* y [M, N] = x [M, K] W^T for bf16 activations and more rows than the kernels above take: a decode step
- * of 9 to 64 sequences. There the dot products, not the weight reads, set the pace, and the pure-torch
- * route for quantized weights (the whole weight dequantized to a bf16 [N, K] tensor in memory on every
- * call, then a matmul reading it back) spends as long moving the dequantized weight as multiplying it.
- * Here each thread takes tiles of TILE_N weight rows, writes a tile as bf16 into its own buffer, which
- * stays in the core's cache (exactly the values that dequantization would write), and multiplies it
- * against all M rows:
+ * of 9 to ~128 sequences (cpu_gemv.ROWS_MAX). There the multiplies, not the weight reads, set the pace,
+ * and the pure-torch route for quantized weights (the whole weight dequantized to a bf16 [N, K] tensor in
+ * memory on every call, then a matmul reading it back) spends about a third of its time on that
+ * dequantization alone (0.5B Llama, int4, 32 rows, ad hoc). Here each thread takes tiles of TILE_N weight rows, writes a tile as bf16 into
+ * its own buffer, which stays in the core's cache (exactly the values that dequantization would
+ * write), and multiplies it against all M rows:
  *   with AMX (tdpbf16ps), the tile is the A operand and the activations, packed once per call into
  *     B tiles (16 rows each, input pairs interleaved), give 16 x 16 float32 sums per tile register;
  *   otherwise with AVX512-BF16 (vdpbf16ps), 4 weight rows against 4 activation rows per pass.
@@ -555,9 +556,7 @@ int shoal_dequant_int4(const uint8_t *w, const void *scale, const void *zero, in
 #define TILE_N 32 /* weight rows turned into bf16 and multiplied together: two AMX tiles' rows */
 #define KCHUNK 32 /* inputs per AMX tile row (64 bytes of bf16); K is padded with zeros to a multiple */
 #define AMX_M 16  /* activation rows per B tile */
-#ifndef KSEG
 #define KSEG 256  /* inputs of a weight tile turned into bf16 at a time on the AMX path */
-#endif
 
 enum { ROWS_BF16 = 0, ROWS_INT8 = 1, ROWS_INT4 = 2 };
 
@@ -566,29 +565,29 @@ typedef struct {
     const void *w;       /* layouts at the top of this file */
     const float *scale;  /* int8: [N] */
     Int4Groups g;        /* int4 */
-    int64_t N, K, Kp;    /* Kp: K rounded up to KCHUNK, the tile buffer's row length */
+    int64_t N, K, Kp;    /* Kp: K rounded up to KCHUNK (the zeros past K multiply zeros) */
 } RowsWeight;
 
 INLINE uint16_t rows_output(const RowsWeight *rw, int64_t n, float sum) {
     return rw->kind == ROWS_INT8 ? float_to_bf16(bf16_to_float(float_to_bf16(sum)) * rw->scale[n]) : float_to_bf16(sum);
 }
 
-#ifndef ROWS_AHEAD
+/* While a tile's weight rows are read, the next tile's (the same thread's next, under a static schedule)
+ * are asked into L2: in an ad-hoc timing over more weights than the caches hold this read int8 and bf16
+ * weights 10-25% faster than prefetching 2 KB ahead into L1 as the kernels above do. */
 #define ROWS_AHEAD(row_bytes) (TILE_N * (row_bytes))
-#endif
-#ifndef ROWS_PREFETCH
 #define ROWS_PREFETCH(p) _mm_prefetch((p), _MM_HINT_T1)
-#endif
 
 #ifdef SHOAL_ROWS
-/* The 16 bf16 values (u - 8) * scale + zero for u = 0..15 of one int4 group, in the low half of a vector
- * that _mm512_permutexvar_epi16 then indexes with the nibbles: one lookup gives 32 weights. */
+/* scale or zero i (float32 or bf16) in every lane */
 INLINE __m512 broadcast_scale(const void *p, int64_t i, int bf16) {
     if (bf16) /* the bf16 bits broadcast, then moved up into float32 position: no trip through a scalar */
         return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_set1_epi16((short)((const uint16_t *)p)[i]), 16));
     return _mm512_set1_ps(((const float *)p)[i]);
 }
 
+/* The 16 bf16 values (u - 8) * scale + zero for u = 0..15 of one int4 group, in the low half of a vector
+ * that _mm512_permutexvar_epi16 then indexes with the nibbles: one lookup gives 32 weights. */
 INLINE __m512i int4_table(const Int4Groups *g, int64_t gi) {
     const __m512 u = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
     const __m512 v = _mm512_add_ps(_mm512_mul_ps(u, broadcast_scale(g->scale, gi, g->scale_bf16)),
@@ -690,7 +689,7 @@ INLINE void rows_dot_4x4(const uint16_t *tile, int64_t Kp, const uint16_t *x, in
     for (int m = 0; m < mb; m++) sums[m] = reduce4(acc[m][0], acc[m][1], acc[m][2], acc[m][3]);
 }
 
-/* One weight tile against every activation row with vdpbf16ps; x [M, Kp] at row stride xs. */
+/* One weight tile (bf16 [TILE_N, Kp]) against every activation row with vdpbf16ps; x [M, Kp] at row stride xs. */
 static void rows_tile_dp(const RowsWeight *rw, const uint16_t *tile, int64_t n0, const uint16_t *x, int64_t xs,
                          int64_t M, uint16_t *y) {
     const int64_t Kp = rw->Kp, N = rw->N;
@@ -906,6 +905,7 @@ static int rows_run(const RowsWeight *rw, const uint16_t *x, int64_t M, uint16_t
             amx_configure();
         }
 #endif
+        /* AMX: two segment buffers; dot products: the whole tile */
         uint16_t *tile = (uint16_t *)alloc((size_t)(TILE_N * (amx ? 2 * KSEG : Kp)) * 2);
         float *sums = (float *)alloc((size_t)((M + 31) / 32 * 1024) * 4); /* AMX: 4 accumulators per 32 rows */
         if (!tile || !sums) {

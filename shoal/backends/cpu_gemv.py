@@ -6,6 +6,11 @@ aten's CPU kernels for one row read weights well below the bandwidth on the mach
 reaches on 2 cores), and batch-1 decode is nothing but weight reads. The C file is built at first use
 by cpu_build.py.
 
+For a batched decode step (9 to ROWS_MAX bf16 rows) the matmul_rows_* kernels take over: there the
+multiplies set the pace, and they run on AMX tiles (or AVX512-BF16 dot products) against the weight
+turned into bf16 a tile at a time in cache, instead of dequantizing the whole weight into memory for
+F.linear on every call. SHOAL_CPU_ROWS=0 switches them off alone.
+
 Where no compiler is found, or SHOAL_CPU_KERNELS=0, `library()` is None and every caller keeps
 aten's kernels: the engine runs the same, only slower.
 """
@@ -24,15 +29,18 @@ SOURCE = Path(__file__).with_name("cpu_gemv.c")
 MAX_ROWS = 8  # activation rows per call (MAX_ROWS in cpu_gemv.c)
 ENV_SWITCH = ALL_KERNELS_SWITCH
 ROWS_ENV_SWITCH = "SHOAL_CPU_ROWS"  # =0: no matmul_rows_* kernels (batched decode keeps dequantize + matmul)
-# Activation rows up to which matmul_rows_* replace the matmul (above MAX_ROWS), per weight format.
-# Ad hoc, 0.5B Llama's shapes summed over a step, 1 thread, AMX Xeon: int4 (group 32) 60 / 78 / 112 /
-# 170 ms at 9 / 32 / 64 / 128 rows against 181 / 222 / 265 / 352 ms for dequantize + F.linear, int8 alike;
-# bf16 weights 67 / 87 / 121 against 79 / 106 / 137 ms for F.linear, even at 128 rows and behind at 512.
-# Without AMX (oneDNN limited to AVX512_CORE_BF16 on the same machine) the dot-product kernels beat
-# dequantize + F.linear for int4 / int8 at every size from 9 to 64 rows (399 against 554 ms at 32) and
-# only tie F.linear for bf16 weights, which therefore keep F.linear there.
-ROWS_MAX_QUANTIZED = 128
-ROWS_MAX_BF16 = 64
+# Activation rows up to which matmul_rows_* replace the matmul (above MAX_ROWS). Measured ad hoc on a
+# 2-core AMX Xeon, the 0.5B Llama's weight shapes summed over a decode step (32 layers and the output
+# head), 2 threads, against dequantize-to-bf16 + F.linear (int4, group 32; int8) and F.linear (bf16):
+#   int4 45 / 44 / 100 / 108 ms against 123 / 124 / 200 / 213 at 9 / 32 / 64 / 128 rows, int8 alike,
+#   bf16 43 / 66 / 94 / 85 against 57 / 94 / 122 / 119; at 256 rows (1 thread) still ahead, by 1.8x
+#   (int4) and 1.1x (bf16), but from there on the rows are a prefill chunk, which keeps the matmul.
+ROWS_MAX = 128
+# Without AMX the kernels multiply with AVX512-BF16 dot products. With oneDNN limited to AVX512_CORE_BF16
+# on the same machine (1 thread) they beat dequantize + F.linear for int4 / int8 up to 64 rows (399
+# against 554 ms at 32, 819 against 978 at 64) but only tie it at 128, and only tie F.linear for bf16
+# weights at any size: there bf16 weights keep F.linear and int8 / int4 stop at 64 rows.
+ROWS_MAX_WITHOUT_AMX = 64
 
 
 @functools.lru_cache(maxsize=1)
@@ -87,14 +95,13 @@ def rows_use_amx() -> bool:
 def rows_kernel_takes(x: torch.Tensor, in_features: int, weight_format: str) -> bool:
     """Whether matmul_rows_* should multiply this activation, against a weight in `weight_format` ("bf16",
     "int8" or "int4"): 2-D bf16 [rows, in] on the CPU with more rows than the matrix-vector kernels take
-    and at most the limit measured for that format, where the kernel measured faster than the matmul it
-    replaces (bf16 weights: only with AMX)."""
+    and at most ROWS_MAX (ROWS_MAX_WITHOUT_AMX for int8 / int4 without AMX, where bf16 weights keep
+    F.linear): where the kernels measured faster than the matmul they replace."""
     if not (x.dim() == 2 and x.dtype == torch.bfloat16 and x.shape[1] == in_features and x.device.type == "cpu"):
         return False
-    limit = ROWS_MAX_BF16 if weight_format == "bf16" else ROWS_MAX_QUANTIZED
-    if not MAX_ROWS < x.shape[0] <= limit or not rows_kernels_available():
+    if not MAX_ROWS < x.shape[0] <= ROWS_MAX or not rows_kernels_available():
         return False
-    return weight_format != "bf16" or rows_use_amx()
+    return rows_use_amx() or (weight_format != "bf16" and x.shape[0] <= ROWS_MAX_WITHOUT_AMX)
 
 
 def accepts(x: torch.Tensor, in_features: int) -> bool:

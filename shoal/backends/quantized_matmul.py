@@ -78,7 +78,7 @@ FALLBACK_KERNELS = {
 # both packed kernels fall behind (they are matrix-vector kernels: 12 ms at 64 tokens against 3.7 ms
 # for int8 dequantize-then-matmul). In fp32 they are slower than the fallback at every size.
 # shoal's own kernels (cpu_gemv.c) take up to 8 rows in float32 or bf16; above that, bf16 activations up
-# to cpu_gemv.ROWS_MAX_QUANTIZED rows (a batched decode step) go to its matmul_rows_* kernels, which turn
+# to cpu_gemv.ROWS_MAX rows (a batched decode step) go to its matmul_rows_* kernels, which turn
 # the weight into bf16 a tile at a time in cache; larger prefill chunks are a matmul on the CPU's matrix
 # units against the weight dequantized to bf16.
 INT8_PACKED_MAX_TOKENS = 8

@@ -38,7 +38,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     reads the weight faster than F.linear's matmul: shoal's own (shoal/backends/cpu_gemv.c) for bf16
     weights where it could be built, else aten's torch.mv for a single row (one [5632, 1024] bf16
     weight, 2 threads: 531 against 836 us for F.linear). A batched decode step of bf16 rows, up to
-    cpu_gemv.ROWS_MAX_BF16, goes to its AMX matmul (cpu_gemv.matmul_rows_bf16) where the CPU has AMX."""
+    cpu_gemv.ROWS_MAX, goes to shoal's AMX kernel (cpu_gemv.matmul_rows_bf16) where the CPU has AMX."""
     if x.is_cpu and x.dtype in (torch.bfloat16, torch.float16) and x.shape[-1] == weight.shape[1]:
         rows = x.numel() // weight.shape[1]
         if weight.dtype == torch.bfloat16 and rows <= cpu_gemv.MAX_ROWS and cpu_gemv.available():

@@ -1,5 +1,5 @@
 """shoal's CPU kernels for batched decode (cpu_gemv.c, shoal_matmul_rows_*): bf16 activations of 9 to
-ROWS_MAX rows against bf16 / int8 / int4 weights, checked against what they replace - F.linear on the
+cpu_gemv.ROWS_MAX rows against bf16 / int8 / int4 weights, checked against what they replace - F.linear on the
 weight dequantized to bf16 - and against the float32 product."""
 
 from __future__ import annotations
@@ -90,9 +90,10 @@ def test_rejects_what_it_cannot_take():
     assert cpu_gemv.rows_kernel_takes(x, 64, "int8")
     assert not cpu_gemv.rows_kernel_takes(x[:8], 64, "int8")  # the matrix-vector kernels' rows
     assert not cpu_gemv.rows_kernel_takes(x.float(), 64, "int8")  # float32 activations keep the matmul
-    assert not cpu_gemv.rows_kernel_takes(torch.zeros(cpu_gemv.ROWS_MAX_QUANTIZED + 1, 64, dtype=torch.bfloat16), 64, "int4")
-    assert not cpu_gemv.rows_kernel_takes(torch.zeros(cpu_gemv.ROWS_MAX_BF16 + 1, 64, dtype=torch.bfloat16), 64, "bf16")
-    assert cpu_gemv.rows_kernel_takes(x, 64, "bf16") == cpu_gemv.rows_use_amx()
+    assert not cpu_gemv.rows_kernel_takes(torch.zeros(cpu_gemv.ROWS_MAX + 1, 64, dtype=torch.bfloat16), 64, "int4")
+    assert cpu_gemv.rows_kernel_takes(x, 64, "bf16") == cpu_gemv.rows_use_amx()  # bf16 weights: only with AMX
+    assert cpu_gemv.rows_kernel_takes(torch.zeros(cpu_gemv.ROWS_MAX_WITHOUT_AMX + 1, 64, dtype=torch.bfloat16), 64,
+                                      "int8") == cpu_gemv.rows_use_amx()
 
 
 def test_switched_off_by_the_environment(monkeypatch):
@@ -126,6 +127,21 @@ def test_the_cpu_kernels_send_batched_decode_rows_here(monkeypatch, rows):
 
     # a prefill chunk and float32 activations keep the matmul
     calls.clear()
-    big = torch.randn(cpu_gemv.ROWS_MAX_QUANTIZED + 1, 256, generator=g).to(torch.bfloat16)
+    big = torch.randn(cpu_gemv.ROWS_MAX + 1, 256, generator=g).to(torch.bfloat16)
     int8_cpu(big, t8), int4_cpu(big, t4, 64), linear(big, wb), int4_cpu(x.float(), t4, 64)
     assert calls == []
+
+
+def test_without_amx_bf16_weights_keep_f_linear_and_quantized_ones_stop_earlier(monkeypatch):
+    monkeypatch.setattr(cpu_gemv, "rows_use_amx", lambda: False)
+    rows = cpu_gemv.ROWS_MAX_WITHOUT_AMX
+    assert not cpu_gemv.rows_kernel_takes(torch.zeros(12, 64, dtype=torch.bfloat16), 64, "bf16")
+    assert cpu_gemv.rows_kernel_takes(torch.zeros(rows, 64, dtype=torch.bfloat16), 64, "int4")
+    assert not cpu_gemv.rows_kernel_takes(torch.zeros(rows + 1, 64, dtype=torch.bfloat16), 64, "int4")
+    # and int4_cpu then multiplies with the dot products
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(40, 256, generator=g) * 0.05
+    x = torch.randn(20, 256, generator=g).to(torch.bfloat16)
+    q4 = Int4GroupWeight.quantize(w, 32, torch.bfloat16)
+    t4 = int4_cpu_prepare({"qweight": q4.packed, "scales": q4.scales, "zeros": q4.zeros}, 32)
+    _matches(int4_cpu(x, t4, 32), F.linear(x, q4.dequantize(torch.bfloat16)), x.float() @ q4.dequantize().t())
