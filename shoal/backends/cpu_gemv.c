@@ -579,20 +579,18 @@ INLINE uint16_t rows_output(const RowsWeight *rw, int64_t n, float sum) {
 #define ROWS_PREFETCH(p) _mm_prefetch((p), _MM_HINT_T1)
 
 #ifdef SHOAL_ROWS
-/* scale or zero i (float32 or bf16) in every lane */
-INLINE __m512 broadcast_scale(const void *p, int64_t i, int bf16) {
-    if (bf16) /* the bf16 bits broadcast, then moved up into float32 position: no trip through a scalar */
-        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_set1_epi16((short)((const uint16_t *)p)[i]), 16));
-    return _mm512_set1_ps(((const float *)p)[i]);
-}
-
 /* The 16 bf16 values (u - 8) * scale + zero for u = 0..15 of one int4 group, in the low half of a vector
  * that _mm512_permutexvar_epi16 then indexes with the nibbles: one lookup gives 32 weights. */
-INLINE __m512i int4_table(const Int4Groups *g, int64_t gi) {
+INLINE __m512i int4_table(const float *scale, const float *zero) {
     const __m512 u = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
-    const __m512 v = _mm512_add_ps(_mm512_mul_ps(u, broadcast_scale(g->scale, gi, g->scale_bf16)),
-                                   broadcast_scale(g->zero, gi, g->scale_bf16));
+    const __m512 v = _mm512_add_ps(_mm512_mul_ps(u, _mm512_set1_ps(*scale)), _mm512_set1_ps(*zero));
     return _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(v));
+}
+
+/* count (<= 16) bf16 values from p as float32 into out */
+INLINE void bf16_to_float16(const uint16_t *p, int64_t count, float *out) {
+    const __mmask16 lanes = count >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << count) - 1);
+    _mm512_storeu_ps(out, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, p)), 16)));
 }
 
 /* Inputs [k0, k0 + len) of weight row n as bf16 into dst[0, len), zeros past K. k0 is a multiple of
@@ -621,22 +619,35 @@ static void rows_weight_part(const RowsWeight *rw, int64_t n, int64_t k0, int64_
     } else {
         const Int4Groups *g = &rw->g;
         const uint8_t *src = (const uint8_t *)rw->w + n * (K / 2);
-        const int64_t r = n * (K >> g->group_shift);
         const int gs = g->group_shift;
+        const int64_t G = K >> gs, r = n * G;
         const __m512i low = _mm512_set1_epi16(0x0F);
         const int64_t ahead = ROWS_AHEAD(K / 2);
+        /* The row's scales and zeros as float32: as given, or bf16 ones converted 16 groups at a time into
+         * sf / zf (from group `first` on), so that a table takes its two broadcasts straight from memory. */
+        float sbuf[16], zbuf[16];
+        const float *sf = (const float *)g->scale + r, *zf = (const float *)g->zero + r;
+        int64_t first = 0;
+        if (g->scale_bf16) sf = sbuf, zf = zbuf, first = -16;
         for (; k < end; k += 128) {
             const uint8_t *b = src + k / 2;
             uint16_t *d = dst + k - k0;
             ROWS_PREFETCH((const char *)b + ahead);
+            const int64_t gi = k >> gs; /* this block's first group, in the row */
+            if (g->scale_bf16 && gi + 4 > first + 16) { /* the next 16 groups (a block spans up to 4) */
+                first = gi;
+                bf16_to_float16((const uint16_t *)g->scale + r + gi, G - gi, sbuf);
+                bf16_to_float16((const uint16_t *)g->zero + r + gi, G - gi, zbuf);
+            }
+            const float *s = sf + (g->scale_bf16 ? gi - first : gi), *z = zf + (g->scale_bf16 ? gi - first : gi);
             /* tables for inputs k + [0, 32), [32, 64), [64, 96), [96, 128): groups are 32 or more */
             __m512i t[4];
-            t[0] = int4_table(g, r + (k >> gs));
+            t[0] = int4_table(s, z);
             if (gs == 5) {
-                for (int i = 1; i < 4; i++) t[i] = int4_table(g, r + ((k + 32 * i) >> gs));
+                for (int i = 1; i < 4; i++) t[i] = int4_table(s + i, z + i);
             } else if (gs == 6) {
                 t[1] = t[0];
-                t[2] = t[3] = int4_table(g, r + ((k + 64) >> gs));
+                t[2] = t[3] = int4_table(s + 1, z + 1);
             } else {
                 t[1] = t[2] = t[3] = t[0];
             }
