@@ -30,11 +30,16 @@ MAX_ROWS = 8  # activation rows per call (MAX_ROWS in cpu_gemv.c)
 ENV_SWITCH = ALL_KERNELS_SWITCH
 ROWS_ENV_SWITCH = "SHOAL_CPU_ROWS"  # =0: no matmul_rows_* kernels (batched decode keeps dequantize + matmul)
 # Activation rows up to which matmul_rows_* replace the matmul (above MAX_ROWS). Measured ad hoc on a
-# 2-core AMX Xeon, the 0.5B Llama's weight shapes summed over a decode step (32 layers and the output
-# head), 2 threads, against dequantize-to-bf16 + F.linear (int4, group 32; int8) and F.linear (bf16):
-#   int4 45 / 44 / 100 / 108 ms against 123 / 124 / 200 / 213 at 9 / 32 / 64 / 128 rows, int8 alike,
-#   bf16 43 / 66 / 94 / 85 against 57 / 94 / 122 / 119; at 256 rows (1 thread) still ahead, by 1.8x
-#   (int4) and 1.1x (bf16), but from there on the rows are a prefill chunk, which keeps the matmul.
+# 2-core AMX Xeon, 2 threads: the 0.5B Llama's weight shapes summed over a decode step (32 layers and the
+# int8 / bf16 output head), best of 7 calls, against dequantize-to-bf16 + F.linear (int4 group 32, int8)
+# and F.linear (bf16):
+#   rows             9    16    32    64   128
+#   int4  ms        46    48    53    59    86   against 129 134 135 132 214
+#   int8  ms        49    56    70   110   163   against 174 186 209 249 317
+#   bf16  ms        38    37    47    64   106   against  47  47  55  81 121
+# With the weights read from memory rather than cache (many copies of one [5632, 1024] weight) bf16 was
+# 1.5x F.linear from 9 to 64 rows. At 256 rows (1 thread) the kernels were still ahead, 1.8x for int4 and
+# 1.1x for bf16, but from there on the rows are a prefill chunk, which keeps the matmul.
 ROWS_MAX = 128
 # Without AMX the kernels multiply with AVX512-BF16 dot products. With oneDNN limited to AVX512_CORE_BF16
 # on the same machine (1 thread) they beat dequantize + F.linear for int4 / int8 up to 64 rows (399
