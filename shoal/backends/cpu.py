@@ -178,4 +178,9 @@ def _decode_kernels() -> str:
     fused = "fused norm / SiLU / attention" if cpu_ops.available() else "aten norm / attention"
     step = (", one C call per step (Llama, <= 8 sequences) and per token's experts (MoE)"
             if cpu_decode.library() is not None else "")
-    return f"shoal gemv (int8 / int4 weights x {int_path}), {fused}{step}"
+    rows = ""
+    if cpu_gemv.rows_kernels_available():
+        rows = (f"; batched decode ({cpu_gemv.MAX_ROWS + 1}-{cpu_gemv.ROWS_MAX} rows) on AMX tiles" if cpu_gemv.rows_use_amx()
+                else f"; batched int8 / int4 decode ({cpu_gemv.MAX_ROWS + 1}-{cpu_gemv.ROWS_MAX_WITHOUT_AMX} rows) "
+                "with AVX512-BF16")
+    return f"shoal gemv (int8 / int4 weights x {int_path}), {fused}{step}{rows}"

@@ -77,8 +77,10 @@ FALLBACK_KERNELS = {
 # against 1.35 ms for the bf16 matmul and 3.1 ms for dequantize-then-matmul; from ~16 tokens on
 # both packed kernels fall behind (they are matrix-vector kernels: 12 ms at 64 tokens against 3.7 ms
 # for int8 dequantize-then-matmul). In fp32 they are slower than the fallback at every size.
-# shoal's own kernels (cpu_gemv.c) take up to 8 rows in float32 or bf16; above that a prefill chunk is
-# a matmul on the CPU's matrix units against the weight dequantized to bf16.
+# shoal's own kernels (cpu_gemv.c) take up to 8 rows in float32 or bf16; above that, bf16 activations up
+# to cpu_gemv.ROWS_MAX rows (a batched decode step) go to its matmul_rows_* kernels, which turn
+# the weight into bf16 a tile at a time in cache; larger prefill chunks are a matmul on the CPU's matrix
+# units against the weight dequantized to bf16.
 INT8_PACKED_MAX_TOKENS = 8
 
 
@@ -92,6 +94,9 @@ def int8_cpu(x: torch.Tensor, t: Tensors, group_size: int = 0) -> torch.Tensor:
     if cpu_gemv.available() and cpu_gemv.accepts(x, t["qweight"].shape[1]):
         scales = t.get("scales_f32")
         return cpu_gemv.gemv_int8(x, t["qweight"], scales if scales is not None else t["scales"].float())
+    if cpu_gemv.available() and cpu_gemv.rows_kernel_takes(x, t["qweight"].shape[1], "int8"):
+        scales = t.get("scales_f32")
+        return cpu_gemv.matmul_rows_int8(x, t["qweight"], scales if scales is not None else t["scales"].float())
     if x.dtype == torch.bfloat16 and x.shape[0] <= INT8_PACKED_MAX_TOKENS:
         return torch.ops.aten._weight_int8pack_mm(x.contiguous(), t["qweight"], t["scales"])
     return int8_fallback(x, t)
@@ -117,6 +122,8 @@ def int4_cpu(x: torch.Tensor, t: Tensors, group_size: int) -> torch.Tensor:
     if "qweight_gemv" in t:
         if cpu_gemv.accepts(x, t["qweight_gemv"].shape[1] * 2):
             return cpu_gemv.gemv_int4(x, t, group_size)
+        if cpu_gemv.rows_kernel_takes(x, t["qweight_gemv"].shape[1] * 2, "int4"):
+            return cpu_gemv.matmul_rows_int4(x, t, group_size)
         w = cpu_gemv.dequantize_int4(t, group_size, x.dtype)
         return F.linear(x.to(w.dtype), w).to(x.dtype)
     if "qweight_cpu" not in t:

@@ -39,8 +39,9 @@ def linear(
     """F.linear, except for a few bf16 / fp16 rows on the CPU - decode - where a matrix-vector kernel
     reads the weight faster than F.linear's matmul: shoal's own (shoal/backends/cpu_gemv.c) for bf16
     weights where it could be built, else aten's torch.mv for a single row (one [5632, 1024] bf16
-    weight, 2 threads: 531 against 836 us for F.linear). `packed` (cpu_packed.pack_model's copy of
-    `weight`) serves batched decode's 9-32 rows: the same bits as F.linear, without its re-layout."""
+    weight, 2 threads: 531 against 836 us for F.linear). A batched decode step of bf16 rows, up to
+    cpu_gemv.ROWS_MAX, goes to shoal's AMX kernel (cpu_gemv.matmul_rows_bf16) where the CPU has AMX;
+    `packed` (cpu_packed.pack_model's copy of `weight`) serves 9-32 rows before it."""
     if x.is_cpu and x.dtype in (torch.bfloat16, torch.float16) and x.shape[-1] == weight.shape[1]:
         rows = x.numel() // weight.shape[1]
         if packed is not None and cpu_packed.applies(x, rows):
@@ -49,6 +50,11 @@ def linear(
             y = cpu_gemv.gemv_bf16(x.reshape(rows, -1).to(torch.bfloat16), weight)
             y = y.view(*x.shape[:-1], weight.shape[0]).to(x.dtype)
             return y if bias is None else y + bias
+        if weight.dtype == torch.bfloat16 and x.dtype == torch.bfloat16 and cpu_gemv.available():
+            flat = x.reshape(rows, -1)
+            if cpu_gemv.rows_kernel_takes(flat, weight.shape[1], "bf16"):
+                y = cpu_gemv.matmul_rows_bf16(flat, weight).view(*x.shape[:-1], weight.shape[0])
+                return y if bias is None else y + bias
         if rows == 1:
             y = torch.mv(weight, x.reshape(-1)).view(*x.shape[:-1], weight.shape[0])
             return y if bias is None else y + bias
