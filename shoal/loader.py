@@ -186,9 +186,5 @@ def load_into(model: CausalLM, stream, close, plan) -> CausalLM:
         close()  # close the progress bar now, before any error message is printed
     if plan is not None and plan.changes_model and plan.prepare:
         prepare_for_kernels(model)
-    if plan is None or plan.prepare:  # not when loading for export: the plain weights are all it needs
-        from shoal.backends import cpu_packed
-
-        cpu_packed.pack_model(model)
     model.eval()
     return model

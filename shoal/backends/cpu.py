@@ -152,20 +152,7 @@ class CpuBackend(Backend):
             "cores": str(os.cpu_count() or 1),
             "threads": str(torch.get_num_threads()),
             "decode kernels": _decode_kernels(),
-            "batched decode": _batched_decode(),
         }
-
-
-def _batched_decode() -> str:
-    """What decode steps of 9-32 sequences multiply bf16 weights with (chosen per model at load)."""
-    from shoal.backends import cpu_packed
-    from shoal.backends.cpu_build import switched_off
-
-    if not cpu_packed.supported() or switched_off(cpu_packed.ENV_SWITCH):
-        return "F.linear on the plain weights"
-    share = int(cpu_packed.MEMORY_SHARE * 100)
-    return (f"oneDNN-packed bf16 weights for {cpu_packed.MIN_ROWS}-{cpu_packed.MAX_ROWS} rows where the copies fit "
-            f"{share}% of available memory ({cpu_packed.ENV_SWITCH}=1 / 0 to force)")
 
 
 def _decode_kernels() -> str:
@@ -176,7 +163,7 @@ def _decode_kernels() -> str:
         return "aten (shoal's C kernels not built: no C compiler, or SHOAL_CPU_KERNELS=0)"
     int_path = "int8 activations (VNNI)" if cpu_gemv.quantizes_activations() else "float activations"
     fused = "fused norm / SiLU / attention" if cpu_ops.available() else "aten norm / attention"
-    step = (", one C call per step (Llama, <= 8 sequences) and per token's experts (MoE)"
+    step = (", one C call per step (Llama) or two per layer (DeepSeek) for <= 8 sequences"
             if cpu_decode.library() is not None else "")
     rows = ""
     if cpu_gemv.rows_kernels_available():

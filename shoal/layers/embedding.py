@@ -25,12 +25,7 @@ class LMHead(nn.Module):
         self.tied_to = tied_to
         if tied_to is None:
             self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size), requires_grad=False)
-        self.packed_weight: torch.Tensor | None = None  # set by cpu_packed.pack_model, after loading
-
-    @property
-    def matrix(self) -> torch.Tensor:
-        """The [vocab, hidden] matrix the head multiplies by: its own, or the embedding table it is tied to."""
-        return self.tied_to.weight if self.tied_to is not None else self.weight
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return linear(hidden, self.matrix, packed=self.packed_weight)
+        weight = self.tied_to.weight if self.tied_to is not None else self.weight
+        return linear(hidden, weight)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from shoal.backends import cpu_gemv, cpu_packed
+from shoal.backends import cpu_gemv
 from shoal.errors import WeightError
 
 
@@ -33,19 +33,14 @@ def copy_weight(param: torch.Tensor, loaded: torch.Tensor, name: str) -> None:
         param.copy_(loaded)
 
 
-def linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, packed: torch.Tensor | None = None
-) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, except for a few bf16 / fp16 rows on the CPU - decode - where a matrix-vector kernel
     reads the weight faster than F.linear's matmul: shoal's own (shoal/backends/cpu_gemv.c) for bf16
     weights where it could be built, else aten's torch.mv for a single row (one [5632, 1024] bf16
     weight, 2 threads: 531 against 836 us for F.linear). A batched decode step of bf16 rows, up to
-    cpu_gemv.ROWS_MAX, goes to shoal's AMX kernel (cpu_gemv.matmul_rows_bf16) where the CPU has AMX;
-    `packed` (cpu_packed.pack_model's copy of `weight`) serves 9-32 rows before it."""
+    cpu_gemv.ROWS_MAX, goes to shoal's AMX kernel (cpu_gemv.matmul_rows_bf16) where the CPU has AMX."""
     if x.is_cpu and x.dtype in (torch.bfloat16, torch.float16) and x.shape[-1] == weight.shape[1]:
         rows = x.numel() // weight.shape[1]
-        if packed is not None and cpu_packed.applies(x, rows):
-            return cpu_packed.matmul(x.reshape(rows, -1), packed, bias).view(*x.shape[:-1], weight.shape[0])
         if weight.dtype == torch.bfloat16 and rows <= cpu_gemv.MAX_ROWS and cpu_gemv.available():
             y = cpu_gemv.gemv_bf16(x.reshape(rows, -1).to(torch.bfloat16), weight)
             y = y.view(*x.shape[:-1], weight.shape[0]).to(x.dtype)
@@ -70,10 +65,9 @@ class Linear(nn.Module):
         # torch.empty: every value is overwritten by the loader, so spend no time initialising.
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
-        self.packed_weight: torch.Tensor | None = None  # set by cpu_packed.pack_model, after loading
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias, self.packed_weight)
+        return linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}"
