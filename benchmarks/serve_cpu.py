@@ -87,7 +87,7 @@ def load(port: int, args, label: str) -> dict:
         cmd = [sys.executable, "-m", "shoal", "bench", "--serve-url", f"http://127.0.0.1:{port}/v1",
                "--num-prompts", str(args.num_prompts), "--input-len", str(args.input_len),
                "--output-len", str(args.output_len), "--max-concurrency", str(args.concurrency),
-               "--vocab-size", "32000", "--no-progress", "--json-out", str(out)]
+               "--vocab-size", "32000", "--temperature", str(args.temperature), "--no-progress", "--json-out", str(out)]
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         result = json.loads(out.read_text())
     result["server"] = label
@@ -130,6 +130,9 @@ def main(argv=None) -> int:
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2, help="llama-server's threads (shoal: torch's default)")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--temperature", type=float, default=1.0,
+                    help="the requests' sampling temperature (default 1: greedy decoding of the random-weight model "
+                         "emits byte tokens whose text both servers hold back, so TTFT and TPOT would read 0)")
     ap.add_argument("--llama-server", default=None, help="path of a llama-server binary (default: build one)")
     ap.add_argument("--build-dir", default="/tmp/lcp/server-build")
     ap.add_argument("--json-out", default="benchmarks/results_serve_cpu.json")

@@ -65,6 +65,11 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     serving.add_argument("--request-rate", type=float, default=None,
                          help="requests/s, Poisson arrivals (default inf: all at once)")
     serving.add_argument("--max-concurrency", type=int, default=None, help="requests in flight at most (default: no cap)")
+    serving.add_argument("--temperature", type=float, default=None,
+                         help="sampling temperature of the requests (default 0: greedy). A random-weight model "
+                              "decoded greedily can repeat a byte token that servers hold back until it forms "
+                              "UTF-8 text, so its text arrives at the end and TTFT / TPOT read nothing; "
+                              "sampling at 1.0 streams text from the first token")
     serving.add_argument("--vocab-size", type=int, default=None,
                          help=f"prompt token ids are drawn from {SERVE_MIN_TOKEN_ID}..VOCAB_SIZE-1 "
                               f"(default {DEFAULT_SERVE_VOCAB}, the demo model's)")
@@ -84,7 +89,7 @@ DEFAULT_SERVE_VOCAB = 4096
 DEFAULT_REQUEST_TIMEOUT_S = 600.0
 DEFAULT_TOTAL_TIMEOUT_S = 3600.0
 _SERVING_ONLY = ("model_name", "api_key", "request_rate", "max_concurrency", "vocab_size", "slo_ttft_ms",
-                 "slo_tpot_ms", "request_timeout_s", "timeout_s")
+                 "slo_tpot_ms", "request_timeout_s", "timeout_s", "temperature")
 
 
 def random_prompts(
@@ -345,6 +350,7 @@ async def run_serving_bench(
     total_timeout: float = DEFAULT_TOTAL_TIMEOUT_S,
     progress: bool = True,
     warmup: bool = True,
+    temperature: float = 0.0,
 ) -> tuple[list[RequestOutcome], float]:
     """Send every prompt as a streaming completion, arriving as a Poisson process at request_rate per second
     (inf: all at once), at most max_concurrency in flight; return each request's outcome and the duration.
@@ -364,7 +370,7 @@ async def run_serving_bench(
     timeout = httpx.Timeout(request_timeout, connect=min(request_timeout, 30.0))
 
     def payload(ids: list[int], max_tokens: int) -> dict:
-        return {"model": model, "prompt": ids, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
+        return {"model": model, "prompt": ids, "max_tokens": max_tokens, "temperature": temperature, "ignore_eos": True,
                 "stream": True, "stream_options": {"include_usage": True}}
 
     async with httpx.AsyncClient(limits=limits, timeout=timeout, trust_env=False) as client:
@@ -471,6 +477,9 @@ def cmd_serving_bench(args: argparse.Namespace) -> int:
         raise InvalidRequestError(f"--request-rate must be > 0 (inf: all at once), got {args.request_rate}")
     if args.max_concurrency is not None and args.max_concurrency < 1:
         raise InvalidRequestError(f"--max-concurrency must be >= 1, got {args.max_concurrency}")
+    temperature = 0.0 if args.temperature is None else args.temperature
+    if not 0.0 <= temperature <= 2.0:
+        raise InvalidRequestError(f"--temperature must be within [0, 2] as the OpenAI API takes it, got {args.temperature}")
     vocab = DEFAULT_SERVE_VOCAB if args.vocab_size is None else args.vocab_size
     if vocab <= SERVE_MIN_TOKEN_ID:
         raise InvalidRequestError(f"--vocab-size must be > {SERVE_MIN_TOKEN_ID}, got {vocab}")
@@ -495,7 +504,7 @@ def cmd_serving_bench(args: argparse.Namespace) -> int:
     outcomes, duration = asyncio.run(run_serving_bench(
         args.serve_url, model, prompts, output_lens, api_key=api_key, request_rate=rate,
         max_concurrency=args.max_concurrency, seed=args.seed, request_timeout=request_timeout,
-        total_timeout=total_timeout, progress=not args.no_progress,
+        total_timeout=total_timeout, progress=not args.no_progress, temperature=temperature,
     ))
     result = {
         "mode": "serving",
@@ -507,6 +516,7 @@ def cmd_serving_bench(args: argparse.Namespace) -> int:
         "range_ratio": args.range_ratio,
         "request_rate": rate,
         "max_concurrency": args.max_concurrency,
+        "temperature": temperature,
         "seed": args.seed,
         "slo_ttft_ms": args.slo_ttft_ms,
         "slo_tpot_ms": args.slo_tpot_ms,

@@ -143,11 +143,13 @@ def test_serving_bench_streams_every_request_and_counts_tokens_exactly(server, t
 
 
 def test_serving_bench_poisson_arrivals_and_goodput(server, tmp_path, capsys):
-    args = serving_args(server, tmp_path, "--request-rate", "50", "--slo-ttft-ms", "1e9", "--slo-tpot-ms", "1e9")
+    args = serving_args(server, tmp_path, "--request-rate", "50", "--slo-ttft-ms", "1e9", "--slo-tpot-ms", "1e9",
+                        "--temperature", "1.0")
     assert cmd_bench(args) == 0
     assert "Request goodput (req/s):" in capsys.readouterr().out
     result = json.loads((tmp_path / "serve.json").read_text())
     assert result["request_rate"] == 50 and result["failed"] == 0 and result["output_lens"] == [6] * 8
+    assert result["temperature"] == 1.0  # sampled requests: still every token counted
     assert result["good_requests"] == 8 and result["request_goodput"] == pytest.approx(result["request_throughput"])
 
 
@@ -164,6 +166,8 @@ def test_serving_bench_reports_bad_setups_in_one_line(server, tmp_path):
         cmd_bench(serving_args(server, tmp_path, "--request-rate", "0"))
     with pytest.raises(InvalidRequestError, match="only with --serve-url"):
         cmd_bench(parse(["--max-concurrency", "4"]))
+    with pytest.raises(InvalidRequestError, match="--temperature must be within"):
+        cmd_bench(serving_args(server, tmp_path, "--temperature", "3"))
 
 
 def test_serving_metrics_percentiles_tpot_and_goodput():
