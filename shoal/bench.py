@@ -66,10 +66,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                          help="requests/s, Poisson arrivals (default inf: all at once)")
     serving.add_argument("--max-concurrency", type=int, default=None, help="requests in flight at most (default: no cap)")
     serving.add_argument("--temperature", type=float, default=None,
-                         help="sampling temperature of the requests (default 0: greedy). A random-weight model "
-                              "decoded greedily can repeat a byte token that servers hold back until it forms "
-                              "UTF-8 text, so its text arrives at the end and TTFT / TPOT read nothing; "
-                              "sampling at 1.0 streams text from the first token")
+                         help="sampling temperature of the requests, 0 to 2 (default 0: greedy)")
     serving.add_argument("--vocab-size", type=int, default=None,
                          help=f"prompt token ids are drawn from {SERVE_MIN_TOKEN_ID}..VOCAB_SIZE-1 "
                               f"(default {DEFAULT_SERVE_VOCAB}, the demo model's)")
