@@ -13,6 +13,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from shoal.backends import cpu_gemv
 from shoal.errors import WeightError
 from shoal.layers.kv_cache import ContiguousKVCache
 from shoal.layers.linear import copy_weight
@@ -53,9 +54,30 @@ class CausalLM(nn.Module):
         return self.model.norm(x)
 
     def fused_decode(self, x: torch.Tensor, positions: torch.Tensor, cache: ContiguousKVCache) -> torch.Tensor | None:
-        """The decoder layers and the final norm in one backend call, where the family has one for this
-        step (Llama: shoal/backends/cpu_decode.py on a CPU); None runs them layer by layer."""
+        """The decoder layers and the final norm in a few backend calls, where the family has them for this
+        step (Llama, DeepSeek: shoal/backends/cpu_decode.py on a CPU); None runs them layer by layer."""
         return None
+
+    # The family's decoder stack as described for cpu_decode: None until the first decode step, False
+    # where it cannot run there.
+    _cpu_decode = None
+
+    def _describe_cpu_decode(self, dtype: torch.dtype):
+        """The family's cpu_decode description of its decoder stack, or None (see fused_decode)."""
+        return None
+
+    def _cpu_decode_step(self, x: torch.Tensor, cache: ContiguousKVCache):
+        """(the described decoder stack, this step's cpu_ops.DecodeAttention) where this step can run in
+        cpu_decode's calls: one new token for each of up to 8 sequences on the CPU, a stack it can run
+        (described at the first such step); else None."""
+        step = cache.decode_attention()
+        if step is None or self._cpu_decode is False or x.dtype != step.dtype:
+            return None
+        if x.numel() // self.config.hidden_size > cpu_gemv.MAX_ROWS:
+            return None
+        if self._cpu_decode is None:
+            self._cpu_decode = self._describe_cpu_decode(x.dtype) or False
+        return None if self._cpu_decode is False else (self._cpu_decode, step)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Hidden states -> float32 logits over the vocabulary."""

@@ -13,7 +13,7 @@ import re
 import torch
 from torch import nn
 
-from shoal.backends import cpu_decode, cpu_gemv, cpu_ops
+from shoal.backends import cpu_decode, cpu_ops
 from shoal.backends.base import Backend, sdpa_attention
 from shoal.errors import ConfigError
 from shoal.layers.embedding import LMHead, VocabEmbedding
@@ -236,7 +236,6 @@ class DeepseekForCausalLM(CausalLM):
             config.vocab_size, config.hidden_size, self.model.embed_tokens if config.tie_word_embeddings else None
         )
 
-        self._cpu_decode: cpu_decode.DeepseekDecode | None | bool = None  # described at the first decode step
 
     def cache_entry_shapes(self) -> list[tuple[int, ...]]:
         return [(self.config.get("kv_lora_rank") + self.config.get("qk_rope_head_dim"),)]
@@ -246,17 +245,11 @@ class DeepseekForCausalLM(CausalLM):
         the attention half, then the MLP half (a lone token's experts in one call); the router runs in
         torch between them, and a MoE layer with several tokens runs its torch path. The same kernels in
         the same order as layer by layer, so the same results."""
-        step = cache.decode_attention()
-        if step is None or self._cpu_decode is False or x.dtype != step.dtype or step.window:
+        ready = self._cpu_decode_step(x, cache)
+        if ready is None or ready[1].window:  # the MLA kernel has no sliding window
             return None
-        rows = x.numel() // self.config.hidden_size
-        if rows > cpu_gemv.MAX_ROWS:
-            return None
-        if self._cpu_decode is None:
-            self._cpu_decode = self._describe_cpu_decode(x.dtype) or False
-            if self._cpu_decode is False:
-                return None
-        plan, threads = self._cpu_decode, step.threads
+        plan, step = ready
+        rows, threads = step.seqs, step.threads
         attention = self.model.layers[0].self_attn
         desc = plan.begin([cache.pools(i)[0] for i in range(len(self.model.layers))], step,
                           attention.rotary.tables(positions))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from shoal.backends import cpu_decode, cpu_gemv
+from shoal.backends import cpu_decode
 from shoal.backends.base import Backend, sdpa_attention
 from shoal.layers.attention import CachedAttention
 from shoal.layers.embedding import LMHead, VocabEmbedding
@@ -129,22 +129,15 @@ class LlamaForCausalLM(CausalLM):
         )
         uses_window = config.model_type == "mistral" or bool(config.get("use_sliding_window", False))
         self.sliding_window = config.get("sliding_window") if uses_window else None
-        self._cpu_decode: cpu_decode.LlamaDecode | None | bool = None  # described at the first decode step
 
     def fused_decode(self, x: torch.Tensor, positions: torch.Tensor, cache: ContiguousKVCache) -> torch.Tensor | None:
-        step = cache.decode_attention()
-        if step is None or self._cpu_decode is False or x.dtype != step.dtype:
+        """The whole decoder stack in one C call (cpu_decode.LlamaDecode), where this step can run there."""
+        ready = self._cpu_decode_step(x, cache)
+        if ready is None:
             return None
-        rows = x.numel() // self.config.hidden_size
-        if rows > cpu_gemv.MAX_ROWS:
-            return None
-        if self._cpu_decode is None:
-            self._cpu_decode = self._describe_cpu_decode(x.dtype) or False
-            if self._cpu_decode is False:
-                return None
-        attention = self.model.layers[0].self_attn
+        plan, step = ready
         pools = [cache.pools(i) for i in range(len(self.model.layers))]
-        out = self._cpu_decode.run(x, step, pools, attention.rotary.tables(positions))
+        out = plan.run(x, step, pools, self.model.layers[0].self_attn.rotary.tables(positions))
         return out.view_as(x)
 
     def _describe_cpu_decode(self, dtype: torch.dtype) -> cpu_decode.LlamaDecode | None:

@@ -17,14 +17,25 @@ pytestmark = pytest.mark.skipif(cpu_decode.library() is None, reason="no C compi
 SHAPE = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=3)
 
 
+# DeepSeek: every projection's input a multiple of 128 too (v_head_dim 32 for o_proj, q_lora_rank 128).
+MOE_SHAPE = dict(hidden_size=128, moe_intermediate_size=128, intermediate_size=256, num_hidden_layers=2, v_head_dim=32)
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
+    """built(name) -> a checkpoint folder of that architecture in the kernels' shapes, built once."""
     paths = {}
 
     def get(name: str):
         if name not in paths:
             paths[name] = tmp_path_factory.mktemp(name)
-            build_checkpoint(name, paths[name], **SHAPE)
+            if name == "deepseek-v2-lite":
+                shape = MOE_SHAPE
+            elif name.startswith("deepseek"):
+                shape = dict(MOE_SHAPE, q_lora_rank=128)
+            else:
+                shape = SHAPE
+            build_checkpoint(name, paths[name], **shape)
         return paths[name]
 
     return get
@@ -75,28 +86,11 @@ def test_switched_off(built, monkeypatch):
 
 
 # ---- DeepSeek: two calls per layer (cpu_decode.DeepseekDecode), a lone token's experts in one --------
-# Every projection's input a multiple of 128 (int4's kernel blocks): v_head_dim 32 for o_proj, q_lora_rank 128.
-MOE_SHAPE = dict(hidden_size=128, moe_intermediate_size=128, intermediate_size=256, num_hidden_layers=2, v_head_dim=32)
-
-
-@pytest.fixture(scope="module")
-def built_moe(tmp_path_factory):
-    paths = {}
-
-    def get(name: str):
-        if name not in paths:
-            paths[name] = tmp_path_factory.mktemp(name)
-            build_checkpoint(name, paths[name], **MOE_SHAPE, **({} if name == "deepseek-v2-lite" else {"q_lora_rank": 128}))
-        return paths[name]
-
-    return get
-
-
 @pytest.mark.parametrize(("name", "quant"), [
     ("deepseek-v2-lite", None), ("deepseek-v2-lite", "int4"), ("deepseek-v2-grouped", "int8"), ("deepseek-v3", "int4"),
 ])
-def test_deepseek_calls_equal_the_layers(built_moe, name, quant):
-    llm = LLM(str(built_moe(name)), dtype="bfloat16", progress=False, max_model_len=64, max_num_seqs=8,
+def test_deepseek_calls_equal_the_layers(built, name, quant):
+    llm = LLM(str(built(name)), dtype="bfloat16", progress=False, max_model_len=64, max_num_seqs=8,
               quant=quant, quant_group_size=32, kv_cache_memory=4 << 20)
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=3)
     model = llm.engine.model
