@@ -41,12 +41,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     cpu_gemv.ROWS_MAX, goes to shoal's AMX kernel (cpu_gemv.matmul_rows_bf16) where the CPU has AMX."""
     if x.is_cpu and x.dtype in (torch.bfloat16, torch.float16) and x.shape[-1] == weight.shape[1]:
         rows = x.numel() // weight.shape[1]
-        if weight.dtype == torch.bfloat16 and rows <= cpu_gemv.MAX_ROWS and cpu_gemv.available():
-            y = cpu_gemv.gemv_bf16(x.reshape(rows, -1).to(torch.bfloat16), weight)
+        if weight.dtype == torch.bfloat16 and 1 <= rows <= cpu_gemv.MAX_ROWS and cpu_gemv.available():
+            y = cpu_gemv.gemv_bf16(x.reshape(rows, weight.shape[1]).to(torch.bfloat16), weight)
             y = y.view(*x.shape[:-1], weight.shape[0]).to(x.dtype)
             return y if bias is None else y + bias
         if weight.dtype == torch.bfloat16 and x.dtype == torch.bfloat16 and cpu_gemv.available():
-            flat = x.reshape(rows, -1)
+            flat = x.reshape(rows, weight.shape[1])
             if cpu_gemv.rows_kernel_takes(flat, weight.shape[1], "bf16"):
                 y = cpu_gemv.matmul_rows_bf16(flat, weight).view(*x.shape[:-1], weight.shape[0])
                 return y if bias is None else y + bias

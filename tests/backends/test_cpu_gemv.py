@@ -95,3 +95,10 @@ def test_switched_off_by_the_environment(monkeypatch):
         monkeypatch.delenv(cpu_gemv.ENV_SWITCH)
         cpu_gemv.library.cache_clear()
     assert cpu_gemv.available()
+
+
+def test_linear_takes_no_rows():
+    from shoal.layers.linear import linear
+
+    w = torch.randn(24, 32).to(torch.bfloat16)
+    assert linear(torch.empty(0, 32, dtype=torch.bfloat16), w).shape == (0, 24)
