@@ -131,9 +131,9 @@ def linear_descriptor(module: torch.nn.Module, dtype: torch.dtype) -> tuple[Deco
 
 
 class TokenExperts:
-    """One MoE layer's routed experts for `shoal_token_experts`: a lone token's chosen experts (gate_up,
-    SiLU, down, weighted sum) in one call. `build` returns None where any expert's weights are not ones
-    the kernels take."""
+    """One MoE layer's routed experts for `shoal_moe_token`: a lone token's chosen experts (gate_up, SiLU,
+    down, weighted sum; and the shared experts, where given) in one call. `build` returns None where any
+    expert's weights are not ones the kernels take."""
 
     def __init__(self, gate_up: list[DecodeLinear], down: list[DecodeLinear], inter: int, keep: list) -> None:
         self.num_experts = len(gate_up)
@@ -146,7 +146,7 @@ class TokenExperts:
     def build(cls, fmt: str | None, kernel: str | None, experts: list[tuple[dict, dict]], group_size: int,
               dtype: torch.dtype) -> TokenExperts | None:
         """experts: each expert's (gate_up, down) tensors, as `weight_descriptor` takes them."""
-        if library() is None or dtype not in cpu_ops.DTYPES or not experts or len(experts) > 1 << 20:
+        if library() is None or dtype not in cpu_ops.DTYPES or not experts:
             return None
         gate_up = [weight_descriptor(fmt, kernel, g, group_size, dtype) for g, _ in experts]
         down = [weight_descriptor(fmt, kernel, d, group_size, dtype) for _, d in experts]
