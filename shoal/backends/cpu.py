@@ -163,7 +163,7 @@ def _decode_kernels() -> str:
         return "aten (shoal's C kernels not built: no C compiler, or SHOAL_CPU_KERNELS=0)"
     int_path = "int8 activations (VNNI)" if cpu_gemv.quantizes_activations() else "float activations"
     fused = "fused norm / SiLU / attention" if cpu_ops.available() else "aten norm / attention"
-    step = (", one C call per step (Llama) or two per layer (DeepSeek) for <= 8 sequences"
+    step = (", one C call per step (Llama) or two per layer (DeepSeek, <= 8 sequences)"
             if cpu_decode.library() is not None else "")
     rows = ""
     if cpu_gemv.rows_kernels_available():

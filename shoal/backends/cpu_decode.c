@@ -1,13 +1,14 @@
-/* A whole decode step of a Llama-family decoder stack in one call from Python: for a few sequences
- * with one new token each, every layer's norms, projections, attention over the KV cache and MLP.
+/* A whole decode step of a Llama-family decoder stack in one call from Python: for the sequences of a
+ * step with one new token each, every layer's norms, projections, attention over the KV cache and MLP.
  *
  * Batch-1 decode on a CPU is a stream of weight reads broken up by small operations. Run from Python,
- * each of those operations costs a few microseconds of interpreter and dispatch, and the Python objects
- * it touches have been evicted from the caches by the weight stream in between, so the time between
- * two matrix-vector kernels (memory idle) added up to about a fifth of a 0.5B model's step (ad-hoc
- * cProfile of a bf16 step). Here the layers are a loop over descriptors that Python fills once at the
+ * each of those operations costs microseconds of interpreter and dispatch while the memory idles; in
+ * one call a 0.5B Llama's step is 1.4-1.5x faster (BENCHMARKS.md, benchmarks/decode_overhead.py with
+ * SHOAL_CPU_DECODE=1 and 0). Here the layers are a loop over descriptors that Python fills once at the
  * first decode step (shoal/backends/cpu_decode.py); each operation is the same kernel Python would
- * call (cpu_gemv.c, cpu_ops.c, linked into this library), so the results are bit for bit the same.
+ * call (cpu_gemv.c, cpu_ops.c, linked into this library): the matrix-vector kernels up to 8 rows, the
+ * batched ones above, under the same conditions as the layers use them, so the results are bit for
+ * bit the same.
  *
  * Per layer, with `res` the residual stream [rows, hidden]:
  *   h    = rms_norm(res)                 (the first layer; later ones add the previous MLP's output first)
@@ -31,6 +32,13 @@ int shoal_gemv_int8(const void *x, int act_bf16, int64_t M, int64_t K, const int
                     int64_t N, void *y, int threads);
 int shoal_gemv_int4(const void *x, int act_bf16, int64_t M, int64_t K, const uint8_t *w, const void *scale,
                     const void *zero, int scale_bf16, int64_t group, int64_t N, void *y, int threads);
+int shoal_matmul_rows_bf16(const uint16_t *x, int64_t M, int64_t K, const uint16_t *w, int64_t N, uint16_t *y, int amx,
+                           int threads);
+int shoal_matmul_rows_int8(const uint16_t *x, int64_t M, int64_t K, const int8_t *w, const float *scale, int64_t N,
+                           uint16_t *y, int amx, int threads);
+int shoal_matmul_rows_int4(const uint16_t *x, int64_t M, int64_t K, const uint8_t *w, const void *scale,
+                           const void *zero, int scale_bf16, int64_t group, int64_t N, uint16_t *y, int amx,
+                           int threads);
 /* cpu_ops.c */
 int shoal_rms_norm(const void *x, const void *residual, void *res_out, const void *weight, void *out, int64_t rows,
                    int64_t n, float eps, int dtype, int nthreads);
@@ -118,9 +126,30 @@ static void set(void *p, int64_t i, float v, int bf16) {
     ((uint16_t *)p)[i] = (uint16_t)(u >> 16);
 }
 
+#define GEMV_ROWS 8 /* cpu_gemv.c's matrix-vector kernels take up to this many rows; the batched ones more */
+
+/* Whether the batched kernels multiply on AMX tiles: set once from Python (cpu_gemv.rows_use_amx()),
+ * which also asked the kernel for the tiles' permission. */
+static int rows_amx = 0;
+
+void shoal_decode_use_amx(int amx) { rows_amx = amx; }
+
 static int linear(const DecodeLinear *l, const void *x, int64_t rows, void *y, int bf16, int threads) {
     int code;
-    switch (l->kind) {
+    if (rows > GEMV_ROWS) { /* a batched step: bf16 activations only (cpu_gemv.rows_kernel_takes) */
+        if (!bf16) return 1;
+        switch (l->kind) {
+        case WEIGHT_BF16: code = shoal_matmul_rows_bf16(x, rows, l->k, l->weight, l->n, y, rows_amx, threads); break;
+        case WEIGHT_INT8:
+            code = shoal_matmul_rows_int8(x, rows, l->k, l->weight, l->scale, l->n, y, rows_amx, threads);
+            break;
+        case WEIGHT_INT4:
+            code = shoal_matmul_rows_int4(x, rows, l->k, l->weight, l->scale, l->zero, (int)l->scale_bf16, l->group,
+                                          l->n, y, rows_amx, threads);
+            break;
+        default: return 1;
+        }
+    } else switch (l->kind) {
     case WEIGHT_BF16: code = shoal_gemv_bf16(x, bf16, rows, l->k, l->weight, l->n, y, threads); break;
     case WEIGHT_INT8: code = shoal_gemv_int8(x, bf16, rows, l->k, l->weight, l->scale, l->n, y, threads); break;
     case WEIGHT_INT4:

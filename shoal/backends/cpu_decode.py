@@ -1,8 +1,8 @@
 """A whole CPU decode step of a Llama-family decoder stack in one C call (cpu_decode.c).
 
 Batch-1 decode runs ~8 small operations per layer between the weight reads; from Python each costs
-microseconds of dispatch, and with the weight stream evicting the interpreter's data from the caches
-those gaps added up to about a fifth of a 0.5B model's bf16 step. `LlamaDecode` describes every layer
+microseconds of dispatch while the memory idles (one call makes a 0.5B Llama's step 1.4-1.5x faster,
+BENCHMARKS.md). `LlamaDecode` describes every layer
 to the C side once (weight pointers, norms, cache pools) and then runs a step as one call into the same
 kernels Python would call (cpu_gemv.c, cpu_ops.c), so its results are bit for bit those of the
 layer-by-layer path. The model decides when it applies (shoal/models/llama.py, `fused_decode`).
@@ -69,6 +69,9 @@ def library() -> ctypes.CDLL | None:
     lib.shoal_llama_decode.argtypes = [ctypes.POINTER(DecodeModel), ctypes.POINTER(DecodeLayer),
                                        ctypes.POINTER(DecodeStep), _p, _p, ctypes.c_int]
     lib.shoal_llama_decode.restype = ctypes.c_int
+    lib.shoal_decode_use_amx.argtypes = [ctypes.c_int]
+    lib.shoal_decode_use_amx.restype = None
+    lib.shoal_decode_use_amx(int(cpu_gemv.rows_use_amx()))
     linear_ptr = ctypes.POINTER(DecodeLinear)
     lib.shoal_moe_token.argtypes = [linear_ptr, linear_ptr, _i64, _i64, _p, _p, linear_ptr, linear_ptr, _p, _i64, _i64,
                                     _p, ctypes.c_int, ctypes.c_int]
@@ -173,6 +176,17 @@ class TokenExperts:
         return out
 
 
+def batched_rows(dtype: torch.dtype, bf16_weights: bool) -> int:
+    """The most sequences a decode call takes: the matrix-vector kernels' 8, and beyond them as many as
+    cpu_gemv's batched kernels take for every weight of the stack, exactly where the layer-by-layer path
+    uses them too (cpu_gemv.rows_kernel_takes), so that both give the same bits."""
+    if dtype != torch.bfloat16 or not cpu_gemv.rows_kernels_available():
+        return cpu_gemv.MAX_ROWS
+    if cpu_gemv.rows_use_amx():
+        return cpu_gemv.ROWS_MAX
+    return cpu_gemv.MAX_ROWS if bf16_weights else cpu_gemv.ROWS_MAX_WITHOUT_AMX
+
+
 class LlamaDecode:
     """A Llama-family decoder stack described once for `shoal_llama_decode`.
 
@@ -180,11 +194,12 @@ class LlamaDecode:
     modules). Build with `build`, which returns None where any part is not one the C step takes.
     """
 
-    def __init__(self, model: DecodeModel, layers: list[DecodeLayer], keep: list[torch.Tensor]) -> None:
+    def __init__(self, model: DecodeModel, layers: list[DecodeLayer], keep: list[torch.Tensor], max_rows: int) -> None:
         self.model = model
         self.layers = (DecodeLayer * len(layers))(*layers)
         self._keep = keep  # the tensors whose memory the descriptors point into
         self._pools: tuple[int, ...] | None = None
+        self.max_rows = max_rows  # sequences per step the call takes
 
     @classmethod
     def build(cls, *, hidden: int, heads: int, kv_heads: int, head_dim: int, intermediate: int, eps: float,
@@ -206,11 +221,12 @@ class LlamaDecode:
             return None
         model = DecodeModel(len(layers), hidden, heads, kv_heads, head_dim, intermediate, eps, scale,
                             cpu_ops.DTYPES[dtype], final_norm.data_ptr())
-        return cls(model, described, keep)
+        kinds = {d.kind for layer in described for d in (layer.qkv, layer.o, layer.gate_up, layer.down)}
+        return cls(model, described, keep, batched_rows(dtype, WEIGHT_BF16 in kinds))
 
     def run(self, x: torch.Tensor, step: cpu_ops.DecodeAttention, pools: list[list[torch.Tensor]],
             cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """x [rows, hidden] embeddings (one new token per sequence, rows <= cpu_gemv.MAX_ROWS) -> the final
+        """x [rows, hidden] embeddings (one new token per sequence, rows <= self.max_rows) -> the final
         norm's output [rows, hidden]; writes every layer's keys and values to `pools` (per layer [k, v])."""
         key = tuple(p.data_ptr() for layer in pools for p in layer[:2])
         if key != self._pools:
@@ -243,6 +259,7 @@ class DeepseekDecode:
         self.mlps = mlps  # per layer: (gate_up, down) of a dense MLP, (routed TokenExperts, shared (gate_up, down) or None)
         self._keep = keep
         self._pools: tuple[int, ...] | None = None
+        self.max_rows = cpu_gemv.MAX_ROWS  # sequences per step the calls take
 
     @classmethod
     def build(cls, *, hidden: int, heads: int, nope: int, rope: int, rank: int, v_dim: int, q_lora_rank: int,

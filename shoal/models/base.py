@@ -13,7 +13,6 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from shoal.backends import cpu_gemv
 from shoal.errors import WeightError
 from shoal.layers.kv_cache import ContiguousKVCache
 from shoal.layers.linear import copy_weight
@@ -68,16 +67,16 @@ class CausalLM(nn.Module):
 
     def _cpu_decode_step(self, x: torch.Tensor, cache: ContiguousKVCache):
         """(the described decoder stack, this step's cpu_ops.DecodeAttention) where this step can run in
-        cpu_decode's calls: one new token for each of up to 8 sequences on the CPU, a stack it can run
-        (described at the first such step); else None."""
+        cpu_decode's calls: one new token for each sequence on the CPU, no more sequences than the
+        description takes (`max_rows`), a stack it can run (described at the first such step); else None."""
         step = cache.decode_attention()
         if step is None or self._cpu_decode is False or x.dtype != step.dtype:
             return None
-        if x.numel() // self.config.hidden_size > cpu_gemv.MAX_ROWS:
-            return None
         if self._cpu_decode is None:
             self._cpu_decode = self._describe_cpu_decode(x.dtype) or False
-        return None if self._cpu_decode is False else (self._cpu_decode, step)
+        if self._cpu_decode is False or step.seqs > self._cpu_decode.max_rows:
+            return None
+        return self._cpu_decode, step
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Hidden states -> float32 logits over the vocabulary."""

@@ -43,20 +43,27 @@ def built(tmp_path_factory):
 
 def generate(llm: LLM, fused: bool):
     llm.engine.model._cpu_decode = None if fused else False  # None: described again at the next step
-    # 11 prompts with max_num_seqs 8: steps of 8 rows, then of 3; mistral's window (24) is passed.
+    # 11 prompts: with max_num_seqs 8 steps of 8 rows, then of 3 (matrix-vector kernels); with 16, steps
+    # of 11 (the batched kernels, where this CPU has them); mistral's window (24) is passed.
     prompts = [[(7 * i + 3 * j) % 250 + 3 for j in range(4 + 3 * i)] for i in range(11)]
     params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=3)
     outs = llm.generate(prompts, params)
     return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in outs]
 
 
+@pytest.mark.parametrize("max_seqs", [8, 16])
 @pytest.mark.parametrize("quant", [None, "int8", "int4"])
 @pytest.mark.parametrize("name", ["llama", "qwen2", "mistral"])
-def test_one_call_decode_equals_the_layers(built, name, quant):
-    llm = LLM(str(built(name)), dtype="bfloat16", progress=False, max_model_len=128, max_num_seqs=8,
+def test_one_call_decode_equals_the_layers(built, name, quant, max_seqs, monkeypatch):
+    llm = LLM(str(built(name)), dtype="bfloat16", progress=False, max_model_len=128, max_num_seqs=max_seqs,
               quant=quant, quant_group_size=32, kv_cache_memory=8 << 20)
+    rows, run = [], cpu_decode.LlamaDecode.run
+    monkeypatch.setattr(cpu_decode.LlamaDecode, "run", lambda self, x, *a: rows.append(x.numel() // x.shape[-1])
+                        or run(self, x, *a))
     fused = generate(llm, True)
-    assert isinstance(llm.engine.model._cpu_decode, cpu_decode.LlamaDecode)  # the one-call step ran
+    assert isinstance(llm.engine.model._cpu_decode, cpu_decode.LlamaDecode)  # the one-call step ran...
+    batched = cpu_decode.batched_rows(torch.bfloat16, quant is None) >= 11
+    assert max(rows) == (11 if max_seqs == 16 and batched else 8)  # ...on every step it takes
     layered = generate(llm, False)
     assert fused == layered
 
