@@ -107,13 +107,10 @@ class StackedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         """x [tokens, hidden]; each token's output is the routing-weighted sum of its experts' outputs."""
-        return weighted_expert_sum(x, weights, expert_ids, self.num_experts, self._expert, self._token_experts)
+        return weighted_expert_sum(x, weights, expert_ids, self.num_experts, self._expert, self.token_experts)
 
     def _expert(self, rows: torch.Tensor, expert: int) -> torch.Tensor:
         return linear(silu_mul(linear(rows, self.gate_up[expert])), self.down[expert])
-
-    def _token_experts(self, x: torch.Tensor) -> cpu_decode.TokenExperts | None:
-        return self.token_experts(x.dtype)
 
     def token_experts(self, dtype: torch.dtype) -> cpu_decode.TokenExperts | None:
         """These experts for a lone token in one C call (described once), or None where that does not apply."""
@@ -137,10 +134,10 @@ def weighted_expert_sum(
     """Each token's routing-weighted sum of its experts' outputs, for x [tokens, hidden]: the experts'
     tokens grouped so each expert runs once on all of its rows, or a lone token's experts run straight
     on its row. expert_fn(rows, expert) -> the expert's unweighted output; shared by the dense and the
-    quantized stacked experts. one_call(x) -> a cpu_decode.TokenExperts (a lone token's experts in one C
-    call, with the same sums as `one_token`) or None."""
+    quantized stacked experts. one_call(dtype) -> a cpu_decode.TokenExperts (a lone token's experts in one
+    C call, with the same sums as `one_token`) or None."""
     if x.shape[0] == 1:
-        fused = one_call(x) if one_call is not None and x.device.type == "cpu" else None
+        fused = one_call(x.dtype) if one_call is not None and x.device.type == "cpu" else None
         out = fused(x, weights, expert_ids) if fused is not None else None
         return out if out is not None else one_token(x, weights, expert_ids, expert_fn)
     out = torch.zeros_like(x)
@@ -199,11 +196,11 @@ class MoE(nn.Module):
             self.expert_load += torch.bincount(expert_ids.flatten(), minlength=self.expert_load.numel())
         return weights, expert_ids
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        flat = x.reshape(-1, shape[-1])
-        weights, expert_ids = self.route(flat)
+    def mix(self, flat: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        """The routed experts' weighted sum for flat [tokens, hidden], plus the shared experts' output."""
         out = self.experts(flat, weights, expert_ids)
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(flat)
-        return out.view(shape)
+        return out + self.shared_experts(flat) if self.shared_experts is not None else out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        return self.mix(flat, *self.route(flat)).view(x.shape)

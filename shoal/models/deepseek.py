@@ -236,7 +236,6 @@ class DeepseekForCausalLM(CausalLM):
             config.vocab_size, config.hidden_size, self.model.embed_tokens if config.tie_word_embeddings else None
         )
 
-
     def cache_entry_shapes(self) -> list[tuple[int, ...]]:
         return [(self.config.get("kv_lora_rank") + self.config.get("qk_rope_head_dim"),)]
 
@@ -261,9 +260,7 @@ class DeepseekForCausalLM(CausalLM):
                 weights, expert_ids = layer.mlp.route(h)
                 mlp_out = plan.moe_token(index, h, weights, expert_ids, threads) if rows == 1 else None
                 if mlp_out is None:
-                    out = layer.mlp.experts(h, weights, expert_ids)
-                    shared = layer.mlp.shared_experts
-                    mlp_out = out + shared(h) if shared is not None else out
+                    mlp_out = layer.mlp.mix(h, weights, expert_ids)
             else:
                 mlp_out = plan.dense_mlp(index, h, threads)
         out, _ = cpu_ops.rms_norm(mlp_out, self.model.norm.weight, self.model.norm.eps, residual=res)

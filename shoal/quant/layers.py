@@ -289,10 +289,7 @@ class QuantizedStackedExperts(_QuantizedModule):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         self.expert_weights()
-        return weighted_expert_sum(x, weights, expert_ids, self.num_experts, self._expert, self._token_experts)
-
-    def _token_experts(self, x: torch.Tensor):
-        return self.token_experts(x.dtype)
+        return weighted_expert_sum(x, weights, expert_ids, self.num_experts, self._expert, self.token_experts)
 
     def token_experts(self, dtype: torch.dtype):
         """These experts for a lone token in one C call (described once), or None where that does not apply."""
