@@ -478,3 +478,55 @@ int shoal_mla_decode_attention(const void *q_ptr, int64_t q_stride, const void *
     }
     return failed ? 2 : 0;
 }
+
+/* ---- greedy sampling: the index of each row's largest value ------------------------------------
+ * out[r] = the first index of the maximum of row r of x [rows, cols] (float32 or bf16), as torch's
+ * max(dim=-1).indices gives it; a row holding NaN gives its first NaN, which torch ranks above every
+ * number. Two passes over each row (cached): the maximum, then its first index. */
+static int64_t argmax_row(const void *x, int64_t r, int64_t cols, const int bf16) {
+    const int64_t base = r * cols;
+    float best = -INFINITY;
+    int nan = 0;
+    int64_t i = 0;
+#ifdef __AVX512F__
+    __m512 vbest = _mm512_set1_ps(-INFINITY);
+    __mmask16 unordered = 0;
+    for (; i + 16 <= cols; i += 16) {
+        const __m512 v = bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(
+                                    _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)x + base + i))), 16))
+                              : _mm512_loadu_ps((const float *)x + base + i);
+        unordered |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+        vbest = _mm512_max_ps(vbest, v);
+    }
+    nan = unordered != 0;
+    best = _mm512_reduce_max_ps(vbest);
+#endif
+    for (; i < cols; i++) {
+        const float v = load(x, base + i, bf16);
+        if (v != v) nan = 1;
+        else if (v > best) best = v;
+    }
+    int64_t j = 0;
+#ifdef __AVX512F__
+    const __m512 vb = _mm512_set1_ps(best);
+    for (; j + 16 <= cols; j += 16) {
+        const __m512 v = bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(
+                                    _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)x + base + j))), 16))
+                              : _mm512_loadu_ps((const float *)x + base + j);
+        const __mmask16 hit = nan ? _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q) : _mm512_cmp_ps_mask(v, vb, _CMP_EQ_OQ);
+        if (hit) return j + __builtin_ctz((unsigned)hit);
+    }
+#endif
+    for (; j < cols; j++) {
+        const float v = load(x, base + j, bf16);
+        if (nan ? v != v : v == best) return j;
+    }
+    return 0; /* every value -inf: the first */
+}
+
+int shoal_argmax_rows(const void *x, int64_t rows, int64_t cols, int dtype, int64_t *out, int nthreads) {
+    if (rows < 0 || cols < 1 || (dtype != 0 && dtype != 1)) return 1;
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && rows * cols >= (1 << 18))
+    for (int64_t r = 0; r < rows; r++) out[r] = dtype == 1 ? argmax_row(x, r, cols, 1) : argmax_row(x, r, cols, 0);
+    return 0;
+}

@@ -44,7 +44,9 @@ def library() -> ctypes.CDLL | None:
         ptr, i64, ptr, i64, ptr, f32, ptr, i64, i64, i64, i64, i64, i64, ptr, ptr, ptr, i32, ptr, ptr, ptr, i64, ptr,
         f32, ptr, i32, i32,
     ]
-    for fn in (lib.shoal_rms_norm, lib.shoal_silu_mul, lib.shoal_decode_attention, lib.shoal_mla_decode_attention):
+    lib.shoal_argmax_rows.argtypes = [ptr, i64, i64, i32, ptr, i32]
+    for fn in (lib.shoal_rms_norm, lib.shoal_silu_mul, lib.shoal_decode_attention, lib.shoal_mla_decode_attention,
+               lib.shoal_argmax_rows):
         fn.restype = i32
     return lib
 
@@ -86,6 +88,19 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor:
     _check(library().shoal_silu_mul(
         x.data_ptr(), out.data_ptr(), x.numel() // x.shape[-1], inter, DTYPES[x.dtype], torch.get_num_threads()
     ), "silu_mul")
+    return out
+
+
+def argmax_rows(x: torch.Tensor) -> torch.Tensor | None:
+    """x.max(dim=-1).indices for a 2-D float32 / bf16 CPU tensor in one pass (greedy sampling over the
+    vocabulary, without converting bf16 logits to float32 first), or None where the kernel does not take
+    it."""
+    if not (available() and x.dim() == 2 and x.dtype in DTYPES and x.device.type == "cpu" and x.shape[1] > 0):
+        return None
+    x = x.contiguous()
+    out = torch.empty(x.shape[0], dtype=torch.long)
+    _check(library().shoal_argmax_rows(x.data_ptr(), x.shape[0], x.shape[1], DTYPES[x.dtype], out.data_ptr(),
+                                       torch.get_num_threads()), "argmax_rows")
     return out
 
 

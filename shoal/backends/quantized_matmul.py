@@ -99,7 +99,7 @@ def int8_cpu(x: torch.Tensor, t: Tensors, group_size: int = 0) -> torch.Tensor:
         return cpu_gemv.matmul_rows_int8(x, t["qweight"], scales if scales is not None else t["scales"].float())
     if x.dtype == torch.bfloat16 and x.shape[0] <= INT8_PACKED_MAX_TOKENS:
         return torch.ops.aten._weight_int8pack_mm(x.contiguous(), t["qweight"], t["scales"])
-    return int8_fallback(x, t)
+    return cpu_gemv.linear_in_buckets(x, t["qweight"].to(x.dtype)) * t["scales"].to(x.dtype)
 
 
 def int4_cpu_prepare(t: Tensors, group_size: int) -> Tensors:
@@ -125,7 +125,7 @@ def int4_cpu(x: torch.Tensor, t: Tensors, group_size: int) -> torch.Tensor:
         if cpu_gemv.rows_kernel_takes(x, t["qweight_gemv"].shape[1] * 2, "int4"):
             return cpu_gemv.matmul_rows_int4(x, t, group_size)
         w = cpu_gemv.dequantize_int4(t, group_size, x.dtype)
-        return F.linear(x.to(w.dtype), w).to(x.dtype)
+        return cpu_gemv.linear_in_buckets(x.to(w.dtype), w).to(x.dtype)
     if "qweight_cpu" not in t:
         return int4_fallback(x, t, group_size)
     # The kernel reads a bf16 activation; other dtypes are only reached by a caller that skipped prepare.

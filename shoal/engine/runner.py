@@ -67,7 +67,7 @@ class ModelRunner:
                 return [None] * len(chunks)
             # Only the rows that sample a token need logits: the vocabulary projection is the widest matmul.
             last = self._tensor([offsets[row] + chunks[row].num_tokens - 1 for row in done])
-            logits = self.model.compute_logits(hidden.index_select(0, last))
+            logits = self.model.compute_logits(hidden.index_select(0, last), float32=False)
             seqs = [chunks[row].seq for row in done]
             tokens, logprobs = sample_batch(
                 logits,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -34,3 +36,22 @@ class CachedAttention(nn.Module):
         )
         b, _, t, _ = out.shape
         return cache.pack(out.transpose(1, 2).reshape(b, t, -1))
+
+
+def attend_in_parts(
+    attend: Callable[..., torch.Tensor], cache: ContiguousKVCache, positions: torch.Tensor, *inputs: torch.Tensor
+) -> torch.Tensor:
+    """attend(cache, positions, *inputs) -> [1, tokens, ...] for the step's packed tokens; where the cache
+    splits a mixed step (PagedKVCache.parts: decodes apart from prefill chunks), attend runs once per
+    part, on that part's rows of positions and inputs and a view of the cache over its sequences, and
+    the outputs go back into the step's order."""
+    parts = cache.parts()
+    if parts is None:
+        return attend(cache, positions, *inputs)
+    out = None
+    for rows, part in parts:
+        y = attend(part, positions[:, rows], *(x[:, rows] for x in inputs))
+        if out is None:
+            out = y.new_empty(y.shape[0], positions.shape[1], *y.shape[2:])
+        out[:, rows] = y
+    return out

@@ -6,6 +6,8 @@ it backs the simple generation loop. The serving engine's paged cache implements
 layout the linear layers run in and one row per sequence), so model code never changes between them.
 Both also offer `decode_attention()`: for a step of one new token per sequence on the CPU, a fused
 kernel (shoal/backends/cpu_ops.py) that writes and attends in one call, or None where it does not apply.
+The paged cache may split a step into parts (`parts()`, run by attention.attend_in_parts); this one
+never does.
 What a layer stores is the model's choice: keys and values for GQA, the compressed latent for MLA.
 """
 
@@ -97,6 +99,10 @@ class ContiguousKVCache:
     def decode_attention(self) -> cpu_ops.DecodeAttention | None:
         """This forward's fused decode attention (see the module docstring), or None."""
         return self._decode
+
+    def parts(self) -> None:
+        """Its sequences always advance together: never split (see PagedKVCache.parts)."""
+        return None
 
     def pools(self, layer: int) -> list[torch.Tensor]:
         """The layer's stores as [slots, ...] (the slots `decode_attention` addresses)."""

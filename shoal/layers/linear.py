@@ -38,7 +38,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     reads the weight faster than F.linear's matmul: shoal's own (shoal/backends/cpu_gemv.c) for bf16
     weights where it could be built, else aten's torch.mv for a single row (one [5632, 1024] bf16
     weight, 2 threads: 531 against 836 us for F.linear). A batched decode step of bf16 rows, up to
-    cpu_gemv.ROWS_MAX, goes to shoal's AMX kernel (cpu_gemv.matmul_rows_bf16) where the CPU has AMX."""
+    cpu_gemv.ROWS_MAX, goes to shoal's AMX kernel (cpu_gemv.matmul_rows_bf16) where the CPU has AMX; other
+    bf16 / fp16 rows to F.linear with their count rounded up (cpu_gemv.linear_in_buckets)."""
     if x.is_cpu and x.dtype in (torch.bfloat16, torch.float16) and x.shape[-1] == weight.shape[1]:
         rows = x.numel() // weight.shape[1]
         if weight.dtype == torch.bfloat16 and 1 <= rows <= cpu_gemv.MAX_ROWS and cpu_gemv.available():
@@ -53,6 +54,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         if rows == 1:
             y = torch.mv(weight, x.reshape(-1)).view(*x.shape[:-1], weight.shape[0])
             return y if bias is None else y + bias
+        return cpu_gemv.linear_in_buckets(x, weight, bias)
     return nn.functional.linear(x, weight, bias)
 
 

@@ -13,12 +13,21 @@ with many one-token decodes. Only attention needs one row per sequence: `unpack`
 valid keys only) and `pack` gathers the real rows back. When every chunk has the same length (a
 pure decode step) both are free reshapes.
 
+A *mixed* step — one-token decodes beside longer prefill chunks, the usual step of continuous batching —
+would pad every decode to the longest chunk: 31 decodes beside a 100-token chunk attend 3100 query rows
+instead of 131. So `parts()` splits such a step in two views of this cache, one over the decoding
+sequences (which then take the fused decode kernel, as in a pure decode step) and one over the
+chunks (padded only among themselves); the attention layers run each part over its own rows
+(`attention.attend_in_parts`). The split is derived from the PagedBatch alone, so every rank of a split
+model makes the same one.
+
 With `kv_quant` ("int8" or "fp8", see kv_quant.py) each pool holds 8-bit codes and a parallel pool
 holds one scale per cached vector; `write` quantizes on the way in and dequantizes after the gather.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -87,6 +96,7 @@ class PagedKVCache:
         self._mask: torch.Tensor | None = None
         self._mask_args = None
         self._decode: cpu_ops.DecodeAttention | None = None
+        self._parts: list[tuple[torch.Tensor, PagedKVCache]] | None = None
 
     @staticmethod
     def bytes_per_block(
@@ -122,6 +132,7 @@ class PagedKVCache:
         keys = batch.context_slots.shape[1]
         self._mask_args = (self.unpack(positions), keys, batch.context_lens, sliding_window)  # built when asked for
         self._decode = None
+        self._parts = self._split_mixed(positions, sliding_window) if batch.unpack_index is not None else None
         tokens = batch.slot_mapping.numel()
         pool = next((pools[0] for pools in self.layers if pools), None)  # a pipeline stage holds only its layers
         if (self.kv_quant is None and batch.unpack_index is None and tokens == batch.num_seqs and pool is not None
@@ -130,6 +141,29 @@ class PagedKVCache:
             self._decode = cpu_ops.DecodeAttention(
                 positions, batch.slot_mapping, batch.context_slots, batch.context_lens, sliding_window, self.dtype
             )
+
+    def parts(self) -> list[tuple[torch.Tensor, PagedKVCache]] | None:
+        """For a mixed step, [(packed token rows, a view of this cache over just their sequences)] for the
+        decodes and for the longer chunks (see the module docstring); None when the step is one part."""
+        return self._parts
+
+    def _split_mixed(self, positions: torch.Tensor, sliding_window: int | None):
+        batch = self._batch
+        longest = batch.unpack_index.shape[1]
+        seq_of_token = torch.div(batch.pack_index, longest, rounding_mode="floor")
+        lengths = torch.bincount(seq_of_token, minlength=batch.num_seqs)
+        single = lengths == 1
+        if bool(single.all()) or not bool(single.any()):
+            return None
+        parts = []
+        for chosen in (single, ~single):
+            seqs = chosen.nonzero()[:, 0]
+            rows = chosen.index_select(0, seq_of_token).nonzero()[:, 0]
+            view = copy.copy(self)
+            view.set_batch(_sub_batch(batch, seqs, rows, lengths.index_select(0, seqs).tolist(), self.block_size))
+            view.begin_forward(positions[:, rows], sliding_window)
+            parts.append((rows, view))
+        return parts
 
     def attention_mask(self) -> torch.Tensor | None:
         if self._mask_args is not None:
@@ -181,3 +215,25 @@ class PagedKVCache:
             out.append(dequantize(self._gather(pool), self._gather(scales), self.kv_quant, self.dtype))
         return out
 
+
+
+def _sub_batch(batch: PagedBatch, seqs: torch.Tensor, rows: torch.Tensor, lengths: list[int],
+               block_size: int) -> PagedBatch:
+    """The PagedBatch of sequences `seqs` of `batch` (whose packed tokens are `rows`, chunk lengths
+    `lengths`), with its context trimmed to the longest of theirs."""
+    context_lens = batch.context_lens.index_select(0, seqs)
+    keys = int(context_lens.max())
+    blocks = None
+    if batch.context_blocks is not None:
+        blocks = batch.context_blocks.index_select(0, seqs)[:, : -(-keys // block_size)]
+    unpack_index = pack_index = None
+    longest = max(lengths)
+    if any(n != longest for n in lengths):
+        offsets = [sum(lengths[:i]) for i in range(len(lengths))]
+        device = rows.device
+        unpack_index = torch.tensor([[off + min(j, n - 1) for j in range(longest)] for off, n in zip(offsets, lengths)],
+                                    dtype=torch.long, device=device)
+        pack_index = torch.tensor([i * longest + j for i, n in enumerate(lengths) for j in range(n)],
+                                  dtype=torch.long, device=device)
+    return PagedBatch(batch.slot_mapping.index_select(0, rows), batch.context_slots.index_select(0, seqs)[:, :keys],
+                      context_lens, unpack_index, pack_index, context_blocks=blocks)

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from shoal.backends import cpu_ops
 from shoal.outputs import TokenLogprob
 from shoal.sampling_params import SamplingParams
 
@@ -170,15 +171,18 @@ def sample_batch(
     """
     batch = logits.shape[0]
     generators = list(generators) if generators is not None else [None] * batch
+    sampled = [row for row, p in enumerate(params) if not p.greedy]
+    penalties = any(p.has_penalties for p in params)
+    if not sampled and not penalties and all(p.logprobs is None for p in params):
+        # Greedy alone: the raw logits' argmax (bf16 ones need no float32 copy: the conversion is exact).
+        return greedy_tokens(logits).tolist(), [None] * batch
     logits = logits.float()
     scores = logits
-    if any(p.has_penalties for p in params):
+    if penalties:
         if prompt_ids is None or output_ids is None:
             raise ValueError("penalties need each row's prompt_ids and output_ids")
         scores = apply_penalties(scores, params, prompt_ids, output_ids)
-    sampled = [row for row, p in enumerate(params) if not p.greedy]
-    # max().indices: the first maximum, as argmax, but ~1.7x faster over a wide vocabulary on CPU
-    tokens = scores.max(dim=-1).indices if len(sampled) < batch else None
+    tokens = greedy_tokens(scores) if len(sampled) < batch else None
     if sampled:
         if len(sampled) < batch:
             rows = torch.tensor(sampled, device=scores.device)
@@ -194,6 +198,13 @@ def sample_batch(
             tokens = tokens.index_copy(0, rows, chosen)
     token_list = tokens.tolist()
     return token_list, batch_logprobs(logits, token_list, params)
+
+
+def greedy_tokens(scores: torch.Tensor) -> torch.Tensor:
+    """Each row's first maximum, as argmax: on the CPU in one C pass (cpu_ops.argmax_rows), else
+    max().indices, ~1.7x faster than argmax over a wide vocabulary on the CPU (where NaN ranks first)."""
+    tokens = cpu_ops.argmax_rows(scores)
+    return tokens if tokens is not None else scores.max(dim=-1).indices
 
 
 def batch_logprobs(

@@ -78,9 +78,11 @@ class CausalLM(nn.Module):
             return None
         return self._cpu_decode, step
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Hidden states -> float32 logits over the vocabulary."""
-        return self.lm_head(hidden).float()
+    def compute_logits(self, hidden: torch.Tensor, float32: bool = True) -> torch.Tensor:
+        """Hidden states -> logits over the vocabulary: float32, or (float32=False) in the model's dtype,
+        for a caller that converts only where it needs to (sample_batch)."""
+        logits = self.lm_head(hidden)
+        return logits.float() if float32 else logits
 
     def cache_entry_shapes(self) -> list[tuple[int, ...]]:
         """Per-token, per-layer shapes of what the KV cache stores."""

@@ -16,6 +16,7 @@ from torch import nn
 from shoal.backends import cpu_decode, cpu_ops
 from shoal.backends.base import Backend, sdpa_attention
 from shoal.errors import ConfigError
+from shoal.layers.attention import attend_in_parts
 from shoal.layers.embedding import LMHead, VocabEmbedding
 from shoal.layers.kv_cache import ContiguousKVCache
 from shoal.layers.linear import Linear
@@ -77,11 +78,17 @@ class MultiHeadLatentAttention(nn.Module):
         else:
             q = self.q_proj(x)
         kv = self.kv_a_proj_with_mqa(x)
+        out = attend_in_parts(self._attend, cache, positions, q, kv)
+        return self.o_proj(out.reshape(b, t, self.num_heads * self.v_dim))
+
+    def _attend(self, cache: ContiguousKVCache, positions: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        """The query and kv_a projections [b, t, ...] -> attention output [b, t, heads * v_dim]."""
+        b, t, _ = q.shape
         fused = cache.decode_attention() if self.fusable else None
         if fused is not None:
             out = self._fused_decode(fused, q, kv, positions, cache)
             if out is not None:
-                return self.o_proj(out.view(b, t, self.num_heads * self.v_dim))
+                return out.view(b, t, self.num_heads * self.v_dim)
         q = q.view(b, t, self.num_heads, self.nope_dim + self.rope_dim)
         q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
         latent, k_rope = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
@@ -89,14 +96,14 @@ class MultiHeadLatentAttention(nn.Module):
         q_rope = self.rotary(q_rope, positions)
         k_rope = self.rotary(k_rope[:, :, None, :], positions)[:, :, 0]
         (cached,) = cache.write(self.layer_index, positions, torch.cat([latent, k_rope], dim=-1))
-        cached = cached.to(x.dtype)  # [sequences, keys, kv_lora_rank + rope_dim]
+        cached = cached.to(q.dtype)  # [sequences, keys, kv_lora_rank + rope_dim]
         q_nope, q_rope = cache.unpack(q_nope), cache.unpack(q_rope)  # one row per sequence
         if q_nope.shape[1] == 1:
             out = self._attend_absorbed(q_nope, q_rope, cached, cache.attention_mask())
         else:
             out = self._attend_expanded(q_nope, q_rope, cached, cache.attention_mask())
         out = cache.pack(out.flatten(2))  # back to the step's layout
-        return self.o_proj(out.reshape(b, t, self.num_heads * self.v_dim))
+        return out.reshape(b, t, self.num_heads * self.v_dim)
 
     def _fused_decode(self, fused, q, kv, positions, cache) -> torch.Tensor | None:
         """One new token per sequence on the CPU: the latent's norm, rotary, the cache write, the

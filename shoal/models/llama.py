@@ -11,7 +11,7 @@ from torch import nn
 
 from shoal.backends import cpu_decode
 from shoal.backends.base import Backend, sdpa_attention
-from shoal.layers.attention import CachedAttention
+from shoal.layers.attention import CachedAttention, attend_in_parts
 from shoal.layers.embedding import LMHead, VocabEmbedding
 from shoal.layers.kv_cache import ContiguousKVCache
 from shoal.layers.linear import Linear, MergedLinear
@@ -46,11 +46,14 @@ class LlamaAttention(nn.Module):
         self.fusable = attention_fn is sdpa_attention
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: ContiguousKVCache) -> torch.Tensor:
-        b, t, _ = x.shape
-        qkv = self.qkv_proj(x)
+        return self.o_proj(attend_in_parts(self._attend, cache, positions, self.qkv_proj(x)))
+
+    def _attend(self, cache: ContiguousKVCache, positions: torch.Tensor, qkv: torch.Tensor) -> torch.Tensor:
+        """The merged q / k / v projection [b, t, ...] -> attention output [b, t, heads * head_dim]."""
+        b, t, _ = qkv.shape
         fused = cache.decode_attention() if self.fusable else None
         if fused is not None and qkv.dtype == fused.dtype:
-            return self.o_proj(self._fused_decode(fused, qkv, positions, cache).view(b, t, -1))
+            return self._fused_decode(fused, qkv, positions, cache).view(b, t, -1)
         q, k, v = self.qkv_proj.split(qkv)
         v = v.view(b, t, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
@@ -62,7 +65,7 @@ class LlamaAttention(nn.Module):
             heads = self.num_heads + self.num_kv_heads
             qk = self.rotary(qkv[..., : heads * self.head_dim].view(b, t, heads, self.head_dim), positions)
             q, k = qk[:, :, : self.num_heads], qk[:, :, self.num_heads :]
-        return self.o_proj(self.attn(q, k, v, positions, cache))
+        return self.attn(q, k, v, positions, cache)
 
     def _fused_decode(self, fused, qkv: torch.Tensor, positions: torch.Tensor, cache: ContiguousKVCache) -> torch.Tensor:
         """One new token per sequence on the CPU: rotary, the cache write and attention in one kernel call

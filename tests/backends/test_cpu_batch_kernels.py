@@ -145,3 +145,20 @@ def test_without_amx_bf16_weights_keep_f_linear_and_quantized_ones_stop_earlier(
     q4 = Int4GroupWeight.quantize(w, 32, torch.bfloat16)
     t4 = int4_cpu_prepare({"qweight": q4.packed, "scales": q4.scales, "zeros": q4.zeros}, 32)
     _matches(int4_cpu(x, t4, 32), F.linear(x, q4.dequantize(torch.bfloat16)), x.float() @ q4.dequantize().t())
+
+
+@pytest.mark.parametrize("rows", [129, 131, 160, 200])
+def test_a_prefill_chunk_runs_in_row_buckets_with_the_same_rows(monkeypatch, rows):
+    """Above the batched kernels, bf16 rows go to F.linear padded to a multiple of ROW_BUCKET (so that
+    oneDNN builds a kernel per bucket, not per token count): each real row's output is unchanged."""
+    x = torch.randn(rows, 96).bfloat16()
+    w = torch.randn(40, 96).bfloat16()
+    b = torch.randn(40).bfloat16()
+    calls = []
+    real = F.linear
+    monkeypatch.setattr(F, "linear", lambda a, *rest: (calls.append(a.numel() // a.shape[-1]), real(a, *rest))[1])
+    y = linear(x[None], w, b)
+    assert calls == [-(-rows // cpu_gemv.ROW_BUCKET) * cpu_gemv.ROW_BUCKET]
+    assert y.shape == (1, rows, 40)
+    torch.testing.assert_close(y[0], real(x, w, b), rtol=0.02, atol=0.02)
+    assert torch.equal(cpu_gemv.linear_in_buckets(x.float(), w.float()), real(x.float(), w.float()))  # float32: as is

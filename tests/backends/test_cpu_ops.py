@@ -179,3 +179,18 @@ def test_mla_decode_attention_against_the_torch_path(dtype, heads, nope, rope, r
     ref = torch.stack(refs)
     tol = 1e-5 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cols", [1, 5, 16, 17, 32003])
+def test_argmax_rows_is_torch_max_indices_with_its_ties_and_nan(dtype, cols):
+    x = torch.randn(8, cols).to(dtype)
+    x[1] = 0.0  # all tied: the first
+    x[2, cols // 2] = float("nan")  # NaN ranks above every number
+    x[3] = float("-inf")
+    x[4, -1] = 100.0  # the maximum in the scalar tail
+    x[5, ::3] = 50.0  # a tie of many: the first
+    x[6, 0] = float("nan")
+    assert torch.equal(cpu_ops.argmax_rows(x), x.max(dim=-1).indices)
+    assert torch.equal(cpu_ops.argmax_rows(x[:, : max(cols // 2, 1)]), x[:, : max(cols // 2, 1)].max(dim=-1).indices)
+    assert cpu_ops.argmax_rows(x[0]) is None  # 1-D: the caller keeps torch

@@ -152,6 +152,21 @@ def test_a_batch_samples_each_row_as_if_it_were_alone():
         logits = logits.roll(1, dims=1)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_rows_alone_take_the_raw_logits_argmax(dtype):
+    """All greedy, no penalties, no logprobs: the argmax of the logits as given (bf16 ones uncopied), the
+    same tokens as the general path picks with a logprobs request in the batch."""
+    torch.manual_seed(0)
+    logits = (torch.randn(5, 300) * 3).to(dtype)
+    logits[2, 7] = logits[2, 9] = logits[2].max() + 1  # a tie: the first
+    greedy = [SamplingParams(temperature=0)] * 5
+    tokens, logprobs = sample_batch(logits, greedy)
+    assert tokens == logits.float().argmax(dim=-1).tolist() and tokens[2] == 7
+    assert logprobs == [None] * 5
+    with_logprobs = greedy[:4] + [SamplingParams(temperature=0, logprobs=1)]
+    assert sample_batch(logits, with_logprobs)[0] == tokens
+
+
 @pytest.fixture(scope="module")
 def llm(checkpoint):
     path, _ = checkpoint("llama")
