@@ -39,6 +39,10 @@ int shoal_matmul_rows_int8(const uint16_t *x, int64_t M, int64_t K, const int8_t
 int shoal_matmul_rows_int4(const uint16_t *x, int64_t M, int64_t K, const uint8_t *w, const void *scale,
                            const void *zero, int scale_bf16, int64_t group, int64_t N, uint16_t *y, int amx,
                            int threads);
+/* several of the above in one parallel region; DecodeLinear is its GemvWeight, field for field */
+typedef struct DecodeLinear DecodeLinear;
+int shoal_gemv_many(const DecodeLinear *const *weights, const void *const *xs, void *const *ys, int64_t count,
+                    int act_bf16, int threads);
 /* cpu_ops.c */
 int shoal_rms_norm(const void *x, const void *residual, void *res_out, const void *weight, void *out, int64_t rows,
                    int64_t n, float eps, int dtype, int nthreads);
@@ -59,8 +63,9 @@ int shoal_mla_decode_attention(const void *q_ptr, int64_t q_stride, const void *
 
 enum { WEIGHT_BF16 = 0, WEIGHT_INT8 = 1, WEIGHT_INT4 = 2 };
 
-/* One linear layer's weight, as its Python module holds it (layouts in cpu_gemv.c). */
-typedef struct {
+/* One linear layer's weight, as its Python module holds it (layouts in cpu_gemv.c; cpu_gemv.c's GemvWeight
+ * must match it field for field). */
+struct DecodeLinear {
     int64_t kind;              /* WEIGHT_* */
     const void *weight;        /* bf16 [N, K]; int8 [N, K]; int4 kernel layout [N, K / 2] */
     const void *scale;         /* int8: float32 [N]; int4: [N, K / group] */
@@ -68,7 +73,7 @@ typedef struct {
     int64_t scale_bf16, group; /* int4 */
     const void *bias;          /* NULL, or [N] in the activations' dtype */
     int64_t n, k;
-} DecodeLinear;
+};
 
 /* Must match cpu_decode.py's ctypes structures field for field. */
 typedef struct {
@@ -259,12 +264,79 @@ static int token_experts(const DecodeLinear *gate_up, const DecodeLinear *down, 
 
 /* A MoE layer's output for one token: its routed experts (token_experts above), plus the shared experts'
  * gated MLP (shared_gate_up NULL: none), added in the dtype as MoE.forward adds them. */
+/* The same in three parallel regions (shoal_gemv_many): every gate_up, SiLU, every down; 1 where
+ * shoal_gemv_many does not take the weights. */
+static int moe_token_at_once(const DecodeLinear *gate_up, const DecodeLinear *down, int64_t num_experts, int64_t count,
+                             const int64_t *expert_ids, const float *weights, const DecodeLinear *shared_gate_up,
+                             const DecodeLinear *shared_down, const void *x, int64_t hidden, int64_t inter, void *out,
+                             int bf16, int threads) {
+    const size_t esize = bf16 ? 2 : 4;
+    if (count < 0 || count > 64) return 1;
+    int64_t order[64];
+    for (int64_t i = 0; i < count; i++) { /* insertion sort by expert id: the batched path's order */
+        if (expert_ids[i] < 0 || expert_ids[i] >= num_experts) return 1;
+        int64_t j = i;
+        for (; j > 0 && expert_ids[order[j - 1]] > expert_ids[i]; j--) order[j] = order[j - 1];
+        order[j] = i;
+    }
+    const int shared = shared_gate_up != NULL;
+    const int64_t jobs = count + shared, shared_inter = shared ? shared_down->k : 0;
+    if (jobs == 0) {
+        memset(out, 0, (size_t)hidden * esize);
+        return 0;
+    }
+    if (shared && shared_gate_up->n != 2 * shared_inter) return 1;
+    for (int64_t c = 0; c < count; c++)
+        if (gate_up[expert_ids[c]].n != 2 * inter || down[expert_ids[c]].k != inter) return 1;
+    /* rows: the routed experts in order, then the shared ones */
+    char *gu = malloc((size_t)(count * 2 * inter + 2 * shared_inter) * esize);
+    char *act = malloc((size_t)(count * inter + shared_inter) * esize);
+    char *y = malloc((size_t)(jobs * hidden) * esize);
+    int code = (!gu || !act || !y) ? 2 : 0;
+    const DecodeLinear *w[65];
+    const void *in[65];
+    void *res[65];
+    for (int64_t c = 0; c < jobs && !code; c++) {
+        w[c] = c < count ? &gate_up[expert_ids[order[c]]] : shared_gate_up;
+        in[c] = x;
+        res[c] = gu + (size_t)(c * 2 * inter) * esize;
+    }
+    code = code ? code : shoal_gemv_many(w, in, res, jobs, bf16, threads);
+    if (!code && count) code = shoal_silu_mul(gu, act, count, inter, bf16, threads);
+    if (!code && shared)
+        code = shoal_silu_mul(gu + (size_t)(count * 2 * inter) * esize, act + (size_t)(count * inter) * esize, 1,
+                              shared_inter, bf16, threads);
+    for (int64_t c = 0; c < jobs && !code; c++) {
+        w[c] = c < count ? &down[expert_ids[order[c]]] : shared_down;
+        in[c] = act + (size_t)(c * inter) * esize;
+        res[c] = y + (size_t)(c * hidden) * esize;
+    }
+    code = code ? code : shoal_gemv_many(w, in, res, jobs, bf16, threads);
+    if (!code) { /* the weighted sum in expert order, each term and each add rounded; then the shared output */
+        for (int64_t h = 0; h < hidden; h++) {
+            float sum = 0.0f;
+            for (int64_t c = 0; c < count; c++) {
+                const float term = round_to(get(y, c * hidden + h, bf16) * weights[order[c]], bf16);
+                sum = c ? round_to(sum + term, bf16) : term;
+            }
+            if (shared) sum = round_to((count ? sum : 0.0f) + get(y, count * hidden + h, bf16), bf16);
+            set(out, h, sum, bf16);
+        }
+    }
+    free(gu), free(act), free(y);
+    return code;
+}
+
 int shoal_moe_token(const DecodeLinear *gate_up, const DecodeLinear *down, int64_t num_experts, int64_t count,
                     const int64_t *expert_ids, const float *weights, const DecodeLinear *shared_gate_up,
                     const DecodeLinear *shared_down, const void *x, int64_t hidden, int64_t inter, void *out,
                     int dtype, int threads) {
     const int bf16 = dtype == 1;
-    int code = token_experts(gate_up, down, num_experts, count, expert_ids, weights, x, hidden, inter, out, bf16,
+    int code = moe_token_at_once(gate_up, down, num_experts, count, expert_ids, weights, shared_gate_up, shared_down,
+                                 x, hidden, inter, out, bf16, threads);
+    if (code != 1) return code;
+    /* what shoal_gemv_many does not take (a weight with a bias, say): one expert at a time */
+    code = token_experts(gate_up, down, num_experts, count, expert_ids, weights, x, hidden, inter, out, bf16,
                              threads);
     if (code || !shared_gate_up) return code;
     char *shared = malloc((size_t)hidden * (bf16 ? 2 : 4));

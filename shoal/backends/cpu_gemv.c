@@ -33,6 +33,7 @@
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
+#include <omp.h>
 #ifdef __linux__
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -509,6 +510,138 @@ int shoal_gemv_int4(const void *x, int act_bf16, int64_t M, int64_t K, const uin
     }
     free(xsum), free(q.xq), free(q.lane_scale), free(xf);
     return 0;
+}
+
+/* ---- several matrix-vector products in one parallel region ------------------------------------
+ * A MoE layer decoding one token multiplies its activation by 6-8 small expert weights (gate_up), then
+ * each expert's own activation by its down weight: a dozen calls of the kernels above, each paying its
+ * fork and join of the threads and its own preparation of the same activation. Here `count` products
+ * y_j = x_j W_j^T (one activation row each) share one parallel region: each thread takes an equal share
+ * of the weight bytes of all of them, and every activation is converted (and quantized) once however
+ * many products read it. Each output is computed exactly as shoal_gemv_<kind> computes it for that row
+ * alone (the same dot product, scale and rounding): the same bits. */
+
+/* One weight, as a decode layer describes it (cpu_decode.c's DecodeLinear, field for field). */
+typedef struct {
+    int64_t kind; /* 0 bf16, 1 int8, 2 int4 */
+    const void *weight, *scale, *zero;
+    int64_t scale_bf16, group;
+    const void *bias;
+    int64_t n, k;
+} GemvWeight;
+
+/* One activation row as the dot products read it. */
+typedef struct {
+    const void *x;      /* as given (the key for sharing) */
+    int64_t k;
+    float *xf;          /* float32 copy */
+    QuantizedRows q;    /* int8 codes (NULL where not quantized) */
+    float *xsum;        /* int4: group sums, per product (groups may differ) */
+} GemvInput;
+
+static int64_t gemv_row_bytes(const GemvWeight *w) {
+    if (w->kind == 0) return 2 * w->k;
+    if (w->kind == 1) return w->k + 4;
+    return w->k / 2 + 2 * (w->k / w->group) * (w->scale_bf16 ? 2 : 4);
+}
+
+/* y_j [n_j] = x_j [k_j] W_j^T for j < count, activations and outputs in one dtype (act_bf16). Returns 1 for
+ * what the single-product kernels reject (and a weight with a bias), 2 when out of memory. */
+int shoal_gemv_many(const GemvWeight *const *weights, const void *const *xs, void *const *ys, int64_t count,
+                    int act_bf16, int threads) {
+    if (count < 1) return 0;
+    for (int64_t j = 0; j < count; j++) {
+        const GemvWeight *w = weights[j];
+        if (w->bias || w->n < 1 || w->k < 1 || w->kind < 0 || w->kind > 2) return 1;
+        if (w->kind == 1 && w->k % 16) return 1;
+        if (w->kind == 2 && (group_shift(w->group) < 5 || w->k % w->group || w->k % 128)) return 1;
+    }
+    GemvInput *in = (GemvInput *)calloc((size_t)count, sizeof(GemvInput));
+    int64_t *owner = (int64_t *)malloc((size_t)count * sizeof(int64_t)); /* the product whose input j reads */
+    int code = (!in || !owner) ? 2 : 0;
+    for (int64_t j = 0; j < count && !code; j++) {
+        const GemvWeight *w = weights[j];
+        owner[j] = j;
+        for (int64_t i = 0; i < j; i++)
+            if (owner[i] == i && in[i].x == xs[j] && in[i].k == w->k) {
+                owner[j] = i;
+                break;
+            }
+        in[j].x = xs[j], in[j].k = w->k;
+        GemvInput *src = &in[owner[j]];
+        if (owner[j] == j) {
+            src->xf = activations(xs[j], act_bf16, 1, w->k);
+            if (!src->xf) code = 2;
+        }
+#ifdef SHOAL_VNNI
+        /* as shoal_gemv_int8 / _int4 decide: bf16 activations quantized for int8 (K % 64 == 0) and int4 */
+        if (!code && act_bf16 && w->kind != 0 && w->k % 64 == 0 && !src->q.xq && quantize_rows(src->xf, 1, w->k, &src->q))
+            code = 2;
+#endif
+        if (!code && w->kind == 2) { /* group sums as shoal_gemv_int4 computes them */
+            const int64_t G = w->k / w->group;
+            in[j].xsum = (float *)alloc((size_t)G * 4);
+            if (!in[j].xsum) {
+                code = 2;
+                break;
+            }
+            for (int64_t gi = 0; gi < G; gi++) {
+                float s = 0.0f;
+                if (src->q.xq) {
+                    for (int64_t b = gi * w->group / QBLOCK; b < (gi + 1) * w->group / QBLOCK; b++) {
+                        int codes = 0;
+                        for (int i = 0; i < QBLOCK; i++) codes += src->q.xq[b * QBLOCK + i];
+                        s += (float)codes * src->q.lane_scale[b * (QBLOCK / 4)];
+                    }
+                } else {
+                    for (int64_t k = gi * w->group; k < (gi + 1) * w->group; k++) s += src->xf[k];
+                }
+                in[j].xsum[gi] = s;
+            }
+        }
+    }
+    int64_t total = 0;
+    for (int64_t j = 0; j < count; j++) total += weights[j]->n * gemv_row_bytes(weights[j]);
+    if (!code) {
+#pragma omp parallel num_threads(threads)
+        {
+            /* this thread's rows: those whose first byte falls in its equal share of all the bytes */
+            const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
+            const int64_t lo = total * t / nt, hi = total * (t + 1) / nt;
+            int64_t start = 0; /* bytes before product j */
+            for (int64_t j = 0; j < count; j++) {
+                const GemvWeight *w = weights[j];
+                const int64_t per = gemv_row_bytes(w), K = w->k, n_end = w->n;
+                int64_t r0 = lo > start ? (lo - start + per - 1) / per : 0;
+                int64_t r1 = hi > start ? (hi - start + per - 1) / per : 0;
+                start += n_end * per;
+                if (r1 > n_end) r1 = n_end;
+                const GemvInput *src = &in[owner[j]];
+                const uint16_t *xb = act_bf16 ? (const uint16_t *)xs[j] : NULL;
+                const Int4Groups groups = {w->scale, w->zero, (int)w->scale_bf16, w->group, group_shift(w->group)};
+                for (int64_t r = r0; r < r1; r++) {
+                    float dot;
+                    if (w->kind == 0) {
+                        dot_bf16((const uint16_t *)w->weight + (size_t)r * (size_t)K, src->xf, xb, K, 1, &dot);
+                    } else if (w->kind == 1) {
+                        dot_int8((const int8_t *)w->weight + (size_t)r * (size_t)K, src->xf, &src->q, K, 1, &dot);
+                        dot *= ((const float *)w->scale)[r];
+                    } else {
+                        dot_int4((const uint8_t *)w->weight + (size_t)r * (size_t)(K / 2), &groups, r * (K >> groups.group_shift),
+                                 src->xf, &src->q, in[j].xsum, K, 1, &dot);
+                    }
+                    store(ys[j], act_bf16, r, dot);
+                }
+            }
+        }
+    }
+    if (in)
+        for (int64_t j = 0; j < count; j++) {
+            free(in[j].xsum);
+            if (owner && owner[j] == j) free(in[j].xf), free(in[j].q.xq), free(in[j].q.lane_scale);
+        }
+    free(in), free(owner);
+    return code;
 }
 
 /* The int4 weight above as bf16 (out_bf16) or float32 [N, K], for prefill, where a matmul on the CPU's

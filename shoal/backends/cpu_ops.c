@@ -530,3 +530,72 @@ int shoal_argmax_rows(const void *x, int64_t rows, int64_t cols, int dtype, int6
     for (int64_t r = 0; r < rows; r++) out[r] = dtype == 1 ? argmax_row(x, r, cols, 1) : argmax_row(x, r, cols, 0);
     return 0;
 }
+
+/* ---- a MoE router (DeepSeek's, without expert groups) --------------------------------------------
+ * For each token t of x [tokens, hidden] (float32, or bf16 read as float32): logits = x W^T (W float32
+ * [experts, hidden]); scores = softmax(logits) or sigmoid(logits); the top_k experts by score (+ bias,
+ * DeepSeek-V3's correction, for choosing only; ties to the lower id); their scores as weights, divided by
+ * their sum + 1e-20 when norm is set (and top_k > 1), times scaling: what shoal.layers.moe.Router
+ * computes in torch, in float32, up to summation order. ids_out / weights_out [tokens, top_k] in
+ * descending order of choice; counts [experts] (may be NULL) counts the choices. */
+int shoal_moe_route(const void *x, int act_bf16, int64_t tokens, int64_t hidden, const float *w, int64_t experts,
+                    int sigmoid, const float *bias, int64_t top_k, int norm, float scaling, float *weights_out,
+                    int64_t *ids_out, int64_t *counts, int nthreads) {
+    if (tokens < 0 || hidden < 1 || experts < 1 || experts > 1024 || top_k < 1 || top_k > experts) return 1;
+    int failed = 0;
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && tokens * experts * hidden >= (1 << 20))
+    for (int64_t t = 0; t < tokens; t++) {
+        float scores[1024], choice[1024];
+        for (int64_t e = 0; e < experts; e++) {
+            const float *we = w + e * hidden;
+            float s = 0.0f;
+            int64_t i = 0;
+#ifdef __AVX512F__
+            __m512 acc = _mm512_setzero_ps();
+            for (; i + 16 <= hidden; i += 16) {
+                const __m512 xv = act_bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
+                                                 _mm256_loadu_si256((const __m256i *)((const uint16_t *)x + t * hidden + i))), 16))
+                                           : _mm512_loadu_ps((const float *)x + t * hidden + i);
+                acc = _mm512_fmadd_ps(xv, _mm512_loadu_ps(we + i), acc);
+            }
+            s = _mm512_reduce_add_ps(acc);
+#endif
+            for (; i < hidden; i++) s += load(x, t * hidden + i, act_bf16) * we[i];
+            scores[e] = s;
+        }
+        if (sigmoid) {
+            for (int64_t e = 0; e < experts; e++) scores[e] = 1.0f / (1.0f + expf(-scores[e]));
+        } else {
+            float best = scores[0], sum = 0.0f;
+            for (int64_t e = 1; e < experts; e++) best = scores[e] > best ? scores[e] : best;
+            for (int64_t e = 0; e < experts; e++) sum += (scores[e] = expf(scores[e] - best));
+            for (int64_t e = 0; e < experts; e++) scores[e] /= sum;
+        }
+        for (int64_t e = 0; e < experts; e++) choice[e] = bias ? scores[e] + bias[e] : scores[e];
+        unsigned char taken[1024] = {0};
+        float total = 0.0f;
+        for (int64_t k = 0; k < top_k; k++) {
+            int64_t pick = -1;
+            for (int64_t e = 0; e < experts; e++) /* NaN never wins: a router with NaN scores is broken anyway */
+                if (!taken[e] && choice[e] == choice[e] && (pick < 0 || choice[e] > choice[pick])) pick = e;
+            if (pick < 0) {
+#pragma omp atomic write
+                failed = 1;
+                break;
+            }
+            taken[pick] = 1;
+            ids_out[t * top_k + k] = pick;
+            weights_out[t * top_k + k] = scores[pick];
+            total += scores[pick];
+        }
+        for (int64_t k = 0; k < top_k; k++) {
+            float v = weights_out[t * top_k + k];
+            if (norm && top_k > 1) v = v / (total + 1e-20f);
+            weights_out[t * top_k + k] = v * scaling;
+        }
+    }
+    if (failed) return 1;
+    if (counts)
+        for (int64_t i = 0; i < tokens * top_k; i++) counts[ids_out[i]]++;
+    return 0;
+}

@@ -45,8 +45,9 @@ def library() -> ctypes.CDLL | None:
         f32, ptr, i32, i32,
     ]
     lib.shoal_argmax_rows.argtypes = [ptr, i64, i64, i32, ptr, i32]
+    lib.shoal_moe_route.argtypes = [ptr, i32, i64, i64, ptr, i64, i32, ptr, i64, i32, f32, ptr, ptr, ptr, i32]
     for fn in (lib.shoal_rms_norm, lib.shoal_silu_mul, lib.shoal_decode_attention, lib.shoal_mla_decode_attention,
-               lib.shoal_argmax_rows):
+               lib.shoal_argmax_rows, lib.shoal_moe_route):
         fn.restype = i32
     return lib
 
@@ -102,6 +103,30 @@ def argmax_rows(x: torch.Tensor) -> torch.Tensor | None:
     _check(library().shoal_argmax_rows(x.data_ptr(), x.shape[0], x.shape[1], DTYPES[x.dtype], out.data_ptr(),
                                        torch.get_num_threads()), "argmax_rows")
     return out
+
+
+def moe_route(x: torch.Tensor, weight: torch.Tensor, top_k: int, sigmoid: bool, bias: torch.Tensor | None,
+              norm: bool, scaling: float, load: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A MoE router without expert groups in one call (see shoal_moe_route in cpu_ops.c): x [tokens, hidden]
+    float32 / bf16, weight float32 [experts, hidden] -> (weights float32, expert ids) [tokens, top_k],
+    counting the choices into load (int64 [experts]) when given; None where the kernel does not take it."""
+    if not (available() and x.dim() == 2 and x.dtype in DTYPES and x.device.type == "cpu"
+            and weight.dtype == torch.float32 and weight.shape[0] <= 1024 and weight.shape[1] == x.shape[1]
+            and (bias is None or bias.dtype == torch.float32)
+            and (load is None or (load.dtype == torch.long and load.is_contiguous()))):
+        return None
+    x, weight = x.contiguous(), weight.contiguous()
+    bias = bias.contiguous() if bias is not None else None
+    tokens = x.shape[0]
+    weights = torch.empty(tokens, top_k, dtype=torch.float32)
+    ids = torch.empty(tokens, top_k, dtype=torch.long)
+    _check(library().shoal_moe_route(
+        x.data_ptr(), DTYPES[x.dtype], tokens, x.shape[1], weight.data_ptr(), weight.shape[0], int(sigmoid),
+        bias.data_ptr() if bias is not None else None, top_k, int(norm), scaling, weights.data_ptr(), ids.data_ptr(),
+        load.data_ptr() if load is not None else None, torch.get_num_threads(),
+    ), "moe_route")
+    return weights, ids
 
 
 class DecodeAttention:

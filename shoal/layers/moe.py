@@ -45,8 +45,31 @@ class Router(nn.Module):
                 torch.zeros(cfg.num_experts, dtype=torch.float32), requires_grad=False
             )
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [tokens, hidden] -> (weights [tokens, top_k] float32, expert ids [tokens, top_k])."""
+    def forward(self, x: torch.Tensor, load: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [tokens, hidden] -> (weights [tokens, top_k] float32, expert ids [tokens, top_k]); each choice is
+        counted into load [experts] when given."""
+        cfg = self.cfg
+        if cfg.topk_method == "greedy" or cfg.num_groups <= 1:
+            # On the CPU one C call (cpu_ops.moe_route) stands in for the ~7 operators below, for any number
+            # of tokens, so that a token is routed the same alone and in a batch.
+            scaling = cfg.routed_scaling_factor
+            if cfg.scoring != "sigmoid" and cfg.norm_topk_prob and cfg.top_k > 1:
+                scaling = 1.0  # V2 normalises instead of scaling
+            routed = cpu_ops.moe_route(
+                x, self.weight, cfg.top_k, cfg.scoring == "sigmoid",
+                self.e_score_correction_bias if cfg.correction_bias else None, cfg.norm_topk_prob, scaling, load,
+            )
+            if routed is not None:
+                return routed
+        weights, expert_ids = self._route(x)
+        if load is not None:
+            if x.shape[0] == 1:
+                load.index_add_(0, expert_ids[0], torch.ones_like(expert_ids[0]))  # distinct experts
+            else:
+                load += torch.bincount(expert_ids.flatten(), minlength=load.numel())
+        return weights, expert_ids
+
+    def _route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.cfg
         logits = nn.functional.linear(x.float(), self.weight)
         if cfg.scoring == "sigmoid":
@@ -189,12 +212,7 @@ class MoE(nn.Module):
 
     def route(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The router's (weights, expert ids) for flat [tokens, hidden], counted in `expert_load`."""
-        weights, expert_ids = self.gate(flat)
-        if flat.shape[0] == 1:
-            self.expert_load.index_add_(0, expert_ids[0], torch.ones_like(expert_ids[0]))  # distinct experts
-        else:
-            self.expert_load += torch.bincount(expert_ids.flatten(), minlength=self.expert_load.numel())
-        return weights, expert_ids
+        return self.gate(flat, self.expert_load)
 
     def mix(self, flat: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         """The routed experts' weighted sum for flat [tokens, hidden], plus the shared experts' output."""

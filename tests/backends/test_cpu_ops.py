@@ -194,3 +194,32 @@ def test_argmax_rows_is_torch_max_indices_with_its_ties_and_nan(dtype, cols):
     assert torch.equal(cpu_ops.argmax_rows(x), x.max(dim=-1).indices)
     assert torch.equal(cpu_ops.argmax_rows(x[:, : max(cols // 2, 1)]), x[:, : max(cols // 2, 1)].max(dim=-1).indices)
     assert cpu_ops.argmax_rows(x[0]) is None  # 1-D: the caller keeps torch
+
+
+@pytest.mark.parametrize("tokens", [0, 1, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("scoring", "bias", "norm", "scaling"), [
+    ("softmax", False, False, 1.0), ("softmax", False, True, 1.0), ("softmax", False, False, 2.5),
+    ("sigmoid", True, True, 2.5), ("sigmoid", False, False, 1.0),
+])
+def test_moe_route_matches_the_torch_router(tokens, dtype, scoring, bias, norm, scaling):
+    """The C router (Router.forward on the CPU) against Router's torch code: the same experts, weights equal
+    up to float32 summation order, and the choices counted."""
+    from shoal.layers.moe import Router, RouterConfig
+
+    torch.manual_seed(0)
+    cfg = RouterConfig(num_experts=24, top_k=6, scoring=scoring, norm_topk_prob=norm, routed_scaling_factor=scaling,
+                       correction_bias=bias)
+    router = Router(72, cfg)
+    router.weight.data.normal_(0, 0.3)
+    if bias:
+        router.e_score_correction_bias.data.normal_(0, 0.2)
+    x = torch.randn(tokens, 72).to(dtype)
+    load = torch.zeros(24, dtype=torch.long)
+    weights, ids = router(x, load)
+    ref_weights, ref_ids = router._route(x)
+    order, ref_order = ids.sort(dim=-1), ref_ids.sort(dim=-1)
+    assert torch.equal(order.values, ref_order.values)
+    torch.testing.assert_close(weights.gather(1, order.indices), ref_weights.gather(1, ref_order.indices),
+                               rtol=1e-5, atol=1e-6)
+    assert torch.equal(load, torch.bincount(ids.flatten(), minlength=24))
