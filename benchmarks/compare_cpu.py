@@ -9,7 +9,11 @@ never committed): a Llama-style model (hidden 1024, 32 layers, 16 heads, interme
 scaled down to the same class (MLA without q_lora_rank, first layer dense, 32 routed experts + 2
 shared, top-6 softmax routing). The Llama one is also converted to GGUF (BF16, Q8_0, Q4_0, with the
 `gguf` package, the way llama.cpp's converter does it: tests/gguf/hf_to_gguf.py) and run by llama.cpp
-through `llama-cpp-python` (installed by this script if missing, see `ensure_llama_cpp`).
+through `llama-cpp-python` (installed by this script if missing, see `ensure_llama_cpp`). Both
+checkpoints carry a tokenizer with text for each of the 32000 ids (tests/checkpoints.py:
+write_full_tokenizer, so that served tokens stream one by one: benchmarks/serve_cpu.py); a checkpoint
+cached with the earlier 300-token tokenizer gets its tokenizer files rewritten, and a GGUF file whose
+token list differs from its checkpoint's tokenizer is rebuilt.
 
 Every engine runs the same random prompts, one request at a time, greedy, EOS ignored; all engines are
 loaded side by side and run in alternating rounds so that load from other processes on a shared
@@ -68,23 +72,42 @@ def build_llama(cache: Path) -> Path:
 
 def build_moe(cache: Path) -> Path:
     """DeepSeek-V2-Lite's shape at ~0.5B, random bf16 weights (transformers' own initialisation)."""
+    from quant_memory_speed import ensure_full_tokenizer
+
     path = cache / "deepseek-v2-lite-0.5b"
     if (path / "config.json").is_file():
+        ensure_full_tokenizer(path, MOE_CONFIG["vocab_size"])
         return path
     import transformers
-    from checkpoints import write_tokenizer
 
     torch.manual_seed(0)
     config = transformers.DeepseekV2Config(**MOE_CONFIG)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path, safe_serialization=True)
-    write_tokenizer(path)
+    ensure_full_tokenizer(path, MOE_CONFIG["vocab_size"])
     return path
+
+
+def gguf_tokenizer_is_current(gguf_path: Path, hf_dir: Path) -> bool:
+    """Whether the GGUF file's token list is the one hf_dir's tokenizer converts to (a GGUF written
+    before the checkpoint's tokenizer was rewritten holds the old one)."""
+    from gguf import GGUFReader
+    from hf_to_gguf import token_list
+
+    field = GGUFReader(str(gguf_path)).fields.get("tokenizer.ggml.tokens")
+    if field is None:
+        return False
+    tokens = [bytes(field.parts[i]).decode("utf-8", "replace") for i in field.data]
+    vocab_size = json.loads((hf_dir / "config.json").read_text())["vocab_size"]
+    return tokens == token_list(hf_dir, vocab_size)[0]
 
 
 def build_gguf(hf_dir: Path, ftype: str) -> Path:
     out = hf_dir.parent / f"{hf_dir.name}-{ftype}.gguf"
+    if out.is_file() and not gguf_tokenizer_is_current(out, hf_dir):
+        print(f"{out.name} holds an older tokenizer than {hf_dir.name}'s; rebuilding it", flush=True)
+        out.unlink()
     if not out.is_file():
         from hf_to_gguf import convert
 

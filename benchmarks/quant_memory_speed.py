@@ -45,11 +45,27 @@ CONFIG = {
 }
 
 
+def ensure_full_tokenizer(path: Path, vocab_size: int) -> None:
+    """Give the checkpoint at path a tokenizer with text for all vocab_size ids (tests/checkpoints.py:
+    write_full_tokenizer), so a random model's tokens stream one by one. A checkpoint cached with the
+    earlier 300-token tokenizer gets its tokenizer files rewritten; its weights stay as they are."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from checkpoints import tokenizer_has_full_vocab, write_full_tokenizer
+
+    if tokenizer_has_full_vocab(path, vocab_size):
+        return
+    if (path / "tokenizer.json").is_file():
+        print(f"{path.name}: its tokenizer lacks text for most of the {vocab_size} ids; rewriting "
+              "tokenizer.json and tokenizer_config.json with every id (weights untouched)", flush=True)
+    write_full_tokenizer(path, vocab_size)
+
+
 def build_checkpoint(path: Path) -> Path:
     """Random bf16 weights (std 0.02, norms 1), one layer at a time so memory stays near one layer."""
     from safetensors.torch import save_file
 
     if (path / "config.json").is_file():
+        ensure_full_tokenizer(path, CONFIG["vocab_size"])
         return path
     path.mkdir(parents=True, exist_ok=True)
     c = CONFIG
@@ -76,10 +92,7 @@ def build_checkpoint(path: Path) -> Path:
         save_file(tensors, str(path / name))
         weight_map.update({k: name for k in tensors})
     (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    sys.path.insert(0, str(ROOT / "tests"))
-    from checkpoints import write_tokenizer
-
-    write_tokenizer(path)
+    ensure_full_tokenizer(path, vocab)
     (path / "config.json").write_text(json.dumps(CONFIG, indent=2))
     return path
 

@@ -6,11 +6,15 @@
                                    [--input-len 128] [--output-len 64] [--rounds 2]
 
 The GGUF files are the ones `benchmarks/compare_cpu.py` writes (~0.5B random-weight Llama, in
-~/.cache/shoal-bench; run it first). `llama-server` is built from the llama.cpp sources inside the
+~/.cache/shoal-bench); this script builds any that are missing or hold an older tokenizer with
+compare_cpu.py's functions. The checkpoint's tokenizer has text for every one of its 32000 ids
+(tests/checkpoints.py: write_full_tokenizer), so both servers stream each generated token as a text
+chunk and TTFT / TPOT come from those chunks. `llama-server` is built from the llama.cpp sources inside the
 llama-cpp-python sdist that compare_cpu.py downloads, with the same CMake flags (AVX-512, VNNI, BF16,
 no AMX: its AMX kernels crash on quantized models on these Xeons): pass --llama-server to use another
 binary. The two servers never run at once: each round starts one, loads it, stops it, then the other,
-so each has both cores. Prints output tok/s and median / p99 TPOT for each, and the ratio; writes JSON.
+so each has both cores. Prints output tok/s, median TTFT, median TPOT and the median end-to-end time per
+output token for each, and the throughput ratio; writes JSON (every round's row, with p99 TPOT and ITL too).
 """
 
 from __future__ import annotations
@@ -110,15 +114,26 @@ def serve_llama_cpp(binary: Path, gguf: Path, port: int, args) -> subprocess.Pop
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+def ensure_gguf(gguf_type: str) -> Path:
+    """The benchmark GGUF file, built (or rebuilt, if it holds an older tokenizer) by compare_cpu.py's
+    functions, whose checkpoint gets a tokenizer with text for every id."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from compare_cpu import build_gguf, build_llama
+
+    return build_gguf(build_llama(CACHE), gguf_type)
+
+
 def summary(result: dict, output_len: int) -> dict:
-    keep = ("server", "completed", "output_throughput", "median_tpot_ms", "p99_tpot_ms", "median_ttft_ms",
-            "median_e2el_ms")
+    keep = ("server", "completed", "output_throughput", "median_ttft_ms", "median_tpot_ms", "p99_tpot_ms",
+            "median_itl_ms", "median_e2el_ms")
     row = {k: result.get(k) for k in keep}
-    # The benchmark checkpoint's tokenizer knows 300 tokens of its 32000 ids (compare_cpu.py's random
-    # model), so almost every generated token has no text: neither server streams a chunk for it, text
-    # chunks (and the TTFT / TPOT built on them) arrive at the end whether decoding is greedy or sampled
-    # (--temperature 1 measured the same), and a request's end-to-end time per output token stands in.
     row["e2e_ms_per_output_token"] = result["median_e2el_ms"] / output_len
+    if (result.get("median_itl_ms") or 0.0) < 0.1 * row["e2e_ms_per_output_token"]:
+        # tokens streamed one by one arrive a decode step apart; text held back arrives in a burst
+        print(f"warning: {result['server']} streamed its text in bursts (median gap between chunks "
+              f"{result.get('median_itl_ms') or 0.0:.1f} ms, {row['e2e_ms_per_output_token']:.1f} ms per output "
+              "token end to end), so its TTFT and TPOT are not per token; check that the GGUF's tokenizer has "
+              f"text for every id (delete the GGUF files in {CACHE} to have them rebuilt)", flush=True)
     return row
 
 
@@ -139,9 +154,7 @@ def main(argv=None) -> int:
     binary = Path(args.llama_server) if args.llama_server else build_llama_server(Path(args.build_dir))
     rows = []
     for gguf_type in args.gguf_types.split(","):
-        gguf = CACHE / f"llama-0.5b-{gguf_type}.gguf"
-        if not gguf.exists():
-            raise SystemExit(f"{gguf} is missing: run benchmarks/compare_cpu.py first")
+        gguf = ensure_gguf(gguf_type)
         for round_index in range(args.rounds):
             for label, start in (("shoal", lambda p: serve_shoal(gguf, p, args)),
                                  ("llama.cpp", lambda p: serve_llama_cpp(binary, gguf, p, args))):
@@ -158,20 +171,20 @@ def main(argv=None) -> int:
     print()
     print(f"{args.num_prompts} requests, {args.concurrency} at a time, {args.input_len} tokens in, "
           f"{args.output_len} out; medians over {args.rounds} rounds")
-    print("| GGUF | server | output tok/s | median end-to-end ms per output token | median TPOT ms (text chunks) | "
-          "shoal / llama.cpp |")
-    print("|---|---|---|---|---|---|")
+    print("| GGUF | server | output tok/s | median TTFT ms | median TPOT ms | median end-to-end ms per output token | "
+          "shoal / llama.cpp (output tok/s) |")
+    print("|---|---|---|---|---|---|---|")
     for gguf_type in args.gguf_types.split(","):
         med = {}
         for label in ("shoal", "llama.cpp"):
             mine = [r for r in rows if r["gguf"] == gguf_type and r["server"] == label]
             med[label] = {k: statistics.median(r[k] for r in mine) for k in
-                          ("output_throughput", "e2e_ms_per_output_token", "median_tpot_ms")}
+                          ("output_throughput", "median_ttft_ms", "median_tpot_ms", "e2e_ms_per_output_token")}
         for label in ("shoal", "llama.cpp"):
             m = med[label]
             ratio = m["output_throughput"] / med["llama.cpp"]["output_throughput"]
-            print(f"| {gguf_type} | {label} | {m['output_throughput']:.1f} | {m['e2e_ms_per_output_token']:.0f} | "
-                  f"{m['median_tpot_ms']:.1f} | {ratio:.2f}x |")
+            print(f"| {gguf_type} | {label} | {m['output_throughput']:.1f} | {m['median_ttft_ms']:.0f} | "
+                  f"{m['median_tpot_ms']:.1f} | {m['e2e_ms_per_output_token']:.1f} | {ratio:.2f}x |")
     Path(args.json_out).write_text(json.dumps({"args": vars(args), "runs": rows}, indent=2) + "\n")
     return 0
 

@@ -117,6 +117,9 @@ ARCHITECTURES: dict[str, tuple[str, dict]] = {
 }
 
 
+SPECIAL_TOKENS = ("<s>", "</s>")  # ids 0 and 1 in both tokenizers below
+
+
 def write_tokenizer(path: Path, vocab_size: int = 300) -> None:
     """A small byte-level BPE (tokenizer.json + tokenizer_config.json), trained on a few sentences."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -126,13 +129,17 @@ def write_tokenizer(path: Path, vocab_size: int = 300) -> None:
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=["<s>", "</s>"],
+        special_tokens=list(SPECIAL_TOKENS),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     text = ["The quick brown fox jumps over the lazy dog. ", "Héllo wörld, naïve café — 日本語 ✓. "] * 20
     tok.train_from_iterator(text, trainer)
     tok.save(str(path / "tokenizer.json"))
+    _write_tokenizer_config(path)
+
+
+def _write_tokenizer_config(path: Path) -> None:
     (path / "tokenizer_config.json").write_text(
         json.dumps(
             {
@@ -144,6 +151,54 @@ def write_tokenizer(path: Path, vocab_size: int = 300) -> None:
             }
         )
     )
+
+
+def write_full_tokenizer(path: Path, vocab_size: int) -> None:
+    """A byte-level BPE with exactly `vocab_size` ids, each but <s> and </s> with text (benchmark checkpoints).
+
+    write_tokenizer's trained one knows a few hundred ids, so a random model's output has no text and
+    a server streams nothing until the end. This one is built without training: <s> and </s>, the 256
+    byte-level alphabet tokens, then merges making every pair of ASCII letters and then letter pairs
+    plus one more letter, until there are vocab_size tokens. Same tokenizer_config.json (bos, eos,
+    chat template) as write_tokenizer.
+    """
+    import string
+
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
+    for char in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[char] = len(vocab)
+    if vocab_size < len(vocab):
+        raise ValueError(f"write_full_tokenizer: vocab_size {vocab_size} is below its {len(vocab)} special and byte "
+                         "tokens; pass a larger vocab_size or use write_tokenizer")
+    letters = string.ascii_letters  # byte-level text of ASCII letters is the letters themselves
+    pairs = [a + b for a in letters for b in letters]
+    merges: list[tuple[str, str]] = []
+    for left, right in [(p[0], p[1]) for p in pairs] + [(p, c) for p in pairs for c in letters]:
+        if len(vocab) == vocab_size:
+            break
+        vocab[left + right] = len(vocab)
+        merges.append((left, right))
+    if len(vocab) < vocab_size:
+        raise ValueError(f"write_full_tokenizer makes at most {len(vocab)} tokens, fewer than vocab_size "
+                         f"{vocab_size}; extend its merges (e.g. with letter triples plus one more letter)")
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    tok.save(str(path / "tokenizer.json"))
+    _write_tokenizer_config(path)
+
+
+def tokenizer_has_full_vocab(path: Path, vocab_size: int) -> bool:
+    """Whether path's tokenizer.json has all vocab_size ids (write_full_tokenizer's), not write_tokenizer's few."""
+    file = path / "tokenizer.json"
+    if not file.is_file() or not (path / "tokenizer_config.json").is_file():
+        return False
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(file)).get_vocab_size(with_added_tokens=True) == vocab_size
 
 
 def build_checkpoint(name: str, path: Path, seed: int = 0, **overrides):

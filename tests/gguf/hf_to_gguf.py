@@ -83,9 +83,10 @@ def _write_tensor(writer, name: str, arr: np.ndarray, qtype: T) -> None:
         writer.add_tensor(name, gguf.quants.quantize(arr.astype(np.float32), qtype), raw_dtype=qtype)
 
 
-def _tokenizer(writer, hf_dir: Path, vocab_size: int) -> None:
+def token_list(hf_dir: Path, vocab_size: int) -> tuple[list[str], list[int], dict[str, int]]:
+    """The GGUF token list and token types of hf_dir's tokenizer.json (ids it lacks become unused
+    [PAD<id>] tokens), and its token -> id map."""
     tj = json.loads((hf_dir / "tokenizer.json").read_text())
-    tc = json.loads((hf_dir / "tokenizer_config.json").read_text())
     vocab = dict(tj["model"]["vocab"])
     special = {t["content"]: t["id"] for t in tj["added_tokens"] if t.get("special")}
     vocab.update(special)
@@ -98,6 +99,13 @@ def _tokenizer(writer, hf_dir: Path, vocab_size: int) -> None:
         else:
             tokens.append(f"[PAD{i}]")
             types.append(gguf.TokenType.UNUSED)
+    return tokens, types, vocab
+
+
+def _tokenizer(writer, hf_dir: Path, vocab_size: int) -> None:
+    tj = json.loads((hf_dir / "tokenizer.json").read_text())
+    tc = json.loads((hf_dir / "tokenizer_config.json").read_text())
+    tokens, types, vocab = token_list(hf_dir, vocab_size)
     merges = [m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]]
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("gpt-2")

@@ -104,3 +104,34 @@ def test_llama_sentencepiece_vocabulary_tokenizes_like_llama_cpp(tmp_path):
         assert ids == _spm_reference(text, vocab, scores), text
         assert tok.decode(ids) == text
     assert tok.encode("fox")[0] == 1 and tok.add_bos_token  # SentencePiece vocabularies add BOS by default
+
+
+def test_full_vocabulary_tokenizer_gives_every_id_text_in_the_folder_and_the_gguf(tmp_path):
+    """The benchmark checkpoints' tokenizer (tests/checkpoints.py: write_full_tokenizer): every id but
+    <s> and </s> decodes to text of its own, so a random model's tokens stream one by one."""
+    import checkpoints
+    import gguf
+    from hf_to_gguf import _tokenizer
+
+    vocab_size = 3000
+    checkpoints.write_tokenizer(tmp_path)
+    assert not checkpoints.tokenizer_has_full_vocab(tmp_path, vocab_size)
+    checkpoints.write_full_tokenizer(tmp_path, vocab_size)
+    assert checkpoints.tokenizer_has_full_vocab(tmp_path, vocab_size)
+    writer = gguf.GGUFWriter(str(tmp_path / "tok.gguf"), "llama")
+    _tokenizer(writer, tmp_path, vocab_size)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    folder = Tokenizer(tmp_path, vocab_size)
+    ours = gguf_tokenizer(GGUFFile(tmp_path / "tok.gguf"), vocab_size)
+    assert (ours.vocab_size, ours.bos_token_id, ours.eos_token_id) == (vocab_size, 0, 1)
+    assert ours.chat_template == folder.chat_template
+    for i in range(2, vocab_size):
+        assert folder.decode([i]) and ours.decode([i]) == folder.decode([i]), i
+    for text in TEXTS:
+        assert ours.encode(text) == folder.encode(text)
+        assert folder.decode(folder.encode(text)) == text.replace("<s>", "").replace("</s>", "")
+    with pytest.raises(ValueError, match="larger vocab_size"):
+        checkpoints.write_full_tokenizer(tmp_path, 100)
