@@ -67,6 +67,21 @@ def test_int4_weights_in_the_kernel_layout(dtype, rows, group, scale_dtype):
     assert torch.equal(cpu_gemv.dequantize_int4(t, group, torch.float32), q.dequantize(torch.float32))
 
 
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("scale_dtype", [torch.bfloat16, torch.float32])
+def test_one_int4_row_takes_four_weight_rows_at_once_with_the_same_bits(group, scale_dtype):
+    """One bf16 activation row goes through four weight rows per pass (dot_int4_x4); each output must have
+    the bits a pass over that weight row alone gives (two activation rows: one row at a time), so a
+    token's result does not depend on how many others share its step. 45 rows: a tail of one."""
+    g = torch.Generator().manual_seed(group)
+    w = torch.randn(45, 384, generator=g) * 0.05
+    x = torch.randn(1, 384, generator=g).bfloat16()
+    q = Int4GroupWeight.quantize(w, group, scale_dtype)
+    t = cpu_gemv.int4_relayout(q.packed, q.scales, q.zeros)
+    alone = cpu_gemv.gemv_int4(x, t, group)
+    assert torch.equal(alone[0], cpu_gemv.gemv_int4(torch.cat([x, -x]), t, group)[0])
+
+
 def test_only_a_few_rows_of_a_supported_dtype_are_accepted():
     assert cpu_gemv.accepts(torch.zeros(8, 64), 64)
     assert not cpu_gemv.accepts(torch.zeros(9, 64), 64)  # a prefill chunk: a matmul instead
