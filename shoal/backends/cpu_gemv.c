@@ -48,9 +48,12 @@
 #define QBLOCK 32    /* inputs per activation scale when activations are quantized */
 #define INLINE static inline __attribute__((always_inline))
 #ifndef PREFETCH
-#define PREFETCH 2048 /* bytes ahead in the weight stream */
+/* bytes ahead in the weight stream: against 2048, 4096 read the 0.5B Llama's int8 weights (and its output
+ * head) 4% faster and its bf16 ones 2% in an ad-hoc timing (2 threads, medians of 5); 8192 no better */
+#define PREFETCH 4096
 #endif
 #ifndef X4_AHEAD
+/* dot_int4_x4: weight rows ahead whose bytes it asks for (4: the next pass; 8 and 16 were no faster, ad hoc) */
 #define X4_AHEAD 4
 #endif
 
