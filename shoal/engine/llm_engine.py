@@ -5,6 +5,7 @@ a server drives it request by request.
 
 from __future__ import annotations
 
+import gc
 import time
 from collections import deque
 
@@ -60,6 +61,10 @@ class LLMEngine:
         self.in_flight: deque = deque()
         self._load: dict[int, list[int]] = {}
         self._load_at = float("-inf")
+        # Everything alive now (the model's modules and tensors, the tokenizer) moves out of the cyclic
+        # garbage collector's generations, so that its full collections while serving do not walk it:
+        # an ad-hoc perf profile of MoE decode showed ~3% of the time in gc_collect_main before.
+        gc.freeze()
 
     def check_prompt(self, prompt_ids: list[int]) -> None:
         if not prompt_ids:
