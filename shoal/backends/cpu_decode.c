@@ -397,3 +397,59 @@ int shoal_mla_attention_half(const MlaModel *m, const MlaLayer *l, const DecodeS
     free(a), free(q), free(kv), free(attn), free(qa), free(o);
     return code;
 }
+
+/* ---- DeepSeek: a lone token's whole decode step in one call ----------------------------------------
+ * Per layer the attention half above, then its MLP: a dense gated MLP, or the router (cpu_ops.c's
+ * shoal_moe_route, which is what shoal.layers.moe.Router runs on the CPU) and the token's experts with
+ * the shared ones (shoal_moe_token); the next layer's attention half adds the MLP's output to the
+ * stream, and after the last layer out = rms_norm(res + mlp). The same calls in the same order as the
+ * per-layer path (cpu_decode.DeepseekDecode), so the same bits, without returning to Python between
+ * them. Must match cpu_decode.py's DeepseekMlp field for field. */
+typedef struct {
+    int64_t moe;                                /* 0: dense (gate_up, down); 1: MoE */
+    DecodeLinear gate_up, down;                 /* dense */
+    const DecodeLinear *expert_gate_up, *expert_down; /* MoE: [num_experts] each */
+    int64_t num_experts, inter;
+    const DecodeLinear *shared_gate_up, *shared_down; /* NULL: no shared experts */
+    const float *router; /* float32 [num_experts, hidden] */
+    const float *router_bias; /* NULL, or DeepSeek-V3's correction [num_experts] */
+    int64_t top_k, sigmoid, norm;
+    float scaling;
+    int64_t *load; /* [num_experts] choices counted, or NULL */
+} DeepseekMlp;
+
+int shoal_moe_route(const void *x, int act_bf16, int64_t tokens, int64_t hidden, const float *w, int64_t experts,
+                    int sigmoid, const float *bias, int64_t top_k, int norm, float scaling, float *weights_out,
+                    int64_t *ids_out, int64_t *counts, int nthreads);
+
+int shoal_deepseek_decode(const MlaModel *m, const MlaLayer *layers, const DeepseekMlp *mlps, int64_t count,
+                          const DecodeStep *s, void *res, const void *final_norm, void *out, int threads) {
+    const int bf16 = m->dtype == 1;
+    const size_t esize = bf16 ? 2 : 4;
+    if (s->rows != 1) return 1;
+    char *h = malloc((size_t)m->hidden * esize), *mlp = malloc((size_t)m->hidden * esize);
+    int code = (!h || !mlp) ? 2 : 0;
+    for (int64_t i = 0; i < count && !code; i++) {
+        const DeepseekMlp *p = &mlps[i];
+        code = shoal_mla_attention_half(m, &layers[i], s, res, i ? mlp : NULL, h, threads);
+        if (code) break;
+        if (!p->moe) {
+            code = gated_mlp(&p->gate_up, &p->down, h, 1, mlp, bf16, threads);
+            continue;
+        }
+        float weights[64];
+        int64_t ids[64];
+        if (p->top_k > 64) {
+            code = 1;
+            break;
+        }
+        code = shoal_moe_route(h, bf16, 1, m->hidden, p->router, p->num_experts, (int)p->sigmoid, p->router_bias,
+                               p->top_k, (int)p->norm, p->scaling, weights, ids, p->load, threads);
+        code = code ? code : shoal_moe_token(p->expert_gate_up, p->expert_down, p->num_experts, p->top_k, ids, weights,
+                                             p->shared_gate_up, p->shared_down, h, m->hidden, p->inter, mlp,
+                                             (int)m->dtype, threads);
+    }
+    if (!code) code = shoal_rms_norm(mlp, res, res, final_norm, out, 1, m->hidden, m->eps, bf16, threads);
+    free(h), free(mlp);
+    return code;
+}

@@ -53,6 +53,16 @@ class MlaLayer(ctypes.Structure):
                 ("o", DecodeLinear), ("pool", _p)]
 
 
+class DeepseekMlp(ctypes.Structure):
+    """One DeepSeek layer's MLP for `shoal_deepseek_decode` (cpu_decode.c): dense, or a MoE layer's router,
+    routed experts and shared experts."""
+
+    _fields_ = [("moe", _i64), ("gate_up", DecodeLinear), ("down", DecodeLinear), ("expert_gate_up", _p),
+                ("expert_down", _p), ("num_experts", _i64), ("inter", _i64), ("shared_gate_up", _p),
+                ("shared_down", _p), ("router", _p), ("router_bias", _p), ("top_k", _i64), ("sigmoid", _i64),
+                ("norm", _i64), ("scaling", _f32), ("load", _p)]
+
+
 class MlaModel(ctypes.Structure):
     _fields_ = [("hidden", _i64), ("heads", _i64), ("nope", _i64), ("rope", _i64), ("rank", _i64), ("v_dim", _i64),
                 ("q_lora_rank", _i64), ("interleaved", _i64), ("eps", _f32), ("scale", _f32), ("dtype", _i64)]
@@ -78,7 +88,9 @@ def library() -> ctypes.CDLL | None:
     lib.shoal_gated_mlp.argtypes = [linear_ptr, linear_ptr, _p, _i64, _p, ctypes.c_int, ctypes.c_int]
     lib.shoal_mla_attention_half.argtypes = [ctypes.POINTER(MlaModel), ctypes.POINTER(MlaLayer),
                                              ctypes.POINTER(DecodeStep), _p, _p, _p, ctypes.c_int]
-    for fn in (lib.shoal_moe_token, lib.shoal_gated_mlp, lib.shoal_mla_attention_half):
+    lib.shoal_deepseek_decode.argtypes = [ctypes.POINTER(MlaModel), ctypes.POINTER(MlaLayer), ctypes.POINTER(DeepseekMlp),
+                                          _i64, ctypes.POINTER(DecodeStep), _p, _p, _p, ctypes.c_int]
+    for fn in (lib.shoal_moe_token, lib.shoal_gated_mlp, lib.shoal_mla_attention_half, lib.shoal_deepseek_decode):
         fn.restype = ctypes.c_int
     return lib
 
@@ -250,14 +262,18 @@ def _step_descriptor(step: cpu_ops.DecodeAttention, cos_sin: tuple[torch.Tensor,
 class DeepseekDecode:
     """A DeepSeek decoder stack described once for the C side: per layer, the attention half
     (`shoal_mla_attention_half`) and the MLP half (`shoal_gated_mlp` for a dense layer or a MoE layer's
-    shared experts, `shoal_moe_token` for a lone token's routed and shared experts) are one call each.
-    The model runs the router between them (shoal/models/deepseek.py, `fused_decode`)."""
+    shared experts, `shoal_moe_token` for a lone token's routed and shared experts) are one call each,
+    with the router run between them by the model (shoal/models/deepseek.py, `fused_decode`). A lone
+    token's whole step is one call (`run_token`, shoal_deepseek_decode) where every MoE layer's router is
+    one the C router takes (`whole` is then set)."""
 
-    def __init__(self, model: MlaModel, layers: list[MlaLayer], mlps: list[tuple | None], keep: list) -> None:
+    def __init__(self, model: MlaModel, layers: list[MlaLayer], mlps: list[tuple | None], keep: list,
+                 whole: ctypes.Array | None = None) -> None:
         self.model = model
-        self.layers = layers
+        self.layers = (MlaLayer * len(layers))(*layers)  # one array: the whole-step call reads them all
         self.mlps = mlps  # per layer: (gate_up, down) of a dense MLP, (routed TokenExperts, shared (gate_up, down) or None)
         self._keep = keep
+        self.whole = whole  # DeepseekMlp per layer, or None
         self._pools: tuple[int, ...] | None = None
         self.max_rows = cpu_gemv.MAX_ROWS  # sequences per step the calls take
 
@@ -265,7 +281,8 @@ class DeepseekDecode:
     def build(cls, *, hidden: int, heads: int, nope: int, rope: int, rank: int, v_dim: int, q_lora_rank: int,
               interleaved: bool, eps: float, scale: float, dtype: torch.dtype, layers: list[dict]) -> DeepseekDecode | None:
         """layers: per layer a dict of the modules and tensors (see DeepseekForCausalLM._describe_cpu_decode);
-        "mlp" is ("dense", gate_up, down) or ("moe", TokenExperts, shared gate_up or None, shared down or None)."""
+        "mlp" is ("dense", gate_up, down) or ("moe", TokenExperts, shared gate_up or None, shared down or None,
+        the MoE module, for its router)."""
         if library() is None or dtype not in cpu_ops.DTYPES:
             return None
         keep: list = []
@@ -301,14 +318,25 @@ class DeepseekDecode:
                     return None
                 mlps.append(("dense", *pair))
             else:
-                routed, shared_gate_up, shared_down = parts
+                routed, shared_gate_up, shared_down, moe = parts
                 shared = (describe(shared_gate_up), describe(shared_down)) if shared_gate_up is not None else None
                 if shared is not None and None in shared:
                     return None
-                mlps.append(("moe", routed, shared))  # routed None: MoE layers run in torch
+                mlps.append(("moe", routed, shared, moe))  # routed None: MoE layers run in torch
         model = MlaModel(hidden, heads, nope, rope, rank, v_dim, q_lora_rank or 0, int(interleaved), eps, scale,
                          cpu_ops.DTYPES[dtype])
-        return cls(model, described_layers, mlps, keep)
+        return cls(model, described_layers, mlps, keep, _whole_step(mlps))
+
+    def run_token(self, x: torch.Tensor, desc: DecodeStep, final_norm: torch.Tensor, threads: int) -> torch.Tensor:
+        """A lone token's embedding [1, hidden] -> the final norm's output [1, hidden], every layer in one
+        call (needs `whole`); writes the layers' latent caches and counts the MoE layers' choices."""
+        res = x.reshape(1, -1).clone()  # the residual stream
+        out = torch.empty_like(res)
+        _check(library().shoal_deepseek_decode(
+            ctypes.byref(self.model), self.layers, self.whole, len(self.whole), ctypes.byref(desc), res.data_ptr(),
+            final_norm.data_ptr(), out.data_ptr(), threads,
+        ), "DeepSeek decode step")
+        return out
 
     def begin(self, pools: list[torch.Tensor], step: cpu_ops.DecodeAttention,
               cos_sin: tuple[torch.Tensor, torch.Tensor]) -> DecodeStep:
@@ -342,5 +370,38 @@ class DeepseekDecode:
                   threads: int) -> torch.Tensor | None:
         """A lone token's MoE output (routed experts, plus the shared ones) in one call, or None where this
         layer's experts are not ones the call takes."""
-        _, routed, shared = self.mlps[index]
+        _, routed, shared, _ = self.mlps[index]
         return routed(h, weights, expert_ids, shared, threads) if routed is not None else None
+
+
+def _whole_step(mlps: list[tuple]) -> ctypes.Array | None:
+    """The layers' MLPs as `shoal_deepseek_decode` reads them, or None where a MoE layer's experts or router
+    are not ones the C side takes (its router must be what Router.forward runs through cpu_ops.moe_route)."""
+    described = []
+    for mlp in mlps:
+        if mlp[0] == "dense":
+            described.append(DeepseekMlp(0, mlp[1], mlp[2]))
+            continue
+        _, routed, shared, moe = mlp
+        if moe is None:  # a MoE layer of another kind (split across ranks, say) keeps its own forward
+            return None
+        gate = moe.gate
+        cfg = gate.cfg
+        if (routed is None or not (cfg.topk_method == "greedy" or cfg.num_groups <= 1) or cfg.top_k > 64
+                or gate.weight.dtype != torch.float32 or not gate.weight.is_contiguous() or cfg.num_experts > 1024
+                or not moe.expert_load.is_contiguous()):
+            return None
+        bias = gate.e_score_correction_bias if cfg.correction_bias else None
+        if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+            return None
+        scaling = cfg.routed_scaling_factor
+        if cfg.scoring != "sigmoid" and cfg.norm_topk_prob and cfg.top_k > 1:
+            scaling = 1.0  # as Router.forward: V2 normalises instead of scaling
+        described.append(DeepseekMlp(
+            1, DecodeLinear(), DecodeLinear(), ctypes.addressof(routed.gate_up), ctypes.addressof(routed.down),
+            routed.num_experts, routed.inter,
+            ctypes.addressof(shared[0]) if shared else None, ctypes.addressof(shared[1]) if shared else None,
+            gate.weight.data_ptr(), bias.data_ptr() if bias is not None else None, cfg.top_k,
+            int(cfg.scoring == "sigmoid"), int(cfg.norm_topk_prob), scaling, moe.expert_load.data_ptr(),
+        ))
+    return (DeepseekMlp * len(described))(*described)

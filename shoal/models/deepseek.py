@@ -248,9 +248,10 @@ class DeepseekForCausalLM(CausalLM):
 
     def fused_decode(self, x: torch.Tensor, positions: torch.Tensor, cache: ContiguousKVCache) -> torch.Tensor | None:
         """Up to 8 sequences' decode step on the CPU with two C calls per layer (cpu_decode.DeepseekDecode):
-        the attention half, then the MLP half (a lone token's experts in one call); the router runs in
-        torch between them, and a MoE layer with several tokens runs its torch path. The same kernels in
-        the same order as layer by layer, so the same results."""
+        the attention half, then the MLP half (a lone token's experts in one call); the router runs
+        between them, and a MoE layer with several tokens runs its torch path. A lone token's step is one
+        call for all layers, router included, where every router is one the C router takes. The same
+        kernels in the same order as layer by layer, so the same results."""
         ready = self._cpu_decode_step(x, cache)
         if ready is None or ready[1].window:  # the MLA kernel has no sliding window
             return None
@@ -259,6 +260,8 @@ class DeepseekForCausalLM(CausalLM):
         attention = self.model.layers[0].self_attn
         desc = plan.begin([cache.pools(i)[0] for i in range(len(self.model.layers))], step,
                           attention.rotary.tables(positions))
+        if rows == 1 and plan.whole is not None:  # a lone token: every layer in one call
+            return plan.run_token(x, desc, self.model.norm.weight, threads).view_as(x)
         res = x.reshape(rows, -1).clone()  # the residual stream
         mlp_out = None
         for index, layer in enumerate(self.model.layers):
@@ -295,7 +298,7 @@ class DeepseekForCausalLM(CausalLM):
                 shared = mlp.shared_experts
                 experts = mlp.experts.token_experts(dtype) if hasattr(mlp.experts, "token_experts") else None
                 described_mlp = ("moe", experts, shared.gate_up_proj if shared else None,
-                                 shared.down_proj if shared else None)
+                                 shared.down_proj if shared else None, mlp if type(mlp) is MoE else None)
             elif type(mlp) is GatedMLP:
                 described_mlp = ("dense", mlp.gate_up_proj, mlp.down_proj)
             else:

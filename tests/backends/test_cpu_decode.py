@@ -112,7 +112,14 @@ def test_deepseek_calls_equal_the_layers(built, name, quant):
         alone = llm.generate([[61, 2, 90]], params)
         return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in together + alone]
 
+    loads = [m.expert_load for m in model.modules() if hasattr(m, "expert_load")]
+    before = [load.clone() for load in loads]
     fused = run(True)
     assert isinstance(model._cpu_decode, cpu_decode.DeepseekDecode)  # the calls ran
     assert stacks and all(isinstance(m._one_call, cpu_decode.TokenExperts) for m in stacks)
+    # a lone token's whole step is one call where the routers are ones the C router takes (V2's greedy
+    # top-k; not the grouped ones)
+    assert (model._cpu_decode.whole is not None) == (name == "deepseek-v2-lite")
+    counted = [load - b for load, b in zip(loads, before)]
     assert run(False) == fused
+    assert all(torch.equal(load - b - c, c) for load, b, c in zip(loads, before, counted))  # the same choices counted
