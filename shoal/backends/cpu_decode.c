@@ -225,6 +225,19 @@ int shoal_llama_decode(const DecodeModel *m, const DecodeLayer *layers, const De
     return code;
 }
 
+/* order[0, count) = the indices of expert_ids sorted by expert id (insertion sort: the batched path's order);
+ * 1 for a count past 64 or an id outside [0, num_experts) */
+static int expert_order(const int64_t *expert_ids, int64_t count, int64_t num_experts, int64_t *order) {
+    if (count < 0 || count > 64) return 1;
+    for (int64_t i = 0; i < count; i++) {
+        if (expert_ids[i] < 0 || expert_ids[i] >= num_experts) return 1;
+        int64_t j = i;
+        for (; j > 0 && expert_ids[order[j - 1]] > expert_ids[i]; j--) order[j] = order[j - 1];
+        order[j] = i;
+    }
+    return 0;
+}
+
 /* ---- a lone token's routed experts ---------------------------------------------------------------
  * out [1, hidden] = sum over the token's `count` chosen experts, in expert order, of
  * dtype(weight * down(silu(gate) * up)), each term rounded to the dtype and added in the dtype: what
@@ -234,14 +247,8 @@ static int token_experts(const DecodeLinear *gate_up, const DecodeLinear *down, 
                          const int64_t *expert_ids, const float *weights, const void *x, int64_t hidden,
                          int64_t inter, void *out, int bf16, int threads) {
     const size_t esize = bf16 ? 2 : 4;
-    if (count < 0 || count > 64) return 1;
     int64_t order[64];
-    for (int64_t i = 0; i < count; i++) { /* insertion sort by expert id: the batched path's order */
-        if (expert_ids[i] < 0 || expert_ids[i] >= num_experts) return 1;
-        int64_t j = i;
-        for (; j > 0 && expert_ids[order[j - 1]] > expert_ids[i]; j--) order[j] = order[j - 1];
-        order[j] = i;
-    }
+    if (expert_order(expert_ids, count, num_experts, order)) return 1;
     char *gu = malloc((size_t)(2 * inter) * esize), *act = malloc((size_t)inter * esize);
     char *y = malloc((size_t)hidden * esize);
     int code = (!gu || !act || !y) ? 2 : 0;
@@ -271,14 +278,8 @@ static int moe_token_at_once(const DecodeLinear *gate_up, const DecodeLinear *do
                              const DecodeLinear *shared_down, const void *x, int64_t hidden, int64_t inter, void *out,
                              int bf16, int threads) {
     const size_t esize = bf16 ? 2 : 4;
-    if (count < 0 || count > 64) return 1;
     int64_t order[64];
-    for (int64_t i = 0; i < count; i++) { /* insertion sort by expert id: the batched path's order */
-        if (expert_ids[i] < 0 || expert_ids[i] >= num_experts) return 1;
-        int64_t j = i;
-        for (; j > 0 && expert_ids[order[j - 1]] > expert_ids[i]; j--) order[j] = order[j - 1];
-        order[j] = i;
-    }
+    if (expert_order(expert_ids, count, num_experts, order)) return 1;
     const int shared = shared_gate_up != NULL;
     const int64_t jobs = count + shared, shared_inter = shared ? shared_down->k : 0;
     if (jobs == 0) {

@@ -1070,6 +1070,22 @@ static void amx_output(const RowsWeight *rw, const float *sums, int64_t n0, int6
     }
 }
 
+/* One chunk of 32 inputs: weight rows a0 and a1 (16 each, row stride a_stride bytes) times the packed
+ * activation blocks b0 (and b1 where `two`) into accumulators 0-1 (and 2-3). */
+INLINE void amx_chunk(const uint16_t *a0, const uint16_t *a1, int64_t a_stride, const uint16_t *b0, const uint16_t *b1,
+                      int two) {
+    _tile_loadd(4, a0, a_stride);
+    _tile_loadd(6, b0, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_loadd(5, a1, a_stride);
+    _tile_dpbf16ps(1, 5, 6);
+    if (two) {
+        _tile_loadd(7, b1, 64);
+        _tile_dpbf16ps(2, 4, 7);
+        _tile_dpbf16ps(3, 5, 7);
+    }
+}
+
 /* Weight rows [n0, n0 + 32) against every activation row with tdpbf16ps, 2 x 2 tiles at a time: A tiles 4
  * and 5 hold weight rows [0, 16) and [16, 32) of 32 inputs, B tiles 6 and 7 two blocks of 16 activation
  * rows, accumulators 0..3 the four products (so each tile loaded feeds two multiplies). Up to 32
@@ -1107,16 +1123,7 @@ static void rows_tile_amx(const RowsWeight *rw, uint16_t *buffers, int64_t n0, c
             }
             const uint16_t *b0 = xp + 2 * p * chunks * 512, *b1 = b0 + chunks * 512;
             for (int64_t c = 0, kc = k0 / KCHUNK; c < len / KCHUNK; c++, kc++) {
-                _tile_loadd(4, a0 + c * KCHUNK, KSEG * 2);
-                _tile_loadd(6, b0 + kc * 512, 64);
-                _tile_dpbf16ps(0, 4, 6);
-                _tile_loadd(5, a1 + c * KCHUNK, KSEG * 2);
-                _tile_dpbf16ps(1, 5, 6);
-                if (two) {
-                    _tile_loadd(7, b1 + kc * 512, 64);
-                    _tile_dpbf16ps(2, 4, 7);
-                    _tile_dpbf16ps(3, 5, 7);
-                }
+                amx_chunk(a0 + c * KCHUNK, a1 + c * KCHUNK, KSEG * 2, b0 + kc * 512, b1 + kc * 512, two);
                 if (next_len) /* the next segment's rows, spread evenly over this segment's multiplies */
                     for (const int upto = (int)(++step * TILE_N / steps); filled < upto; filled++)
                         rows_tile_row(rw, n0, filled, k0 + KSEG, next_len, next + filled * KSEG);
@@ -1150,16 +1157,7 @@ static void rows_tile_amx_bf16(const RowsWeight *rw, int64_t n0, const uint16_t 
         for (int64_t c = 0; c < chunks; c++) {
             if (p == 0 && n0 + 2 * TILE_N <= rw->N) /* the next tile's lines, spread over this one's chunks */
                 for (int64_t i = c * per_chunk; i < (c + 1) * per_chunk && i < lines; i++) ROWS_PREFETCH(next + i * 64);
-            _tile_loadd(4, a0 + c * KCHUNK, K * 2);
-            _tile_loadd(6, b0 + c * 512, 64);
-            _tile_dpbf16ps(0, 4, 6);
-            _tile_loadd(5, a1 + c * KCHUNK, K * 2);
-            _tile_dpbf16ps(1, 5, 6);
-            if (two) {
-                _tile_loadd(7, b1 + c * 512, 64);
-                _tile_dpbf16ps(2, 4, 7);
-                _tile_dpbf16ps(3, 5, 7);
-            }
+            amx_chunk(a0 + c * KCHUNK, a1 + c * KCHUNK, K * 2, b0 + c * 512, b1 + c * 512, two);
         }
         float *cs = sums + p * 1024;
         _tile_stored(0, cs, 64);
