@@ -53,7 +53,7 @@ def dequantize_fp8(tensors: Tensors, dtype: torch.dtype) -> torch.Tensor:
 def int8_fallback(x: torch.Tensor, t: Tensors, group_size: int = 0) -> torch.Tensor:
     # Per-output-channel scales commute with the matmul: scale the [tokens, out] result instead of the
     # [out, in] weight. int8 values are exact in bf16 / fp16 / fp32.
-    return F.linear(x, t["qweight"].to(x.dtype)) * t["scales"].to(x.dtype)
+    return cpu_gemv.linear_in_buckets(x, t["qweight"].to(x.dtype)) * t["scales"].to(x.dtype)
 
 
 def int4_fallback(x: torch.Tensor, t: Tensors, group_size: int) -> torch.Tensor:
@@ -99,7 +99,7 @@ def int8_cpu(x: torch.Tensor, t: Tensors, group_size: int = 0) -> torch.Tensor:
         return cpu_gemv.matmul_rows_int8(x, t["qweight"], scales if scales is not None else t["scales"].float())
     if x.dtype == torch.bfloat16 and x.shape[0] <= INT8_PACKED_MAX_TOKENS:
         return torch.ops.aten._weight_int8pack_mm(x.contiguous(), t["qweight"], t["scales"])
-    return cpu_gemv.linear_in_buckets(x, t["qweight"].to(x.dtype)) * t["scales"].to(x.dtype)
+    return int8_fallback(x, t)
 
 
 def int4_cpu_prepare(t: Tensors, group_size: int) -> Tensors:

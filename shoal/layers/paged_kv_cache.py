@@ -28,6 +28,7 @@ holds one scale per cached vector; `write` quantizes on the way in and dequantiz
 from __future__ import annotations
 
 import copy
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -216,7 +217,6 @@ class PagedKVCache:
         return out
 
 
-
 def _sub_batch(batch: PagedBatch, seqs: torch.Tensor, rows: torch.Tensor, lengths: list[int],
                block_size: int) -> PagedBatch:
     """The PagedBatch of sequences `seqs` of `batch` (whose packed tokens are `rows`, chunk lengths
@@ -229,7 +229,7 @@ def _sub_batch(batch: PagedBatch, seqs: torch.Tensor, rows: torch.Tensor, length
     unpack_index = pack_index = None
     longest = max(lengths)
     if any(n != longest for n in lengths):
-        offsets = [sum(lengths[:i]) for i in range(len(lengths))]
+        offsets = [0, *itertools.accumulate(lengths[:-1])]  # each chunk's first row among `rows`
         device = rows.device
         unpack_index = torch.tensor([[off + min(j, n - 1) for j in range(longest)] for off, n in zip(offsets, lengths)],
                                     dtype=torch.long, device=device)
