@@ -150,3 +150,18 @@ def test_a_stream_closed_early_frees_its_blocks(checkpoint):
     run.close()
     assert llm.engine.block_manager.num_used_blocks == 0
     assert not llm.engine.has_unfinished()
+
+
+def test_a_deleted_llm_frees_its_model(checkpoint):
+    """The engine freezes the garbage collector's view of what is loaded (gc.freeze): the model must still
+    go when the last reference does, so nothing of it may sit in a reference cycle."""
+    import gc
+    import weakref
+
+    path, _ = checkpoint("deepseek-v3")
+    llm = LLM(str(path), dtype="float32", progress=False)
+    llm.generate([5, 6, 7], GREEDY)
+    model = weakref.ref(llm.engine.model)
+    del llm
+    gc.collect()
+    assert model() is None
