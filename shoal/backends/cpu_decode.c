@@ -269,10 +269,8 @@ static int token_experts(const DecodeLinear *gate_up, const DecodeLinear *down, 
     return code;
 }
 
-/* A MoE layer's output for one token: its routed experts (token_experts above), plus the shared experts'
- * gated MLP (shared_gate_up NULL: none), added in the dtype as MoE.forward adds them. */
-/* The same in three parallel regions (shoal_gemv_many): every gate_up, SiLU, every down; 1 where
- * shoal_gemv_many does not take the weights. */
+/* shoal_moe_token's output (below) in three parallel regions (shoal_gemv_many): every gate_up, SiLU, every
+ * down; 1 where shoal_gemv_many does not take the weights. */
 static int moe_token_at_once(const DecodeLinear *gate_up, const DecodeLinear *down, int64_t num_experts, int64_t count,
                              const int64_t *expert_ids, const float *weights, const DecodeLinear *shared_gate_up,
                              const DecodeLinear *shared_down, const void *x, int64_t hidden, int64_t inter, void *out,
@@ -328,6 +326,8 @@ static int moe_token_at_once(const DecodeLinear *gate_up, const DecodeLinear *do
     return code;
 }
 
+/* A MoE layer's output for one token: its routed experts (token_experts above), plus the shared experts'
+ * gated MLP (shared_gate_up NULL: none), added in the dtype as MoE.forward adds them. */
 int shoal_moe_token(const DecodeLinear *gate_up, const DecodeLinear *down, int64_t num_experts, int64_t count,
                     const int64_t *expert_ids, const float *weights, const DecodeLinear *shared_gate_up,
                     const DecodeLinear *shared_down, const void *x, int64_t hidden, int64_t inter, void *out,

@@ -544,6 +544,25 @@ static void dot_int4(const uint8_t *w, const Int4Groups *g, int64_t r, const flo
     }
 }
 
+/* xsum[g] = the sum of one activation row's inputs in group g, as the dot products see them (quantized
+ * where they are: per block of 32, its scale times the sum of its codes), so that the zero term cancels the
+ * scale term's offset exactly as in w = (u - 8) * scale + zero. */
+static void group_sums(const float *xf, const QuantizedRows *q, int64_t K, int64_t group, float *xsum) {
+    for (int64_t gi = 0; gi < K / group; gi++) {
+        float s = 0.0f;
+        if (q->xq) {
+            for (int64_t b = gi * group / QBLOCK; b < (gi + 1) * group / QBLOCK; b++) {
+                int codes = 0;
+                for (int i = 0; i < QBLOCK; i++) codes += q->xq[b * QBLOCK + i];
+                s += (float)codes * q->lane_scale[b * (QBLOCK / 4)];
+            }
+        } else {
+            for (int64_t k = gi * group; k < (gi + 1) * group; k++) s += xf[k];
+        }
+        xsum[gi] = s;
+    }
+}
+
 int shoal_gemv_int4(const void *x, int act_bf16, int64_t M, int64_t K, const uint8_t *w, const void *scale,
                     const void *zero, int scale_bf16, int64_t group, int64_t N, void *y, int threads) {
     const int shift = group_shift(group);
@@ -561,22 +580,10 @@ int shoal_gemv_int4(const void *x, int act_bf16, int64_t M, int64_t K, const uin
         free(xsum), free(q.xq), free(q.lane_scale), free(xf);
         return 2;
     }
-    /* Group sums of the activations as the dot products see them (quantized where they are), so that
-     * the zero term cancels the scale term's offset exactly as in w = (u - 8) * scale + zero. */
-    for (int64_t m = 0; m < M; m++)
-        for (int64_t gi = 0; gi < G; gi++) {
-            float s = 0.0f;
-            if (q.xq) { /* per block of 32: its scale times the sum of its codes */
-                for (int64_t b = gi * group / QBLOCK; b < (gi + 1) * group / QBLOCK; b++) {
-                    int codes = 0;
-                    for (int i = 0; i < QBLOCK; i++) codes += q.xq[m * K + b * QBLOCK + i];
-                    s += (float)codes * q.lane_scale[m * (K / 4) + b * (QBLOCK / 4)];
-                }
-            } else {
-                for (int64_t k = gi * group; k < (gi + 1) * group; k++) s += xf[m * K + k];
-            }
-            xsum[m * G + gi] = s;
-        }
+    for (int64_t m = 0; m < M; m++) {
+        const QuantizedRows qm = rows_from(&q, m, K);
+        group_sums(xf + m * K, &qm, K, group, xsum + m * G);
+    }
     const Int4Groups groups = {scale, zero, scale_bf16, group, shift};
 #ifdef SHOAL_VNNI
     if (M == 1 && q.xq) { /* batch-1 decode: four weight rows at a time (the same bits as one at a time) */
@@ -684,19 +691,7 @@ int shoal_gemv_many(const GemvWeight *const *weights, const void *const *xs, voi
                 code = 2;
                 break;
             }
-            for (int64_t gi = 0; gi < G; gi++) {
-                float s = 0.0f;
-                if (src->q.xq) {
-                    for (int64_t b = gi * w->group / QBLOCK; b < (gi + 1) * w->group / QBLOCK; b++) {
-                        int codes = 0;
-                        for (int i = 0; i < QBLOCK; i++) codes += src->q.xq[b * QBLOCK + i];
-                        s += (float)codes * src->q.lane_scale[b * (QBLOCK / 4)];
-                    }
-                } else {
-                    for (int64_t k = gi * w->group; k < (gi + 1) * w->group; k++) s += src->xf[k];
-                }
-                in[j].xsum[gi] = s;
-            }
+            group_sums(src->xf, &src->q, w->k, w->group, in[j].xsum);
         }
     }
     int64_t total = 0;

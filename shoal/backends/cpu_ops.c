@@ -617,9 +617,7 @@ static int64_t argmax_row(const void *x, int64_t r, int64_t cols, const int bf16
     __m512 vbest = _mm512_set1_ps(-INFINITY);
     __mmask16 unordered = 0;
     for (; i + 16 <= cols; i += 16) {
-        const __m512 v = bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(
-                                    _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)x + base + i))), 16))
-                              : _mm512_loadu_ps((const float *)x + base + i);
+        const __m512 v = load16(x, base + i, 0xFFFF, bf16);
         unordered |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
         vbest = _mm512_max_ps(vbest, v);
     }
@@ -635,9 +633,7 @@ static int64_t argmax_row(const void *x, int64_t r, int64_t cols, const int bf16
 #ifdef __AVX512F__
     const __m512 vb = _mm512_set1_ps(best);
     for (; j + 16 <= cols; j += 16) {
-        const __m512 v = bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(
-                                    _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)x + base + j))), 16))
-                              : _mm512_loadu_ps((const float *)x + base + j);
+        const __m512 v = load16(x, base + j, 0xFFFF, bf16);
         const __mmask16 hit = nan ? _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q) : _mm512_cmp_ps_mask(v, vb, _CMP_EQ_OQ);
         if (hit) return j + __builtin_ctz((unsigned)hit);
     }
@@ -678,9 +674,7 @@ int shoal_moe_route(const void *x, int act_bf16, int64_t tokens, int64_t hidden,
 #ifdef __AVX512F__
             __m512 acc = _mm512_setzero_ps();
             for (; i + 16 <= hidden; i += 16) {
-                const __m512 xv = act_bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
-                                                 _mm256_loadu_si256((const __m256i *)((const uint16_t *)x + t * hidden + i))), 16))
-                                           : _mm512_loadu_ps((const float *)x + t * hidden + i);
+                const __m512 xv = load16(x, t * hidden + i, 0xFFFF, act_bf16);
                 acc = _mm512_fmadd_ps(xv, _mm512_loadu_ps(we + i), acc);
             }
             s = _mm512_reduce_add_ps(acc);
