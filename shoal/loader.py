@@ -178,6 +178,8 @@ def construct_model(config: ModelConfig, backend: Backend, device: torch.device,
 
 def load_into(model: CausalLM, stream, close, plan) -> CausalLM:
     """Load (checkpoint name, tensor) pairs into the model; `close` ends the stream's progress bar."""
+    from shoal.backends.cpu import system_memory
+    from shoal.backends.cpu_packed_f32 import pack_model
     from shoal.quant.plan import prepare_for_kernels
 
     try:
@@ -186,5 +188,7 @@ def load_into(model: CausalLM, stream, close, plan) -> CausalLM:
         close()  # close the progress bar now, before any error message is printed
     if plan is not None and plan.changes_model and plan.prepare:
         prepare_for_kernels(model)
+    if plan is None or plan.prepare:
+        pack_model(model, system_memory().free_bytes)
     model.eval()
     return model

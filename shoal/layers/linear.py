@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from shoal.backends import cpu_gemv
+from shoal.backends.cpu_packed_f32 import PackedF32
 from shoal.errors import WeightError
 
 
@@ -33,13 +34,18 @@ def copy_weight(param: torch.Tensor, loaded: torch.Tensor, name: str) -> None:
         param.copy_(loaded)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, except for a few bf16 / fp16 rows on the CPU - decode - where a matrix-vector kernel
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           packed_f32: PackedF32 | None = None) -> torch.Tensor:
+    """F.linear, except: float32 rows on the CPU multiply with `packed_f32`, the weight packed once for
+    MKL (shoal/backends/cpu_packed_f32.py), where the caller has one; and for a few bf16 / fp16 rows on
+    the CPU - decode - a matrix-vector kernel
     reads the weight faster than F.linear's matmul: shoal's own (shoal/backends/cpu_gemv.c) for bf16
     weights where it could be built, else aten's torch.mv for a single row (one [5632, 1024] bf16
     weight, 2 threads: 531 against 836 us for F.linear). A batched decode step of bf16 rows, up to
     cpu_gemv.ROWS_MAX, goes to shoal's AMX kernel (cpu_gemv.matmul_rows_bf16) where the CPU has AMX; other
     bf16 / fp16 rows to F.linear with their count rounded up (cpu_gemv.linear_in_buckets)."""
+    if packed_f32 is not None and packed_f32.takes(x, weight):
+        return packed_f32(x, bias)
     if x.is_cpu and x.dtype in (torch.bfloat16, torch.float16) and x.shape[-1] == weight.shape[1]:
         rows = x.numel() // weight.shape[1]
         if weight.dtype == torch.bfloat16 and 1 <= rows <= cpu_gemv.MAX_ROWS and cpu_gemv.available():
@@ -59,7 +65,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 class Linear(nn.Module):
-    """y = x W^T (+ b), with W stored [out_features, in_features] as in Hugging Face checkpoints."""
+    """y = x W^T (+ b), with W stored [out_features, in_features] as in Hugging Face checkpoints.
+    `packed_f32`: a float32 weight's copy packed for MKL, set after loading (cpu_packed_f32.pack_model)."""
+
+    packed_f32: PackedF32 | None = None
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         super().__init__()
@@ -69,7 +78,7 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, self.packed_f32)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}"
