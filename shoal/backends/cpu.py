@@ -152,7 +152,18 @@ class CpuBackend(Backend):
             "cores": str(os.cpu_count() or 1),
             "threads": str(torch.get_num_threads()),
             "decode kernels": _decode_kernels(),
+            "float32 matmuls": _float32_matmuls(),
         }
+
+
+def _float32_matmuls() -> str:
+    """How float32 linear layers multiply more than one row here (shoal/backends/cpu_packed_f32.py)."""
+    from shoal.backends import cpu_packed_f32
+
+    if cpu_packed_f32.available():
+        return (f"weights packed once at load for MKL's sgemm (while the copies fit in "
+                f"{cpu_packed_f32.MEMORY_SHARE:.0%} of free memory)")
+    return f"aten (MKL's packed sgemm absent from this torch, or {cpu_packed_f32.ENV_SWITCH}=0)"
 
 
 def _decode_kernels() -> str:

@@ -61,13 +61,14 @@ int shoal_mla_decode_attention(const void *q_ptr, int64_t q_stride, const void *
                                const int64_t *slot_mapping, const int64_t *context_slots, int64_t ctx_stride,
                                const int64_t *context_lens, float scale, void *out, int dtype, int nthreads);
 
-enum { WEIGHT_BF16 = 0, WEIGHT_INT8 = 1, WEIGHT_INT4 = 2 };
+enum { WEIGHT_BF16 = 0, WEIGHT_INT8 = 1, WEIGHT_INT4 = 2, WEIGHT_F32_PACKED = 3 };
 
 /* One linear layer's weight, as its Python module holds it (layouts in cpu_gemv.c; cpu_gemv.c's GemvWeight
  * must match it field for field). */
 struct DecodeLinear {
     int64_t kind;              /* WEIGHT_* */
-    const void *weight;        /* bf16 [N, K]; int8 [N, K]; int4 kernel layout [N, K / 2] */
+    const void *weight;        /* bf16 [N, K]; int8 [N, K]; int4 kernel layout [N, K / 2]; float32 packed by
+                                * MKL (cpu_packed_f32.py) */
     const void *scale;         /* int8: float32 [N]; int4: [N, K / group] */
     const void *zero;          /* int4: like scale */
     int64_t scale_bf16, group; /* int4 */
@@ -139,9 +140,24 @@ static int rows_amx = 0;
 
 void shoal_decode_use_amx(int amx) { rows_amx = amx; }
 
+/* MKL's cblas_sgemm_compute as torch's library exports it, for WEIGHT_F32_PACKED weights: set once from
+ * Python (cpu_packed_f32.compute_address()), which makes the same call for the same weights layer by
+ * layer. NULL: float32 packed weights are refused. */
+typedef void (*SgemmCompute)(int layout, int transa, int transb, int m, int n, int k, const float *a, int lda,
+                             const void *b, int ldb, float beta, float *c, int ldc);
+static SgemmCompute sgemm_compute = NULL;
+
+void shoal_decode_use_sgemm(void *compute) { sgemm_compute = (SgemmCompute)compute; }
+
 static int linear(const DecodeLinear *l, const void *x, int64_t rows, void *y, int bf16, int threads) {
     int code;
-    if (rows > GEMV_ROWS) { /* a batched step: bf16 activations only (cpu_gemv.rows_kernel_takes) */
+    if (l->kind == WEIGHT_F32_PACKED) { /* any row count; MKL splits it over torch's threads */
+        if (bf16 || !sgemm_compute || rows > INT32_MAX) return 1;
+        enum { ROW_MAJOR = 101, NO_TRANS = 111, PACKED = 151 };
+        sgemm_compute(ROW_MAJOR, NO_TRANS, PACKED, (int)rows, (int)l->n, (int)l->k, x, (int)l->k, l->weight, (int)l->k,
+                      0.0f, y, (int)l->n);
+        code = 0;
+    } else if (rows > GEMV_ROWS) { /* a batched step: bf16 activations only (cpu_gemv.rows_kernel_takes) */
         if (!bf16) return 1;
         switch (l->kind) {
         case WEIGHT_BF16: code = shoal_matmul_rows_bf16(x, rows, l->k, l->weight, l->n, y, rows_amx, threads); break;
@@ -189,6 +205,10 @@ int shoal_gated_mlp(const DecodeLinear *gate_up, const DecodeLinear *down, const
     return gated_mlp(gate_up, down, x, rows, out, dtype == 1, threads);
 }
 
+/* Step buffers start on a cache line, as torch's tensors do: MKL's sgemm may take another path (and
+ * round differently) for other alignments, and the layer-by-layer path multiplies torch tensors. */
+static void *buffer(size_t bytes) { return aligned_alloc(64, (bytes + 63) / 64 * 64); }
+
 /* x [rows, hidden] (the embeddings; overwritten: it becomes the residual stream) -> out [rows, hidden],
  * the final norm's output. Returns 0, 1 for arguments the kernels reject, 2 when out of memory. */
 int shoal_llama_decode(const DecodeModel *m, const DecodeLayer *layers, const DecodeStep *s, void *x, void *out,
@@ -199,9 +219,9 @@ int shoal_llama_decode(const DecodeModel *m, const DecodeLayer *layers, const De
     const int64_t q_width = m->heads * dim, kv_width = m->kv_heads * dim;
     const int64_t qkv_width = q_width + 2 * kv_width;
     const size_t widest = (size_t)(qkv_width > 2 * m->intermediate ? qkv_width : 2 * m->intermediate);
-    char *h = malloc((size_t)rows * hidden * esize), *proj = malloc((size_t)rows * hidden * esize);
-    char *wide = malloc((size_t)rows * widest * esize);
-    char *narrow = malloc((size_t)rows * (size_t)(q_width > m->intermediate ? q_width : m->intermediate) * esize);
+    char *h = buffer((size_t)rows * hidden * esize), *proj = buffer((size_t)rows * hidden * esize);
+    char *wide = buffer((size_t)rows * widest * esize);
+    char *narrow = buffer((size_t)rows * (size_t)(q_width > m->intermediate ? q_width : m->intermediate) * esize);
     int code = (!h || !proj || !wide || !narrow) ? 2 : 0;
     for (int64_t i = 0; i < m->layers && !code; i++) {
         const DecodeLayer *l = &layers[i];

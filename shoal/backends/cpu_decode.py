@@ -18,11 +18,14 @@ from pathlib import Path
 
 import torch
 
-from shoal.backends import cpu_gemv, cpu_ops
+from shoal.backends import cpu_gemv, cpu_ops, cpu_packed_f32
 from shoal.backends.cpu_build import load, switched_off
 
 SOURCES = (cpu_gemv.SOURCE, cpu_ops.SOURCE, Path(__file__).with_name("cpu_decode.c"))
-WEIGHT_BF16, WEIGHT_INT8, WEIGHT_INT4 = 0, 1, 2
+WEIGHT_BF16, WEIGHT_INT8, WEIGHT_INT4, WEIGHT_F32_PACKED = 0, 1, 2, 3
+# Sequences per step the call takes where every weight is float32 packed for MKL (which takes any count):
+# the engine's largest batches.
+F32_PACKED_ROWS = 1024
 
 _p, _i64, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 
@@ -82,6 +85,9 @@ def library() -> ctypes.CDLL | None:
     lib.shoal_decode_use_amx.argtypes = [ctypes.c_int]
     lib.shoal_decode_use_amx.restype = None
     lib.shoal_decode_use_amx(int(cpu_gemv.rows_use_amx()))
+    lib.shoal_decode_use_sgemm.argtypes = [_p]
+    lib.shoal_decode_use_sgemm.restype = None
+    lib.shoal_decode_use_sgemm(cpu_packed_f32.compute_address())
     linear_ptr = ctypes.POINTER(DecodeLinear)
     lib.shoal_moe_token.argtypes = [linear_ptr, linear_ptr, _i64, _i64, _p, _p, linear_ptr, linear_ptr, _p, _i64, _i64,
                                     _p, ctypes.c_int, ctypes.c_int]
@@ -129,11 +135,21 @@ def weight_descriptor(fmt: str | None, kernel: str | None, t: dict[str, torch.Te
 
 def linear_descriptor(module: torch.nn.Module, dtype: torch.dtype) -> tuple[DecodeLinear, list[torch.Tensor]] | None:
     """`weight_descriptor` for a linear layer (and the tensors to keep alive), or None for any layer but
-    a plain or a quantized Linear (a tensor-parallel split, for one)."""
+    a plain or a quantized Linear (a tensor-parallel split, for one). A float32 Linear is described by its
+    copy packed for MKL (cpu_packed_f32), which its own forward multiplies with too; unpacked, None."""
     from shoal.layers.linear import Linear, MergedLinear
     from shoal.quant.layers import QuantizedLinear
 
     bias = getattr(module, "bias", None)
+    packed = getattr(module, "packed_f32", None)
+    if type(module) in (Linear, MergedLinear) and packed is not None and dtype == torch.float32:
+        if not packed.packs(module.weight) or cpu_packed_f32.compute_address() is None:
+            return None
+        if bias is not None and (bias.dtype != dtype or not bias.is_contiguous()):
+            return None
+        return (DecodeLinear(WEIGHT_F32_PACKED, packed.buffer.data_ptr(), None, None, 0, 0,
+                             bias.data_ptr() if bias is not None else None, packed.n, packed.k),
+                [packed.buffer] + ([bias] if bias is not None else []))
     if type(module) in (Linear, MergedLinear):
         t, fmt, kernel, group = {"weight": module.weight}, None, None, 0
     elif type(module) is QuantizedLinear:
@@ -206,12 +222,19 @@ class LlamaDecode:
     modules). Build with `build`, which returns None where any part is not one the C step takes.
     """
 
-    def __init__(self, model: DecodeModel, layers: list[DecodeLayer], keep: list[torch.Tensor], max_rows: int) -> None:
+    def __init__(self, model: DecodeModel, layers: list[DecodeLayer], keep: list[torch.Tensor], max_rows: int,
+                 packed: list | None = None) -> None:
         self.model = model
         self.layers = (DecodeLayer * len(layers))(*layers)
         self._keep = keep  # the tensors whose memory the descriptors point into
         self._pools: tuple[int, ...] | None = None
         self.max_rows = max_rows  # sequences per step the call takes
+        self._packed = packed or []  # float32 weights' packed copies (cpu_packed_f32.PackedF32) the layers read
+
+    def is_current(self) -> bool:
+        """False once a packed float32 weight has changed in place since it was packed: the copy the call
+        would read is stale (the layer-by-layer path then multiplies the weight itself)."""
+        return all(p.is_current() for p in self._packed)
 
     @classmethod
     def build(cls, *, hidden: int, heads: int, kv_heads: int, head_dim: int, intermediate: int, eps: float,
@@ -220,6 +243,7 @@ class LlamaDecode:
             return None
         keep: list[torch.Tensor] = [final_norm]
         described = []
+        packed = [m.packed_f32 for _, _, *linears in layers for m in linears if getattr(m, "packed_f32", None)]
         for input_norm, post_norm, *linears in layers:
             parts = [linear_descriptor(module, dtype) for module in linears]
             norms = (input_norm, post_norm)
@@ -234,7 +258,8 @@ class LlamaDecode:
         model = DecodeModel(len(layers), hidden, heads, kv_heads, head_dim, intermediate, eps, scale,
                             cpu_ops.DTYPES[dtype], final_norm.data_ptr())
         kinds = {d.kind for layer in described for d in (layer.qkv, layer.o, layer.gate_up, layer.down)}
-        return cls(model, described, keep, batched_rows(dtype, WEIGHT_BF16 in kinds))
+        rows = F32_PACKED_ROWS if kinds == {WEIGHT_F32_PACKED} else batched_rows(dtype, WEIGHT_BF16 in kinds)
+        return cls(model, described, keep, rows, packed if dtype == torch.float32 else None)
 
     def run(self, x: torch.Tensor, step: cpu_ops.DecodeAttention, pools: list[list[torch.Tensor]],
             cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:

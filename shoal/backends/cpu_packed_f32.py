@@ -2,93 +2,127 @@
 
 `F.linear` on a float32 weight hands MKL the plain [out, in] matrix, and MKL re-lays the weight into
 its own blocked format inside every call. For a prefill chunk of thousands of rows that copy is lost in
-the multiplies; for a batched decode step (2 to a few hundred rows) it is a large part of the call.
-Packing each weight once (`cblas_sgemm_pack`, reached through torch's `mkl::_mkl_reorder_linear_weight`,
-the op torch.compile's CPU freezing uses) and multiplying with `cblas_sgemm_compute`
-(`mkl::_mkl_linear`) leaves only the multiplies. Measured ad hoc, one thread, [32, 512] rows against
-llama-34m's weights: 1.4-1.5x F.linear's rate for the layer weights, 1.25x for the [32000, 512] output
-head; within noise at one row and at 2048.
+the multiplies; for a batched decode step (a few to a few hundred rows) it is a large part of the call.
+Packing each weight once (`cblas_sgemm_pack`, as torch.compile's CPU freezing does through
+`mkl::_mkl_reorder_linear_weight`) and multiplying with `cblas_sgemm_compute` leaves only the
+multiplies. Measured ad hoc, [32, 512] rows against llama-34m's weights: 1.4-1.5x F.linear's rate for
+the layer weights at one thread, about 2x at two; within noise at one row and at 2048.
 
-A packed copy costs as much memory as the weight, so `pack_model` packs only while the copies fit in
-half of the free memory (see MEMORY_SHARE); SHOAL_CPU_PACKED_F32=0 switches packing off. torch's op
-multiplies with the packed weight only when the row count equals the one given at packing, and falls
-back to F.linear otherwise; shoal passes every call's own count, which relies on the packed layout of B
-not depending on the row count. `pack` checks that on each weight (a few rows against F.linear) and
-keeps a weight unpacked where it fails.
+The CBLAS functions are the ones torch's own library exports (torch built with MKL, as the x86 wheels
+are); they are called through ctypes, so that the C decode step (cpu_decode.c, WEIGHT_F32_PACKED) can
+multiply with the same packed buffers and get the same bits. MKL takes its thread count from
+torch.set_num_threads.
+
+A packed copy costs about as much memory as the weight (measured ad hoc: +135 MiB resident for
+llama-34m's 136 MiB), so `pack_model` packs only while the copies fit in half of the free memory (see
+MEMORY_SHARE); SHOAL_CPU_PACKED_F32=0 switches packing off. A weight is packed once for PACK_ROWS rows
+and then multiplied with any row count, which relies on MKL's packed layout of B not depending on the
+row count; `pack` checks that on each weight (a few rows against F.linear) and keeps a weight unpacked
+where it fails.
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import logging
 import os
+from pathlib import Path
 
 import torch
 from torch import nn
 
 ENV_SWITCH = "SHOAL_CPU_PACKED_F32"
 PACK_ROWS = 32  # the row count given to the packing call: a batched decode step's typical size
-MIN_ROWS = 2  # below this F.linear keeps the call: one row measured no faster packed
 MEMORY_SHARE = 0.5  # pack only while the packed copies fit in this share of free memory
+# CBLAS enum values (mkl_cblas.h)
+_ROW_MAJOR, _NO_TRANS, _TRANS, _PACKED, _B_MATRIX = 101, 111, 112, 151, 162
 
 log = logging.getLogger(__name__)
 
 
 @functools.lru_cache(maxsize=1)
+def _cblas() -> ctypes.CDLL | None:
+    """torch's CPU library with MKL's packed sgemm functions typed, or None where it has none."""
+    if not torch.backends.mkl.is_available():
+        return None
+    try:
+        lib = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
+        get_size, pack_fn, compute = lib.cblas_sgemm_pack_get_size, lib.cblas_sgemm_pack, lib.cblas_sgemm_compute
+    except (OSError, AttributeError):
+        return None
+    i32, p = ctypes.c_int, ctypes.c_void_p  # MKL_INT is 32-bit in the LP64 interface these names are
+    get_size.argtypes, get_size.restype = [i32, i32, i32, i32], ctypes.c_size_t
+    pack_fn.argtypes = [i32, i32, i32, i32, i32, i32, ctypes.c_float, p, i32, p]
+    pack_fn.restype = None
+    compute.argtypes = [i32, i32, i32, i32, i32, i32, p, i32, p, i32, ctypes.c_float, p, i32]
+    compute.restype = None
+    return lib
+
+
+@functools.lru_cache(maxsize=1)
 def available() -> bool:
-    """Whether torch was built with MKL's packed sgemm ops and packing is not switched off."""
+    """Whether torch's library has MKL's packed sgemm and packing is not switched off."""
     if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
         return False
-    try:
-        return torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear") and hasattr(
-            torch.ops.mkl, "_mkl_reorder_linear_weight"
-        )
-    except (AttributeError, RuntimeError):
-        return False
+    return _cblas() is not None
+
+
+def compute_address() -> int | None:
+    """The address of cblas_sgemm_compute, for the C decode step, or None where packing is unavailable."""
+    lib = _cblas() if available() else None
+    return None if lib is None else ctypes.cast(lib.cblas_sgemm_compute, ctypes.c_void_p).value
 
 
 class PackedF32:
-    """One float32 weight in MKL's packed layout, tied to the version of the weight it was packed from:
-    a weight changed in place afterwards (its version moves) makes `takes` answer False."""
+    """One float32 weight [n, k] in MKL's packed layout (`buffer`), tied to the version of the weight it
+    was packed from: a weight changed in place afterwards makes `is_current` False and `takes` refuse."""
 
-    def __init__(self, weight: torch.Tensor, packed: torch.Tensor) -> None:
-        self.source_version = weight._version
-        self.packed = packed
-        # _mkl_linear reads only the shape and dtype of its "origin weight" when the row counts match,
-        # so a zero-stride stand-in of that shape costs no memory.
-        self.shape_only = torch.zeros((), dtype=torch.float32).expand(weight.shape)
+    def __init__(self, weight: torch.Tensor, buffer: torch.Tensor) -> None:
+        self.source, self.source_version = weight, weight._version
+        self.buffer = buffer
+        self.n, self.k = weight.shape
+
+    def is_current(self) -> bool:
+        return self.source._version == self.source_version
+
+    def packs(self, weight: torch.Tensor) -> bool:
+        """Whether this is `weight`'s packed copy, and up to date."""
+        return weight.data_ptr() == self.source.data_ptr() and self.is_current()
 
     def takes(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
-        return (
-            x.dtype == torch.float32
-            and x.device.type == "cpu"
-            and x.numel() >= MIN_ROWS * x.shape[-1] > 0
-            and weight._version == self.source_version
-        )
+        return (x.dtype == torch.float32 and x.device.type == "cpu" and x.numel() > 0 and x.shape[-1] == self.k
+                and self.packs(weight))
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        rows = x.numel() // x.shape[-1]
-        return torch.ops.mkl._mkl_linear(x, self.packed, self.shape_only, bias, rows)
+        """x [..., k] float32 -> x W^T (+ bias, added afterwards as torch adds it: the C step's bits)."""
+        flat = x.reshape(-1, self.k).contiguous()
+        y = torch.empty(flat.shape[0], self.n, dtype=torch.float32)
+        _cblas().cblas_sgemm_compute(_ROW_MAJOR, _NO_TRANS, _PACKED, flat.shape[0], self.n, self.k, flat.data_ptr(),
+                                     self.k, self.buffer.data_ptr(), self.k, 0.0, y.data_ptr(), self.n)
+        y = y.view(*x.shape[:-1], self.n)
+        return y if bias is None else y + bias
 
 
 def pack(weight: torch.Tensor) -> PackedF32 | None:
-    """`weight` [out, in] packed for MKL, or None where it cannot be (not a contiguous float32 CPU weight,
-    MKL absent) or where the packed layout fails the row-count check."""
+    """`weight` [n, k] packed for MKL, or None where it cannot be (not a contiguous float32 CPU weight,
+    packing unavailable) or where the packed layout fails the row-count check."""
     if not available() or weight.dtype != torch.float32 or weight.device.type != "cpu" or weight.dim() != 2:
         return None
-    weight = weight.detach()
-    if not weight.is_contiguous() or weight.numel() == 0:
+    if not weight.is_contiguous() or weight.numel() == 0 or max(weight.shape) >= 2**31:
         return None
+    lib = _cblas()
+    n, k = weight.shape
+    buffer = torch.empty(lib.cblas_sgemm_pack_get_size(_B_MATRIX, PACK_ROWS, n, k), dtype=torch.uint8)
+    lib.cblas_sgemm_pack(_ROW_MAJOR, _B_MATRIX, _TRANS, PACK_ROWS, n, k, 1.0, weight.data_ptr(), k, buffer.data_ptr())
+    packed = PackedF32(weight, buffer)
     with torch.inference_mode():
-        packed = PackedF32(weight, torch.ops.mkl._mkl_reorder_linear_weight(weight, PACK_ROWS))
-        probe = torch.randn(MIN_ROWS + 1, weight.shape[1], generator=torch.Generator().manual_seed(0))
+        probe = torch.randn(3, k, generator=torch.Generator().manual_seed(0))
         expected = nn.functional.linear(probe, weight)
         finite = expected.isfinite()  # outputs an inf / NaN weight spoils are not compared
         scale = float(expected[finite].abs().max()) if finite.any() else 0.0
-        wrong = ((packed(probe) - expected).abs() > 1e-4 * scale) & finite
-        if bool(wrong.any()):
-            log.info("MKL's packed sgemm disagreed with F.linear on a [%d, %d] weight; it stays unpacked",
-                     *weight.shape)
+        if bool((((packed(probe) - expected).abs() > 1e-4 * scale) & finite).any()):
+            log.info("MKL's packed sgemm disagreed with F.linear on a [%d, %d] weight; it stays unpacked", n, k)
             return None
     return packed
 
@@ -110,6 +144,6 @@ def pack_model(model: nn.Module, free_bytes: int) -> int:
         size = weight.numel() * weight.element_size()
         if weight.dtype != torch.float32 or weight.device.type != "cpu" or used + size > budget:
             continue
-        module.packed_f32 = pack(weight)
+        module.packed_f32 = pack(weight.detach())
         used += size if module.packed_f32 is not None else 0
     return used

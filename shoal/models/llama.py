@@ -139,6 +139,8 @@ class LlamaForCausalLM(CausalLM):
         if ready is None:
             return None
         plan, step = ready
+        if not plan.is_current():
+            return None
         pools = [cache.pools(i) for i in range(len(self.model.layers))]
         out = plan.run(x, step, pools, self.model.layers[0].self_attn.rotary.tables(positions))
         return out.view_as(x)

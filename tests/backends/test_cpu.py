@@ -51,6 +51,7 @@ def test_device_and_identity():
     assert cpu.device_name()
     assert cpu.extra_info()["threads"] == str(torch.get_num_threads())
     assert cpu.extra_info()["decode kernels"]  # what decode runs on, for `shoal doctor`
+    assert cpu.extra_info()["float32 matmuls"]
 
 
 def test_reported_quantized_kernels_run():

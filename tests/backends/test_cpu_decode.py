@@ -9,7 +9,7 @@ import torch
 
 from checkpoints import build_checkpoint
 from shoal import LLM, SamplingParams
-from shoal.backends import cpu_decode
+from shoal.backends import cpu_decode, cpu_packed_f32
 
 pytestmark = pytest.mark.skipif(cpu_decode.library() is None, reason="no C compiler here: the kernels are not built")
 
@@ -68,14 +68,42 @@ def test_one_call_decode_equals_the_layers(built, name, quant, max_seqs, monkeyp
     assert fused == layered
 
 
-def test_models_it_cannot_run_keep_their_layers(built):
-    # Qwen3's per-head norms and float32 weights are not what the step runs: the layers do, as before.
+@pytest.mark.skipif(not cpu_packed_f32.available(), reason="this torch has no MKL packed sgemm")
+@pytest.mark.parametrize("max_seqs", [8, 16])
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
+def test_float32_one_call_decode_equals_the_layers(built, name, max_seqs, monkeypatch):
+    """float32 weights packed for MKL: the call multiplies with the same packed copies, any row count."""
+    llm = LLM(str(built(name)), dtype="float32", progress=False, max_model_len=128, max_num_seqs=max_seqs,
+              kv_cache_memory=8 << 20)
+    rows, run = [], cpu_decode.LlamaDecode.run
+    monkeypatch.setattr(cpu_decode.LlamaDecode, "run", lambda self, x, *a: rows.append(x.numel() // x.shape[-1])
+                        or run(self, x, *a))
+    fused = generate(llm, True)
+    assert isinstance(llm.engine.model._cpu_decode, cpu_decode.LlamaDecode) and max(rows) == min(max_seqs, 11)
+    assert fused == generate(llm, False)
+    # a weight changed in place after packing: its copy is stale, so the layers (multiplying the weight) run
+    rows.clear()
+    llm.engine.model._cpu_decode = None
+    with torch.no_grad():
+        llm.engine.model.model.layers[0].mlp.down_proj.weight.mul_(1.0)
+    llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=3))
+    assert not rows
+
+
+def test_models_it_cannot_run_keep_their_layers(built, monkeypatch):
+    # Qwen3's per-head norms and unpacked float32 weights are not what the step runs: the layers do, as before.
     qwen3 = LLM(str(built("qwen3")), dtype="bfloat16", progress=False, max_model_len=64, kv_cache_memory=4 << 20)
     qwen3.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=3))
     assert qwen3.engine.model._cpu_decode is False
-    fp32 = LLM(str(built("llama")), dtype="float32", progress=False, max_model_len=64, kv_cache_memory=4 << 20)
-    fp32.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=3))
-    assert fp32.engine.model._cpu_decode is False
+    monkeypatch.setenv(cpu_packed_f32.ENV_SWITCH, "0")
+    cpu_packed_f32.available.cache_clear()
+    try:
+        fp32 = LLM(str(built("llama")), dtype="float32", progress=False, max_model_len=64, kv_cache_memory=4 << 20)
+        fp32.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=3))
+        assert fp32.engine.model._cpu_decode is False
+    finally:
+        monkeypatch.delenv(cpu_packed_f32.ENV_SWITCH)
+        cpu_packed_f32.available.cache_clear()
 
 
 def test_switched_off(built, monkeypatch):
