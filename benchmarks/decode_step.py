@@ -2,11 +2,17 @@
 of each, and the operators that cost the most in one step of each.
 
     python benchmarks/decode_step.py [--model /tmp/shoal-bench-llama-34m] [--threads 1] [--dtype float32]
+        [--steps 20]
 
 The model defaults to the random llama-34m checkpoint `offline_throughput.py` builds (run that first,
 or pass any checkpoint folder). Both engines prefill the same 32 random prompts of --context tokens,
 then time --steps single-token steps: shoal's `engine.step()` (scheduling, paged cache, sampling
 included) against transformers' forward over its DynamicCache plus an argmax.
+
+shoal's steps alternate between the ways it can run them, in one process so that other load on the
+machine hits each alike: the one-call decode step (shoal/backends/cpu_decode.py) where it applies,
+layer by layer, and, for float32, layer by layer with the weights unpacked (F.linear instead of MKL's
+packed sgemm, shoal/backends/cpu_packed_f32.py). The profile is of the first of them.
 """
 
 from __future__ import annotations
@@ -57,22 +63,38 @@ def main() -> int:
     llm = LLM(args.model, device="cpu", dtype=args.dtype, max_num_seqs=args.batch, progress=False)
     engine = llm.engine
     for row in ids.tolist():
-        engine.add_request(row, SamplingParams(temperature=0, max_tokens=args.steps + 8, ignore_eos=True))
+        engine.add_request(row, SamplingParams(temperature=0, max_tokens=3 * args.steps + 8, ignore_eos=True))
+    model = engine.model
     engine.step()  # prefill
     engine.step()
-    shoal_times = []
-    for _ in range(args.steps):
+    plan = model._cpu_decode  # the one-call step as described at the first decode step, or False
+    packed = {m: m.packed_f32 for m in model.modules() if getattr(m, "packed_f32", None) is not None}
+
+    def use(way: str) -> None:
+        model._cpu_decode = plan if way == "one call" else False
+        for module, copy in packed.items():
+            module.packed_f32 = None if way == "layers, unpacked" else copy
+
+    ways = (["one call"] if plan else []) + ["layers"] + (["layers, unpacked"] if packed else [])
+    shoal_times: dict[str, list[float]] = {way: [] for way in ways}
+    for i in range(args.steps * len(ways)):
+        way = ways[i % len(ways)]
+        use(way)
         start = time.perf_counter()
         engine.step()
-        shoal_times.append(time.perf_counter() - start)
+        shoal_times[way].append(time.perf_counter() - start)
+    use(ways[0])
     with profile(activities=[ProfilerActivity.CPU]) as shoal_prof:
         engine.step()
 
     print(shoal_prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
     print(hf_prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
-    shoal_ms, hf_ms = statistics.median(shoal_times) * 1e3, statistics.median(hf_times) * 1e3
+    hf_ms = statistics.median(hf_times) * 1e3
     print(f"{args.model}, {args.dtype}, {args.threads} thread(s), batch {args.batch}, context {args.context}: "
-          f"median decode step shoal {shoal_ms:.1f} ms, transformers {hf_ms:.1f} ms (shoal {hf_ms / shoal_ms:.2f}x)")
+          f"median decode step, transformers {hf_ms:.1f} ms; shoal:")
+    for way in ways:
+        ms = statistics.median(shoal_times[way]) * 1e3
+        print(f"  {way:<18} {ms:6.1f} ms  ({hf_ms / ms:.2f}x transformers)")
     return 0
 
 
