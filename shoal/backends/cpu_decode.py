@@ -5,7 +5,9 @@ microseconds of dispatch while the memory idles (one call makes a 0.5B Llama's s
 BENCHMARKS.md). `LlamaDecode` describes every layer
 to the C side once (weight pointers, norms, cache pools) and then runs a step as one call into the same
 kernels Python would call (cpu_gemv.c, cpu_ops.c), so its results are bit for bit those of the
-layer-by-layer path. The model decides when it applies (shoal/models/llama.py, `fused_decode`).
+layer-by-layer path. float32 weights take part through their copies packed for MKL (cpu_packed_f32.py),
+which the call multiplies with the same `cblas_sgemm_compute` the layers use, for any number of
+sequences. The model decides when it applies (shoal/models/llama.py, `fused_decode`).
 `TokenExperts` does the same for a lone token's routed MoE experts (shoal/layers/moe.py).
 SHOAL_CPU_DECODE=0 (or SHOAL_CPU_KERNELS=0 / SHOAL_CPU_OPS=0) keeps the layer-by-layer path.
 """
