@@ -318,7 +318,9 @@ class DeepseekDecode:
             if module is None:
                 return DecodeLinear()
             described = linear_descriptor(module, dtype)
-            if described is None:
+            # float32 packed weights stay layer by layer here: the halves' float32 path has not been matched
+            # bit for bit against the layers' (a lone token's step differs in the last bits), unlike Llama's.
+            if described is None or described[0].kind == WEIGHT_F32_PACKED:
                 return None
             keep.extend(described[1])
             return described[0]

@@ -81,6 +81,12 @@ def test_float32_one_call_decode_equals_the_layers(built, name, max_seqs, monkey
     fused = generate(llm, True)
     assert isinstance(llm.engine.model._cpu_decode, cpu_decode.LlamaDecode) and max(rows) == min(max_seqs, 11)
     assert fused == generate(llm, False)
+    alone = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=3)
+    outs = []
+    for fused_step in (True, False):  # one sequence: one-row multiplies
+        llm.engine.model._cpu_decode = None if fused_step else False
+        outs.append([(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in llm.generate([[61, 2, 90]], alone)])
+    assert outs[0] == outs[1] and 1 in rows
     # a weight changed in place after packing: its copy is stale, so the layers (multiplying the weight) run
     rows.clear()
     llm.engine.model._cpu_decode = None

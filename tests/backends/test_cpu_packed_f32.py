@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from checkpoints import build_checkpoint
 from torch.nn import functional as F
 
 from shoal import LLM
@@ -11,7 +12,6 @@ from shoal.backends import cpu_packed_f32
 from shoal.layers.embedding import LMHead, VocabEmbedding
 from shoal.layers.linear import Linear, MergedLinear
 from shoal.sampling_params import SamplingParams
-from tests.checkpoints import build_checkpoint
 
 pytestmark = pytest.mark.skipif(not cpu_packed_f32.available(), reason="this torch has no MKL packed sgemm")
 
