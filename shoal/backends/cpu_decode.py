@@ -109,13 +109,20 @@ def _check(code: int, what: str) -> None:
 
 
 def weight_descriptor(fmt: str | None, kernel: str | None, t: dict[str, torch.Tensor], group_size: int,
-                      dtype: torch.dtype, bias: torch.Tensor | None = None) -> DecodeLinear | None:
+                      dtype: torch.dtype, bias: torch.Tensor | None = None,
+                      packed: cpu_packed_f32.PackedF32 | None = None) -> DecodeLinear | None:
     """How the C side reads one weight: `t` holds {"weight": bf16 [N, K]} (fmt None) or a quantized
-    layer's tensors in its kernel's layout (fmt "int8" / "int4", kernel "int8-gemv" / "int4-gemv").
-    None where the kernels would not take it exactly as the layer's own forward does."""
+    layer's tensors in its kernel's layout (fmt "int8" / "int4", kernel "int8-gemv" / "int4-gemv"); a
+    float32 weight {"weight": float32 [N, K]} is read through `packed`, its copy packed for MKL, which the
+    layer's own forward multiplies with too. None where the kernels would not take it exactly as the
+    layer's own forward does."""
     if bias is not None and (bias.dtype != dtype or not bias.is_contiguous()):
         return None
     bias_ptr = bias.data_ptr() if bias is not None else None
+    if fmt is None and dtype == torch.float32:
+        if packed is None or not packed.packs(t["weight"]) or cpu_packed_f32.compute_address() is None:
+            return None
+        return DecodeLinear(WEIGHT_F32_PACKED, packed.buffer.data_ptr(), None, None, 0, 0, bias_ptr, packed.n, packed.k)
     if fmt is None:
         w = t["weight"]
         if w.dtype != torch.bfloat16 or dtype != torch.bfloat16 or not w.is_contiguous() or w.device.type != "cpu":
@@ -137,30 +144,21 @@ def weight_descriptor(fmt: str | None, kernel: str | None, t: dict[str, torch.Te
 
 def linear_descriptor(module: torch.nn.Module, dtype: torch.dtype) -> tuple[DecodeLinear, list[torch.Tensor]] | None:
     """`weight_descriptor` for a linear layer (and the tensors to keep alive), or None for any layer but
-    a plain or a quantized Linear (a tensor-parallel split, for one). A float32 Linear is described by its
-    copy packed for MKL (cpu_packed_f32), which its own forward multiplies with too; unpacked, None."""
+    a plain or a quantized Linear (a tensor-parallel split, for one)."""
     from shoal.layers.linear import Linear, MergedLinear
     from shoal.quant.layers import QuantizedLinear
 
-    bias = getattr(module, "bias", None)
-    packed = getattr(module, "packed_f32", None)
-    if type(module) in (Linear, MergedLinear) and packed is not None and dtype == torch.float32:
-        if not packed.packs(module.weight) or cpu_packed_f32.compute_address() is None:
-            return None
-        if bias is not None and (bias.dtype != dtype or not bias.is_contiguous()):
-            return None
-        return (DecodeLinear(WEIGHT_F32_PACKED, packed.buffer.data_ptr(), None, None, 0, 0,
-                             bias.data_ptr() if bias is not None else None, packed.n, packed.k),
-                [packed.buffer] + ([bias] if bias is not None else []))
+    bias, packed = getattr(module, "bias", None), None
     if type(module) in (Linear, MergedLinear):
-        t, fmt, kernel, group = {"weight": module.weight}, None, None, 0
+        t, fmt, kernel, group, packed = {"weight": module.weight}, None, None, 0, module.packed_f32
     elif type(module) is QuantizedLinear:
         t, fmt, kernel, group = module._tensors(""), module.fmt, module.kernel.name, module.group_size
     else:
         return None
     t = {name: p.data for name, p in t.items()}
-    described = weight_descriptor(fmt, kernel, t, group, dtype, bias)
-    return None if described is None else (described, list(t.values()) + ([bias] if bias is not None else []))
+    described = weight_descriptor(fmt, kernel, t, group, dtype, bias, packed)
+    keep = list(t.values()) + ([packed.buffer] if packed is not None else []) + ([bias] if bias is not None else [])
+    return None if described is None else (described, keep)
 
 
 class TokenExperts:
