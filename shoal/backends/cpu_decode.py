@@ -223,13 +223,13 @@ class LlamaDecode:
     """
 
     def __init__(self, model: DecodeModel, layers: list[DecodeLayer], keep: list[torch.Tensor], max_rows: int,
-                 packed: list | None = None) -> None:
+                 packed: list[cpu_packed_f32.PackedF32]) -> None:
         self.model = model
         self.layers = (DecodeLayer * len(layers))(*layers)
         self._keep = keep  # the tensors whose memory the descriptors point into
         self._pools: tuple[int, ...] | None = None
         self.max_rows = max_rows  # sequences per step the call takes
-        self._packed = packed or []  # float32 weights' packed copies (cpu_packed_f32.PackedF32) the layers read
+        self._packed = packed  # float32 weights' packed copies the layers read (none for other dtypes)
 
     def is_current(self) -> bool:
         """False once a packed float32 weight has changed in place since it was packed: the copy the call
@@ -259,7 +259,7 @@ class LlamaDecode:
                             cpu_ops.DTYPES[dtype], final_norm.data_ptr())
         kinds = {d.kind for layer in described for d in (layer.qkv, layer.o, layer.gate_up, layer.down)}
         rows = F32_PACKED_ROWS if kinds == {WEIGHT_F32_PACKED} else batched_rows(dtype, WEIGHT_BF16 in kinds)
-        return cls(model, described, keep, rows, packed if dtype == torch.float32 else None)
+        return cls(model, described, keep, rows, packed)
 
     def run(self, x: torch.Tensor, step: cpu_ops.DecodeAttention, pools: list[list[torch.Tensor]],
             cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
