@@ -56,14 +56,16 @@ def generate(llm: LLM, fused: bool):
 @pytest.mark.parametrize("name", ["llama", "qwen2", "mistral"])
 def test_one_call_decode_equals_the_layers(built, name, quant, max_seqs, monkeypatch):
     llm = LLM(str(built(name)), dtype="bfloat16", progress=False, max_model_len=128, max_num_seqs=max_seqs,
-              quant=quant, quant_group_size=32, kv_cache_memory=8 << 20)
+              quant=quant, quant_group_size=32, kv_cache_memory=8 << 20, enable_prefix_caching=False)
     rows, run = [], cpu_decode.LlamaDecode.run
     monkeypatch.setattr(cpu_decode.LlamaDecode, "run", lambda self, x, *a: rows.append(x.numel() // x.shape[-1])
                         or run(self, x, *a))
     fused = generate(llm, True)
     assert isinstance(llm.engine.model._cpu_decode, cpu_decode.LlamaDecode)  # the one-call step ran...
+    # ...on every step it takes: steps of 11 rows where this CPU's batched kernels take 11 (else none of
+    # them: with max_num_seqs 16 every step has 11), steps of 8 and 3 with max_num_seqs 8
     batched = cpu_decode.batched_rows(torch.bfloat16, quant is None) >= 11
-    assert max(rows) == (11 if max_seqs == 16 and batched else 8)  # ...on every step it takes
+    assert max(rows, default=0) == (8 if max_seqs == 8 else 11 if batched else 0)
     layered = generate(llm, False)
     assert fused == layered
 
@@ -73,8 +75,10 @@ def test_one_call_decode_equals_the_layers(built, name, quant, max_seqs, monkeyp
 @pytest.mark.parametrize("name", ["llama", "qwen2"])
 def test_float32_one_call_decode_equals_the_layers(built, name, max_seqs, monkeypatch):
     """float32 weights packed for MKL: the call multiplies with the same packed copies, any row count."""
+    # No prefix cache: a second run would prefill fewer rows, and a matmul's rows need not be the same
+    # bits at another row count (MKL's AVX2 sgemm, for one), which would hide what is compared here.
     llm = LLM(str(built(name)), dtype="float32", progress=False, max_model_len=128, max_num_seqs=max_seqs,
-              kv_cache_memory=8 << 20)
+              kv_cache_memory=8 << 20, enable_prefix_caching=False)
     rows, run = [], cpu_decode.LlamaDecode.run
     monkeypatch.setattr(cpu_decode.LlamaDecode, "run", lambda self, x, *a: rows.append(x.numel() // x.shape[-1])
                         or run(self, x, *a))
@@ -132,7 +136,7 @@ def test_switched_off(built, monkeypatch):
 ])
 def test_deepseek_calls_equal_the_layers(built, name, quant):
     llm = LLM(str(built(name)), dtype="bfloat16", progress=False, max_model_len=64, max_num_seqs=8,
-              quant=quant, quant_group_size=32, kv_cache_memory=4 << 20)
+              quant=quant, quant_group_size=32, kv_cache_memory=4 << 20, enable_prefix_caching=False)
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=3)
     model = llm.engine.model
     stacks = [m for m in model.modules() if hasattr(m, "_one_call")]

@@ -86,6 +86,8 @@ def reference_filter(scores: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     if p.top_k:
         keep &= scores >= scores.topk(p.top_k).values[-1]
     probs = torch.where(keep, probs, 0.0)
+    if p.top_p >= 1:  # no nucleus: a cumulative sum reaching the total in its last bits must not drop a token
+        return probs
     sorted_probs, order = probs.sort(descending=True)
     drop = sorted_probs.cumsum(-1) - sorted_probs > p.top_p * sorted_probs.sum()
     return torch.zeros_like(probs).scatter(0, order, sorted_probs.masked_fill(drop, 0.0))
