@@ -6,7 +6,7 @@
 With --stub every linear layer (and the output head) returns a preallocated zero tensor instead of
 multiplying, so the step time left is the rest of the step: norms, rotary, the cache write, attention,
 residual adds, the runner's step preparation and sampling, and Python. Stubbing needs the layers to
-run one by one, so --stub also switches off the one-call decode step (shoal/backends/cpu_decode.py)
+run one by one, so --stub also switches off the one-call decode step (shoal/backends/cpu/decode.py)
 and the one-call MoE experts: compare a stubbed run with an unstubbed one under SHOAL_CPU_DECODE=0. Prints the median wall time of
 --steps decode steps after a --prompt-token prefill, and their median thread CPU time (steadier on a
 shared machine at one thread); --profile adds torch.profiler's self-CPU table over three more steps.

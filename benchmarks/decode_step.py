@@ -10,9 +10,9 @@ then time --steps single-token steps: shoal's `engine.step()` (scheduling, paged
 included) against transformers' forward over its DynamicCache plus an argmax.
 
 shoal's steps alternate between the ways it can run them, in one process so that other load on the
-machine hits each alike: the one-call decode step (shoal/backends/cpu_decode.py) where it applies,
+machine hits each alike: the one-call decode step (shoal/backends/cpu/decode.py) where it applies,
 layer by layer, and, for float32, layer by layer with the weights unpacked (F.linear instead of MKL's
-packed sgemm, shoal/backends/cpu_packed_f32.py). The profile is of the first of them.
+packed sgemm, shoal/backends/cpu/packed_f32.py). The profile is of the first of them.
 """
 
 from __future__ import annotations

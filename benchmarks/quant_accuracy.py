@@ -107,7 +107,7 @@ def evaluate(model, ids: torch.Tensor, window: int, batch: int, dtype, cache_fac
 
 def through_decode_kernels() -> None:
     """Make prefill windows take decode's path: shoal's CPU matrix-vector kernels, 8 rows per call."""
-    from shoal.backends import cpu_gemv
+    from shoal.backends.cpu import gemv as cpu_gemv
 
     if not cpu_gemv.available():
         raise SystemExit("--decode-kernels: shoal's CPU kernels could not be built here (no C compiler?)")

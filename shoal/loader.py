@@ -179,7 +179,7 @@ def construct_model(config: ModelConfig, backend: Backend, device: torch.device,
 def load_into(model: CausalLM, stream, close, plan) -> CausalLM:
     """Load (checkpoint name, tensor) pairs into the model; `close` ends the stream's progress bar."""
     from shoal.backends.cpu import system_memory
-    from shoal.backends.cpu_packed_f32 import pack_model
+    from shoal.backends.cpu.packed_f32 import pack_model
     from shoal.quant.plan import prepare_for_kernels
 
     try:

@@ -116,7 +116,7 @@ class Backend:
         Shared vocabulary: "int8pack" (aten._weight_int8pack_mm), "int4pack"
         (aten._weight_int4pack_mm, or its _for_cpu variant on CPU), "npu_wqbmm"
         (torch_npu.npu_weight_quant_batchmatmul, int8 or int4 weights), "cpu-gemv" (shoal's own
-        CPU matrix-vector kernels, shoal/backends/cpu_gemv.c, when a C compiler could build them).
+        CPU matrix-vector kernels, shoal/backends/cpu/csrc/gemv.c, when a C compiler could build them).
         """
         return []
 

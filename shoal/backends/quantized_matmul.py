@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 from torch.nn import functional as F
 
-from shoal.backends import cpu_gemv
+from shoal.backends.cpu import gemv as cpu_gemv
 
 Tensors = dict[str, torch.Tensor]
 
@@ -77,7 +77,7 @@ FALLBACK_KERNELS = {
 # against 1.35 ms for the bf16 matmul and 3.1 ms for dequantize-then-matmul; from ~16 tokens on
 # both packed kernels fall behind (they are matrix-vector kernels: 12 ms at 64 tokens against 3.7 ms
 # for int8 dequantize-then-matmul). In fp32 they are slower than the fallback at every size.
-# shoal's own kernels (cpu_gemv.c) take up to 8 rows in float32 or bf16; above that, bf16 activations up
+# shoal's own kernels (csrc/gemv.c) take up to 8 rows in float32 or bf16; above that, bf16 activations up
 # to cpu_gemv.ROWS_MAX rows (a batched decode step) go to its matmul_rows_* kernels, which turn
 # the weight into bf16 a tile at a time in cache; larger prefill chunks are a matmul on the CPU's matrix
 # units against the weight dequantized to bf16.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from shoal.backends.cpu_packed_f32 import PackedF32
+from shoal.backends.cpu.packed_f32 import PackedF32
 from shoal.layers.linear import linear
 
 

@@ -5,7 +5,7 @@ it backs the simple generation loop. The serving engine's paged cache implements
 (`begin_forward`, `write`, `attention_mask`, and `unpack` / `pack`, which move queries between the
 layout the linear layers run in and one row per sequence), so model code never changes between them.
 Both also offer `decode_attention()`: for a step of one new token per sequence on the CPU, a fused
-kernel (shoal/backends/cpu_ops.py) that writes and attends in one call, or None where it does not apply.
+kernel (shoal/backends/cpu/fused.py) that writes and attends in one call, or None where it does not apply.
 The paged cache may split a step into parts (`parts()`, run by attention.attend_in_parts); this one
 never does.
 What a layer stores is the model's choice: keys and values for GQA, the compressed latent for MLA.
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from shoal.backends import cpu_ops
+from shoal.backends.cpu import fused as cpu_ops
 
 
 def causal_mask(

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from shoal.backends import cpu_gemv
-from shoal.backends.cpu_packed_f32 import PackedF32
+from shoal.backends.cpu import gemv as cpu_gemv
+from shoal.backends.cpu.packed_f32 import PackedF32
 from shoal.errors import WeightError
 
 
@@ -37,9 +37,9 @@ def copy_weight(param: torch.Tensor, loaded: torch.Tensor, name: str) -> None:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            packed_f32: PackedF32 | None = None) -> torch.Tensor:
     """F.linear, except: float32 rows on the CPU multiply with `packed_f32`, the weight packed once for
-    MKL (shoal/backends/cpu_packed_f32.py), where the caller has one; and for a few bf16 / fp16 rows on
+    MKL (shoal/backends/cpu/packed_f32.py), where the caller has one; and for a few bf16 / fp16 rows on
     the CPU - decode - a matrix-vector kernel
-    reads the weight faster than F.linear's matmul: shoal's own (shoal/backends/cpu_gemv.c) for bf16
+    reads the weight faster than F.linear's matmul: shoal's own (shoal/backends/cpu/csrc/gemv.c) for bf16
     weights where it could be built, else aten's torch.mv for a single row (one [5632, 1024] bf16
     weight, 2 threads: 531 against 836 us for F.linear). A batched decode step of bf16 rows, up to
     cpu_gemv.ROWS_MAX, goes to shoal's AMX kernel (cpu_gemv.matmul_rows_bf16) where the CPU has AMX; other

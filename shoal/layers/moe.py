@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from shoal.backends import cpu_decode, cpu_ops
+from shoal.backends.cpu import decode as cpu_decode, fused as cpu_ops
 from shoal.errors import WeightError
 from shoal.layers.linear import copy_weight, linear
 from shoal.layers.mlp import GatedMLP

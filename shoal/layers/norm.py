@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from shoal.backends import cpu_ops
+from shoal.backends.cpu import fused as cpu_ops
 
 
 class RMSNorm(nn.Module):

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from shoal.backends import cpu_ops
+from shoal.backends.cpu import fused as cpu_ops
 from shoal.layers.kv_cache import causal_mask
 from shoal.layers.kv_quant import bytes_per_entry, dequantize, quantize, storage_dtype
 

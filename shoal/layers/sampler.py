@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from shoal.backends import cpu_ops
+from shoal.backends.cpu import fused as cpu_ops
 from shoal.outputs import TokenLogprob
 from shoal.sampling_params import SamplingParams
 

@@ -54,7 +54,7 @@ class CausalLM(nn.Module):
 
     def fused_decode(self, x: torch.Tensor, positions: torch.Tensor, cache: ContiguousKVCache) -> torch.Tensor | None:
         """The decoder layers and the final norm in a few backend calls, where the family has them for this
-        step (Llama, DeepSeek: shoal/backends/cpu_decode.py on a CPU); None runs them layer by layer."""
+        step (Llama, DeepSeek: shoal/backends/cpu/decode.py on a CPU); None runs them layer by layer."""
         return None
 
     # The family's decoder stack as described for cpu_decode: None until the first decode step, False

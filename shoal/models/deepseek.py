@@ -13,7 +13,7 @@ import re
 import torch
 from torch import nn
 
-from shoal.backends import cpu_decode, cpu_ops
+from shoal.backends.cpu import decode as cpu_decode, fused as cpu_ops
 from shoal.backends.base import Backend, sdpa_attention
 from shoal.errors import ConfigError
 from shoal.layers.attention import attend_in_parts

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from shoal.backends import cpu_decode
+from shoal.backends.cpu import decode as cpu_decode
 from shoal.backends.base import Backend, sdpa_attention
 from shoal.layers.attention import CachedAttention, attend_in_parts
 from shoal.layers.embedding import LMHead, VocabEmbedding

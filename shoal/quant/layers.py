@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from shoal.backends import cpu_decode
+from shoal.backends.cpu import decode as cpu_decode
 from shoal.errors import WeightError
 from shoal.layers.linear import copy_weight
 from shoal.layers.moe import silu_mul, weighted_expert_sum

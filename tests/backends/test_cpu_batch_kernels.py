@@ -1,4 +1,4 @@
-"""shoal's CPU kernels for batched decode (cpu_gemv.c, shoal_matmul_rows_*): bf16 activations of 9 to
+"""shoal's CPU kernels for batched decode (csrc/gemv.c, shoal_matmul_rows_*): bf16 activations of 9 to
 cpu_gemv.ROWS_MAX rows against bf16 / int8 / int4 weights, checked against what they replace - F.linear on the
 weight dequantized to bf16 - and against the float32 product."""
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from shoal.backends import cpu_gemv
+from shoal.backends.cpu import gemv as cpu_gemv
 from shoal.backends.quantized_matmul import int4_cpu, int4_cpu_prepare, int8_cpu, int8_cpu_prepare, int8_fallback
 from shoal.layers.linear import linear
 from shoal.quant.formats import Int4GroupWeight, Int8ChannelWeight

@@ -1,4 +1,4 @@
-"""The one-call CPU decode step (shoal/backends/cpu_decode.c) against the layer-by-layer path it
+"""The one-call CPU decode step (shoal/backends/cpu/csrc/decode.c) against the layer-by-layer path it
 replaces: the same kernels in the same order, so the same tokens and the same log-probabilities, bit for
 bit, for plain, quantized, biased and sliding-window Llama-family models and mixed batches."""
 
@@ -9,7 +9,7 @@ import torch
 
 from checkpoints import build_checkpoint
 from shoal import LLM, SamplingParams
-from shoal.backends import cpu_decode, cpu_packed_f32
+from shoal.backends.cpu import decode as cpu_decode, packed_f32 as cpu_packed_f32
 
 pytestmark = pytest.mark.skipif(cpu_decode.library() is None, reason="no C compiler here: the kernels are not built")
 

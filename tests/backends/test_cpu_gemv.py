@@ -1,4 +1,4 @@
-"""shoal's CPU matrix-vector kernels (shoal/backends/cpu_gemv.c) against float32 references."""
+"""shoal's CPU matrix-vector kernels (shoal/backends/cpu/csrc/gemv.c) against float32 references."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from shoal.backends import cpu_gemv
+from shoal.backends.cpu import gemv as cpu_gemv
 from shoal.layers.linear import linear
 from shoal.quant.formats import Int4GroupWeight, Int8ChannelWeight
 

@@ -1,4 +1,4 @@
-"""shoal's fused CPU decode operations (shoal/backends/cpu_ops.c) against the torch code they replace."""
+"""shoal's fused CPU decode operations (shoal/backends/cpu/csrc/fused.c) against the torch code they replace."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from shoal.backends import cpu_ops
+from shoal.backends.cpu import fused as cpu_ops
 from shoal.layers.kv_cache import ContiguousKVCache
 from shoal.layers.norm import RMSNorm
 from shoal.layers.rotary import RotaryEmbedding

@@ -1,4 +1,4 @@
-"""float32 weights packed for MKL's sgemm (shoal/backends/cpu_packed_f32.py) against F.linear."""
+"""float32 weights packed for MKL's sgemm (shoal/backends/cpu/packed_f32.py) against F.linear."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from checkpoints import build_checkpoint
 from torch.nn import functional as F
 
 from shoal import LLM
-from shoal.backends import cpu_packed_f32
+from shoal.backends.cpu import packed_f32 as cpu_packed_f32
 from shoal.layers.embedding import LMHead, VocabEmbedding
 from shoal.layers.linear import Linear, MergedLinear
 from shoal.sampling_params import SamplingParams

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shoal.backends import cpu_gemv, get_backend
+from shoal.backends import get_backend
+from shoal.backends.cpu import gemv as cpu_gemv
 from shoal.backends.base import Backend
 from shoal.backends.quantized_matmul import FALLBACK_KERNELS, int4_cpu_prepare
 from shoal.quant.formats import Fp8BlockWeight, Int4GroupWeight, Int8ChannelWeight

@@ -8,7 +8,7 @@
  * that torch stores in the model's dtype is rounded to it here too), so results match that code up to
  * float summation order and the exp() approximation.
  *
- * Compiled at first use by shoal/backends/cpu_ops.py (-O3 -march=native -fopenmp -ffp-contract=off,
+ * Compiled at first use by shoal/backends/cpu/fused.py (-O3 -march=native -fopenmp -ffp-contract=off,
  * the last so that a*b - c*d rounds as torch's separate multiply and subtract do), loaded by ctypes.
  *
  * dtype codes: 0 float32, 1 bfloat16. Tensors are row-major; strides are in elements.
@@ -21,35 +21,7 @@
 #include <immintrin.h>
 #endif
 
-#define INLINE static inline __attribute__((always_inline))
-
-INLINE float bf16_to_float(uint16_t v) {
-    uint32_t u = (uint32_t)v << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-INLINE uint16_t float_to_bf16(float f) { /* round to nearest even, as torch does; NaN stays NaN */
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-    return (uint16_t)((u & 0x7fffffffu) > 0x7f800000u ? (u >> 16) | 0x40 : rounded);
-}
-
-INLINE float load(const void *p, int64_t i, int bf16) {
-    return bf16 ? bf16_to_float(((const uint16_t *)p)[i]) : ((const float *)p)[i];
-}
-
-INLINE void put(void *p, int64_t i, float v, int bf16) {
-    if (bf16)
-        ((uint16_t *)p)[i] = float_to_bf16(v);
-    else
-        ((float *)p)[i] = v;
-}
-
-/* v rounded to the dtype and back (bf16: what torch keeps after an op in bf16). */
-INLINE float rnd(float v, int bf16) { return bf16 ? bf16_to_float(float_to_bf16(v)) : v; }
+#include "shoal_cpu.h"
 
 /* exp(x) for x <= 0 (softmax after subtracting the max) and for SiLU: Cephes' expf polynomial, about
  * 1 ulp, written so the compiler vectorizes a loop of it. */
@@ -96,12 +68,12 @@ static void softmax_rows(float *scores, int64_t rows, int64_t keys) {
 INLINE void rms_norm_row(const void *x, const void *residual, void *res_out, const void *weight, void *out,
                          int64_t base, int64_t n, float eps, float *buf, const int bf16) {
     for (int64_t i = 0; i < n; i++) {
-        float v = load(x, base + i, bf16);
-        if (residual) v = rnd(v + load(residual, base + i, bf16), bf16);
+        float v = load_value(x, base + i, bf16);
+        if (residual) v = round_value(v + load_value(residual, base + i, bf16), bf16);
         buf[i] = v;
     }
     if (residual)
-        for (int64_t i = 0; i < n; i++) put(res_out, base + i, buf[i], bf16);
+        for (int64_t i = 0; i < n; i++) store_value(res_out, base + i, buf[i], bf16);
     float acc[16] = {0};
     int64_t i = 0;
     for (; i + 16 <= n; i += 16)
@@ -110,7 +82,7 @@ INLINE void rms_norm_row(const void *x, const void *residual, void *res_out, con
     for (; i < n; i++) sum += buf[i] * buf[i];
     for (int l = 0; l < 16; l++) sum += acc[l];
     const float r = 1.0f / sqrtf(sum / (float)n + eps);
-    for (int64_t j = 0; j < n; j++) put(out, base + j, load(weight, j, bf16) * rnd(buf[j] * r, bf16), bf16);
+    for (int64_t j = 0; j < n; j++) store_value(out, base + j, load_value(weight, j, bf16) * round_value(buf[j] * r, bf16), bf16);
 }
 
 int shoal_rms_norm(const void *x, const void *residual, void *res_out, const void *weight, void *out, int64_t rows,
@@ -137,9 +109,9 @@ int shoal_rms_norm(const void *x, const void *residual, void *res_out, const voi
 INLINE void silu_mul_row(const void *restrict x, void *restrict out, int64_t in, int64_t o, int64_t inter,
                          const int bf16) {
     for (int64_t i = 0; i < inter; i++) {
-        float g = load(x, in + i, bf16);
-        float s = rnd(g / (1.0f + exp_approx(-g)), bf16);
-        put(out, o + i, s * load(x, in + inter + i, bf16), bf16);
+        float g = load_value(x, in + i, bf16);
+        float s = round_value(g / (1.0f + exp_approx(-g)), bf16);
+        store_value(out, o + i, s * load_value(x, in + inter + i, bf16), bf16);
     }
 }
 
@@ -168,9 +140,9 @@ INLINE void rotate(const void *src, int64_t off, int64_t dim, const float *cos, 
                    const int bf16) {
     int64_t half = dim / 2;
     for (int64_t i = 0; i < half; i++) {
-        float x1 = load(src, off + i, bf16), x2 = load(src, off + half + i, bf16);
-        dst[i] = rnd(x1 * cos[i] - x2 * sin[i], bf16);
-        dst[half + i] = rnd(x2 * cos[i] + x1 * sin[i], bf16);
+        float x1 = load_value(src, off + i, bf16), x2 = load_value(src, off + half + i, bf16);
+        dst[i] = round_value(x1 * cos[i] - x2 * sin[i], bf16);
+        dst[half + i] = round_value(x2 * cos[i] + x1 * sin[i], bf16);
     }
 }
 
@@ -188,7 +160,7 @@ INLINE float dot(const float *q, const void *k, int64_t dim, const int bf16) {
     }
     sum = _mm512_reduce_add_ps(acc);
 #endif
-    for (; i < dim; i++) sum += q[i] * load(k, i, bf16);
+    for (; i < dim; i++) sum += q[i] * load_value(k, i, bf16);
     return sum;
 }
 
@@ -204,7 +176,7 @@ INLINE void axpy(float *acc, float p, const void *v, int64_t dim, const int bf16
         _mm512_storeu_ps(acc + i, _mm512_fmadd_ps(pv, vv, _mm512_loadu_ps(acc + i)));
     }
 #endif
-    for (; i < dim; i++) acc[i] += p * load(v, i, bf16);
+    for (; i < dim; i++) acc[i] += p * load_value(v, i, bf16);
 }
 
 /* Rows this far ahead are asked for early: a lone core reaches a fraction of the memory's bandwidth
@@ -229,7 +201,7 @@ INLINE void attend_heads(const void *q_ptr, int64_t qoff, int64_t h0, int64_t h1
         if (cos) {
             rotate(q_ptr, qoff + (h0 + h) * dim, dim, cos, sin, qh, bf16);
         } else {
-            for (int64_t i = 0; i < dim; i++) qh[i] = load(q_ptr, qoff + (h0 + h) * dim + i, bf16);
+            for (int64_t i = 0; i < dim; i++) qh[i] = load_value(q_ptr, qoff + (h0 + h) * dim + i, bf16);
         }
         for (int64_t i = 0; i < dim; i++) qh[i] *= scale;
     }
@@ -251,7 +223,7 @@ INLINE void attend_heads(const void *q_ptr, int64_t qoff, int64_t h0, int64_t h1
         for (int64_t h = 0; h < nh; h++)
             axpy(acc + h * dim, scores[h * keys + j], vrow + (size_t)(((h0 + h) / group) * dim) * esize, dim, bf16);
     }
-    for (int64_t i = 0; i < nh * dim; i++) put(out, ooff + h0 * dim + i, acc[i], bf16);
+    for (int64_t i = 0; i < nh * dim; i++) store_value(out, ooff + h0 * dim + i, acc[i], bf16);
 }
 
 int shoal_decode_attention(const void *q_ptr, int64_t q_stride, const void *k_ptr, int64_t k_stride,
@@ -278,7 +250,7 @@ int shoal_decode_attention(const void *q_ptr, int64_t q_stride, const void *k_pt
                 const float *c = cos_table + positions[s] * half, *sn = sin_table + positions[s] * half;
                 if (bf16) {
                     rotate(k_ptr, koff, dim, c, sn, rot, 1);
-                    for (int64_t i = 0; i < dim; i++) put(kdst, g * dim + i, rot[i], 1);
+                    for (int64_t i = 0; i < dim; i++) store_value(kdst, g * dim + i, rot[i], 1);
                 } else {
                     rotate(k_ptr, koff, dim, c, sn, (float *)kdst + g * dim, 0);
                 }
@@ -353,10 +325,10 @@ INLINE void rotate_pairs(const void *src, int64_t off, int64_t dim, const float 
                          int interleaved, const int bf16) {
     int64_t half = dim / 2;
     for (int64_t i = 0; i < half; i++) {
-        float x1 = interleaved ? load(src, off + 2 * i, bf16) : load(src, off + i, bf16);
-        float x2 = interleaved ? load(src, off + 2 * i + 1, bf16) : load(src, off + half + i, bf16);
-        dst[i] = rnd(x1 * cos[i] - x2 * sin[i], bf16);
-        dst[half + i] = rnd(x2 * cos[i] + x1 * sin[i], bf16);
+        float x1 = interleaved ? load_value(src, off + 2 * i, bf16) : load_value(src, off + i, bf16);
+        float x2 = interleaved ? load_value(src, off + 2 * i + 1, bf16) : load_value(src, off + half + i, bf16);
+        dst[i] = round_value(x1 * cos[i] - x2 * sin[i], bf16);
+        dst[half + i] = round_value(x2 * cos[i] + x1 * sin[i], bf16);
     }
 }
 
@@ -455,16 +427,16 @@ INLINE void mla_heads(const void *q_ptr, int64_t qoff, int64_t h0, int64_t h1, i
         const char *wuk = (const char *)w_kvb + (size_t)((h0 + h) * (nope + vdim) * rank) * esize;
 #ifdef __AVX512F__
         float qn[nope > 0 ? nope : 1];
-        for (int64_t d = 0; d < nope; d++) qn[d] = load(q_ptr, qh_off + d, bf16);
+        for (int64_t d = 0; d < nope; d++) qn[d] = load_value(q_ptr, qh_off + d, bf16);
         for (int64_t c = 0; c < rank; c += 16 * HEADS_AT_ONCE) weighted_sum_rows(qn, nope, wuk, rank, c, bf16, qh);
 #else
         for (int64_t r = 0; r < rank; r++) qh[r] = 0.0f;
         for (int64_t d = 0; d < nope; d++) {
             if (d + 2 < nope) prefetch(wuk + (size_t)((d + 2) * rank) * esize, (size_t)rank * esize);
-            axpy(qh, load(q_ptr, qh_off + d, bf16), wuk + (size_t)(d * rank) * esize, rank, bf16);
+            axpy(qh, load_value(q_ptr, qh_off + d, bf16), wuk + (size_t)(d * rank) * esize, rank, bf16);
         }
 #endif
-        for (int64_t r = 0; r < rank; r++) qh[r] = rnd(qh[r], bf16) * scale;
+        for (int64_t r = 0; r < rank; r++) qh[r] = round_value(qh[r], bf16) * scale;
         rotate_pairs(q_ptr, qh_off + nope, rope, cos, sin, qh + rank, interleaved, bf16);
         for (int64_t i = 0; i < rope; i++) qh[rank + i] *= scale;
     }
@@ -505,7 +477,7 @@ INLINE void mla_heads(const void *q_ptr, int64_t qoff, int64_t h0, int64_t h1, i
 #endif
     for (int64_t h = 0; h < nh; h++) {
         float *o = acc + h * rank;
-        for (int64_t r = 0; r < rank; r++) o[r] = rnd(o[r], bf16);
+        for (int64_t r = 0; r < rank; r++) o[r] = round_value(o[r], bf16);
         const char *wuv = (const char *)w_kvb + (size_t)(((h0 + h) * (nope + vdim) + nope) * rank) * esize;
 #ifdef __AVX512F__
         for (int64_t v0 = 0; v0 < vdim; v0 += HEADS_AT_ONCE) {
@@ -516,12 +488,12 @@ INLINE void mla_heads(const void *q_ptr, int64_t qoff, int64_t h0, int64_t h1, i
                 dots_rows(o, wuv + (size_t)(v0 * rank) * esize, rank, HEADS_AT_ONCE, bf16, d);
             else
                 dots_rows(o, wuv + (size_t)(v0 * rank) * esize, rank, vb, bf16, d);
-            for (int v = 0; v < vb; v++) put(out, ooff + (h0 + h) * vdim + v0 + v, d[v], bf16);
+            for (int v = 0; v < vb; v++) store_value(out, ooff + (h0 + h) * vdim + v0 + v, d[v], bf16);
         }
 #else
         for (int64_t v = 0; v < vdim; v++) {
             if (v + 2 < vdim) prefetch(wuv + (size_t)((v + 2) * rank) * esize, (size_t)rank * esize);
-            put(out, ooff + (h0 + h) * vdim + v, dot(o, wuv + (size_t)(v * rank) * esize, rank, bf16), bf16);
+            store_value(out, ooff + (h0 + h) * vdim + v, dot(o, wuv + (size_t)(v * rank) * esize, rank, bf16), bf16);
         }
 #endif
     }
@@ -547,21 +519,21 @@ int shoal_mla_decode_attention(const void *q_ptr, int64_t q_stride, const void *
         int64_t i = 0;
         for (; i + 16 <= rank; i += 16)
             for (int l = 0; l < 16; l++) {
-                float v = load(kv_ptr, off + i + l, bf16);
+                float v = load_value(kv_ptr, off + i + l, bf16);
                 acc16[l] += v * v;
             }
         for (; i < rank; i++) {
-            float v = load(kv_ptr, off + i, bf16);
+            float v = load_value(kv_ptr, off + i, bf16);
             sum += v * v;
         }
         for (int l = 0; l < 16; l++) sum += acc16[l];
         const float r = 1.0f / sqrtf(sum / (float)rank + eps);
         for (int64_t j = 0; j < rank; j++)
-            put(dst, j, load(norm_w, j, bf16) * rnd(load(kv_ptr, off + j, bf16) * r, bf16), bf16);
+            store_value(dst, j, load_value(norm_w, j, bf16) * round_value(load_value(kv_ptr, off + j, bf16) * r, bf16), bf16);
         float rot[rope];
         rotate_pairs(kv_ptr, off + rank, rope, cos_table + positions[s] * half, sin_table + positions[s] * half, rot,
                      interleaved, bf16);
-        for (int64_t j = 0; j < rope; j++) put(dst, rank + j, rot[j], bf16);
+        for (int64_t j = 0; j < rope; j++) store_value(dst, rank + j, rot[j], bf16);
         if (context_lens[s] > longest) longest = context_lens[s];
     }
     /* 2. attention: work items are (sequence, chunk of heads), chunks only where threads would idle */
@@ -625,7 +597,7 @@ static int64_t argmax_row(const void *x, int64_t r, int64_t cols, const int bf16
     best = _mm512_reduce_max_ps(vbest);
 #endif
     for (; i < cols; i++) {
-        const float v = load(x, base + i, bf16);
+        const float v = load_value(x, base + i, bf16);
         if (v != v) nan = 1;
         else if (v > best) best = v;
     }
@@ -639,7 +611,7 @@ static int64_t argmax_row(const void *x, int64_t r, int64_t cols, const int bf16
     }
 #endif
     for (; j < cols; j++) {
-        const float v = load(x, base + j, bf16);
+        const float v = load_value(x, base + j, bf16);
         if (nan ? v != v : v == best) return j;
     }
     return 0; /* every value -inf: the first */
@@ -679,7 +651,7 @@ int shoal_moe_route(const void *x, int act_bf16, int64_t tokens, int64_t hidden,
             }
             s = _mm512_reduce_add_ps(acc);
 #endif
-            for (; i < hidden; i++) s += load(x, t * hidden + i, act_bf16) * we[i];
+            for (; i < hidden; i++) s += load_value(x, t * hidden + i, act_bf16) * we[i];
             scores[e] = s;
         }
         if (sigmoid) {

@@ -1,11 +1,11 @@
-"""shoal's fused CPU operations for the small per-layer work of decode (cpu_ops.c): RMSNorm with the
+"""shoal's fused CPU operations for the small per-layer work of decode (csrc/fused.c): RMSNorm with the
 residual add, SiLU-and-multiply, and one-query attention over the KV cache with rotary and the cache
 write folded in (for grouped-query attention, and for DeepSeek's Multi-head Latent Attention with the
 latent's norm and the kv_b_proj absorption folded in too).
 
 A batch-1 decode step runs each of these on a few thousand values, where aten spends its time on
 dispatch (a few microseconds per operator, several operators per step of the layer) rather than on
-arithmetic; one ctypes call replaces each group. Built like cpu_gemv.c: compiled at first use with the
+arithmetic; one ctypes call replaces each group. Built like csrc/gemv.c: compiled at first use with the
 system's C compiler, cached per source and machine in ~/.cache/shoal/kernels, linked into torch's
 OpenMP runtime. Where it cannot be built, or SHOAL_CPU_KERNELS=0 (all of shoal's CPU kernels) or
 SHOAL_CPU_OPS=0 (these alone), `library()` is None and every caller keeps its torch code.
@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from shoal.backends.cpu_build import load, switched_off
+from shoal.backends.cpu.build import load, switched_off
 
-SOURCE = Path(__file__).with_name("cpu_ops.c")
+SOURCE = Path(__file__).parent / "csrc" / "fused.c"
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
 
@@ -108,7 +108,7 @@ def argmax_rows(x: torch.Tensor) -> torch.Tensor | None:
 def moe_route(x: torch.Tensor, weight: torch.Tensor, top_k: int, sigmoid: bool, bias: torch.Tensor | None,
               norm: bool, scaling: float, load: torch.Tensor | None = None
               ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """A MoE router without expert groups in one call (see shoal_moe_route in cpu_ops.c): x [tokens, hidden]
+    """A MoE router without expert groups in one call (see shoal_moe_route in csrc/fused.c): x [tokens, hidden]
     float32 / bf16, weight float32 [experts, hidden] -> (weights float32, expert ids) [tokens, top_k],
     counting the choices into load (int64 [experts]) when given; None where the kernel does not take it."""
     if not (available() and x.dim() == 2 and x.dtype in DTYPES and x.device.type == "cpu"

@@ -14,7 +14,7 @@
  *                 Otherwise (float32 activations, or no VNNI) the weights are widened to float32 and
  *                 the activations used as given.
  *
- * Compiled at first use by shoal/backends/cpu_gemv.py with `-O3 -march=native -fopenmp` and linked
+ * Compiled at first use by shoal/backends/cpu/gemv.py with `-O3 -march=native -fopenmp` and linked
  * into the process's OpenMP runtime (torch's own), loaded through ctypes.
  *
  * Layouts (row-major, contiguous):
@@ -37,6 +37,8 @@
 #ifdef __linux__
 #include <sys/syscall.h>
 #include <unistd.h>
+
+#include "shoal_cpu.h"
 #endif
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
@@ -46,7 +48,6 @@
 #define MAX_ROWS 8   /* activation rows per call; the Python side uses a matmul above this */
 #define ROW_BLOCK 4  /* activation rows multiplied per pass over a weight row */
 #define QBLOCK 32    /* inputs per activation scale when activations are quantized */
-#define INLINE static inline __attribute__((always_inline))
 #ifndef PREFETCH
 /* bytes ahead in the weight stream: against 2048, 4096 read the 0.5B Llama's int8 weights (and its output
  * head) 4% faster and its bf16 ones 2% in an ad-hoc timing (2 threads, medians of 5); 8192 no better */
@@ -56,32 +57,6 @@
 /* dot_int4_x4: weight rows ahead whose bytes it asks for (4: the next pass; 8 and 16 were no faster, ad hoc) */
 #define X4_AHEAD 4
 #endif
-
-INLINE float bf16_to_float(uint16_t v) {
-    uint32_t u = (uint32_t)v << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-INLINE uint16_t float_to_bf16(float f) { /* round to nearest even, as torch does */
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* NaN stays NaN */
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
-
-INLINE float scale_at(const void *p, int64_t i, int bf16) {
-    return bf16 ? bf16_to_float(((const uint16_t *)p)[i]) : ((const float *)p)[i];
-}
-
-INLINE void store(void *y, int act_bf16, int64_t index, float value) {
-    if (act_bf16)
-        ((uint16_t *)y)[index] = float_to_bf16(value);
-    else
-        ((float *)y)[index] = value;
-}
 
 static void *alloc(size_t bytes) { return aligned_alloc(64, (bytes + 63) / 64 * 64); }
 
@@ -234,7 +209,7 @@ int shoal_gemv_bf16(const void *x, int act_bf16, int64_t M, int64_t K, const uin
             int mb = (int)(M - m0 < ROW_BLOCK ? M - m0 : ROW_BLOCK);
             float dots[ROW_BLOCK];
             dot_bf16(w + (size_t)n * (size_t)K, xf + m0 * K, xb ? xb + m0 * K : NULL, K, mb, dots);
-            for (int m = 0; m < mb; m++) store(y, act_bf16, (m0 + m) * N + n, dots[m]);
+            for (int m = 0; m < mb; m++) store_value(y, (m0 + m) * N + n, dots[m], act_bf16);
         }
     }
     free(xf);
@@ -314,7 +289,7 @@ int shoal_gemv_int8(const void *x, int act_bf16, int64_t M, int64_t K, const int
             float dots[ROW_BLOCK];
             const QuantizedRows qm = rows_from(&q, m0, K);
             dot_int8(w + (size_t)n * (size_t)K, xf + m0 * K, &qm, K, mb, dots);
-            for (int m = 0; m < mb; m++) store(y, act_bf16, (m0 + m) * N + n, dots[m] * scale[n]);
+            for (int m = 0; m < mb; m++) store_value(y, (m0 + m) * N + n, dots[m] * scale[n], act_bf16);
         }
     }
     free(q.xq);
@@ -393,10 +368,10 @@ INLINE void int4_block_scales(const Int4Groups *g, int64_t r, int64_t k, const i
                                                       4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0);
             s[h] = _mm512_castsi512_ps(_mm512_maskz_permutexvar_epi16((__mmask32)0xAAAAAAAAu, pick, scale_bits));
         } else if (!g32) {
-            s[h] = _mm512_set1_ps(scale_at(g->scale, r + (k0 >> gs), sb));
+            s[h] = _mm512_set1_ps(load_value(g->scale, r + (k0 >> gs), sb));
         } else { /* group 32: lanes 0-7 in one group, 8-15 in the next */
-            s[h] = _mm512_insertf32x8(_mm512_set1_ps(scale_at(g->scale, r + k0 / 32, sb)),
-                                      _mm256_set1_ps(scale_at(g->scale, r + k0 / 32 + 1, sb)), 1);
+            s[h] = _mm512_insertf32x8(_mm512_set1_ps(load_value(g->scale, r + k0 / 32, sb)),
+                                      _mm256_set1_ps(load_value(g->scale, r + k0 / 32 + 1, sb)), 1);
         }
     }
 }
@@ -495,7 +470,7 @@ INLINE void dot_int4_impl(const uint8_t *w, const Int4Groups *g, int64_t r, cons
                     hi += (float)(bytes[i] >> 4) * xm[k + 64 + i];
                 }
                 if (!g32) {
-                    d += lo * scale_at(g->scale, r + (k >> gs), sb) + hi * scale_at(g->scale, r + ((k + 64) >> gs), sb);
+                    d += lo * load_value(g->scale, r + (k >> gs), sb) + hi * load_value(g->scale, r + ((k + 64) >> gs), sb);
                 } else {
                     for (int part = 0; part < 4; part++) {
                         float s = 0.0f;
@@ -503,7 +478,7 @@ INLINE void dot_int4_impl(const uint8_t *w, const Int4Groups *g, int64_t r, cons
                             int j = (part % 2) * 32 + i;
                             s += (float)(part < 2 ? bytes[j] & 0x0F : bytes[j] >> 4) * xm[k + part * 32 + i];
                         }
-                        d += s * scale_at(g->scale, r + (k + part * 32) / 32, sb);
+                        d += s * load_value(g->scale, r + (k + part * 32) / 32, sb);
                     }
                     (void)lo;
                     (void)hi;
@@ -524,7 +499,7 @@ INLINE void dot_int4_impl(const uint8_t *w, const Int4Groups *g, int64_t r, cons
     for (int m = 0; m < mb; m++) {
         float t = 0.0f;
         for (int64_t gi = 0; gi < G; gi++)
-            t += (scale_at(g->zero, r + gi, sb) - 8.0f * scale_at(g->scale, r + gi, sb)) * xsum[m * G + gi];
+            t += (load_value(g->zero, r + gi, sb) - 8.0f * load_value(g->scale, r + gi, sb)) * xsum[m * G + gi];
         dots[m] = out[m] + t;
     }
 }
@@ -592,11 +567,11 @@ int shoal_gemv_int4(const void *x, int act_bf16, int64_t M, int64_t K, const uin
             float dots[4];
             if (n + 4 <= N) {
                 dot_int4_x4(w + (size_t)n * (size_t)(K / 2), K / 2, &groups, n * G, G, &q, xsum, K, dots);
-                for (int j = 0; j < 4; j++) store(y, act_bf16, n + j, dots[j]);
+                for (int j = 0; j < 4; j++) store_value(y, n + j, dots[j], act_bf16);
             } else {
                 for (int64_t r = n; r < N; r++) {
                     dot_int4(w + (size_t)r * (size_t)(K / 2), &groups, r * G, xf, &q, xsum, K, 1, dots);
-                    store(y, act_bf16, r, dots[0]);
+                    store_value(y, r, dots[0], act_bf16);
                 }
             }
         }
@@ -611,7 +586,7 @@ int shoal_gemv_int4(const void *x, int act_bf16, int64_t M, int64_t K, const uin
             float dots[ROW_BLOCK];
             const QuantizedRows qm = rows_from(&q, m0, K);
             dot_int4(w + (size_t)n * (size_t)(K / 2), &groups, n * G, xf + m0 * K, &qm, xsum + m0 * G, K, mb, dots);
-            for (int m = 0; m < mb; m++) store(y, act_bf16, (m0 + m) * N + n, dots[m]);
+            for (int m = 0; m < mb; m++) store_value(y, (m0 + m) * N + n, dots[m], act_bf16);
         }
     }
     free(xsum), free(q.xq), free(q.lane_scale), free(xf);
@@ -627,14 +602,7 @@ int shoal_gemv_int4(const void *x, int act_bf16, int64_t M, int64_t K, const uin
  * many products read it. Each output is computed exactly as shoal_gemv_<kind> computes it for that row
  * alone (the same dot product, scale and rounding): the same bits. */
 
-/* One weight, as a decode layer describes it (cpu_decode.c's DecodeLinear, field for field). */
-typedef struct {
-    int64_t kind; /* 0 bf16, 1 int8, 2 int4 */
-    const void *weight, *scale, *zero;
-    int64_t scale_bf16, group;
-    const void *bias;
-    int64_t n, k;
-} GemvWeight;
+typedef ShoalWeight GemvWeight; /* shoal_cpu.h: one weight, as a layer describes it */
 
 /* One activation row as the dot products read it. */
 typedef struct {
@@ -719,7 +687,7 @@ int shoal_gemv_many(const GemvWeight *const *weights, const void *const *xs, voi
                     for (float dots[4]; r + 4 <= r1; r += 4) {
                         dot_int4_x4((const uint8_t *)w->weight + (size_t)r * (size_t)(K / 2), K / 2, &groups,
                                     r * (K >> groups.group_shift), K >> groups.group_shift, &src->q, in[j].xsum, K, dots);
-                        for (int i = 0; i < 4; i++) store(ys[j], act_bf16, r + i, dots[i]);
+                        for (int i = 0; i < 4; i++) store_value(ys[j], r + i, dots[i], act_bf16);
                     }
 #endif
                 for (; r < r1; r++) {
@@ -733,7 +701,7 @@ int shoal_gemv_many(const GemvWeight *const *weights, const void *const *xs, voi
                         dot_int4((const uint8_t *)w->weight + (size_t)r * (size_t)(K / 2), &groups, r * (K >> groups.group_shift),
                                  src->xf, &src->q, in[j].xsum, K, 1, &dot);
                     }
-                    store(ys[j], act_bf16, r, dot);
+                    store_value(ys[j], r, dot, act_bf16);
                 }
             }
         }
@@ -762,7 +730,7 @@ int shoal_dequant_int4(const uint8_t *w, const void *scale, const void *zero, in
             const uint8_t *b = wrow + k / 2;
             for (int i = 0; i < 128; i += 32) { /* groups are 32 or more: one scale per 32 inputs */
                 const int64_t gi = n * G + ((k + i) >> shift);
-                const float s = scale_at(scale, gi, scale_bf16), z = scale_at(zero, gi, scale_bf16);
+                const float s = load_value(scale, gi, scale_bf16), z = load_value(zero, gi, scale_bf16);
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
                 for (int j = i; j < i + 32; j += 16) {
                     __m128i bytes = _mm_loadu_si128((const __m128i *)(b + (j < 64 ? j : j - 64)));
@@ -780,7 +748,7 @@ int shoal_dequant_int4(const uint8_t *w, const void *scale, const void *zero, in
 #endif
                 for (int j = i; j < i + 32; j++) {
                     const int u = j < 64 ? b[j] & 0x0F : b[j - 64] >> 4;
-                    store(out, out_bf16, row + k + j, (float)(u - 8) * s + z);
+                    store_value(out, row + k + j, (float)(u - 8) * s + z, out_bf16);
                 }
             }
         }

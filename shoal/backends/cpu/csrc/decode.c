@@ -5,8 +5,8 @@
  * each of those operations costs microseconds of interpreter and dispatch while the memory idles; in
  * one call a 0.5B Llama's step is 1.4-1.5x faster (BENCHMARKS.md, benchmarks/decode_overhead.py with
  * SHOAL_CPU_DECODE=1 and 0). Here the layers are a loop over descriptors that Python fills once at the
- * first decode step (shoal/backends/cpu_decode.py); each operation is the same kernel Python would
- * call (cpu_gemv.c, cpu_ops.c, linked into this library): the matrix-vector kernels up to 8 rows, the
+ * first decode step (shoal/backends/cpu/decode.py); each operation is the same kernel Python would
+ * call (csrc/gemv.c, csrc/fused.c, linked into this library): the matrix-vector kernels up to 8 rows, the
  * batched ones above, under the same conditions as the layers use them, so the results are bit for
  * bit the same.
  *
@@ -25,58 +25,11 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* cpu_gemv.c */
-int shoal_gemv_bf16(const void *x, int act_bf16, int64_t M, int64_t K, const uint16_t *w, int64_t N, void *y,
-                    int threads);
-int shoal_gemv_int8(const void *x, int act_bf16, int64_t M, int64_t K, const int8_t *w, const float *scale,
-                    int64_t N, void *y, int threads);
-int shoal_gemv_int4(const void *x, int act_bf16, int64_t M, int64_t K, const uint8_t *w, const void *scale,
-                    const void *zero, int scale_bf16, int64_t group, int64_t N, void *y, int threads);
-int shoal_matmul_rows_bf16(const uint16_t *x, int64_t M, int64_t K, const uint16_t *w, int64_t N, uint16_t *y, int amx,
-                           int threads);
-int shoal_matmul_rows_int8(const uint16_t *x, int64_t M, int64_t K, const int8_t *w, const float *scale, int64_t N,
-                           uint16_t *y, int amx, int threads);
-int shoal_matmul_rows_int4(const uint16_t *x, int64_t M, int64_t K, const uint8_t *w, const void *scale,
-                           const void *zero, int scale_bf16, int64_t group, int64_t N, uint16_t *y, int amx,
-                           int threads);
-/* several of the above in one parallel region; DecodeLinear is its GemvWeight, field for field */
-typedef struct DecodeLinear DecodeLinear;
-int shoal_gemv_many(const DecodeLinear *const *weights, const void *const *xs, void *const *ys, int64_t count,
-                    int act_bf16, int threads);
-/* cpu_ops.c */
-int shoal_rms_norm(const void *x, const void *residual, void *res_out, const void *weight, void *out, int64_t rows,
-                   int64_t n, float eps, int dtype, int nthreads);
-int shoal_silu_mul(const void *x, void *out, int64_t rows, int64_t inter, int dtype, int nthreads);
-int shoal_decode_attention(const void *q_ptr, int64_t q_stride, const void *k_ptr, int64_t k_stride,
-                           const void *v_ptr, int64_t v_stride, int64_t seqs, int64_t heads, int64_t kv_heads,
-                           int64_t dim, const int64_t *positions, const float *cos_table, const float *sin_table,
-                           void *k_pool, void *v_pool, const int64_t *slot_mapping, const int64_t *context_slots,
-                           int64_t ctx_stride, const int64_t *context_lens, int64_t window, float scale, void *out,
-                           int dtype, int nthreads);
+#include "shoal_cpu.h"
 
-int shoal_mla_decode_attention(const void *q_ptr, int64_t q_stride, const void *kv_ptr, int64_t kv_stride,
-                               const void *norm_w, float eps, const void *w_kvb, int64_t seqs, int64_t heads,
-                               int64_t nope, int64_t rope, int64_t rank, int64_t vdim, const int64_t *positions,
-                               const float *cos_table, const float *sin_table, int interleaved, void *pool,
-                               const int64_t *slot_mapping, const int64_t *context_slots, int64_t ctx_stride,
-                               const int64_t *context_lens, float scale, void *out, int dtype, int nthreads);
+typedef ShoalWeight DecodeLinear; /* shoal_cpu.h */
 
-enum { WEIGHT_BF16 = 0, WEIGHT_INT8 = 1, WEIGHT_INT4 = 2, WEIGHT_F32_PACKED = 3 };
-
-/* One linear layer's weight, as its Python module holds it (layouts in cpu_gemv.c; cpu_gemv.c's GemvWeight
- * must match it field for field). */
-struct DecodeLinear {
-    int64_t kind;              /* WEIGHT_* */
-    const void *weight;        /* bf16 [N, K]; int8 [N, K]; int4 kernel layout [N, K / 2]; float32 packed by
-                                * MKL (cpu_packed_f32.py) */
-    const void *scale;         /* int8: float32 [N]; int4: [N, K / group] */
-    const void *zero;          /* int4: like scale */
-    int64_t scale_bf16, group; /* int4 */
-    const void *bias;          /* NULL, or [N] in the activations' dtype */
-    int64_t n, k;
-};
-
-/* Must match cpu_decode.py's ctypes structures field for field. */
+/* Must match cpu/decode.py's ctypes structures field for field. */
 typedef struct {
     const void *input_norm, *post_attention_norm; /* [hidden], the activations' dtype */
     DecodeLinear qkv, o, gate_up, down;
@@ -98,41 +51,7 @@ typedef struct {
     const float *cos, *sin;
 } DecodeStep;
 
-/* Values in the activations' dtype, read as float32 and written rounded to nearest even (as torch rounds). */
-static float round_to(float v, int bf16) {
-    if (!bf16) return v;
-    uint32_t u;
-    memcpy(&u, &v, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) {
-        u = (u | 0x400000u) & 0xffff0000u;
-    } else {
-        u += 0x7fffu + ((u >> 16) & 1u);
-        u &= 0xffff0000u;
-    }
-    memcpy(&v, &u, 4);
-    return v;
-}
-
-static float get(const void *p, int64_t i, int bf16) {
-    if (!bf16) return ((const float *)p)[i];
-    uint32_t u = (uint32_t)((const uint16_t *)p)[i] << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static void set(void *p, int64_t i, float v, int bf16) {
-    if (!bf16) {
-        ((float *)p)[i] = v;
-        return;
-    }
-    uint32_t u;
-    v = round_to(v, 1);
-    memcpy(&u, &v, 4);
-    ((uint16_t *)p)[i] = (uint16_t)(u >> 16);
-}
-
-#define GEMV_ROWS 8 /* cpu_gemv.c's matrix-vector kernels take up to this many rows; the batched ones more */
+#define GEMV_ROWS 8 /* csrc/gemv.c's matrix-vector kernels take up to this many rows; the batched ones more */
 
 /* Whether the batched kernels multiply on AMX tiles: set once from Python (cpu_gemv.rows_use_amx()),
  * which also asked the kernel for the tiles' permission. */
@@ -181,7 +100,7 @@ static int linear(const DecodeLinear *l, const void *x, int64_t rows, void *y, i
     }
     if (code || !l->bias) return code;
     for (int64_t r = 0; r < rows; r++) /* y + bias, rounded as torch's add rounds */
-        for (int64_t i = 0; i < l->n; i++) set(y, r * l->n + i, get(y, r * l->n + i, bf16) + get(l->bias, i, bf16), bf16);
+        for (int64_t i = 0; i < l->n; i++) store_value(y, r * l->n + i, load_value(y, r * l->n + i, bf16) + load_value(l->bias, i, bf16), bf16);
     return 0;
 }
 
@@ -281,8 +200,8 @@ static int token_experts(const DecodeLinear *gate_up, const DecodeLinear *down, 
         if (code) break;
         const float w = weights[i];
         for (int64_t h = 0; h < hidden; h++) {
-            const float term = round_to(get(y, h, bf16) * w, bf16);
-            set(out, h, c ? get(out, h, bf16) + term : term, bf16);
+            const float term = round_value(load_value(y, h, bf16) * w, bf16);
+            store_value(out, h, c ? load_value(out, h, bf16) + term : term, bf16);
         }
     }
     free(gu), free(act), free(y);
@@ -335,11 +254,11 @@ static int moe_token_at_once(const DecodeLinear *gate_up, const DecodeLinear *do
         for (int64_t h = 0; h < hidden; h++) {
             float sum = 0.0f;
             for (int64_t c = 0; c < count; c++) {
-                const float term = round_to(get(y, c * hidden + h, bf16) * weights[order[c]], bf16);
-                sum = c ? round_to(sum + term, bf16) : term;
+                const float term = round_value(load_value(y, c * hidden + h, bf16) * weights[order[c]], bf16);
+                sum = c ? round_value(sum + term, bf16) : term;
             }
-            if (shared) sum = round_to((count ? sum : 0.0f) + get(y, count * hidden + h, bf16), bf16);
-            set(out, h, sum, bf16);
+            if (shared) sum = round_value((count ? sum : 0.0f) + load_value(y, count * hidden + h, bf16), bf16);
+            store_value(out, h, sum, bf16);
         }
     }
     free(gu), free(act), free(y);
@@ -363,7 +282,7 @@ int shoal_moe_token(const DecodeLinear *gate_up, const DecodeLinear *down, int64
     char *shared = malloc((size_t)hidden * (bf16 ? 2 : 4));
     if (!shared) return 2;
     code = gated_mlp(shared_gate_up, shared_down, x, 1, shared, bf16, threads);
-    for (int64_t h = 0; h < hidden && !code; h++) set(out, h, get(out, h, bf16) + get(shared, h, bf16), bf16);
+    for (int64_t h = 0; h < hidden && !code; h++) store_value(out, h, load_value(out, h, bf16) + load_value(shared, h, bf16), bf16);
     free(shared);
     return code;
 }
@@ -372,7 +291,7 @@ int shoal_moe_token(const DecodeLinear *gate_up, const DecodeLinear *down, int64
  * With `res` the residual stream [rows, hidden] and `mlp` the previous layer's MLP output (NULL for the
  * first layer):
  *   a  = rms_norm(res (+ mlp))            q = q_proj(a), or q_b_proj(rms_norm(q_a_proj(a))) with q_lora
- *   kv = kv_a_proj_with_mqa(a)            attn = MLA decode attention (cpu_ops.c: latent norm, rotary,
+ *   kv = kv_a_proj_with_mqa(a)            attn = MLA decode attention (csrc/fused.c: latent norm, rotary,
  *                                          cache write, absorption, attention)
  *   res += o_proj(attn);  h = rms_norm(res)
  * as DeepseekDecoderLayer runs it up to its MLP; Python routes the experts between this call and the
@@ -420,12 +339,12 @@ int shoal_mla_attention_half(const MlaModel *m, const MlaLayer *l, const DecodeS
 }
 
 /* ---- DeepSeek: a lone token's whole decode step in one call ----------------------------------------
- * Per layer the attention half above, then its MLP: a dense gated MLP, or the router (cpu_ops.c's
+ * Per layer the attention half above, then its MLP: a dense gated MLP, or the router (csrc/fused.c's
  * shoal_moe_route, which is what shoal.layers.moe.Router runs on the CPU) and the token's experts with
  * the shared ones (shoal_moe_token); the next layer's attention half adds the MLP's output to the
  * stream, and after the last layer out = rms_norm(res + mlp). The same calls in the same order as the
  * per-layer path (cpu_decode.DeepseekDecode), so the same bits, without returning to Python between
- * them. Must match cpu_decode.py's DeepseekMlp field for field. */
+ * them. Must match cpu/decode.py's DeepseekMlp field for field. */
 typedef struct {
     int64_t moe;                                /* 0: dense (gate_up, down); 1: MoE */
     DecodeLinear gate_up, down;                 /* dense */
@@ -439,9 +358,6 @@ typedef struct {
     int64_t *load; /* [num_experts] choices counted, or NULL */
 } DeepseekMlp;
 
-int shoal_moe_route(const void *x, int act_bf16, int64_t tokens, int64_t hidden, const float *w, int64_t experts,
-                    int sigmoid, const float *bias, int64_t top_k, int norm, float scaling, float *weights_out,
-                    int64_t *ids_out, int64_t *counts, int nthreads);
 
 int shoal_deepseek_decode(const MlaModel *m, const MlaLayer *layers, const DeepseekMlp *mlps, int64_t count,
                           const DecodeStep *s, void *res, const void *final_norm, void *out, int threads) {

@@ -1,11 +1,11 @@
-"""A whole CPU decode step of a Llama-family decoder stack in one C call (cpu_decode.c).
+"""A whole CPU decode step of a Llama-family decoder stack in one C call (csrc/decode.c).
 
 Batch-1 decode runs ~8 small operations per layer between the weight reads; from Python each costs
 microseconds of dispatch while the memory idles (one call makes a 0.5B Llama's step 1.4-1.5x faster,
 BENCHMARKS.md). `LlamaDecode` describes every layer
 to the C side once (weight pointers, norms, cache pools) and then runs a step as one call into the same
-kernels Python would call (cpu_gemv.c, cpu_ops.c), so its results are bit for bit those of the
-layer-by-layer path. float32 weights take part through their copies packed for MKL (cpu_packed_f32.py),
+kernels Python would call (csrc/gemv.c, csrc/fused.c), so its results are bit for bit those of the
+layer-by-layer path. float32 weights take part through their copies packed for MKL (cpu/packed_f32.py),
 which the call multiplies with the same `cblas_sgemm_compute` the layers use, for any number of
 sequences. The model decides when it applies (shoal/models/llama.py, `fused_decode`).
 `TokenExperts` does the same for a lone token's routed MoE experts (shoal/layers/moe.py).
@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 
-from shoal.backends import cpu_gemv, cpu_ops, cpu_packed_f32
-from shoal.backends.cpu_build import load, switched_off
+from shoal.backends.cpu import gemv as cpu_gemv, fused as cpu_ops, packed_f32 as cpu_packed_f32
+from shoal.backends.cpu.build import load, switched_off
 
-SOURCES = (cpu_gemv.SOURCE, cpu_ops.SOURCE, Path(__file__).with_name("cpu_decode.c"))
+SOURCES = (cpu_gemv.SOURCE, cpu_ops.SOURCE, Path(__file__).parent / "csrc" / "decode.c")
 WEIGHT_BF16, WEIGHT_INT8, WEIGHT_INT4, WEIGHT_F32_PACKED = 0, 1, 2, 3
 # Sequences per step the call takes where every weight is float32 packed for MKL (which takes any count):
 # the engine's largest batches.
@@ -59,7 +59,7 @@ class MlaLayer(ctypes.Structure):
 
 
 class DeepseekMlp(ctypes.Structure):
-    """One DeepSeek layer's MLP for `shoal_deepseek_decode` (cpu_decode.c): dense, or a MoE layer's router,
+    """One DeepSeek layer's MLP for `shoal_deepseek_decode` (csrc/decode.c): dense, or a MoE layer's router,
     routed experts and shared experts."""
 
     _fields_ = [("moe", _i64), ("gate_up", DecodeLinear), ("down", DecodeLinear), ("expert_gate_up", _p),

@@ -127,7 +127,7 @@ class CpuBackend(Backend):
         return [torch.float32, torch.bfloat16, torch.float16]
 
     def quantized_matmul_kernels(self) -> list[str]:
-        from shoal.backends import cpu_gemv
+        from shoal.backends.cpu import gemv as cpu_gemv
 
         kernels = packed_matmul_kernels("CPU", int4_op="aten::_weight_int4pack_mm_for_cpu")
         return (["cpu-gemv"] if cpu_gemv.available() else []) + kernels
@@ -157,8 +157,8 @@ class CpuBackend(Backend):
 
 
 def _float32_matmuls() -> str:
-    """How float32 linear layers multiply more than one row here (shoal/backends/cpu_packed_f32.py)."""
-    from shoal.backends import cpu_packed_f32
+    """How float32 linear layers multiply more than one row here (shoal/backends/cpu/packed_f32.py)."""
+    from shoal.backends.cpu import packed_f32 as cpu_packed_f32
 
     if cpu_packed_f32.available():
         return (f"weights packed once at load for MKL's sgemm (while the copies fit in "
@@ -168,7 +168,7 @@ def _float32_matmuls() -> str:
 
 def _decode_kernels() -> str:
     """What batch-1 / small-batch decode runs on here (shoal's C kernels are built on first use)."""
-    from shoal.backends import cpu_decode, cpu_gemv, cpu_ops
+    from shoal.backends.cpu import decode as cpu_decode, gemv as cpu_gemv, fused as cpu_ops
 
     if not cpu_gemv.available():
         return "aten (shoal's C kernels not built: no C compiler, or SHOAL_CPU_KERNELS=0)"

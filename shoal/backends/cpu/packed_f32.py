@@ -9,7 +9,7 @@ multiplies. Measured ad hoc, [32, 512] rows against llama-34m's weights: 1.4-1.5
 the layer weights at one thread, about 2x at two; within noise at one row and at 2048.
 
 The CBLAS functions are the ones torch's own library exports (torch built with MKL, as the x86 wheels
-are); they are called through ctypes, so that the C decode step (cpu_decode.c, WEIGHT_F32_PACKED) can
+are); they are called through ctypes, so that the C decode step (csrc/decode.c, WEIGHT_F32_PACKED) can
 multiply with the same packed buffers and get the same bits. MKL takes its thread count from
 torch.set_num_threads.
 

@@ -1,10 +1,10 @@
-"""shoal's own matrix-vector kernels for the CPU (cpu_gemv.c): decode-time y = x W^T for up to 8
+"""shoal's own matrix-vector kernels for the CPU (csrc/gemv.c): decode-time y = x W^T for up to 8
 activation rows, with W in bf16, int8 or int4, streamed at close to the memory's bandwidth.
 
 aten's CPU kernels for one row read weights well below the bandwidth on the machines we measured
 (bf16 torch.mv ~22 GB/s, the packed int8 / int4 kernels ~9 GB/s, against ~27 GB/s that a plain copy
 reaches on 2 cores), and batch-1 decode is nothing but weight reads. The C file is built at first use
-by cpu_build.py.
+by cpu/build.py.
 
 For a batched decode step (9 to ROWS_MAX bf16 rows) the matmul_rows_* kernels take over: there the
 multiplies set the pace, and they run on AMX tiles (or AVX512-BF16 dot products) against the weight
@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 
-from shoal.backends.cpu_build import ALL_KERNELS_SWITCH, load, switched_off
+from shoal.backends.cpu.build import ALL_KERNELS_SWITCH, load, switched_off
 
-SOURCE = Path(__file__).with_name("cpu_gemv.c")
-MAX_ROWS = 8  # activation rows per call (MAX_ROWS in cpu_gemv.c)
+SOURCE = Path(__file__).parent / "csrc" / "gemv.c"
+MAX_ROWS = 8  # activation rows per call (MAX_ROWS in csrc/gemv.c)
 ENV_SWITCH = ALL_KERNELS_SWITCH
 ROWS_ENV_SWITCH = "SHOAL_CPU_ROWS"  # =0: no matmul_rows_* kernels (batched decode keeps dequantize + matmul)
 # Activation rows up to which matmul_rows_* replace the matmul (above MAX_ROWS). Measured ad hoc on a

@@ -1,4 +1,4 @@
-"""Build and load shoal's C kernels for the CPU (cpu_gemv.c, cpu_ops.c) at first use.
+"""Build and load shoal's C kernels for the CPU (csrc/gemv.c, csrc/fused.c) at first use.
 
 Each C file is compiled with the system's C compiler (`-O3 -march=native -fopenmp`, under a second),
 cached per source, flags and CPU model in ~/.cache/shoal/kernels, and loaded through ctypes, which
@@ -57,8 +57,9 @@ def _cpu_signature() -> str:
 
 
 def _build(sources: tuple[Path, ...], compiler: str) -> Path:
+    headers = sorted({h for source in sources for h in source.parent.glob("*.h")})  # what the sources include
     key = hashlib.sha256(
-        b"".join(source.read_bytes() for source in sources)
+        b"".join(path.read_bytes() for path in (*sources, *headers))
         + " ".join([compiler, *FLAGS]).encode() + _cpu_signature().encode()
     ).hexdigest()[:16]
     target = _cache_dir() / f"{sources[-1].stem}-{key}.so"
