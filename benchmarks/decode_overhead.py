@@ -6,8 +6,8 @@
 With --stub every linear layer (and the output head) returns a preallocated zero tensor instead of
 multiplying, so the step time left is the rest of the step: norms, rotary, the cache write, attention,
 residual adds, the runner's step preparation and sampling, and Python. Stubbing needs the layers to
-run one by one, so --stub also switches off the one-call decode step (shoal/backends/cpu/decode.py)
-and the one-call MoE experts: compare a stubbed run with an unstubbed one under SHOAL_CPU_DECODE=0. Prints the median wall time of
+run one by one, so --stub also switches off the replayed decode step (shoal/backends/cpu/capture.py)
+and the one-call MoE experts: compare a stubbed run with an unstubbed one run with --eager. Prints the median wall time of
 --steps decode steps after a --prompt-token prefill, and their median thread CPU time (steadier on a
 shared machine at one thread); --profile adds torch.profiler's self-CPU table over three more steps.
 To compare two trees, run this with PYTHONPATH pointing at each, alternately.
@@ -53,6 +53,7 @@ def main() -> int:
     parser.add_argument("--stub", action="store_true", help="stub out the weight matmuls")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--rows", type=int, default=25, help="operators listed by --profile")
+    parser.add_argument("--eager", action="store_true", help="run every step layer by layer (no replay)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from shoal import LLM, SamplingParams
@@ -61,9 +62,10 @@ def main() -> int:
               kv_cache_memory=64 << 20, max_num_seqs=1, enable_prefix_caching=False,
               quant=None if args.quant == "none" else args.quant, quant_group_size=64)
     engine = llm.engine
+    if args.stub or args.eager:
+        engine.model.capture_decode = False  # a replayed step would not run the stubbed layers
     if args.stub:
         stub_matmuls(engine.model)
-        engine.model._cpu_decode = False  # the one-call step reads the weights itself
         for module in engine.model.modules():
             if hasattr(module, "_one_call"):
                 module._one_call = False

@@ -10,7 +10,7 @@ then time --steps single-token steps: shoal's `engine.step()` (scheduling, paged
 included) against transformers' forward over its DynamicCache plus an argmax.
 
 shoal's steps alternate between the ways it can run them, in one process so that other load on the
-machine hits each alike: the one-call decode step (shoal/backends/cpu/decode.py) where it applies,
+machine hits each alike: replayed in one call (shoal/backends/cpu/capture.py) where the step can be,
 layer by layer, and, for float32, layer by layer with the weights unpacked (F.linear instead of MKL's
 packed sgemm, shoal/backends/cpu/packed_f32.py). The profile is of the first of them.
 """
@@ -67,15 +67,16 @@ def main() -> int:
     model = engine.model
     engine.step()  # prefill
     engine.step()
-    plan = model._cpu_decode  # the one-call step as described at the first decode step, or False
-    packed = {m: m.packed_f32 for m in model.modules() if getattr(m, "packed_f32", None) is not None}
+    graphs = model._step_graphs  # the step graphs, with this batch size captured at the first decode step
+    replayed = bool(graphs) and bool(graphs.captures)
+    packed = {m: m.prepared for m in model.modules() if getattr(m, "prepared", None) is not None}
 
     def use(way: str) -> None:
-        model._cpu_decode = plan if way == "one call" else False
+        model.capture_decode = way == "replayed"
         for module, copy in packed.items():
-            module.packed_f32 = None if way == "layers, unpacked" else copy
+            module.prepared = None if way == "layers, unpacked" else copy
 
-    ways = (["one call"] if plan else []) + ["layers"] + (["layers, unpacked"] if packed else [])
+    ways = (["replayed"] if replayed else []) + ["layers"] + (["layers, unpacked"] if packed else [])
     shoal_times: dict[str, list[float]] = {way: [] for way in ways}
     for i in range(args.steps * len(ways)):
         way = ways[i % len(ways)]

@@ -117,7 +117,7 @@ def decode_seconds(llm: LLM, tokens: int) -> float:
 
 
 def kernel_table(threads: int) -> None:
-    from shoal.backends.quantized_matmul import int4_cpu_prepare
+    from shoal.backends.cpu.quantized import int4_cpu_prepare
 
     torch.set_num_threads(threads)
 
@@ -131,7 +131,8 @@ def kernel_table(threads: int) -> None:
             times.append(time.perf_counter() - t0)
         return statistics.median(times) * 1e3
 
-    from shoal.backends.quantized_matmul import int4_cpu, int4_fallback, int8_fallback
+    from shoal.backends.cpu.quantized import int4_cpu
+    from shoal.backends.quantized_matmul import int4_fallback, int8_fallback
     from shoal.quant.formats import Int4GroupWeight, Int8ChannelWeight
 
     k, n = 1024, 5632

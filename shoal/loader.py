@@ -17,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from shoal.backends.base import Backend
+from shoal.backends.ops import bind_ops
 from shoal.errors import DeviceError, ModelNotFoundError, WeightError
 from shoal.models import CausalLM, model_class
 from shoal.models.hf_config import ModelConfig, load_model_config
@@ -173,13 +174,12 @@ def construct_model(config: ModelConfig, backend: Backend, device: torch.device,
         model = cls(config, backend)
     if plan is not None and plan.changes_model:
         apply_plan(model, plan, backend, dtype, device)
+    bind_ops(model, backend.ops())
     return model
 
 
 def load_into(model: CausalLM, stream, close, plan) -> CausalLM:
     """Load (checkpoint name, tensor) pairs into the model; `close` ends the stream's progress bar."""
-    from shoal.backends.cpu import system_memory
-    from shoal.backends.cpu.packed_f32 import pack_model
     from shoal.quant.plan import prepare_for_kernels
 
     try:
@@ -189,6 +189,6 @@ def load_into(model: CausalLM, stream, close, plan) -> CausalLM:
     if plan is not None and plan.changes_model and plan.prepare:
         prepare_for_kernels(model)
     if plan is None or plan.prepare:
-        pack_model(model, system_memory().free_bytes)
+        model.ops.prepare_weights(model)
     model.eval()
     return model

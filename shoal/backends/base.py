@@ -7,9 +7,12 @@ Model and engine code talk to devices only through a Backend; each device family
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
+
+if TYPE_CHECKING:
+    from shoal.backends.ops import Ops
 
 
 @dataclass(frozen=True)
@@ -125,6 +128,13 @@ class Backend:
         return self.supported_dtypes()[0]
 
     # ---- choices -------------------------------------------------------------------
+    def ops(self) -> Ops:
+        """The operations layers call on this device (shoal/backends/ops.py), bound to a model once when
+        it is built: the plain-torch reference here; a backend overrides the ones its chip does faster."""
+        from shoal.backends.ops import Ops
+
+        return Ops()
+
     def attention_fn(self, *, mla: bool, kv_dtype: torch.dtype) -> AttentionFn:
         """The attention implementation for a layer kind and KV dtype."""
         return sdpa_attention

@@ -1,5 +1,6 @@
-"""Matmuls against quantized weights: a pure-torch fallback for every device, and the CPU's packed
-int8 / int4 kernels. A backend hands one out from `Backend.linear_fn(weight_format)`.
+"""Matmuls against quantized weights: the pure-torch fallback every device has. A backend hands one out
+from `Backend.linear_fn(weight_format)`; one with faster kernels brings its own (the CPU's are in
+shoal/backends/cpu/quantized.py).
 
 A quantized layer keeps its weight as named tensors in the canonical layouts of shoal.quant.formats:
   "int8"  qweight int8 [out, in], scales [out]
@@ -16,7 +17,6 @@ from typing import Callable
 import torch
 from torch.nn import functional as F
 
-from shoal.backends.cpu import gemv as cpu_gemv
 
 Tensors = dict[str, torch.Tensor]
 
@@ -53,7 +53,7 @@ def dequantize_fp8(tensors: Tensors, dtype: torch.dtype) -> torch.Tensor:
 def int8_fallback(x: torch.Tensor, t: Tensors, group_size: int = 0) -> torch.Tensor:
     # Per-output-channel scales commute with the matmul: scale the [tokens, out] result instead of the
     # [out, in] weight. int8 values are exact in bf16 / fp16 / fp32.
-    return cpu_gemv.linear_in_buckets(x, t["qweight"].to(x.dtype)) * t["scales"].to(x.dtype)
+    return F.linear(x, t["qweight"].to(x.dtype)) * t["scales"].to(x.dtype)
 
 
 def int4_fallback(x: torch.Tensor, t: Tensors, group_size: int) -> torch.Tensor:
@@ -68,75 +68,4 @@ FALLBACK_KERNELS = {
     "int8": QuantizedLinearKernel("int8-dequant", int8_fallback),
     "int4": QuantizedLinearKernel("int4-dequant", int4_fallback),
     "fp8": QuantizedLinearKernel("fp8-dequant", fp8_fallback),
-}
-
-
-# ---- CPU: shoal's matrix-vector kernels for decode, aten's packed kernels where those are absent ---------
-# Measured on a 2-core AVX-512/AMX Xeon, bf16, one thread, [1024 -> 5632]
-# (benchmarks/quant_memory_speed.py --kernels): at 1 token int8pack 0.56 ms and int4pack 0.45 ms
-# against 1.35 ms for the bf16 matmul and 3.1 ms for dequantize-then-matmul; from ~16 tokens on
-# both packed kernels fall behind (they are matrix-vector kernels: 12 ms at 64 tokens against 3.7 ms
-# for int8 dequantize-then-matmul). In fp32 they are slower than the fallback at every size.
-# shoal's own kernels (csrc/gemv.c) take up to 8 rows in float32 or bf16; above that, bf16 activations up
-# to cpu_gemv.ROWS_MAX rows (a batched decode step) go to its matmul_rows_* kernels, which turn
-# the weight into bf16 a tile at a time in cache; larger prefill chunks are a matmul on the CPU's matrix
-# units against the weight dequantized to bf16.
-INT8_PACKED_MAX_TOKENS = 8
-
-
-def int8_cpu_prepare(t: Tensors, group_size: int) -> Tensors:
-    if not cpu_gemv.available():
-        return t
-    return {**t, "scales_f32": t["scales"].to(torch.float32).contiguous()}
-
-
-def int8_cpu(x: torch.Tensor, t: Tensors, group_size: int = 0) -> torch.Tensor:
-    if cpu_gemv.available() and cpu_gemv.accepts(x, t["qweight"].shape[1]):
-        scales = t.get("scales_f32")
-        return cpu_gemv.gemv_int8(x, t["qweight"], scales if scales is not None else t["scales"].float())
-    if cpu_gemv.available() and cpu_gemv.rows_kernel_takes(x, t["qweight"].shape[1], "int8"):
-        scales = t.get("scales_f32")
-        return cpu_gemv.matmul_rows_int8(x, t["qweight"], scales if scales is not None else t["scales"].float())
-    if x.dtype == torch.bfloat16 and x.shape[0] <= INT8_PACKED_MAX_TOKENS:
-        return torch.ops.aten._weight_int8pack_mm(x.contiguous(), t["qweight"], t["scales"])
-    return int8_fallback(x, t)
-
-
-def int4_cpu_prepare(t: Tensors, group_size: int) -> Tensors:
-    """Re-lay an int4 weight for shoal's kernel, else (bf16 scales only) for aten._weight_int4pack_mm_for_cpu;
-    a shape neither takes keeps the canonical layout and the fallback."""
-    packed = t["qweight"]
-    out, k = packed.shape[0], packed.shape[1] * 2
-    if cpu_gemv.available() and cpu_gemv.int4_layout_fits(k, group_size):
-        return cpu_gemv.int4_relayout(packed, t["scales"], t["zeros"])
-    if t["scales"].dtype != torch.bfloat16 or out % 16 or group_size not in (32, 64, 128, 256):
-        return t
-    u = torch.stack([packed & 0x0F, packed >> 4], dim=-1).flatten(-2).to(torch.int32)
-    return {
-        "qweight_cpu": torch.ops.aten._convert_weight_to_int4pack_for_cpu(u.contiguous(), 1),
-        "scales_and_zeros": torch.stack([t["scales"], t["zeros"]], dim=-1).transpose(0, 1).contiguous(),
-    }
-
-
-def int4_cpu(x: torch.Tensor, t: Tensors, group_size: int) -> torch.Tensor:
-    if "qweight_gemv" in t:
-        if cpu_gemv.accepts(x, t["qweight_gemv"].shape[1] * 2):
-            return cpu_gemv.gemv_int4(x, t, group_size)
-        if cpu_gemv.rows_kernel_takes(x, t["qweight_gemv"].shape[1] * 2, "int4"):
-            return cpu_gemv.matmul_rows_int4(x, t, group_size)
-        w = cpu_gemv.dequantize_int4(t, group_size, x.dtype)
-        return cpu_gemv.linear_in_buckets(x.to(w.dtype), w).to(x.dtype)
-    if "qweight_cpu" not in t:
-        return int4_fallback(x, t, group_size)
-    # The kernel reads a bf16 activation; other dtypes are only reached by a caller that skipped prepare.
-    y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-        x.to(torch.bfloat16).contiguous(), t["qweight_cpu"], group_size, t["scales_and_zeros"]
-    )
-    return y.to(x.dtype)
-
-
-CPU_KERNELS = {
-    "int8": QuantizedLinearKernel("int8-gemv", int8_cpu, int8_cpu_prepare),
-    "int4": QuantizedLinearKernel("int4-gemv", int4_cpu, int4_cpu_prepare),
-    "fp8": FALLBACK_KERNELS["fp8"],
 }

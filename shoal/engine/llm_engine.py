@@ -49,7 +49,7 @@ class LLMEngine:
             layers = model.config.num_hidden_layers
             per_block = PagedKVCache.bytes_per_block(layers, block_size, shapes, cache_dtype, kv_quant)
             num_blocks = max(1, kv_cache_bytes // per_block)
-            self.cache = PagedKVCache(layers, num_blocks, block_size, shapes, cache_dtype, device, kv_quant)
+            self.cache = PagedKVCache(layers, num_blocks, block_size, shapes, cache_dtype, device, kv_quant, model.ops)
             self.runner = ModelRunner(model, self.cache, device)
         else:
             self.cache, self.runner = parallel.make_runner(kv_cache_bytes, block_size, kv_quant)

@@ -75,6 +75,7 @@ class ModelRunner:
                 [seq.generator for seq in seqs],
                 [seq.prompt_ids for seq in seqs],
                 [seq.output_ids for seq in seqs],
+                ops=self.model.ops,
             )
         results: list[tuple[int, TokenLogprob | None] | None] = [None] * len(chunks)
         for row, token, logprob in zip(done, tokens, logprobs):

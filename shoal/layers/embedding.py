@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from shoal.backends.cpu.packed_f32 import PackedF32
-from shoal.layers.linear import linear
+from shoal.backends.ops import REFERENCE, Ops
 
 
 class VocabEmbedding(nn.Module):
@@ -20,9 +19,10 @@ class VocabEmbedding(nn.Module):
 
 class LMHead(nn.Module):
     """hidden -> vocabulary logits. With `tied_to`, it reads the embedding matrix instead of its own.
-    `packed_f32` as in Linear."""
+    `prepared` as in Linear."""
 
-    packed_f32: PackedF32 | None = None
+    ops: Ops = REFERENCE  # the backend's, once the model is built
+    prepared = None
 
     def __init__(self, vocab_size: int, hidden_size: int, tied_to: VocabEmbedding | None = None) -> None:
         super().__init__()
@@ -32,4 +32,4 @@ class LMHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.tied_to.weight if self.tied_to is not None else self.weight
-        return linear(hidden, weight, packed_f32=self.packed_f32)
+        return self.ops.linear(hidden, weight, prepared=self.prepared)

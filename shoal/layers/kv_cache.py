@@ -4,8 +4,9 @@
 it backs the simple generation loop. The serving engine's paged cache implements the same methods
 (`begin_forward`, `write`, `attention_mask`, and `unpack` / `pack`, which move queries between the
 layout the linear layers run in and one row per sequence), so model code never changes between them.
-Both also offer `decode_attention()`: for a step of one new token per sequence on the CPU, a fused
-kernel (shoal/backends/cpu/fused.py) that writes and attends in one call, or None where it does not apply.
+Both also offer `decode_attention()`: for a step of one new token per sequence, the backend's decode
+attention (Ops.decode_attention: on the CPU a fused kernel that writes and attends in one call), or None
+where it has none for this step.
 The paged cache may split a step into parts (`parts()`, run by attention.attend_in_parts); this one
 never does.
 What a layer stores is the model's choice: keys and values for GQA, the compressed latent for MLA.
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from shoal.backends.cpu import fused as cpu_ops
+from shoal.backends.ops import REFERENCE, Ops
 
 
 def causal_mask(
@@ -45,7 +46,9 @@ class ContiguousKVCache:
         entry_shapes: list[tuple[int, ...]],
         dtype: torch.dtype,
         device: torch.device | str,
+        ops: Ops = REFERENCE,
     ) -> None:
+        self.ops = ops  # the model's: it builds each decode step's attention
         self.max_len = max_len
         self.batch_size = batch_size
         self.layers = [
@@ -56,7 +59,7 @@ class ContiguousKVCache:
         self._kv_len = 0
         self._mask: torch.Tensor | None = None
         self._mask_args = None
-        self._decode: cpu_ops.DecodeAttention | None = None
+        self._decode = None  # this forward's Ops.decode_attention
 
     def bytes_per_token(self) -> int:
         """Cache bytes one token occupies across all layers (the figure MLA shrinks)."""
@@ -81,13 +84,13 @@ class ContiguousKVCache:
         self._mask_args = (positions, kv_len, None, sliding_window)  # built when first asked for
         self._decode = None
         slab = self.layers[0][0] if self.layers and self.layers[0] else None
-        if positions.shape[1] == 1 and slab is not None and cpu_ops.accepts(slab):
+        if positions.shape[1] == 1 and slab is not None:
             # Slab row b, position p is slot b * max_len + p of the slab seen as [batch * max_len, ...].
             base = self._rows * self.max_len
             keys = torch.arange(kv_len, device=positions.device)
-            self._decode = cpu_ops.DecodeAttention(
+            self._decode = self.ops.decode_attention(
                 positions, base[:, 0] + positions[:, 0], base + keys, torch.full((self.batch_size,), kv_len),
-                sliding_window, slab.dtype,
+                sliding_window, slab,
             )
 
     def attention_mask(self) -> torch.Tensor | None:
@@ -96,7 +99,7 @@ class ContiguousKVCache:
             self._mask, self._mask_args = causal_mask(*self._mask_args), None
         return self._mask
 
-    def decode_attention(self) -> cpu_ops.DecodeAttention | None:
+    def decode_attention(self):
         """This forward's fused decode attention (see the module docstring), or None."""
         return self._decode
 

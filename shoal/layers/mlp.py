@@ -5,11 +5,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from shoal.backends.cpu import fused as cpu_ops
+from shoal.backends.ops import REFERENCE, Ops
 from shoal.layers.linear import Linear, MergedLinear
 
 
 class GatedMLP(nn.Module):
+    ops: Ops = REFERENCE  # the backend's, once the model is built
+
     def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False) -> None:
         super().__init__()
         self.gate_up_proj = MergedLinear(
@@ -18,8 +20,4 @@ class GatedMLP(nn.Module):
         self.down_proj = Linear(intermediate_size, hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)
-        if cpu_ops.accepts(gate_up):
-            return self.down_proj(cpu_ops.silu_mul(gate_up))  # gate and up are the two halves
-        gate, up = self.gate_up_proj.split(gate_up)
-        return self.down_proj(nn.functional.silu(gate) * up)
+        return self.down_proj(self.ops.silu_mul(self.gate_up_proj(x)))  # gate and up are the two halves

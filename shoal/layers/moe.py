@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from shoal.backends.cpu import decode as cpu_decode, fused as cpu_ops
+from shoal.backends.ops import REFERENCE, Ops
 from shoal.errors import WeightError
-from shoal.layers.linear import copy_weight, linear
+from shoal.layers.linear import copy_weight
 from shoal.layers.mlp import GatedMLP
 
 
@@ -35,6 +35,8 @@ class RouterConfig:
 
 
 class Router(nn.Module):
+    ops: Ops = REFERENCE  # the backend's, once the model is built
+
     def __init__(self, hidden_size: int, cfg: RouterConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -50,12 +52,12 @@ class Router(nn.Module):
         counted into load [experts] when given."""
         cfg = self.cfg
         if cfg.topk_method == "greedy" or cfg.num_groups <= 1:
-            # On the CPU one C call (cpu_ops.moe_route) stands in for the ~7 operators below, for any number
-            # of tokens, so that a token is routed the same alone and in a batch.
+            # A backend's one call (the CPU's C router) may stand in for the ~7 operators below, for any
+            # number of tokens, so that a token is routed the same alone and in a batch.
             scaling = cfg.routed_scaling_factor
             if cfg.scoring != "sigmoid" and cfg.norm_topk_prob and cfg.top_k > 1:
                 scaling = 1.0  # V2 normalises instead of scaling
-            routed = cpu_ops.moe_route(
+            routed = self.ops.moe_route(
                 x, self.weight, cfg.top_k, cfg.scoring == "sigmoid",
                 self.e_score_correction_bias if cfg.correction_bias else None, cfg.norm_topk_prob, scaling, load,
             )
@@ -104,12 +106,14 @@ class Router(nn.Module):
 class StackedExperts(nn.Module):
     """All routed experts of one layer: gate_up [experts, 2 * inter, hidden], down [experts, hidden, inter]."""
 
+    ops: Ops = REFERENCE  # the backend's, once the model is built
+
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
         self.num_experts, self.intermediate_size = num_experts, intermediate_size
         self.gate_up = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size), requires_grad=False)
         self.down = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size), requires_grad=False)
-        self._one_call = None  # cpu_decode.TokenExperts, described at the first lone token (False: none)
+        self._one_call = None  # the backend's lone-token call (Ops.token_experts), made at the first lone token (False: none)
 
     def checkpoint_names(self, module_name: str, attr: str) -> list[str]:
         shards = ("gate_proj", "up_proj") if attr == "gate_up" else ("down_proj",)
@@ -133,22 +137,14 @@ class StackedExperts(nn.Module):
         return weighted_expert_sum(x, weights, expert_ids, self.num_experts, self._expert, self.token_experts)
 
     def _expert(self, rows: torch.Tensor, expert: int) -> torch.Tensor:
-        return linear(silu_mul(linear(rows, self.gate_up[expert])), self.down[expert])
+        return self.ops.linear(self.ops.silu_mul(self.ops.linear(rows, self.gate_up[expert])), self.down[expert])
 
-    def token_experts(self, dtype: torch.dtype) -> cpu_decode.TokenExperts | None:
-        """These experts for a lone token in one C call (described once), or None where that does not apply."""
+    def token_experts(self, dtype: torch.dtype):
+        """These experts for a lone token in one backend call (made once), or None where it has none."""
         if self._one_call is None:
             experts = [({"weight": self.gate_up.data[e]}, {"weight": self.down.data[e]}) for e in range(self.num_experts)]
-            self._one_call = cpu_decode.TokenExperts.build(None, None, experts, 0, dtype) or False
+            self._one_call = self.ops.token_experts(None, None, experts, 0, dtype) or False
         return self._one_call or None
-
-
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up for gate_up [..., 2 * inter] (gate then up): one fused call on the CPU."""
-    if cpu_ops.accepts(gate_up):
-        return cpu_ops.silu_mul(gate_up)
-    gate, up = gate_up.chunk(2, dim=-1)
-    return nn.functional.silu(gate) * up
 
 
 def weighted_expert_sum(
@@ -157,8 +153,8 @@ def weighted_expert_sum(
     """Each token's routing-weighted sum of its experts' outputs, for x [tokens, hidden]: the experts'
     tokens grouped so each expert runs once on all of its rows, or a lone token's experts run straight
     on its row. expert_fn(rows, expert) -> the expert's unweighted output; shared by the dense and the
-    quantized stacked experts. one_call(dtype) -> a cpu_decode.TokenExperts (a lone token's experts in one
-    C call, with the same sums as `one_token`) or None."""
+    quantized stacked experts. one_call(dtype) -> the backend's lone-token call (Ops.token_experts: a lone
+    token's experts in one call, with the same sums as `one_token`) or None."""
     if x.shape[0] == 1:
         fused = one_call(x.dtype) if one_call is not None and x.device.type == "cpu" else None
         out = fused(x, weights, expert_ids) if fused is not None else None
@@ -198,6 +194,8 @@ def tokens_by_expert(weights: torch.Tensor, expert_ids: torch.Tensor, num_expert
 
 
 class MoE(nn.Module):
+    ops: Ops = REFERENCE  # the backend's, once the model is built
+
     def __init__(
         self, hidden_size: int, moe_intermediate_size: int, num_shared_experts: int, router: RouterConfig
     ) -> None:
@@ -217,7 +215,7 @@ class MoE(nn.Module):
     def mix(self, flat: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         """The routed experts' weighted sum for flat [tokens, hidden], plus the shared experts' output."""
         out = self.experts(flat, weights, expert_ids)
-        return out + self.shared_experts(flat) if self.shared_experts is not None else out
+        return self.ops.add(out, self.shared_experts(flat)) if self.shared_experts is not None else out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])

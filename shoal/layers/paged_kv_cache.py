@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from shoal.backends.cpu import fused as cpu_ops
+from shoal.backends.ops import REFERENCE, Ops
 from shoal.layers.kv_cache import causal_mask
 from shoal.layers.kv_quant import bytes_per_entry, dequantize, quantize, storage_dtype
 
@@ -76,8 +76,11 @@ class PagedKVCache:
         dtype: torch.dtype,
         device: torch.device | str,
         kv_quant: str | None = None,
+        ops: Ops = REFERENCE,
     ) -> None:
-        """dtype: what attention computes in (and, without kv_quant, what the pool stores)."""
+        """dtype: what attention computes in (and, without kv_quant, what the pool stores); ops: the
+        model's, which builds each decode step's attention (Ops.decode_attention)."""
+        self.ops = ops
         self.num_blocks, self.block_size = num_blocks, block_size
         self.scratch_slot = num_blocks * block_size
         self.dtype, self.kv_quant = dtype, kv_quant
@@ -96,7 +99,7 @@ class PagedKVCache:
         self._flat_context: torch.Tensor | None = None
         self._mask: torch.Tensor | None = None
         self._mask_args = None
-        self._decode: cpu_ops.DecodeAttention | None = None
+        self._decode = None  # this step's Ops.decode_attention
         self._parts: list[tuple[torch.Tensor, PagedKVCache]] | None = None
 
     @staticmethod
@@ -137,10 +140,11 @@ class PagedKVCache:
         tokens = batch.slot_mapping.numel()
         pool = next((pools[0] for pools in self.layers if pools), None)  # a pipeline stage holds only its layers
         if (self.kv_quant is None and batch.unpack_index is None and tokens == batch.num_seqs and pool is not None
-                and cpu_ops.accepts(pool)):
-            # One new token per sequence: the fused CPU kernel writes and attends in one call per layer.
-            self._decode = cpu_ops.DecodeAttention(
-                positions, batch.slot_mapping, batch.context_slots, batch.context_lens, sliding_window, self.dtype
+                and pool.dtype == self.dtype):
+            # One new token per sequence: the backend's kernel (the CPU's fused one) writes and attends in one
+            # call per layer.
+            self._decode = self.ops.decode_attention(
+                positions, batch.slot_mapping, batch.context_slots, batch.context_lens, sliding_window, pool
             )
 
     def parts(self) -> list[tuple[torch.Tensor, PagedKVCache]] | None:
@@ -171,7 +175,7 @@ class PagedKVCache:
             self._mask, self._mask_args = causal_mask(*self._mask_args), None
         return self._mask
 
-    def decode_attention(self) -> cpu_ops.DecodeAttention | None:
+    def decode_attention(self):
         """This step's fused decode attention (one new token per sequence, on the CPU), or None."""
         return self._decode
 

@@ -122,10 +122,11 @@ class RotaryEmbedding(nn.Module):
         self._memo = (positions, cos, sin)
         return cos, sin
 
-    def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The whole float32 cos and sin tables [table positions, dim / 2], grown to cover `positions`
-        (for a fused kernel that looks positions up itself)."""
-        self._cos_sin(positions)
+    def tables(self, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole float32 cos and sin tables [table positions, dim / 2], grown to cover positions below
+        `end` (for a fused kernel that looks positions up itself; no torch operator runs unless they grow)."""
+        if end > self._table_len:
+            self._grow(max(end, 2 * self._table_len))
         return self.cos_table, self.sin_table
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

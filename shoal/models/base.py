@@ -13,6 +13,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from shoal.backends.ops import REFERENCE, Ops
 from shoal.errors import WeightError
 from shoal.layers.kv_cache import ContiguousKVCache
 from shoal.layers.linear import copy_weight
@@ -30,6 +31,7 @@ class CausalLM(nn.Module):
     # filter for checkpoint tensors that belong to other pipeline stages.
     tp_size: int = 1
     skip_weight = None
+    ops: Ops = REFERENCE  # the backend's, bound with every layer's once the model is built (bind_ops)
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -41,42 +43,30 @@ class CausalLM(nn.Module):
         """token_ids and positions [batch, tokens] -> final hidden states [batch, tokens, hidden].
 
         Every family is embed -> decoder layers -> final norm under `self.model`; each layer takes
-        (hidden, positions, cache).
+        (hidden, positions, cache). A decode step (one new token per sequence, with the backend's decode
+        attention) goes through the backend's step graphs (Ops.step_graphs), which may replay it in one
+        call instead of running the layers from Python; the result is the same.
         """
         cache.begin_forward(positions, self.sliding_window)
         x = self.model.embed_tokens(token_ids)
-        fused = self.fused_decode(x, positions, cache)
-        if fused is not None:
-            return fused
+        step = cache.decode_attention()
+        if step is not None and self.capture_decode:
+            if self._step_graphs is None:
+                self._step_graphs = self.ops.step_graphs() or False
+            if self._step_graphs:
+                return self._step_graphs(cache, x, step, lambda h: self.decoder(h, positions, cache))
+        return self.decoder(x, positions, cache)
+
+    def decoder(self, x: torch.Tensor, positions: torch.Tensor, cache: ContiguousKVCache) -> torch.Tensor:
+        """The decoder layers and the final norm over the embeddings x."""
         for layer in self.model.layers:
             x = layer(x, positions, cache)
         return self.model.norm(x)
 
-    def fused_decode(self, x: torch.Tensor, positions: torch.Tensor, cache: ContiguousKVCache) -> torch.Tensor | None:
-        """The decoder layers and the final norm in a few backend calls, where the family has them for this
-        step (Llama, DeepSeek: shoal/backends/cpu/decode.py on a CPU); None runs them layer by layer."""
-        return None
-
-    # The family's decoder stack as described for cpu_decode: None until the first decode step, False
-    # where it cannot run there.
-    _cpu_decode = None
-
-    def _describe_cpu_decode(self, dtype: torch.dtype):
-        """The family's cpu_decode description of its decoder stack, or None (see fused_decode)."""
-        return None
-
-    def _cpu_decode_step(self, x: torch.Tensor, cache: ContiguousKVCache):
-        """(the described decoder stack, this step's cpu_ops.DecodeAttention) where this step can run in
-        cpu_decode's calls: one new token for each sequence on the CPU, no more sequences than the
-        description takes (`max_rows`), a stack it can run (described at the first such step); else None."""
-        step = cache.decode_attention()
-        if step is None or self._cpu_decode is False or x.dtype != step.dtype:
-            return None
-        if self._cpu_decode is None:
-            self._cpu_decode = self._describe_cpu_decode(x.dtype) or False
-        if self._cpu_decode is False or step.seqs > self._cpu_decode.max_rows:
-            return None
-        return self._cpu_decode, step
+    # Whether decode steps may go through the backend's step graphs (EngineConfig.capture_decode); the
+    # graphs themselves are made at the first decode step (None: not yet, False: the backend has none).
+    capture_decode: bool = True
+    _step_graphs = None
 
     def compute_logits(self, hidden: torch.Tensor, float32: bool = True) -> torch.Tensor:
         """Hidden states -> logits over the vocabulary: float32, or (float32=False) in the model's dtype,
@@ -90,7 +80,7 @@ class CausalLM(nn.Module):
 
     def make_cache(self, batch_size: int, max_len: int, dtype: torch.dtype, device) -> ContiguousKVCache:
         return ContiguousKVCache(
-            self.config.num_hidden_layers, batch_size, max_len, self.cache_entry_shapes(), dtype, device
+            self.config.num_hidden_layers, batch_size, max_len, self.cache_entry_shapes(), dtype, device, self.ops
         )
 
     # ---- loading --------------------------------------------------------------------------

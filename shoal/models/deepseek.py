@@ -13,8 +13,8 @@ import re
 import torch
 from torch import nn
 
-from shoal.backends.cpu import decode as cpu_decode, fused as cpu_ops
 from shoal.backends.base import Backend, sdpa_attention
+from shoal.backends.ops import REFERENCE, Ops
 from shoal.errors import ConfigError
 from shoal.layers.attention import attend_in_parts
 from shoal.layers.embedding import LMHead, VocabEmbedding
@@ -68,7 +68,8 @@ class MultiHeadLatentAttention(nn.Module):
         self.rotary = rotary
         self.scale = mla_softmax_scale(config)
         self.attention_fn = backend.attention_fn(mla=True, kv_dtype=torch.get_default_dtype())
-        # The fused CPU decode (cpu_ops) stands in for the default attention only, never for a backend's own.
+        # The backend's decode attention (Ops.decode_attention) stands in for the default attention only,
+        # never for a backend's own attention_fn.
         self.fusable = self.attention_fn is sdpa_attention
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: ContiguousKVCache) -> torch.Tensor:
@@ -107,7 +108,7 @@ class MultiHeadLatentAttention(nn.Module):
 
     def _fused_decode(self, fused, q, kv, positions, cache) -> torch.Tensor | None:
         """One new token per sequence on the CPU: the latent's norm, rotary, the cache write, the
-        absorption and attention in one kernel call (cpu_ops.DecodeAttention.mla), or None where it
+        absorption and attention in one kernel call (the backend's Ops.decode_attention, `.mla`), or None where it
         does not apply (another dtype somewhere, a quantized or sharded-away kv_b_proj weight)."""
         weight = getattr(self.kv_b_proj, "weight", None)
         norm = self.kv_a_layernorm.weight
@@ -122,7 +123,7 @@ class MultiHeadLatentAttention(nn.Module):
         rows_q, rows_kv = q.reshape(-1, q.shape[-1]), kv.reshape(-1, kv.shape[-1])
         if rows_q.stride(-1) != 1 or rows_kv.stride(-1) != 1:
             return None
-        cos_sin = self.rotary.tables(positions)
+        cos_sin = self.rotary.tables(fused.position_end)
         return fused.mla(
             rows_q, rows_kv, norm, self.kv_a_layernorm.eps, weight, self.num_heads, self.nope_dim, self.rope_dim,
             self.kv_lora_rank, self.v_dim, pool, self.scale, cos_sin, self.rotary.interleaved,
@@ -164,6 +165,8 @@ class MultiHeadLatentAttention(nn.Module):
 
 
 class DeepseekDecoderLayer(nn.Module):
+    ops: Ops = REFERENCE  # the backend's, once the model is built (its residual add)
+
     def __init__(self, config: ModelConfig, layer_index: int, backend: Backend, rotary: RotaryEmbedding) -> None:
         super().__init__()
         self.self_attn = MultiHeadLatentAttention(config, layer_index, backend, rotary)
@@ -182,7 +185,7 @@ class DeepseekDecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: ContiguousKVCache) -> torch.Tensor:
         h = self.self_attn(self.input_layernorm(x), positions, cache)
         h, x = self.post_attention_layernorm(h, residual=x)  # x + attention, and its norm, in one pass
-        return x + self.mlp(h)
+        return self.ops.add(x, self.mlp(h))
 
 
 def is_moe_layer(config: ModelConfig, index: int) -> bool:
@@ -245,79 +248,6 @@ class DeepseekForCausalLM(CausalLM):
 
     def cache_entry_shapes(self) -> list[tuple[int, ...]]:
         return [(self.config.get("kv_lora_rank") + self.config.get("qk_rope_head_dim"),)]
-
-    def fused_decode(self, x: torch.Tensor, positions: torch.Tensor, cache: ContiguousKVCache) -> torch.Tensor | None:
-        """Up to 8 sequences' decode step on the CPU with two C calls per layer (cpu_decode.DeepseekDecode):
-        the attention half, then the MLP half (a lone token's experts in one call); the router runs
-        between them, and a MoE layer with several tokens runs its torch path. A lone token's step is one
-        call for all layers, router included, where every router is one the C router takes. The same
-        kernels in the same order as layer by layer, so the same results."""
-        ready = self._cpu_decode_step(x, cache)
-        if ready is None or ready[1].window:  # the MLA kernel has no sliding window
-            return None
-        plan, step = ready
-        rows, threads = step.seqs, step.threads
-        attention = self.model.layers[0].self_attn
-        desc = plan.begin([cache.pools(i)[0] for i in range(len(self.model.layers))], step,
-                          attention.rotary.tables(positions))
-        if rows == 1 and plan.whole is not None:  # a lone token: every layer in one call
-            return plan.run_token(x, desc, self.model.norm.weight, threads).view_as(x)
-        res = x.reshape(rows, -1).clone()  # the residual stream
-        mlp_out = None
-        for index, layer in enumerate(self.model.layers):
-            h = plan.attention_half(index, desc, res, mlp_out, threads)
-            if isinstance(layer.mlp, MoE):
-                weights, expert_ids = layer.mlp.route(h)
-                mlp_out = plan.moe_token(index, h, weights, expert_ids, threads) if rows == 1 else None
-                if mlp_out is None:
-                    mlp_out = layer.mlp.mix(h, weights, expert_ids)
-            else:
-                mlp_out = plan.dense_mlp(index, h, threads)
-        out, _ = cpu_ops.rms_norm(mlp_out, self.model.norm.weight, self.model.norm.eps, residual=res)
-        return out.view_as(x)
-
-    def _describe_cpu_decode(self, dtype: torch.dtype) -> cpu_decode.DeepseekDecode | None:
-        """The decoder stack for cpu_decode, where every layer is one it runs exactly as the layers would:
-        unsplit, default attention, a full-precision kv_b_proj, weights its kernels read, one norm eps."""
-        norm = self.model.norm
-        if self.tp_size != 1 or self.skip_weight is not None or norm is None or norm.weight.dtype != dtype:
-            return None
-        layers, eps = [], {norm.eps}
-        for layer in self.model.layers:
-            if type(layer) is not DeepseekDecoderLayer or not layer.self_attn.fusable:
-                return None
-            attn, mlp = layer.self_attn, layer.mlp
-            q_lora = bool(attn.q_lora_rank)
-            norms = [layer.input_layernorm, layer.post_attention_layernorm, attn.kv_a_layernorm]
-            norms += [attn.q_a_layernorm] if q_lora else []
-            eps |= {n.eps for n in norms}
-            kv_b = getattr(attn.kv_b_proj, "weight", None)
-            if type(attn.kv_b_proj) is not Linear or getattr(attn.kv_b_proj, "bias", None) is not None:
-                return None
-            if isinstance(mlp, MoE):
-                shared = mlp.shared_experts
-                experts = mlp.experts.token_experts(dtype) if hasattr(mlp.experts, "token_experts") else None
-                described_mlp = ("moe", experts, shared.gate_up_proj if shared else None,
-                                 shared.down_proj if shared else None, mlp if type(mlp) is MoE else None)
-            elif type(mlp) is GatedMLP:
-                described_mlp = ("dense", mlp.gate_up_proj, mlp.down_proj)
-            else:
-                return None
-            layers.append({
-                "input_norm": layer.input_layernorm.weight, "post_attention_norm": layer.post_attention_layernorm.weight,
-                "q_a_norm": attn.q_a_layernorm.weight if q_lora else None, "kv_a_norm": attn.kv_a_layernorm.weight,
-                "kv_b": kv_b, "q": None if q_lora else attn.q_proj, "q_a": attn.q_a_proj if q_lora else None,
-                "q_b": attn.q_b_proj if q_lora else None, "kv_a": attn.kv_a_proj_with_mqa, "o": attn.o_proj,
-                "mlp": described_mlp,
-            })
-        if len(eps) != 1:
-            return None
-        attn = self.model.layers[0].self_attn
-        return cpu_decode.DeepseekDecode.build(
-            hidden=self.config.hidden_size, heads=attn.num_heads, nope=attn.nope_dim, rope=attn.rope_dim,
-            rank=attn.kv_lora_rank, v_dim=attn.v_dim, q_lora_rank=attn.q_lora_rank or 0,
-            interleaved=attn.rotary.interleaved, eps=norm.eps, scale=attn.scale, dtype=dtype, layers=layers,
-        )
 
     def ignore_weight(self, name: str) -> bool:
         # DeepSeek-V3 ships its multi-token-prediction module as extra layers past num_hidden_layers.

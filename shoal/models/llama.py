@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from shoal.backends.cpu import decode as cpu_decode
 from shoal.backends.base import Backend, sdpa_attention
+from shoal.backends.ops import REFERENCE, Ops
 from shoal.layers.attention import CachedAttention, attend_in_parts
 from shoal.layers.embedding import LMHead, VocabEmbedding
 from shoal.layers.kv_cache import ContiguousKVCache
@@ -42,7 +42,8 @@ class LlamaAttention(nn.Module):
         self.rotary = rotary  # shared by all layers: one cos/sin table
         attention_fn = backend.attention_fn(mla=False, kv_dtype=torch.get_default_dtype())
         self.attn = CachedAttention(layer_index, self.head_dim**-0.5, attention_fn)
-        # The fused CPU decode (cpu_ops) stands in for the default attention only, never for a backend's own.
+        # The backend's decode attention (Ops.decode_attention) stands in for the default attention only,
+        # never for a backend's own attention_fn.
         self.fusable = attention_fn is sdpa_attention
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: ContiguousKVCache) -> torch.Tensor:
@@ -69,7 +70,7 @@ class LlamaAttention(nn.Module):
 
     def _fused_decode(self, fused, qkv: torch.Tensor, positions: torch.Tensor, cache: ContiguousKVCache) -> torch.Tensor:
         """One new token per sequence on the CPU: rotary, the cache write and attention in one kernel call
-        (cpu_ops.DecodeAttention) over the rows of the merged q / k / v output."""
+        (the backend's Ops.decode_attention) over the rows of the merged q / k / v output."""
         heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
         rows = qkv.view(-1, qkv.shape[-1])
         q_end, k_end = heads * dim, (heads + kv_heads) * dim
@@ -79,12 +80,14 @@ class LlamaAttention(nn.Module):
             q = self.rotary(self.q_norm(q.view(-1, 1, heads, dim)), positions.view(-1, 1)).view(-1, heads * dim)
             k = self.rotary(self.k_norm(k.view(-1, 1, kv_heads, dim)), positions.view(-1, 1)).view(-1, kv_heads * dim)
         else:
-            cos_sin = self.rotary.tables(positions)
+            cos_sin = self.rotary.tables(fused.position_end)
         k_pool, v_pool = cache.pools(self.attn.layer_index)
         return fused(q, k, v, heads, kv_heads, dim, k_pool, v_pool, self.attn.scale, cos_sin)
 
 
 class LlamaDecoderLayer(nn.Module):
+    ops: Ops = REFERENCE  # the backend's, once the model is built (its residual add)
+
     def __init__(
         self, config: ModelConfig, layer_index: int, backend: Backend, rotary: RotaryEmbedding, qkv_bias: bool, o_bias: bool
     ):
@@ -97,7 +100,7 @@ class LlamaDecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: ContiguousKVCache) -> torch.Tensor:
         h = self.self_attn(self.input_layernorm(x), positions, cache)
         h, x = self.post_attention_layernorm(h, residual=x)  # x + attention, and its norm, in one pass
-        return x + self.mlp(h)
+        return self.ops.add(x, self.mlp(h))
 
 
 class LlamaModel(nn.Module):
@@ -132,41 +135,6 @@ class LlamaForCausalLM(CausalLM):
         )
         uses_window = config.model_type == "mistral" or bool(config.get("use_sliding_window", False))
         self.sliding_window = config.get("sliding_window") if uses_window else None
-
-    def fused_decode(self, x: torch.Tensor, positions: torch.Tensor, cache: ContiguousKVCache) -> torch.Tensor | None:
-        """The whole decoder stack in one C call (cpu_decode.LlamaDecode), where this step can run there."""
-        ready = self._cpu_decode_step(x, cache)
-        if ready is None:
-            return None
-        plan, step = ready
-        if not plan.is_current():
-            return None
-        pools = [cache.pools(i) for i in range(len(self.model.layers))]
-        out = plan.run(x, step, pools, self.model.layers[0].self_attn.rotary.tables(positions))
-        return out.view_as(x)
-
-    def _describe_cpu_decode(self, dtype: torch.dtype) -> cpu_decode.LlamaDecode | None:
-        """The whole decoder stack for cpu_decode, where every layer is one it runs exactly as the layers
-        would: unsplit, default attention without per-head norms, and weights its kernels read."""
-        if self.tp_size != 1 or self.skip_weight is not None or self.model.norm is None:
-            return None
-        layers = []
-        for layer in self.model.layers:
-            if type(layer) is not LlamaDecoderLayer or not layer.self_attn.fusable or layer.self_attn.qk_norm:
-                return None
-            attn, mlp = layer.self_attn, layer.mlp
-            layers.append((layer.input_layernorm.weight, layer.post_attention_layernorm.weight, attn.qkv_proj,
-                           attn.o_proj, mlp.gate_up_proj, mlp.down_proj))
-        norm = self.model.norm
-        eps = {norm.eps} | {n.eps for layer in self.model.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)}
-        if len(eps) != 1:
-            return None
-        attention = self.model.layers[0].self_attn
-        return cpu_decode.LlamaDecode.build(
-            hidden=self.config.hidden_size, heads=attention.num_heads, kv_heads=attention.num_kv_heads,
-            head_dim=attention.head_dim, intermediate=self.model.layers[0].mlp.down_proj.in_features, eps=norm.eps,
-            scale=attention.attn.scale, dtype=dtype, final_norm=norm.weight, layers=layers,
-        )
 
     def cache_entry_shapes(self) -> list[tuple[int, ...]]:
         shape = (self.config.num_key_value_heads // self.tp_size, self.config.head_dim)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from shoal.backends.base import Backend
+from shoal.backends.ops import bind_ops
 from shoal.layers.linear import Linear
 from shoal.layers.mlp import GatedMLP
 from shoal.layers.moe import MoE
@@ -161,6 +162,8 @@ def build_model_shard(path: Path, backend: Backend, device: torch.device, dtype:
         if plan is not None and plan.changes_model:
             apply_plan(model, plan, backend, dtype, device)
     _materialize(model, device)
+    bind_ops(model, backend.ops())
+    model.capture_decode = False  # a split step's collectives are not kernels a replay could run
     weights = iterate_weights(safetensors_files(path), progress=progress)
     stream = plan.checkpoint.wrap(weights) if plan is not None and plan.checkpoint is not None else weights
     try:

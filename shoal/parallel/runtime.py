@@ -92,7 +92,7 @@ def local_cache(model: CausalLM, state: ParallelState, kv_cache_bytes: int, bloc
     per_block = PagedKVCache.bytes_per_block(end - first, block_size, shapes, dtype, kv_quant)
     count = torch.tensor([max(1, kv_cache_bytes // per_block)], dtype=torch.long)
     dist.all_reduce(count, op=dist.ReduceOp.MIN, group=state.control_group)
-    cache = PagedKVCache(end - first, int(count), block_size, shapes, dtype, device, kv_quant)
+    cache = PagedKVCache(end - first, int(count), block_size, shapes, dtype, device, kv_quant, model.ops)
     # Layers of other stages hold nothing; the model indexes the cache by its global layer index.
     before, after = [[] for _ in range(first)], [[] for _ in range(layers - end)]
     cache.layers = before + cache.layers + after
@@ -175,7 +175,8 @@ class ParallelRunner(ModelRunner):
         seqs = [chunks[row].seq for row in done]
         with torch.inference_mode():
             tokens, logprobs = sample_batch(logits, [s.params for s in seqs], [s.generator for s in seqs],
-                                            [s.prompt_ids for s in seqs], [s.output_ids for s in seqs])
+                                            [s.prompt_ids for s in seqs], [s.output_ids for s in seqs],
+                                            ops=self.model.ops)
         results: list = [None] * len(chunks)
         for row, token, logprob in zip(done, tokens, logprobs):
             results[row] = (token, logprob)

@@ -13,10 +13,10 @@ import math
 import torch
 from torch import nn
 
-from shoal.backends.cpu import decode as cpu_decode
+from shoal.backends.ops import REFERENCE, Ops
 from shoal.errors import WeightError
 from shoal.layers.linear import copy_weight
-from shoal.layers.moe import silu_mul, weighted_expert_sum
+from shoal.layers.moe import weighted_expert_sum
 from shoal.quant.formats import FP8_BLOCK, Fp8BlockWeight, Int4GroupWeight, Int8ChannelWeight, as_float
 
 # The canonical tensors of each format (see shoal/backends/quantized_matmul.py for their layouts).
@@ -134,6 +134,8 @@ class _QuantizedModule(nn.Module):
 class QuantizedLinear(_QuantizedModule):
     """A quantized Linear or MergedLinear: y = x W^T (+ b), W stored in `fmt`."""
 
+    ops: Ops = REFERENCE  # the backend's, once the model is built (its bias add)
+
     def __init__(
         self,
         fmt: str,
@@ -213,7 +215,7 @@ class QuantizedLinear(_QuantizedModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.matmul(x)
-        return y if self.bias is None else y + self.bias
+        return y if self.bias is None else self.ops.add(y, self.bias)
 
     def split(self, y: torch.Tensor) -> list[torch.Tensor]:
         return list(torch.split(y, self.out_sizes, dim=-1))
@@ -225,6 +227,8 @@ class QuantizedLinear(_QuantizedModule):
 
 class QuantizedStackedExperts(_QuantizedModule):
     """StackedExperts with each expert's gate_up [2 * inter, hidden] and down [hidden, inter] in `fmt`."""
+
+    ops: Ops = REFERENCE  # the backend's, once the model is built
 
     def __init__(
         self, fmt: str, num_experts: int, hidden_size: int, intermediate_size: int, kernel, group_size: int = 0,
@@ -239,7 +243,7 @@ class QuantizedStackedExperts(_QuantizedModule):
         self._register("gate_up_", allocate(fmt, lead, 2 * intermediate_size, hidden_size, group_size, dtype, device))
         self._register("down_", allocate(fmt, lead, hidden_size, intermediate_size, group_size, dtype, device))
         self._cached = None
-        self._one_call = None  # cpu_decode.TokenExperts, described at the first lone token (False: none)
+        self._one_call = None  # the backend's lone-token call (Ops.token_experts), made at the first lone token (False: none)
 
     def checkpoint_names(self, module_name: str, attr: str) -> list[str]:
         if attr == "gate_up_qweight":
@@ -292,16 +296,16 @@ class QuantizedStackedExperts(_QuantizedModule):
         return weighted_expert_sum(x, weights, expert_ids, self.num_experts, self._expert, self.token_experts)
 
     def token_experts(self, dtype: torch.dtype):
-        """These experts for a lone token in one C call (described once), or None where that does not apply."""
+        """These experts for a lone token in one backend call (made once), or None where it has none."""
         if self._one_call is None:
-            self._one_call = cpu_decode.TokenExperts.build(
+            self._one_call = self.ops.token_experts(
                 self.fmt, self.kernel.name, self.expert_weights(), self.group_size, dtype
             ) or False
         return self._one_call or None
 
     def _expert(self, rows: torch.Tensor, expert: int) -> torch.Tensor:
         gate_up, down = self._cached[expert]
-        return self.kernel(silu_mul(self.kernel(rows, gate_up, self.group_size)), down, self.group_size)
+        return self.kernel(self.ops.silu_mul(self.kernel(rows, gate_up, self.group_size)), down, self.group_size)
 
 
 class QuantizedEmbedding(nn.Module):

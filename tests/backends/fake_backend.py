@@ -2,7 +2,9 @@
 declares it under the `shoal.backends` entry-point group — so tests can prove plugins work.
 
 `fake_backend` is a pytest fixture: it installs "fakechip" (computes on the CPU, counts every
-attention and linear call) into a temp dir on sys.path, and yields the registered instance.
+attention and linear call, and brings its own RMSNorm, SiLU-and-multiply and argmax ops, written
+another way than shoal's reference and counted too) into a temp dir on sys.path, and yields the
+registered instance.
 Reuse it elsewhere with `from tests.backends.fake_backend import fake_backend` in a conftest.
 """
 
@@ -24,6 +26,34 @@ FAKE_MODULE_SOURCE = textwrap.dedent('''
     import torch
 
     from shoal.backends.base import Backend, MemoryInfo, sdpa_attention
+    from shoal.backends.ops import Ops
+
+
+    class FakeChipOps(Ops):
+        """A chip's own operations, as a plugin brings them: computed another way than the reference."""
+
+        name = "fakechip"
+
+        def __init__(self, calls):
+            self.calls = calls  # op name -> times called, shared with the backend
+
+        def rms_norm(self, x, weight, eps, residual=None):
+            self.calls["rms_norm"] = self.calls.get("rms_norm", 0) + 1
+            summed = x if residual is None else x + residual
+            x32 = summed.float()
+            normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+            out = weight * normed.to(summed.dtype)
+            return out if residual is None else (out, summed)
+
+        def silu_mul(self, gate_up):
+            self.calls["silu_mul"] = self.calls.get("silu_mul", 0) + 1
+            inter = gate_up.shape[-1] // 2
+            gate, up = gate_up[..., :inter], gate_up[..., inter:]
+            return gate * torch.sigmoid(gate) * up
+
+        def argmax(self, scores):
+            self.calls["argmax"] = self.calls.get("argmax", 0) + 1
+            return torch.argmax(scores, dim=-1)
 
 
     class FakeChipBackend(Backend):
@@ -38,6 +68,7 @@ FAKE_MODULE_SOURCE = textwrap.dedent('''
             self.attention_calls = 0  # calls of the functions attention_fn() returned
             self.linear_calls = 0  # calls of the functions linear_fn() returned
             self.synchronize_calls = 0
+            self.op_calls = {}  # calls of FakeChipOps' operations, by name
 
         def is_available(self):
             return True
@@ -56,6 +87,9 @@ FAKE_MODULE_SOURCE = textwrap.dedent('''
                 self.attention_calls += 1
                 return sdpa_attention(q, k, v, mask, scale)
             return attention
+
+        def ops(self):
+            return FakeChipOps(self.op_calls)
 
         def linear_fn(self, weight_format):
             dense = super().linear_fn(weight_format)

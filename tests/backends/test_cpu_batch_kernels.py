@@ -9,8 +9,11 @@ import torch
 from torch.nn import functional as F
 
 from shoal.backends.cpu import gemv as cpu_gemv
-from shoal.backends.quantized_matmul import int4_cpu, int4_cpu_prepare, int8_cpu, int8_cpu_prepare, int8_fallback
-from shoal.layers.linear import linear
+from shoal.backends.cpu.quantized import int4_cpu, int4_cpu_prepare, int8_cpu, int8_cpu_prepare
+from shoal.backends.quantized_matmul import int8_fallback
+from shoal.backends.cpu.ops import CpuOps
+
+linear = CpuOps().linear  # the CPU backend's dense linear, as a layer calls it
 from shoal.quant.formats import Int4GroupWeight, Int8ChannelWeight
 
 pytestmark = pytest.mark.skipif(

@@ -7,12 +7,19 @@ import torch
 from torch.nn import functional as F
 
 from shoal.backends.cpu import fused as cpu_ops
+from shoal.backends.cpu.ops import CpuOps
+from shoal.backends.ops import REFERENCE
 from shoal.layers.kv_cache import ContiguousKVCache
 from shoal.layers.norm import RMSNorm
 from shoal.layers.rotary import RotaryEmbedding
 from shoal.models.hf_config import RopeConfig
 
-pytestmark = pytest.mark.skipif(not cpu_ops.available(), reason="no C compiler here: the operations are not built")
+
+# Layers built here, outside a model, call the CPU backend's ops (tests/backends/conftest.py).
+pytestmark = [
+    pytest.mark.skipif(not cpu_ops.available(), reason="no C compiler here: the operations are not built"),
+    pytest.mark.usefixtures("cpu_ops_bound"),
+]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -24,7 +31,7 @@ def test_rms_norm_with_and_without_the_residual(dtype, shape):
     norm.weight.data.copy_(torch.randn(shape[-1], generator=g) * 0.2 + 1)
     out, summed = cpu_ops.rms_norm(x, norm.weight, norm.eps, r)
     assert torch.equal(summed, x + r)
-    ref = norm._norm(x + r)
+    ref = REFERENCE.rms_norm(x + r, norm.weight, norm.eps)
     if dtype == torch.bfloat16:  # rounded where torch rounds: the same values, but for a rare last-bit flip
         assert (out != ref).float().mean().item() < 0.01  # (the mean of squares sums in another order)
         torch.testing.assert_close(out, ref)
@@ -32,7 +39,7 @@ def test_rms_norm_with_and_without_the_residual(dtype, shape):
         torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
     alone, none = cpu_ops.rms_norm(x, norm.weight, norm.eps)
     assert none is None
-    torch.testing.assert_close(alone, norm._norm(x))
+    torch.testing.assert_close(alone, REFERENCE.rms_norm(x, norm.weight, norm.eps))
     # and the module takes the fused path with the same result
     fused, fused_sum = norm(x, residual=r)
     assert torch.equal(fused, out) and torch.equal(fused_sum, summed)
@@ -81,7 +88,7 @@ def test_decode_attention_writes_the_cache_and_attends(dtype, heads, kv_heads, d
     qkv = (torch.randn(seqs, (heads + 2 * kv_heads) * dim, generator=g) * 2).to(dtype)
     q, k, v = qkv[:, : heads * dim], qkv[:, heads * dim : (heads + kv_heads) * dim], qkv[:, (heads + kv_heads) * dim :]
     rotary = RotaryEmbedding(RopeConfig(theta=10000.0), dim, 64)
-    cos_sin = rotary.tables(positions[None])
+    cos_sin = rotary.tables(int(positions.max()) + 1)
     write = slots[torch.arange(seqs), positions]
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -102,7 +109,7 @@ def test_decode_attention_writes_the_cache_and_attends(dtype, heads, kv_heads, d
 
 
 def test_contiguous_cache_offers_the_fused_decode_only_for_one_token_steps():
-    cache = ContiguousKVCache(2, 3, 32, [(2, 8), (2, 8)], torch.bfloat16, "cpu")
+    cache = ContiguousKVCache(2, 3, 32, [(2, 8), (2, 8)], torch.bfloat16, "cpu", CpuOps())
     cache.begin_forward(torch.tensor([[0, 1, 2]] * 3), None)
     assert cache.decode_attention() is None
     cache.begin_forward(torch.tensor([[3], [3], [3]]), None)
@@ -157,7 +164,7 @@ def test_mla_decode_attention_against_the_torch_path(dtype, heads, nope, rope, r
         ours_pool = pool.clone()
         out = fused.mla(q, kv, layer.kv_a_layernorm.weight, layer.kv_a_layernorm.eps,
                         layer.kv_b_proj.weight.contiguous(), heads, nope, rope, rank, v_dim, ours_pool, layer.scale,
-                        layer.rotary.tables(positions[None]), interleaved)
+                        layer.rotary.tables(int(positions.max()) + 1), interleaved)
     finally:
         torch.set_num_threads(previous)
     # the cache: the normed latent and the rotated key, as the torch path writes them

@@ -13,7 +13,12 @@ from shoal.layers.embedding import LMHead, VocabEmbedding
 from shoal.layers.linear import Linear, MergedLinear
 from shoal.sampling_params import SamplingParams
 
-pytestmark = pytest.mark.skipif(not cpu_packed_f32.available(), reason="this torch has no MKL packed sgemm")
+
+# Layers built here, outside a model, call the CPU backend's ops (tests/backends/conftest.py).
+pytestmark = [
+    pytest.mark.skipif(not cpu_packed_f32.available(), reason="this torch has no MKL packed sgemm"),
+    pytest.mark.usefixtures("cpu_ops_bound"),
+]
 
 
 def _close(ours: torch.Tensor, reference: torch.Tensor) -> None:
@@ -34,7 +39,7 @@ def test_packed_weight_multiplies_any_row_count_like_f_linear(rows, bias):
     x = torch.randn(1, rows, 96, generator=g)
     reference = F.linear(x, layer.weight, layer.bias)
     assert cpu_packed_f32.pack_model(layer, free_bytes=1 << 30) == 200 * 96 * 4
-    assert layer.packed_f32 is not None and layer.packed_f32.takes(x, layer.weight)
+    assert layer.prepared is not None and layer.prepared.takes(x, layer.weight)
     _close(layer(x), reference)
 
 
@@ -42,8 +47,8 @@ def test_other_dtypes_and_other_weights_keep_f_linear():
     layer = Linear(64, 32)
     torch.nn.init.normal_(layer.weight)
     cpu_packed_f32.pack_model(layer, free_bytes=1 << 30)
-    assert not layer.packed_f32.takes(torch.randn(4, 64, dtype=torch.bfloat16), layer.weight)
-    assert not layer.packed_f32.takes(torch.randn(4, 64), torch.randn(32, 64))
+    assert not layer.prepared.takes(torch.randn(4, 64, dtype=torch.bfloat16), layer.weight)
+    assert not layer.prepared.takes(torch.randn(4, 64), torch.randn(32, 64))
     assert cpu_packed_f32.pack(layer.weight.to(torch.bfloat16)) is None
 
 
@@ -55,7 +60,7 @@ def test_a_weight_changed_after_packing_is_read_fresh():
     x = torch.randn(5, 64)
     with torch.no_grad():
         layer.weight.mul_(2)
-    assert not layer.packed_f32.takes(x, layer.weight)
+    assert not layer.prepared.takes(x, layer.weight)
     _close(layer(x), F.linear(x, layer.weight))
 
 
@@ -65,7 +70,7 @@ def test_packing_stays_within_its_share_of_free_memory():
         torch.nn.init.normal_(layer.weight)
     one = 64 * 64 * 4
     assert cpu_packed_f32.pack_model(model, free_bytes=int(2.5 * one / cpu_packed_f32.MEMORY_SHARE)) == 2 * one
-    assert [m.packed_f32 is not None for m in model] == [True, True, False]
+    assert [m.prepared is not None for m in model] == [True, True, False]
 
 
 def test_tied_output_head_packs_the_embedding():
@@ -74,7 +79,7 @@ def test_tied_output_head_packs_the_embedding():
     head = LMHead(300, 48, tied_to=embedding)
     cpu_packed_f32.pack_model(head, free_bytes=1 << 30)
     hidden = torch.randn(7, 48)
-    assert head.packed_f32 is not None
+    assert head.prepared is not None
     _close(head(hidden), F.linear(hidden, embedding.weight))
 
 
@@ -85,14 +90,14 @@ def test_a_float32_model_loads_packed_and_answers_as_unpacked(tmp_path, monkeypa
     prompts = [[5, 9, 14, 3], [7, 7, 21, 4, 2, 8], [11, 6]]
     greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     llm = LLM(str(path), device="cpu", dtype="float32", progress=False)
-    assert llm.model.lm_head.packed_f32 is not None
+    assert llm.model.lm_head.prepared is not None
     packed = [o.token_ids for o in llm.generate(prompts, greedy)]
     del llm
     monkeypatch.setenv(cpu_packed_f32.ENV_SWITCH, "0")
     cpu_packed_f32.available.cache_clear()
     try:
         llm = LLM(str(path), device="cpu", dtype="float32", progress=False)
-        assert llm.model.lm_head.packed_f32 is None
+        assert llm.model.lm_head.prepared is None
         assert [o.token_ids for o in llm.generate(prompts, greedy)] == packed
     finally:
         monkeypatch.delenv(cpu_packed_f32.ENV_SWITCH)

@@ -20,10 +20,10 @@ def generate_and_record(model: str, options: dict) -> dict:
     logits_by_row: dict[str, list[float]] = {}
     original = single.sample_batch
 
-    def recording(logits, params, generators, prompts, outputs):
+    def recording(logits, params, generators, prompts, outputs, **options):
         for row, (prompt, output) in enumerate(zip(prompts, outputs)):
             logits_by_row[f"{list(prompt)}@{len(output)}"] = logits[row].tolist()
-        return original(logits, params, generators, prompts, outputs)
+        return original(logits, params, generators, prompts, outputs, **options)
 
     single.sample_batch = split.sample_batch = recording
     try:

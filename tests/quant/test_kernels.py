@@ -8,7 +8,8 @@ import torch
 from shoal.backends import get_backend
 from shoal.backends.cpu import gemv as cpu_gemv
 from shoal.backends.base import Backend
-from shoal.backends.quantized_matmul import FALLBACK_KERNELS, int4_cpu_prepare
+from shoal.backends.cpu.quantized import int4_cpu_prepare
+from shoal.backends.quantized_matmul import FALLBACK_KERNELS
 from shoal.quant.formats import Fp8BlockWeight, Int4GroupWeight, Int8ChannelWeight
 
 CPU = get_backend("cpu")
@@ -26,12 +27,16 @@ def _tensors(fmt, w, group=64):
 @pytest.mark.parametrize("tokens", [1, 5, 33])
 @pytest.mark.parametrize("kernels", ["cpu-gemv", "aten"])
 def test_cpu_kernel_agrees_with_fallback_and_dequantized_weight(fmt, tokens, kernels, monkeypatch):
+    # Each path this host can run, forced: shoal's kernels (vectorized or, without AVX-512, the portable
+    # loops the backend would not choose here) and aten's packed ones.
     if kernels == "aten":
-        monkeypatch.setattr(cpu_gemv, "available", lambda: False)
+        monkeypatch.setattr(cpu_gemv, "vectorized", lambda: False)
         if ("int8pack" if fmt == "int8" else "int4pack") not in CPU.quantized_matmul_kernels():
             pytest.skip("this torch build has no packed CPU kernel")
     elif not cpu_gemv.available():
         pytest.skip("no C compiler here: shoal's CPU kernels are not built")
+    else:
+        monkeypatch.setattr(cpu_gemv, "vectorized", lambda: True)
     g = torch.Generator().manual_seed(0)
     w = torch.randn(96, 256, generator=g) * 0.05
     x = torch.randn(tokens, 256, generator=g).to(torch.bfloat16)
@@ -50,7 +55,7 @@ def test_cpu_kernel_agrees_with_fallback_and_dequantized_weight(fmt, tokens, ker
 
 
 def test_int4_kernel_keeps_canonical_layout_when_the_shape_does_not_fit(monkeypatch):
-    monkeypatch.setattr(cpu_gemv, "available", lambda: False)
+    monkeypatch.setattr(cpu_gemv, "vectorized", lambda: False)
     w = torch.randn(24, 64)  # 24 outputs: aten's CPU int4 kernel needs a multiple of 16
     _, tensors = _tensors("int4", w, 32)
     assert int4_cpu_prepare(tensors, 32) is tensors

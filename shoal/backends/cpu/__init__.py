@@ -130,10 +130,15 @@ class CpuBackend(Backend):
         from shoal.backends.cpu import gemv as cpu_gemv
 
         kernels = packed_matmul_kernels("CPU", int4_op="aten::_weight_int4pack_mm_for_cpu")
-        return (["cpu-gemv"] if cpu_gemv.available() else []) + kernels
+        return (["cpu-gemv"] if cpu_gemv.vectorized() else []) + kernels
+
+    def ops(self):
+        from shoal.backends.cpu.ops import CpuOps
+
+        return CpuOps()
 
     def linear_fn(self, weight_format: str):
-        from shoal.backends.quantized_matmul import CPU_KERNELS
+        from shoal.backends.cpu.quantized import CPU_KERNELS
 
         kernel = CPU_KERNELS.get(weight_format)
         packed = {"int8": "int8pack", "int4": "int4pack"}.get(weight_format)
@@ -167,18 +172,20 @@ def _float32_matmuls() -> str:
 
 
 def _decode_kernels() -> str:
-    """What batch-1 / small-batch decode runs on here (shoal's C kernels are built on first use)."""
-    from shoal.backends.cpu import decode as cpu_decode, gemv as cpu_gemv, fused as cpu_ops
+    """What decode runs on here, and why (shoal's C kernels are built on first use)."""
+    from shoal.backends.cpu import fused as cpu_ops, gemv as cpu_gemv
 
     if not cpu_gemv.available():
         return "aten (shoal's C kernels not built: no C compiler, or SHOAL_CPU_KERNELS=0)"
+    fused = "fused norm / SiLU / attention" if cpu_ops.available() else "aten norm / attention (SHOAL_CPU_OPS=0)"
+    if not cpu_gemv.vectorized():
+        return (f"aten matmuls (shoal gemv built without AVX-512: its scalar loops are slower than aten's "
+                f"kernels here), {fused}; decode steps replayed in one call where every op is shoal's (float32)")
     int_path = "int8 activations (VNNI)" if cpu_gemv.quantizes_activations() else "float activations"
-    fused = "fused norm / SiLU / attention" if cpu_ops.available() else "aten norm / attention"
-    step = (", one C call per step (Llama) or two per layer (DeepSeek, <= 8 sequences)"
-            if cpu_decode.library() is not None else "")
     rows = ""
     if cpu_gemv.rows_kernels_available():
         rows = (f"; batched decode ({cpu_gemv.MAX_ROWS + 1}-{cpu_gemv.ROWS_MAX} rows) on AMX tiles" if cpu_gemv.rows_use_amx()
                 else f"; batched int8 / int4 decode ({cpu_gemv.MAX_ROWS + 1}-{cpu_gemv.ROWS_MAX_WITHOUT_AMX} rows) "
                 "with AVX512-BF16")
-    return f"shoal gemv (int8 / int4 weights x {int_path}), {fused}{step}{rows}"
+    return (f"shoal gemv (int8 / int4 weights x {int_path}), {fused}; each decode step recorded once and "
+            f"replayed in one call{rows}")

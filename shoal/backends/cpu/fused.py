@@ -15,41 +15,21 @@ from __future__ import annotations
 
 import ctypes
 import functools
-from pathlib import Path
 
 import torch
 
-from shoal.backends.cpu.build import load, switched_off
+from shoal.backends.cpu.build import switched_off
+from shoal.backends.cpu.capture import StepRef, call, recording
+from shoal.backends.cpu.library import kernels
 
-SOURCE = Path(__file__).parent / "csrc" / "fused.c"
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
 
 @functools.lru_cache(maxsize=1)
 def library() -> ctypes.CDLL | None:
-    """The compiled operations, or None where they cannot be built here (the reason is logged once)."""
-    if switched_off("SHOAL_CPU_OPS"):
-        return None
-    lib = load(SOURCE, "fused decode operations")
-    if lib is None:
-        return None
-    i64, ptr, i32, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
-    lib.shoal_rms_norm.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, f32, i32, i32]
-    lib.shoal_silu_mul.argtypes = [ptr, ptr, i64, i64, i32, i32]
-    lib.shoal_decode_attention.argtypes = [
-        ptr, i64, ptr, i64, ptr, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, ptr, i64, f32, ptr,
-        i32, i32,
-    ]
-    lib.shoal_mla_decode_attention.argtypes = [
-        ptr, i64, ptr, i64, ptr, f32, ptr, i64, i64, i64, i64, i64, i64, ptr, ptr, ptr, i32, ptr, ptr, ptr, i64, ptr,
-        f32, ptr, i32, i32,
-    ]
-    lib.shoal_argmax_rows.argtypes = [ptr, i64, i64, i32, ptr, i32]
-    lib.shoal_moe_route.argtypes = [ptr, i32, i64, i64, ptr, i64, i32, ptr, i64, i32, f32, ptr, ptr, ptr, i32]
-    for fn in (lib.shoal_rms_norm, lib.shoal_silu_mul, lib.shoal_decode_attention, lib.shoal_mla_decode_attention,
-               lib.shoal_argmax_rows, lib.shoal_moe_route):
-        fn.restype = i32
-    return lib
+    """The compiled operations (library.py), or None where they cannot be built here (the reason is logged
+    once) or SHOAL_CPU_KERNELS=0 / SHOAL_CPU_OPS=0."""
+    return None if switched_off("SHOAL_CPU_OPS") else kernels()
 
 
 def available() -> bool:
@@ -74,11 +54,12 @@ def rms_norm(
     n = x.shape[-1]
     out = torch.empty_like(x)
     res_out = torch.empty_like(x) if residual is not None else None
-    _check(library().shoal_rms_norm(
-        x.data_ptr(), residual.data_ptr() if residual is not None else None,
-        res_out.data_ptr() if res_out is not None else None, weight.data_ptr(), out.data_ptr(),
-        x.numel() // n, n, eps, DTYPES[x.dtype], torch.get_num_threads(),
-    ), "rms_norm")
+    lib = library()
+    _check(call(lib.shoal_rms_norm, "shoal_rms_norm",
+                x.data_ptr(), residual.data_ptr() if residual is not None else None,
+                res_out.data_ptr() if res_out is not None else None, weight.data_ptr(), out.data_ptr(),
+                x.numel() // n, n, float(eps), DTYPES[x.dtype], torch.get_num_threads(),
+                keep=(x, residual, res_out, weight, out)), "rms_norm")
     return out, res_out
 
 
@@ -86,9 +67,22 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor:
     """x [..., 2 * inter] (gate then up) -> dtype(silu(gate)) * up, [..., inter]."""
     inter = x.shape[-1] // 2
     out = torch.empty(*x.shape[:-1], inter, dtype=x.dtype)
-    _check(library().shoal_silu_mul(
-        x.data_ptr(), out.data_ptr(), x.numel() // x.shape[-1], inter, DTYPES[x.dtype], torch.get_num_threads()
-    ), "silu_mul")
+    lib = library()
+    _check(call(lib.shoal_silu_mul, "shoal_silu_mul",
+                x.data_ptr(), out.data_ptr(), x.numel() // x.shape[-1], inter, DTYPES[x.dtype], torch.get_num_threads(),
+                keep=(x, out)), "silu_mul")
+    return out
+
+
+def add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a + b for contiguous a [..., n] and b of a's shape or [n] (a bias), one dtype (see `accepts`):
+    each sum rounded to the dtype as torch's add rounds it."""
+    n = a.shape[-1]
+    out = torch.empty_like(a)
+    rows = a.numel() // n if n else 0
+    lib = library()
+    _check(call(lib.shoal_add, "shoal_add", a.data_ptr(), b.data_ptr(), out.data_ptr(), rows, n,
+                1 if b.dim() == 1 else rows, DTYPES[a.dtype], torch.get_num_threads(), keep=(a, b, out)), "add")
     return out
 
 
@@ -100,8 +94,9 @@ def argmax_rows(x: torch.Tensor) -> torch.Tensor | None:
         return None
     x = x.contiguous()
     out = torch.empty(x.shape[0], dtype=torch.long)
-    _check(library().shoal_argmax_rows(x.data_ptr(), x.shape[0], x.shape[1], DTYPES[x.dtype], out.data_ptr(),
-                                       torch.get_num_threads()), "argmax_rows")
+    lib = library()
+    _check(call(lib.shoal_argmax_rows, "shoal_argmax_rows", x.data_ptr(), x.shape[0], x.shape[1], DTYPES[x.dtype],
+                out.data_ptr(), torch.get_num_threads()), "argmax_rows")
     return out
 
 
@@ -121,11 +116,12 @@ def moe_route(x: torch.Tensor, weight: torch.Tensor, top_k: int, sigmoid: bool, 
     tokens = x.shape[0]
     weights = torch.empty(tokens, top_k, dtype=torch.float32)
     ids = torch.empty(tokens, top_k, dtype=torch.long)
-    _check(library().shoal_moe_route(
-        x.data_ptr(), DTYPES[x.dtype], tokens, x.shape[1], weight.data_ptr(), weight.shape[0], int(sigmoid),
-        bias.data_ptr() if bias is not None else None, top_k, int(norm), scaling, weights.data_ptr(), ids.data_ptr(),
-        load.data_ptr() if load is not None else None, torch.get_num_threads(),
-    ), "moe_route")
+    lib = library()
+    _check(call(lib.shoal_moe_route, "shoal_moe_route",
+                x.data_ptr(), DTYPES[x.dtype], tokens, x.shape[1], weight.data_ptr(), weight.shape[0], int(sigmoid),
+                bias.data_ptr() if bias is not None else None, top_k, int(norm), float(scaling), weights.data_ptr(),
+                ids.data_ptr(), load.data_ptr() if load is not None else None, torch.get_num_threads(),
+                keep=(x, weight, bias, weights, ids, load)), "moe_route")
     return weights, ids
 
 
@@ -146,10 +142,18 @@ class DecodeAttention:
         self.threads = torch.get_num_threads()
         self._ptrs = (self.positions.data_ptr(), self.slot_mapping.data_ptr(), self.context_slots.data_ptr(),
                       self.context_slots.shape[1], self.context_lens.data_ptr())
+        # One past the largest position: the rotary tables must cover it (RotaryEmbedding.tables).
+        self.position_end = int(self.positions.max()) + 1 if self.seqs else 0
 
     def pointers(self) -> tuple[int, int, int, int, int]:
         """(positions, slot_mapping, context_slots, context_slots' row stride, context_lens) for the C side."""
         return self._ptrs
+
+    def _step_args(self) -> tuple[int, ...]:
+        """pointers(), marked as what a replayed step rewrites while a step is captured (capture.py)."""
+        if not recording():
+            return self._ptrs
+        return tuple(StepRef(value, field) for field, value in enumerate(self._ptrs))
 
     def __call__(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, kv_heads: int, dim: int,
@@ -159,13 +163,15 @@ class DecodeAttention:
         qkv output; each row's heads contiguous) -> attention output [seqs, heads * dim]; writes k
         (rotated with cos_sin, float32 tables [positions, dim / 2]) and v to the pools first."""
         out = torch.empty(self.seqs, heads * dim, dtype=q.dtype)
-        positions, slots, context, ctx_stride, lens = self._ptrs
+        positions, slots, context, ctx_stride, lens = self._step_args()
         cos, sin = (cos_sin[0].data_ptr(), cos_sin[1].data_ptr()) if cos_sin is not None else (None, None)
-        _check(library().shoal_decode_attention(
-            q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), self.seqs, heads,
-            kv_heads, dim, positions, cos, sin, k_pool.data_ptr(), v_pool.data_ptr(), slots, context, ctx_stride,
-            lens, self.window, scale, out.data_ptr(), DTYPES[q.dtype], self.threads,
-        ), "decode_attention")
+        lib = library()
+        _check(call(lib.shoal_decode_attention, "shoal_decode_attention",
+                    q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), self.seqs, heads,
+                    kv_heads, dim, positions, cos, sin, k_pool.data_ptr(), v_pool.data_ptr(), slots, context,
+                    ctx_stride, lens, self.window, float(scale), out.data_ptr(), DTYPES[q.dtype], self.threads,
+                    keep=(q, k, v, k_pool, v_pool, out, *(cos_sin or ())),
+                    table_rows=cos_sin[0].shape[0] if cos_sin is not None else None), "decode_attention")
         return out
 
     def mla(
@@ -180,11 +186,13 @@ class DecodeAttention:
         (kv_b_proj's weight, contiguous), pool [slots, rank + rope] -> [seqs, heads * v_dim]. Writes the
         normed latent and the rotated key to the pool first. All in one dtype, `self.dtype`."""
         out = torch.empty(self.seqs, heads * v_dim, dtype=q.dtype)
-        positions, slots, context, ctx_stride, lens = self._ptrs
-        _check(library().shoal_mla_decode_attention(
-            q.data_ptr(), q.stride(0), kv.data_ptr(), kv.stride(0), norm_weight.data_ptr(), eps, kv_b_weight.data_ptr(),
-            self.seqs, heads, nope, rope, rank, v_dim, positions, cos_sin[0].data_ptr(), cos_sin[1].data_ptr(),
-            int(interleaved), pool.data_ptr(), slots, context, ctx_stride, lens, scale, out.data_ptr(),
-            DTYPES[q.dtype], self.threads,
-        ), "mla_decode_attention")
+        positions, slots, context, ctx_stride, lens = self._step_args()
+        lib = library()
+        _check(call(lib.shoal_mla_decode_attention, "shoal_mla_decode_attention",
+                    q.data_ptr(), q.stride(0), kv.data_ptr(), kv.stride(0), norm_weight.data_ptr(), float(eps),
+                    kv_b_weight.data_ptr(), self.seqs, heads, nope, rope, rank, v_dim, positions,
+                    cos_sin[0].data_ptr(), cos_sin[1].data_ptr(), int(interleaved), pool.data_ptr(), slots, context,
+                    ctx_stride, lens, float(scale), out.data_ptr(), DTYPES[q.dtype], self.threads,
+                    keep=(q, kv, norm_weight, kv_b_weight, pool, out, *cos_sin), table_rows=cos_sin[0].shape[0]),
+               "mla_decode_attention")
         return out

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import ctypes
 import functools
-from pathlib import Path
 
 import torch
 
-from shoal.backends.cpu.build import ALL_KERNELS_SWITCH, load, switched_off
+from shoal.backends.cpu.build import ALL_KERNELS_SWITCH, switched_off
+from shoal.backends.cpu.capture import call
+from shoal.backends.cpu.library import kernels
 
-SOURCE = Path(__file__).parent / "csrc" / "gemv.c"
 MAX_ROWS = 8  # activation rows per call (MAX_ROWS in csrc/gemv.c)
 ENV_SWITCH = ALL_KERNELS_SWITCH
 ROWS_ENV_SWITCH = "SHOAL_CPU_ROWS"  # =0: no matmul_rows_* kernels (batched decode keeps dequantize + matmul)
@@ -50,27 +50,9 @@ ROWS_MAX_WITHOUT_AMX = 64
 
 @functools.lru_cache(maxsize=1)
 def library() -> ctypes.CDLL | None:
-    """The compiled kernels, or None where they cannot be built here (the reason is logged once)."""
-    if switched_off():
-        return None
-    lib = load(SOURCE, "matrix-vector kernels")
-    if lib is None:
-        return None
-    i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-    lib.shoal_gemv_bf16.argtypes = [ptr, i32, i64, i64, ptr, i64, ptr, i32]
-    lib.shoal_gemv_int8.argtypes = [ptr, i32, i64, i64, ptr, ptr, i64, ptr, i32]
-    lib.shoal_gemv_int4.argtypes = [ptr, i32, i64, i64, ptr, ptr, ptr, i32, i64, i64, ptr, i32]
-    lib.shoal_dequant_int4.argtypes = [ptr, ptr, ptr, i32, i64, i64, i64, ptr, i32, i32]
-    lib.shoal_matmul_rows_bf16.argtypes = [ptr, i64, i64, ptr, i64, ptr, i32, i32]
-    lib.shoal_matmul_rows_int8.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, i32, i32]
-    lib.shoal_matmul_rows_int4.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i32, i64, i64, ptr, i32, i32]
-    lib.shoal_kernel_features.argtypes = []
-    for fn in (lib.shoal_kernel_features, lib.shoal_gemv_bf16, lib.shoal_gemv_int8, lib.shoal_gemv_int4,
-               lib.shoal_dequant_int4, lib.shoal_matmul_rows_bf16, lib.shoal_matmul_rows_int8,
-               lib.shoal_matmul_rows_int4):
-        fn.restype = i32
-    lib.features = lib.shoal_kernel_features()
-    return lib
+    """The compiled kernels (library.py), or None where they cannot be built here (the reason is logged
+    once) or SHOAL_CPU_KERNELS=0."""
+    return None if switched_off() else kernels()
 
 
 def available() -> bool:
@@ -82,6 +64,16 @@ def quantizes_activations() -> bool:
     with VNNI, as llama.cpp does) rather than as given. float32 activations are always used as given."""
     lib = library()
     return lib is not None and bool(lib.features & 1)
+
+
+def vectorized() -> bool:
+    """Whether the matrix-vector kernels run vectorized here (AVX-512). Without it they are the portable
+    scalar loops, several times slower than aten's kernels (measured on an AVX2-only AMD EPYC, 2 threads,
+    one [5632, 1024] weight and one bf16 row: bf16 3.1 ms against F.linear's 0.72; int8 4.8 ms against
+    aten._weight_int8pack_mm's 0.45; int4 3.1 ms against _weight_int4pack_mm_for_cpu's 0.51), so the CPU
+    backend multiplies with aten's there (cpu/ops.py, quantized.py) and keeps these for testing."""
+    lib = library()
+    return lib is not None and bool(lib.features & 16)
 
 
 def rows_kernels_available() -> bool:
@@ -152,9 +144,10 @@ def gemv_bf16(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     m, k = x.shape
     n = weight.shape[0]
     y = torch.empty(m, n, dtype=x.dtype)
-    _check(library().shoal_gemv_bf16(
-        x.data_ptr(), int(x.dtype == torch.bfloat16), m, k, weight.data_ptr(), n, y.data_ptr(), torch.get_num_threads()
-    ), "gemv_bf16")
+    lib = library()
+    _check(call(lib.shoal_gemv_bf16, "shoal_gemv_bf16",
+                x.data_ptr(), int(x.dtype == torch.bfloat16), m, k, weight.data_ptr(), n, y.data_ptr(),
+                torch.get_num_threads(), keep=(x, weight, y)), "gemv_bf16")
     return y
 
 
@@ -164,10 +157,10 @@ def gemv_int8(x: torch.Tensor, qweight: torch.Tensor, scales_f32: torch.Tensor) 
     m, k = x.shape
     n = qweight.shape[0]
     y = torch.empty(m, n, dtype=x.dtype)
-    _check(library().shoal_gemv_int8(
-        x.data_ptr(), int(x.dtype == torch.bfloat16), m, k, qweight.data_ptr(), scales_f32.data_ptr(), n,
-        y.data_ptr(), torch.get_num_threads(),
-    ), "gemv_int8")
+    lib = library()
+    _check(call(lib.shoal_gemv_int8, "shoal_gemv_int8",
+                x.data_ptr(), int(x.dtype == torch.bfloat16), m, k, qweight.data_ptr(), scales_f32.data_ptr(), n,
+                y.data_ptr(), torch.get_num_threads(), keep=(x, qweight, scales_f32, y)), "gemv_int8")
     return y
 
 
@@ -197,11 +190,11 @@ def gemv_int4(x: torch.Tensor, t: dict[str, torch.Tensor], group_size: int) -> t
     m, k = x.shape
     n = t["qweight_gemv"].shape[0]
     y = torch.empty(m, n, dtype=x.dtype)
-    _check(library().shoal_gemv_int4(
-        x.data_ptr(), int(x.dtype == torch.bfloat16), m, k, t["qweight_gemv"].data_ptr(), t["scales"].data_ptr(),
-        t["zeros"].data_ptr(), int(t["scales"].dtype == torch.bfloat16), group_size, n, y.data_ptr(),
-        torch.get_num_threads(),
-    ), "gemv_int4")
+    lib = library()
+    _check(call(lib.shoal_gemv_int4, "shoal_gemv_int4",
+                x.data_ptr(), int(x.dtype == torch.bfloat16), m, k, t["qweight_gemv"].data_ptr(),
+                t["scales"].data_ptr(), t["zeros"].data_ptr(), int(t["scales"].dtype == torch.bfloat16), group_size, n,
+                y.data_ptr(), torch.get_num_threads(), keep=(x, *t.values(), y)), "gemv_int4")
     return y
 
 
@@ -210,15 +203,16 @@ def dequantize_int4(t: dict[str, torch.Tensor], group_size: int, dtype: torch.dt
     q = t["qweight_gemv"]
     n, k = q.shape[0], q.shape[1] * 2
     out = torch.empty(n, k, dtype=torch.bfloat16 if dtype == torch.bfloat16 else torch.float32)
-    _check(library().shoal_dequant_int4(
-        q.data_ptr(), t["scales"].data_ptr(), t["zeros"].data_ptr(), int(t["scales"].dtype == torch.bfloat16),
-        group_size, n, k, out.data_ptr(), int(out.dtype == torch.bfloat16), torch.get_num_threads(),
-    ), "dequant_int4")
+    lib = library()
+    _check(call(lib.shoal_dequant_int4, "shoal_dequant_int4",
+                q.data_ptr(), t["scales"].data_ptr(), t["zeros"].data_ptr(), int(t["scales"].dtype == torch.bfloat16),
+                group_size, n, k, out.data_ptr(), int(out.dtype == torch.bfloat16), torch.get_num_threads()),
+           "dequant_int4")
     return out
 
 
 # ---- more rows (batched decode): shoal_matmul_rows_* ------------------------------------------------
-def _rows_call(name: str, x: torch.Tensor, n: int, amx: bool | None, *args) -> torch.Tensor:
+def _rows_call(name: str, x: torch.Tensor, n: int, amx: bool | None, *args, keep=()) -> torch.Tensor:
     if x.dtype != torch.bfloat16 or x.dim() != 2:
         raise ValueError(f"{name} takes 2-D bf16 activations, got {x.dtype} {tuple(x.shape)}; "
                          "convert them with .to(torch.bfloat16) or use F.linear")
@@ -226,8 +220,8 @@ def _rows_call(name: str, x: torch.Tensor, n: int, amx: bool | None, *args) -> t
     m, k = x.shape
     y = torch.empty(m, n, dtype=torch.bfloat16)
     use_amx = rows_use_amx() if amx is None else amx
-    code = getattr(library(), f"shoal_{name}")(x.data_ptr(), m, k, *args, y.data_ptr(), int(use_amx),
-                                               torch.get_num_threads())
+    code = call(getattr(library(), f"shoal_{name}"), f"shoal_{name}", x.data_ptr(), m, k, *args, y.data_ptr(),
+                int(use_amx), torch.get_num_threads(), keep=(x, y, *keep))
     if code == 3:
         raise RuntimeError(f"shoal CPU kernel {name} needs AVX512-BF16, which this CPU or build lacks; "
                            "check cpu_gemv.rows_kernels_available() before calling it")
@@ -240,14 +234,15 @@ def matmul_rows_bf16(x: torch.Tensor, weight: torch.Tensor, amx: bool | None = N
     AVX512-BF16 dot products where AMX is there (None: AMX where it is)."""
     weight = weight.contiguous()
     n = weight.shape[0]
-    return _rows_call("matmul_rows_bf16", x, n, amx, weight.data_ptr(), n)
+    return _rows_call("matmul_rows_bf16", x, n, amx, weight.data_ptr(), n, keep=(weight,))
 
 
 def matmul_rows_int8(x: torch.Tensor, qweight: torch.Tensor, scales_f32: torch.Tensor,
                      amx: bool | None = None) -> torch.Tensor:
     """bf16 x [M, K] times int8 [N, K] with float32 per-row scales [N]: bf16(bf16(x q^T) * scale)."""
     n = qweight.shape[0]
-    return _rows_call("matmul_rows_int8", x, n, amx, qweight.data_ptr(), scales_f32.data_ptr(), n)
+    return _rows_call("matmul_rows_int8", x, n, amx, qweight.data_ptr(), scales_f32.data_ptr(), n,
+                      keep=(qweight, scales_f32))
 
 
 def matmul_rows_int4(x: torch.Tensor, t: dict[str, torch.Tensor], group_size: int,
@@ -256,4 +251,5 @@ def matmul_rows_int4(x: torch.Tensor, t: dict[str, torch.Tensor], group_size: in
     gives it in bf16."""
     n = t["qweight_gemv"].shape[0]
     return _rows_call("matmul_rows_int4", x, n, amx, t["qweight_gemv"].data_ptr(), t["scales"].data_ptr(),
-                      t["zeros"].data_ptr(), int(t["scales"].dtype == torch.bfloat16), group_size, n)
+                      t["zeros"].data_ptr(), int(t["scales"].dtype == torch.bfloat16), group_size, n,
+                      keep=tuple(t.values()))

@@ -9,9 +9,9 @@ multiplies. Measured ad hoc, [32, 512] rows against llama-34m's weights: 1.4-1.5
 the layer weights at one thread, about 2x at two; within noise at one row and at 2048.
 
 The CBLAS functions are the ones torch's own library exports (torch built with MKL, as the x86 wheels
-are); they are called through ctypes, so that the C decode step (csrc/decode.c, WEIGHT_F32_PACKED) can
-multiply with the same packed buffers and get the same bits. MKL takes its thread count from
-torch.set_num_threads.
+are); they are called through ctypes, so that a recorded decode step (capture.py) and a lone token's
+experts (csrc/experts.c, WEIGHT_F32_PACKED) multiply with the same packed buffers and get the same
+bits. MKL takes its thread count from torch.set_num_threads.
 
 A packed copy costs about as much memory as the weight (measured ad hoc: +135 MiB resident for
 llama-34m's 136 MiB), so `pack_model` packs only while the copies fit in half of the free memory (see
@@ -31,6 +31,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from shoal.backends.cpu import fused
+from shoal.backends.cpu.capture import call
 
 ENV_SWITCH = "SHOAL_CPU_PACKED_F32"
 PACK_ROWS = 32  # the row count given to the packing call: a batched decode step's typical size
@@ -98,10 +101,19 @@ class PackedF32:
         """x [..., k] float32 -> x W^T (+ bias, added afterwards as torch adds it: the C step's bits)."""
         flat = x.reshape(-1, self.k).contiguous()
         y = torch.empty(flat.shape[0], self.n, dtype=torch.float32)
-        _cblas().cblas_sgemm_compute(_ROW_MAJOR, _NO_TRANS, _PACKED, flat.shape[0], self.n, self.k, flat.data_ptr(),
-                                     self.k, self.buffer.data_ptr(), self.k, 0.0, y.data_ptr(), self.n)
+        call(_compute_at, "cblas_sgemm_compute", compute_address(), _ROW_MAJOR, _NO_TRANS, _PACKED, flat.shape[0],
+             self.n, self.k, flat.data_ptr(), self.k, self.buffer.data_ptr(), self.k, 0.0, y.data_ptr(), self.n,
+             keep=(flat, self.buffer, y))
         y = y.view(*x.shape[:-1], self.n)
-        return y if bias is None else y + bias
+        if bias is None:
+            return y
+        return fused.add(y, bias) if fused.accepts(y) and bias.dtype == y.dtype and bias.is_contiguous() else y + bias
+
+
+def _compute_at(address: int, *args) -> int:
+    """cblas_sgemm_compute(*args), named by its address as a recorded step names it (capture.py)."""
+    _cblas().cblas_sgemm_compute(*args)
+    return 0
 
 
 def pack(weight: torch.Tensor) -> PackedF32 | None:
@@ -144,6 +156,6 @@ def pack_model(model: nn.Module, free_bytes: int) -> int:
         size = weight.numel() * weight.element_size()
         if weight.dtype != torch.float32 or weight.device.type != "cpu" or used + size > budget:
             continue
-        module.packed_f32 = pack(weight.detach())
-        used += size if module.packed_f32 is not None else 0
+        module.prepared = pack(weight.detach())
+        used += size if module.prepared is not None else 0
     return used

@@ -127,6 +127,20 @@ int shoal_silu_mul(const void *x, void *out, int64_t rows, int64_t inter, int dt
     return 0;
 }
 
+/* out [rows, n] = a [rows, n] + b, b [rows, n] or (b_rows 1) [n] broadcast over the rows: the decoder's
+ * residual add and a bias, each sum rounded to the dtype as torch's add rounds it. out may be a. */
+int shoal_add(const void *a, const void *b, void *out, int64_t rows, int64_t n, int64_t b_rows, int dtype,
+              int nthreads) {
+    if (rows < 0 || n < 0 || (b_rows != 1 && b_rows != rows) || (dtype != 0 && dtype != 1)) return 1;
+    const int bf16 = dtype == 1;
+    const int64_t b_stride = b_rows == 1 ? 0 : n;
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1 && rows * n >= 65536)
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t i = 0; i < n; i++)
+            store_value(out, r * n + i, load_value(a, r * n + i, bf16) + load_value(b, r * b_stride + i, bf16), bf16);
+    return 0;
+}
+
 /* ---- one-query attention over the cache ------------------------------------------------------------
  * For each sequence s (one new token each, at positions[s]):
  *   q = q_ptr[s * q_stride ...] [heads, dim], k = k_ptr[s * k_stride ...] [kv_heads, dim], v likewise;

@@ -1253,5 +1253,8 @@ int shoal_kernel_features(void) {
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
     features |= 2;
 #endif
+#ifdef __AVX512F__
+    features |= 16; /* the dot products are vectorized: without AVX-512 they are scalar loops */
+#endif
     return features;
 }

@@ -51,6 +51,8 @@ int shoal_kernel_features(void);
 int shoal_rms_norm(const void *x, const void *residual, void *res_out, const void *weight, void *out, int64_t rows,
                    int64_t n, float eps, int dtype, int nthreads);
 int shoal_silu_mul(const void *x, void *out, int64_t rows, int64_t inter, int dtype, int nthreads);
+int shoal_add(const void *a, const void *b, void *out, int64_t rows, int64_t n, int64_t b_rows, int dtype,
+              int nthreads);
 int shoal_decode_attention(const void *q_ptr, int64_t q_stride, const void *k_ptr, int64_t k_stride,
                            const void *v_ptr, int64_t v_stride, int64_t seqs, int64_t heads, int64_t kv_heads,
                            int64_t dim, const int64_t *positions, const float *cos_table, const float *sin_table,
@@ -67,5 +69,17 @@ int shoal_argmax_rows(const void *x, int64_t rows, int64_t cols, int dtype, int6
 int shoal_moe_route(const void *x, int act_bf16, int64_t tokens, int64_t hidden, const float *w, int64_t experts,
                     int sigmoid, const float *bias, int64_t top_k, int norm, float scaling, float *weights,
                     int64_t *ids, int64_t *load, int nthreads);
+
+
+/* ---- experts.c: a lone token's MoE experts in one call ---- */
+void shoal_experts_use_amx(int amx);
+void shoal_experts_use_sgemm(void *compute);
+int shoal_moe_token(const ShoalWeight *gate_up, const ShoalWeight *down, int64_t num_experts, int64_t count,
+                    const int64_t *expert_ids, const float *weights, const ShoalWeight *shared_gate_up,
+                    const ShoalWeight *shared_down, const void *x, int64_t hidden, int64_t inter, void *out,
+                    int dtype, int threads);
+
+/* ---- replay.c: a recorded list of the calls above, run in one call ---- */
+int shoal_replay(const int64_t *ops, int64_t count);
 
 #endif

@@ -1,0 +1,106 @@
+"""The CPU backend's record-and-replay of a decode step (shoal/backends/cpu/capture.py) against the eager
+layer-by-layer step it records: the same kernels with the same arguments in the same order, so the same
+tokens and the same log-probabilities, bit for bit, for every model family, weight format and batch size,
+on whatever kernels this CPU runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from checkpoints import build_checkpoint
+from shoal import LLM, SamplingParams
+from shoal.backends.cpu import fused, gemv
+
+pytestmark = pytest.mark.skipif(not fused.available(), reason="no C compiler here: the kernels are not built")
+
+# Wide enough for every kernel: int4's 128-input blocks, int8's 16.
+SHAPE = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=3)
+# DeepSeek: every projection's input a multiple of 128 too (v_head_dim 32 for o_proj, q_lora_rank 128).
+MOE_SHAPE = dict(hidden_size=128, moe_intermediate_size=128, intermediate_size=256, num_hidden_layers=2, v_head_dim=32)
+# 11 prompts: with max_num_seqs 8 steps of 8 rows, then of 3; with 16, steps of 11; with 1, one at a time.
+PROMPTS = [[(7 * i + 3 * j) % 250 + 3 for j in range(4 + 3 * i)] for i in range(11)]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """built(name) -> a checkpoint folder of that architecture in the kernels' shapes, built once."""
+    paths = {}
+
+    def get(name: str):
+        if name not in paths:
+            paths[name] = tmp_path_factory.mktemp(name)
+            if name == "deepseek-v2-lite":
+                shape = MOE_SHAPE
+            elif name.startswith("deepseek"):
+                shape = dict(MOE_SHAPE, q_lora_rank=128)
+            else:
+                shape = SHAPE
+            build_checkpoint(name, paths[name], **shape)
+        return paths[name]
+
+    return get
+
+
+def generate(llm: LLM, capture: bool, prompts=PROMPTS):
+    llm.engine.model.capture_decode = capture
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=3)
+    return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in llm.generate(prompts, params)]
+
+
+def replays_here(name: str, dtype: str, quant: str | None, seqs: int) -> bool:
+    """Where every operation of such a step is one of shoal's kernels on this CPU, so the step must replay:
+    the Llama family without per-head norms (Qwen3's run in torch) at up to 8 rows, on the matrix-vector
+    kernels where they run vectorized (else aten multiplies and the step stays eager) or on float32
+    weights packed for MKL; DeepSeek-V2-Lite's lone token likewise (V3's grouped router runs in torch)."""
+    matmuls = dtype == "float32" or gemv.vectorized()
+    if name in ("llama", "qwen2", "mistral"):
+        return matmuls and seqs <= 8
+    return name == "deepseek-v2-lite" and dtype == "bfloat16" and gemv.vectorized() and seqs == 1
+
+
+CASES = [("bfloat16", None), ("bfloat16", "int8"), ("bfloat16", "int4"), ("float32", None)]
+
+
+@pytest.mark.parametrize("seqs", [1, 8, 16])
+@pytest.mark.parametrize(("dtype", "quant"), CASES)
+@pytest.mark.parametrize("name", ["llama", "qwen2", "qwen3", "mistral", "deepseek-v2-lite", "deepseek-v3"])
+def test_replayed_decode_equals_the_layers(built, name, dtype, quant, seqs):
+    llm = LLM(str(built(name)), dtype=dtype, progress=False, max_model_len=128, max_num_seqs=seqs, quant=quant,
+              quant_group_size=32, kv_cache_memory=8 << 20, enable_prefix_caching=False)
+    model = llm.engine.model
+    loads = [m.expert_load for m in model.modules() if hasattr(m, "expert_load")]
+    before = [load.clone() for load in loads]
+    captured = generate(llm, True)
+    graphs = model._step_graphs
+    assert graphs, "the CPU backend hands out step graphs wherever its kernels are built"
+    counted = [load - b for load, b in zip(loads, before)]
+    eager = generate(llm, False)
+    assert captured == eager
+    # the replayed steps counted the same expert choices as the eager ones
+    assert all(torch.equal(load - b - c, c) for load, b, c in zip(loads, before, counted))
+    if replays_here(name, dtype, quant, seqs):
+        assert sum(graphs.replays.values()) > 0 and not graphs.refused, graphs.refused
+    else:  # a step that cannot be replayed says why, and runs eagerly
+        assert sum(graphs.replays.values()) > 0 or graphs.refused
+
+
+def test_a_step_past_the_rotary_table_it_read_is_captured_anew(built):
+    """A graph reads the rotary tables it was captured with; a step at a position past them runs eagerly
+    (growing the tables) and the next one is captured again, with the same results as never replaying."""
+    llm = LLM(str(built("llama")), dtype="float32", progress=False, max_model_len=128, max_num_seqs=2,
+              kv_cache_memory=8 << 20, enable_prefix_caching=False)
+    model = llm.engine.model
+    model.model.layers[0].self_attn.rotary._grow(12)  # shared by every layer: a table of 12 positions
+    prompts = [list(range(5, 13)), list(range(20, 27))]  # decoding from positions 8 and 7 to 17 and 16
+    captured = generate(llm, True, prompts)
+    graphs = model._step_graphs
+    assert graphs.captures[2] == 2 and graphs.replays[2] > 0
+    assert captured == generate(llm, False, prompts)
+
+
+def test_switched_off(built):
+    llm = LLM(str(built("llama")), dtype="float32", progress=False, max_model_len=64, kv_cache_memory=4 << 20)
+    llm.engine.model.capture_decode = False
+    out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=3))
+    assert len(out[0].outputs[0].token_ids) == 3 and llm.engine.model._step_graphs is None
