@@ -82,6 +82,13 @@ class LLMEngine:
         self, prompt_ids: list[int], params: SamplingParams, prompt: str | None = None, request_id: str | None = None
     ) -> Sequence:
         self.check_prompt(prompt_ids)
+        if params.prompt_logprobs is not None and not isinstance(self.runner, ModelRunner):
+            raise InvalidRequestError("prompt_logprobs are not supported on a model split over several devices yet")
+        if params.logit_bias and max(params.logit_bias) >= self.model.config.vocab_size:
+            raise InvalidRequestError(
+                f"logit_bias names token id {max(params.logit_bias)}, outside the vocabulary "
+                f"(0 to {self.model.config.vocab_size - 1})"
+            )
         seq = Sequence(prompt_ids, params, self.tokenizer, self.eos_token_ids, self.max_model_len, prompt, request_id)
         self.scheduler.add(seq)
         self.sequences[seq.request_id] = seq
