@@ -25,10 +25,12 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from shoal.engine.async_engine import AsyncEngine, RequestStream
 from shoal.errors import EngineUnavailableError, InvalidRequestError, QueueFullError, ShoalError, TokenizerError
 from shoal.outputs import TokenLogprob
+from shoal.server.conversation import conversation
 from shoal.server.protocol import (
     MAX_CHOICES,
     ChatCompletionRequest,
     CompletionRequest,
+    NamedToolChoice,
     RequestError,
     error_body,
     sampling_params,
@@ -90,6 +92,7 @@ class _Choice:
     num_tokens: int = 0
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass
@@ -130,14 +133,16 @@ class OpenAIServing:
                 param="max_tokens",
             )
 
-    def _params(self, request, max_tokens: int | None, logprobs: int | None) -> list:
+    def _params(self, request, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None) -> list:
         if max_tokens is not None and max_tokens < 1:
             raise RequestError(f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
+        if prompt_logprobs is not None and request.stream:
+            raise RequestError("prompt_logprobs cannot be streamed; ask without stream", param="prompt_logprobs")
         for token in request.stop_token_ids or []:
             if not 0 <= token < self.vocab_size:
                 raise RequestError(f"stop token id {token} is outside the vocabulary", param="stop_token_ids")
         try:
-            return sampling_params(request, max_tokens or self.max_model_len, logprobs)
+            return sampling_params(request, max_tokens or self.max_model_len, logprobs, self.vocab_size, prompt_logprobs)
         except InvalidRequestError as exc:
             raise RequestError(str(exc)) from None
 
@@ -175,11 +180,19 @@ class OpenAIServing:
             if not stream.finished:
                 self.engine.abort(request_id)
 
-    async def _collect(self, stream: RequestStream, num_choices: int) -> list[_Choice]:
+    async def _collect(self, stream: RequestStream, num_choices: int, hide_output: bool = False) -> list[_Choice]:
+        """Every completion's text, logprobs and finish; `hide_output` keeps only the prompt's side (max_tokens 0,
+        run as one token that nobody sees)."""
         choices = [_Choice() for _ in range(num_choices)]
         try:
             async for delta in stream:
                 choice = choices[delta.index]
+                if delta.prompt_logprobs is not None:
+                    choice.prompt_logprobs = delta.prompt_logprobs
+                if hide_output:
+                    if delta.finish_reason is not None:
+                        choice.finish_reason = "length"
+                    continue
                 choice.text.append(delta.text)
                 choice.num_tokens = delta.num_output_tokens
                 if delta.logprobs:
@@ -223,9 +236,14 @@ class OpenAIServing:
         if req.best_of is not None and req.best_of != n:
             raise RequestError("best_of other than n is not supported by this server", param="best_of",
                                code="unsupported_parameter")
-        if req.echo and req.logprobs is not None:
-            raise RequestError("echo with logprobs (prompt logprobs) is not supported by this server", param="echo",
-                               code="unsupported_parameter")
+        if req.max_tokens == 0 and not req.echo:
+            raise RequestError("max_tokens must be at least 1 (0 is taken with echo: the prompt alone, scored with "
+                               "logprobs)", param="max_tokens")
+        # echo with logprobs scores the prompt too: every prompt token's logprob, the first null (OpenAI's legacy
+        # completions, as evaluation harnesses ask for loglikelihoods); prompt_logprobs is vLLM's form of it.
+        scored = [k for k in (req.logprobs if req.echo else None, req.prompt_logprobs) if k is not None]
+        prompt_logprobs = max(scored) if scored else None
+        hide_output = req.max_tokens == 0
         prompt = req.prompt
         if isinstance(prompt, str):
             prompts: list[tuple[str | None, list[int] | None]] = [(prompt, None)]
@@ -237,9 +255,9 @@ class OpenAIServing:
             prompts = [(None, prompt)]
         if len(prompts) * n > MAX_CHOICES:
             raise RequestError(f"prompts x n may be at most {MAX_CHOICES}", param="n")
-        max_tokens = 16 if req.max_tokens is None else req.max_tokens
+        max_tokens = 16 if req.max_tokens is None else (1 if hide_output else req.max_tokens)
         explicit = req.max_tokens
-        params = self._params(req, max_tokens, req.logprobs)
+        params = self._params(req, max_tokens, req.logprobs, prompt_logprobs)
 
         def prepare() -> _Prepared:
             self._check_prompt_bytes(sum(len(t.encode("utf-8")) for t, _ in prompts if t is not None))
@@ -262,6 +280,47 @@ class OpenAIServing:
         work = partial(self._completion_response, req, prepared, request_id, stream, created, n)
         return await self._until_done(request, request_id, stream, work)
 
+    def _echo_logprobs(self, ids: list[int], logprobs: list[TokenLogprob | None] | None) -> dict:
+        """The prompt's part of an echoed completion's logprobs: its tokens, each one's logprob given those before
+        it and the top alternatives there (null for the first token, which nothing predicts)."""
+        tokens, values, tops, offsets = [], [], [], []
+        offset = 0
+        for position, token_id in enumerate(ids):
+            token = self._token(token_id)
+            lp = logprobs[position] if logprobs is not None and position < len(logprobs) else None
+            tokens.append(token)
+            values.append(None if lp is None else _finite(lp.logprob))
+            top = None
+            if lp is not None:
+                top = {}
+                for t, v in lp.top_logprobs.items():
+                    top.setdefault(self._token(t), _finite(v))
+            tops.append(top)
+            offsets.append(offset)
+            offset += len(token)
+        return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
+
+    def _vllm_prompt_logprobs(self, logprobs: list[TokenLogprob | None] | None, top_n: int) -> list | None:
+        """vLLM's prompt_logprobs: per prompt token null (the first) or {token id: {logprob, rank, decoded_token}},
+        the prompt's own token first, then the top_n alternatives."""
+        if logprobs is None:
+            return None
+        out: list = []
+        for lp in logprobs:
+            if lp is None:
+                out.append(None)
+                continue
+            entry = {str(lp.token_id): {"logprob": _finite(lp.logprob), "rank": lp.rank,
+                                        "decoded_token": self._token(lp.token_id)}}
+            for rank, (t, v) in enumerate(list(lp.top_logprobs.items())[:top_n], start=1):
+                entry.setdefault(str(t), {"logprob": _finite(v), "rank": rank, "decoded_token": self._token(t)})
+            out.append(entry)
+        return out
+
+    @staticmethod
+    def _joined(first: dict, second: dict) -> dict:
+        return {key: first[key] + second[key] for key in first}
+
     def _completion_logprobs(self, logprobs: list[TokenLogprob], offset: int) -> tuple[dict, int]:
         tokens, values, tops, offsets = [], [], [], []
         for lp in logprobs:
@@ -278,15 +337,21 @@ class OpenAIServing:
 
     async def _completion_response(self, req: CompletionRequest, prepared: _Prepared, request_id: str,
                                    stream: RequestStream, created: int, n: int) -> Response:
-        collected = await self._collect(stream, len(prepared.prompts) * n)
+        collected = await self._collect(stream, len(prepared.prompts) * n, hide_output=req.max_tokens == 0)
         choices = []
         for index, choice in enumerate(collected):
-            echo = (prepared.prompts[index // n][0] or "") if req.echo else ""
+            echo, ids = prepared.prompts[index // n]
+            echo = (echo or "") if req.echo else ""
             logprobs = None
             if req.logprobs is not None:
                 logprobs, _ = self._completion_logprobs(choice.logprobs, len(echo))
-            choices.append({"index": index, "text": echo + "".join(choice.text), "logprobs": logprobs,
-                            "finish_reason": choice.finish_reason})
+                if req.echo:
+                    logprobs = self._joined(self._echo_logprobs(ids, choice.prompt_logprobs), logprobs)
+            body = {"index": index, "text": echo + "".join(choice.text), "logprobs": logprobs,
+                    "finish_reason": choice.finish_reason}
+            if req.prompt_logprobs is not None:
+                body["prompt_logprobs"] = self._vllm_prompt_logprobs(choice.prompt_logprobs, req.prompt_logprobs)
+            choices.append(body)
         usage = self._usage(sum(len(ids) for _, ids in prepared.prompts), sum(c.num_tokens for c in collected))
         return JSONResponse({"id": request_id, "object": "text_completion", "created": created,
                              "model": self.model_name, "choices": choices, "usage": usage})
@@ -306,12 +371,22 @@ class OpenAIServing:
         num_choices = len(prepared.prompts) * n
         offsets = [0] * num_choices
         tokens = [0] * num_choices
+        # With logprobs the echoed prompt waits for its scores, which come with the completion's first delta.
+        echo_scored = req.echo and req.logprobs is not None
+        hide_output = req.max_tokens == 0
         if req.echo:
             for index in range(num_choices):
-                text = prepared.prompts[index // n][0] or ""
-                offsets[index] = len(text)
-                yield chunk(index, text, None, None)
+                offsets[index] = len(prepared.prompts[index // n][0] or "")
+                if not echo_scored:
+                    yield chunk(index, prepared.prompts[index // n][0] or "", None, None)
         async for delta in stream:
+            if delta.prompt_logprobs is not None and echo_scored:
+                text, ids = prepared.prompts[delta.index // n]
+                yield chunk(delta.index, text or "", self._echo_logprobs(ids, delta.prompt_logprobs), None)
+            if hide_output:
+                if delta.finish_reason is not None:
+                    yield chunk(delta.index, "", None, "length")
+                continue
             tokens[delta.index] = delta.num_output_tokens
             logprobs = None
             if req.logprobs is not None:
@@ -326,36 +401,26 @@ class OpenAIServing:
     async def chat(self, request: Request) -> Response:
         req = await parse(ChatCompletionRequest, await request.body())
         self.check_model(req.model)
-        if req.tools:
-            raise RequestError("tools are not supported by this server", param="tools", code="unsupported_parameter")
-        if req.tool_choice not in (None, "none", "auto"):
-            raise RequestError("tool_choice is not supported by this server", param="tool_choice",
-                               code="unsupported_parameter")
+        if isinstance(req.tool_choice, NamedToolChoice) or req.tool_choice == "required":
+            raise RequestError("tool_choice required or a named function needs constrained decoding, which this "
+                               "server does not do yet; use auto", param="tool_choice", code="unsupported_parameter")
+        if req.tool_choice is not None and req.tool_choice != "none" and not req.tools:
+            raise RequestError("tool_choice needs tools", param="tool_choice")
         if req.response_format is not None and req.response_format.type != "text":
             raise RequestError("response_format other than text is not supported by this server",
                                param="response_format", code="unsupported_parameter")
         if req.top_logprobs is not None and not req.logprobs:
             raise RequestError("top_logprobs needs logprobs set to true", param="top_logprobs")
         n = req.n or 1
-        messages = []
-        for i, message in enumerate(req.messages):
-            content = message.content
-            if isinstance(content, list):
-                parts = []
-                for part in content:
-                    if part.type != "text" or part.text is None:
-                        raise RequestError("only text content parts are supported by this server",
-                                           param=f"messages.{i}.content", code="unsupported_content")
-                    parts.append(part.text)
-                content = "".join(parts)
-            messages.append({"role": message.role, "content": content or ""})
+        chat = conversation(req.messages, req.tools, req.add_generation_prompt, req.continue_final_message,
+                            req.chat_template_kwargs, req.documents)
         explicit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        params = self._params(req, explicit, logprobs)
+        params = self._params(req, explicit, logprobs, req.prompt_logprobs)
 
         def prepare() -> _Prepared:
-            self._check_prompt_bytes(sum(len(m["content"].encode("utf-8")) for m in messages))
-            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt)
+            self._check_prompt_bytes(chat.text_bytes())
+            ids = self.tokenizer.apply_chat_template(chat.messages, chat.add_generation_prompt, **chat.render_options())
             self._check_ids(ids, explicit)
             return _Prepared([(None, ids)], params)
 
@@ -391,8 +456,11 @@ class OpenAIServing:
             for index, choice in enumerate(collected)
         ]
         usage = self._usage(len(prepared.prompts[0][1]), sum(c.num_tokens for c in collected))
-        return JSONResponse({"id": request_id, "object": "chat.completion", "created": created,
-                             "model": self.model_name, "choices": choices, "usage": usage})
+        body = {"id": request_id, "object": "chat.completion", "created": created, "model": self.model_name,
+                "choices": choices, "usage": usage}
+        if req.prompt_logprobs is not None:
+            body["prompt_logprobs"] = self._vllm_prompt_logprobs(collected[0].prompt_logprobs, req.prompt_logprobs)
+        return JSONResponse(body)
 
     async def _chat_chunks(self, req: ChatCompletionRequest, prepared: _Prepared, stream: RequestStream,
                            request_id: str, created: int, n: int) -> AsyncIterator[str]:
