@@ -26,6 +26,7 @@ from shoal.engine.async_engine import AsyncEngine, RequestStream
 from shoal.errors import EngineUnavailableError, InvalidRequestError, QueueFullError, ShoalError, TokenizerError
 from shoal.outputs import TokenLogprob
 from shoal.server.conversation import conversation
+from shoal.server.tool_parsers import PARSERS, ToolCall, ToolParser, parser_for_template
 from shoal.server.protocol import (
     MAX_CHOICES,
     ChatCompletionRequest,
@@ -102,13 +103,18 @@ class _Prepared:
 
 
 class OpenAIServing:
-    def __init__(self, llm, engine: AsyncEngine, model_name: str, max_prompt_bytes: int) -> None:
+    def __init__(self, llm, engine: AsyncEngine, model_name: str, max_prompt_bytes: int,
+                 tool_call_parser: str | None = None) -> None:
         self.llm, self.engine, self.model_name = llm, engine, model_name
         self.tokenizer = llm.tokenizer
         self.max_model_len = llm.engine.max_model_len
         self.vocab_size = llm.engine.model.config.vocab_size
         self.max_prompt_bytes = max_prompt_bytes
         self._token_text: dict[int, str] = {}
+        if tool_call_parser is not None and tool_call_parser not in PARSERS:
+            raise ValueError(f"unknown tool-call parser {tool_call_parser!r}; known: {', '.join(sorted(PARSERS))}")
+        templates = [self.tokenizer.chat_templates.get("tool_use"), self.tokenizer.chat_template]
+        self.tool_parser = tool_call_parser or next((p for t in templates if (p := parser_for_template(t))), None)
 
     # ---- shared -----------------------------------------------------------------------------
     def check_model(self, name: str | None) -> None:
@@ -406,6 +412,11 @@ class OpenAIServing:
                                "server does not do yet; use auto", param="tool_choice", code="unsupported_parameter")
         if req.tool_choice is not None and req.tool_choice != "none" and not req.tools:
             raise RequestError("tool_choice needs tools", param="tool_choice")
+        parse_tools = bool(req.tools) and req.tool_choice != "none"
+        if parse_tools and self.tool_parser is None:
+            raise RequestError("this model's chat template shows no tool-call format shoal can read; start the "
+                               "server with --tool-call-parser, or send tool_choice none", param="tools",
+                               code="unsupported_parameter")
         if req.response_format is not None and req.response_format.type != "text":
             raise RequestError("response_format other than text is not supported by this server",
                                param="response_format", code="unsupported_parameter")
@@ -431,8 +442,9 @@ class OpenAIServing:
         request_id, stream = self._submit("chatcmpl", prepared)
         created = int(time.time())
         if req.stream:
-            return self._events(request_id, stream, self._chat_chunks(req, prepared, stream, request_id, created, n))
-        work = partial(self._chat_response, req, prepared, request_id, stream, created, n)
+            chunks = self._chat_chunks(req, prepared, stream, request_id, created, n, parse_tools)
+            return self._events(request_id, stream, chunks)
+        work = partial(self._chat_response, req, prepared, request_id, stream, created, n, parse_tools)
         return await self._until_done(request, request_id, stream, work)
 
     def _chat_logprobs(self, logprobs: list[TokenLogprob]) -> list[dict]:
@@ -443,18 +455,34 @@ class OpenAIServing:
         return [{**entry(lp.token_id, lp.logprob),
                  "top_logprobs": [entry(t, v) for t, v in lp.top_logprobs.items()]} for lp in logprobs]
 
+    def _new_tool_parser(self, req: ChatCompletionRequest) -> ToolParser:
+        return PARSERS[self.tool_parser]()
+
+    @staticmethod
+    def _keep_calls(req: ChatCompletionRequest, calls: list[ToolCall], made: int) -> list[ToolCall]:
+        """parallel_tool_calls false: only the first call of a choice is returned."""
+        return calls if req.parallel_tool_calls is not False else calls[: max(0, 1 - made)]
+
     async def _chat_response(self, req: ChatCompletionRequest, prepared: _Prepared, request_id: str,
-                             stream: RequestStream, created: int, n: int) -> Response:
+                             stream: RequestStream, created: int, n: int, parse_tools: bool = False) -> Response:
         collected = await self._collect(stream, n)
-        choices = [
-            {
+        choices = []
+        for index, choice in enumerate(collected):
+            message: dict[str, Any] = {"role": "assistant", "content": "".join(choice.text)}
+            finish = choice.finish_reason
+            if parse_tools:
+                parsed = self._new_tool_parser(req).parse(message["content"])
+                calls = self._keep_calls(req, parsed.tool_calls, 0)
+                if calls:
+                    message = {"role": "assistant", "content": parsed.content if parsed.content.strip() else None,
+                               "tool_calls": [c.openai() for c in calls]}
+                    finish = "tool_calls"
+            choices.append({
                 "index": index,
-                "message": {"role": "assistant", "content": "".join(choice.text)},
+                "message": message,
                 "logprobs": {"content": self._chat_logprobs(choice.logprobs)} if req.logprobs else None,
-                "finish_reason": choice.finish_reason,
-            }
-            for index, choice in enumerate(collected)
-        ]
+                "finish_reason": finish,
+            })
         usage = self._usage(len(prepared.prompts[0][1]), sum(c.num_tokens for c in collected))
         body = {"id": request_id, "object": "chat.completion", "created": created, "model": self.model_name,
                 "choices": choices, "usage": usage}
@@ -463,7 +491,7 @@ class OpenAIServing:
         return JSONResponse(body)
 
     async def _chat_chunks(self, req: ChatCompletionRequest, prepared: _Prepared, stream: RequestStream,
-                           request_id: str, created: int, n: int) -> AsyncIterator[str]:
+                           request_id: str, created: int, n: int, parse_tools: bool = False) -> AsyncIterator[str]:
         include_usage = stream_usage(req)
         base = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": self.model_name}
 
@@ -478,11 +506,33 @@ class OpenAIServing:
         for index in range(n):
             yield chunk(index, {"role": "assistant", "content": ""}, None, None)
         tokens = [0] * n
+        parsers = [self._new_tool_parser(req) for _ in range(n)] if parse_tools else None
+        made = [0] * n  # tool calls streamed per choice
+
+        def tool_delta(index: int, parsed) -> dict:
+            delta: dict[str, Any] = {"content": parsed.content} if parsed.content else {}
+            calls = self._keep_calls(req, parsed.tool_calls, made[index])
+            if calls:
+                delta["tool_calls"] = [{"index": made[index] + k, **c.openai()} for k, c in enumerate(calls)]
+                made[index] += len(calls)
+            return delta
+
         async for delta in stream:
             tokens[delta.index] = delta.num_output_tokens
             logprobs = self._chat_logprobs(delta.logprobs or []) if req.logprobs else None
-            if delta.text or delta.finish_reason is not None or logprobs:
-                yield chunk(delta.index, {"content": delta.text} if delta.text else {}, logprobs, delta.finish_reason)
+            finish = delta.finish_reason
+            if parsers is None:
+                body = {"content": delta.text} if delta.text else {}
+            else:
+                parser = parsers[delta.index]
+                parsed = parser.feed(delta.text)
+                if finish is not None:
+                    parsed += parser.finish()
+                body = tool_delta(delta.index, parsed)
+                if finish is not None and made[delta.index]:
+                    finish = "tool_calls"
+            if body or finish is not None or logprobs:
+                yield chunk(delta.index, body, logprobs, finish)
         if include_usage:
             yield sse({**base, "choices": [], "usage": self._usage(len(prepared.prompts[0][1]), sum(tokens))})
 
