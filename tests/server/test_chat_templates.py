@@ -7,27 +7,15 @@ OpenAI-format history (JSON-string arguments, null content) must reach the templ
 from __future__ import annotations
 
 import json
-import shutil
-from pathlib import Path
 
 import openai
 import pytest
+from chat_checkpoints import MARKERS, long_context_checkpoint, write_tokenizer_dir
 from server_harness import MODEL
 
 from shoal import LLM
 from shoal.chat_template import ChatTemplateError
 from shoal.tokenizer import Tokenizer
-
-TEMPLATES = Path(__file__).parent / "templates"
-# The markers each template writes, added to the test tokenizer as special tokens (real checkpoints have them).
-MARKERS = {
-    "chatml_tools": ["<|im_start|>", "<|im_end|>", "<tool_call>", "</tool_call>", "<think>", "</think>"],
-    "llama3_tools": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
-    "deepseek_tools": ["<｜User｜>", "<｜Assistant｜>", "<｜end▁of▁sentence｜>", "<｜tool▁calls▁begin｜>",
-                       "<｜tool▁calls▁end｜>", "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>",
-                       "<｜tool▁outputs▁begin｜>", "<｜tool▁outputs▁end｜>", "<｜tool▁output▁begin｜>",
-                       "<｜tool▁output▁end｜>"],
-}
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The weather in a city, now.",
@@ -75,20 +63,6 @@ def transformers_messages(messages: list[dict]) -> list[dict]:
         for call in message.get("tool_calls") or []:
             call["function"]["arguments"] = json.loads(call["function"]["arguments"])
     return out
-
-
-def write_tokenizer_dir(source: Path, target: Path, name: str) -> None:
-    from tokenizers import AddedToken
-    from tokenizers import Tokenizer as HFTokenizer
-
-    target.mkdir(parents=True, exist_ok=True)
-    tok = HFTokenizer.from_file(str(source / "tokenizer.json"))
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in MARKERS[name]])
-    tok.save(str(target / "tokenizer.json"))
-    config = json.loads((source / "tokenizer_config.json").read_text())
-    config["chat_template"] = (TEMPLATES / f"{name}.jinja").read_text(encoding="utf-8")
-    config["tokenizer_class"] = "PreTrainedTokenizerFast"
-    (target / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
 
 
 @pytest.fixture(scope="module")
@@ -184,12 +158,8 @@ def test_template_features_transformers_has(tokenizers):
 
 
 @pytest.fixture(scope="module")
-def server(llama, serve, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("chatml-model")
-    for file in llama[0].iterdir():
-        shutil.copy(file, folder / file.name)
-    write_tokenizer_dir(llama[0], folder, "chatml_tools")
-    return serve(LLM(str(folder), dtype="float32", progress=False))
+def server(serve, tmp_path_factory):
+    return serve(LLM(str(long_context_checkpoint(tmp_path_factory, "chatml_tools")), dtype="float32", progress=False))
 
 
 def test_the_server_hands_history_and_tools_to_the_template(server, tokenizers):
@@ -202,14 +172,9 @@ def test_the_server_hands_history_and_tools_to_the_template(server, tokenizers):
         if tools:
             body["tools"] = tools
         assert server.post("/tokenize", json=body).json()["tokens"] == expected
-    # The test model's context (256) holds the shorter conversations whole: completed, they count the same tokens.
-    out = server.client().chat.completions.create(model=MODEL, messages=REASONED, max_tokens=1,
-                                                  extra_body={"chat_template_kwargs": {"enable_thinking": False}})
-    assert out.usage.prompt_tokens == len(theirs.apply_chat_template(REASONED, tokenize=True, return_dict=False,
-                                                                     add_generation_prompt=True, enable_thinking=False))
-    with pytest.raises(openai.BadRequestError) as caught:  # a history with tools is longer than that context
-        server.client().chat.completions.create(model=MODEL, messages=ONE_CALL, tools=[WEATHER], max_tokens=1)
-    assert caught.value.response.json()["error"]["param"] == "prompt"
+        out = server.client().chat.completions.create(model=MODEL, messages=messages, tools=tools or openai.omit,
+                                                      max_tokens=1, extra_body={"chat_template_kwargs": kwargs})
+        assert out.usage.prompt_tokens == len(expected)
 
 
 def test_continue_final_message_through_the_server(server, tokenizers):

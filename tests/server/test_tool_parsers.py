@@ -96,3 +96,85 @@ def test_the_parser_follows_the_template():
     assert parser_for_template("<|python_tag|>") == "llama3_json"
     assert parser_for_template("{{ messages }}") is None
     assert set(PARSERS) >= {"hermes", "qwen", "llama3_json"}
+
+
+# ---- through the server: a scripted engine writes the model's text, the official client reads the calls ----
+QWEN_ANSWER = ('Checking.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
+               '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>')
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}},
+         {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}]
+
+
+@pytest.fixture(scope="module")
+def server(serve, tmp_path_factory):
+    from chat_checkpoints import long_context_checkpoint
+
+    from shoal import LLM
+
+    return serve(LLM(str(long_context_checkpoint(tmp_path_factory, "chatml_tools")), dtype="float32", progress=False))
+
+
+@pytest.fixture
+def scripted(server, monkeypatch):
+    """The engine answers every completion with `text`, three characters a step (set scripted.text first)."""
+    import asyncio
+
+    from shoal.engine.async_engine import Delta, RequestStream
+
+    class Script:
+        text = QWEN_ANSWER
+
+    def add_request(request_id, items, prompt=None):
+        loop = asyncio.get_running_loop()
+        stream = RequestStream(request_id, len(items), loop)
+        pieces = [Script.text[i : i + 3] for i in range(0, len(Script.text), 3)]
+        for index, (ids, _) in enumerate(items):
+            for step, piece in enumerate(pieces):
+                last = step == len(pieces) - 1
+                loop.call_soon(stream._put, Delta(index, [5], piece, None, "stop" if last else None, len(ids), step + 1))
+        return stream
+
+    monkeypatch.setattr(server.app.state.engine, "add_request", add_request)
+    return Script
+
+
+def test_chat_returns_parsed_tool_calls(server, scripted):
+    from server_harness import MODEL
+
+    out = server.client().chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Paris?"}],
+                                                  tools=TOOLS, n=2)
+    for choice in out.choices:
+        assert choice.finish_reason == "tool_calls"
+        assert choice.message.content == "Checking.\n"
+        assert [(c.function.name, json.loads(c.function.arguments)) for c in choice.message.tool_calls] == [
+            ("get_weather", {"city": "Paris"}), ("get_time", {})]
+        assert len({c.id for c in choice.message.tool_calls}) == 2
+    single = server.client().chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Paris?"}],
+                                                     tools=TOOLS, parallel_tool_calls=False)
+    assert [c.function.name for c in single.choices[0].message.tool_calls] == ["get_weather"]
+    plain = server.client().chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Paris?"}],
+                                                    tools=TOOLS, tool_choice="none")
+    assert plain.choices[0].message.content == QWEN_ANSWER and plain.choices[0].message.tool_calls is None
+
+
+def test_chat_streams_tool_call_deltas(server, scripted):
+    from server_harness import MODEL
+
+    chunks = list(server.client().chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Paris?"}], tools=TOOLS, stream=True))
+    content = "".join(c.choices[0].delta.content or "" for c in chunks)
+    calls: dict[int, dict] = {}
+    for c in chunks:
+        for call in c.choices[0].delta.tool_calls or []:
+            entry = calls.setdefault(call.index, {"id": call.id, "name": "", "arguments": ""})
+            entry["name"] += call.function.name or ""
+            entry["arguments"] += call.function.arguments or ""
+    assert content == "Checking.\n"
+    assert [(calls[i]["name"], json.loads(calls[i]["arguments"])) for i in sorted(calls)] == [
+        ("get_weather", {"city": "Paris"}), ("get_time", {})]
+    assert [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason] == ["tool_calls"]
+    scripted.text = "No tools needed, <b>fine</b>."
+    chunks = list(server.client().chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Paris?"}], tools=TOOLS, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == scripted.text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason] == ["stop"]
