@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 import re
 import time
 import uuid
@@ -26,6 +25,7 @@ from shoal.engine.async_engine import AsyncEngine, RequestStream
 from shoal.errors import EngineUnavailableError, InvalidRequestError, QueueFullError, ShoalError, TokenizerError
 from shoal.outputs import TokenLogprob
 from shoal.server.conversation import conversation
+from shoal.server.logprobs import LogprobFormatter
 from shoal.server.tool_parsers import PARSERS, ToolCall, ToolParser, parser_for_template
 from shoal.server.protocol import (
     MAX_CHOICES,
@@ -49,11 +49,6 @@ _UNION_TAG = re.compile(r"(str|int|float|bool|list|dict|constrained-\w+|function
 
 def sse(payload: Any) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
-
-
-def _finite(value: float) -> float:
-    # JSON has no -Infinity; a logprob that underflowed is reported as a very unlikely finite value.
-    return value if math.isfinite(value) else -9999.0
 
 
 def request_error(exc: BaseException) -> RequestError:
@@ -111,6 +106,7 @@ class OpenAIServing:
         self.vocab_size = llm.engine.model.config.vocab_size
         self.max_prompt_bytes = max_prompt_bytes
         self._token_text: dict[int, str] = {}
+        self.logprobs = LogprobFormatter(self._token)
         if tool_call_parser is not None and tool_call_parser not in PARSERS:
             raise ValueError(f"unknown tool-call parser {tool_call_parser!r}; known: {', '.join(sorted(PARSERS))}")
         templates = [self.tokenizer.chat_templates.get("tool_use"), self.tokenizer.chat_template]
@@ -286,61 +282,6 @@ class OpenAIServing:
         work = partial(self._completion_response, req, prepared, request_id, stream, created, n)
         return await self._until_done(request, request_id, stream, work)
 
-    def _echo_logprobs(self, ids: list[int], logprobs: list[TokenLogprob | None] | None) -> dict:
-        """The prompt's part of an echoed completion's logprobs: its tokens, each one's logprob given those before
-        it and the top alternatives there (null for the first token, which nothing predicts)."""
-        tokens, values, tops, offsets = [], [], [], []
-        offset = 0
-        for position, token_id in enumerate(ids):
-            token = self._token(token_id)
-            lp = logprobs[position] if logprobs is not None and position < len(logprobs) else None
-            tokens.append(token)
-            values.append(None if lp is None else _finite(lp.logprob))
-            top = None
-            if lp is not None:
-                top = {}
-                for t, v in lp.top_logprobs.items():
-                    top.setdefault(self._token(t), _finite(v))
-            tops.append(top)
-            offsets.append(offset)
-            offset += len(token)
-        return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
-
-    def _vllm_prompt_logprobs(self, logprobs: list[TokenLogprob | None] | None, top_n: int) -> list | None:
-        """vLLM's prompt_logprobs: per prompt token null (the first) or {token id: {logprob, rank, decoded_token}},
-        the prompt's own token first, then the top_n alternatives."""
-        if logprobs is None:
-            return None
-        out: list = []
-        for lp in logprobs:
-            if lp is None:
-                out.append(None)
-                continue
-            entry = {str(lp.token_id): {"logprob": _finite(lp.logprob), "rank": lp.rank,
-                                        "decoded_token": self._token(lp.token_id)}}
-            for rank, (t, v) in enumerate(list(lp.top_logprobs.items())[:top_n], start=1):
-                entry.setdefault(str(t), {"logprob": _finite(v), "rank": rank, "decoded_token": self._token(t)})
-            out.append(entry)
-        return out
-
-    @staticmethod
-    def _joined(first: dict, second: dict) -> dict:
-        return {key: first[key] + second[key] for key in first}
-
-    def _completion_logprobs(self, logprobs: list[TokenLogprob], offset: int) -> tuple[dict, int]:
-        tokens, values, tops, offsets = [], [], [], []
-        for lp in logprobs:
-            token = self._token(lp.token_id)
-            tokens.append(token)
-            values.append(_finite(lp.logprob))
-            top: dict[str, float] = {}
-            for t, v in lp.top_logprobs.items():  # most likely first: keep that one when two ids read the same
-                top.setdefault(self._token(t), _finite(v))
-            tops.append(top)
-            offsets.append(offset)
-            offset += len(token)
-        return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}, offset
-
     async def _completion_response(self, req: CompletionRequest, prepared: _Prepared, request_id: str,
                                    stream: RequestStream, created: int, n: int) -> Response:
         collected = await self._collect(stream, len(prepared.prompts) * n, hide_output=req.max_tokens == 0)
@@ -350,13 +291,13 @@ class OpenAIServing:
             echo = (echo or "") if req.echo else ""
             logprobs = None
             if req.logprobs is not None:
-                logprobs, _ = self._completion_logprobs(choice.logprobs, len(echo))
+                logprobs, _ = self.logprobs.completion(choice.logprobs, len(echo))
                 if req.echo:
-                    logprobs = self._joined(self._echo_logprobs(ids, choice.prompt_logprobs), logprobs)
+                    logprobs = self.logprobs.joined(self.logprobs.echo(ids, choice.prompt_logprobs), logprobs)
             body = {"index": index, "text": echo + "".join(choice.text), "logprobs": logprobs,
                     "finish_reason": choice.finish_reason}
             if req.prompt_logprobs is not None:
-                body["prompt_logprobs"] = self._vllm_prompt_logprobs(choice.prompt_logprobs, req.prompt_logprobs)
+                body["prompt_logprobs"] = self.logprobs.vllm_prompt(choice.prompt_logprobs, req.prompt_logprobs)
             choices.append(body)
         usage = self._usage(sum(len(ids) for _, ids in prepared.prompts), sum(c.num_tokens for c in collected))
         return JSONResponse({"id": request_id, "object": "text_completion", "created": created,
@@ -388,7 +329,7 @@ class OpenAIServing:
         async for delta in stream:
             if delta.prompt_logprobs is not None and echo_scored:
                 text, ids = prepared.prompts[delta.index // n]
-                yield chunk(delta.index, text or "", self._echo_logprobs(ids, delta.prompt_logprobs), None)
+                yield chunk(delta.index, text or "", self.logprobs.echo(ids, delta.prompt_logprobs), None)
             if hide_output:
                 if delta.finish_reason is not None:
                     yield chunk(delta.index, "", None, "length")
@@ -396,7 +337,7 @@ class OpenAIServing:
             tokens[delta.index] = delta.num_output_tokens
             logprobs = None
             if req.logprobs is not None:
-                logprobs, offsets[delta.index] = self._completion_logprobs(delta.logprobs or [], offsets[delta.index])
+                logprobs, offsets[delta.index] = self.logprobs.completion(delta.logprobs or [], offsets[delta.index])
             if delta.text or delta.finish_reason is not None or (logprobs and logprobs["tokens"]):
                 yield chunk(delta.index, delta.text, logprobs, delta.finish_reason)
         if include_usage:
@@ -447,14 +388,6 @@ class OpenAIServing:
         work = partial(self._chat_response, req, prepared, request_id, stream, created, n, parse_tools)
         return await self._until_done(request, request_id, stream, work)
 
-    def _chat_logprobs(self, logprobs: list[TokenLogprob]) -> list[dict]:
-        def entry(token_id: int, value: float) -> dict:
-            token = self._token(token_id)
-            return {"token": token, "logprob": _finite(value), "bytes": list(token.encode("utf-8"))}
-
-        return [{**entry(lp.token_id, lp.logprob),
-                 "top_logprobs": [entry(t, v) for t, v in lp.top_logprobs.items()]} for lp in logprobs]
-
     def _new_tool_parser(self, req: ChatCompletionRequest) -> ToolParser:
         return PARSERS[self.tool_parser]()
 
@@ -480,14 +413,14 @@ class OpenAIServing:
             choices.append({
                 "index": index,
                 "message": message,
-                "logprobs": {"content": self._chat_logprobs(choice.logprobs)} if req.logprobs else None,
+                "logprobs": {"content": self.logprobs.chat(choice.logprobs)} if req.logprobs else None,
                 "finish_reason": finish,
             })
         usage = self._usage(len(prepared.prompts[0][1]), sum(c.num_tokens for c in collected))
         body = {"id": request_id, "object": "chat.completion", "created": created, "model": self.model_name,
                 "choices": choices, "usage": usage}
         if req.prompt_logprobs is not None:
-            body["prompt_logprobs"] = self._vllm_prompt_logprobs(collected[0].prompt_logprobs, req.prompt_logprobs)
+            body["prompt_logprobs"] = self.logprobs.vllm_prompt(collected[0].prompt_logprobs, req.prompt_logprobs)
         return JSONResponse(body)
 
     async def _chat_chunks(self, req: ChatCompletionRequest, prepared: _Prepared, stream: RequestStream,
@@ -519,7 +452,7 @@ class OpenAIServing:
 
         async for delta in stream:
             tokens[delta.index] = delta.num_output_tokens
-            logprobs = self._chat_logprobs(delta.logprobs or []) if req.logprobs else None
+            logprobs = self.logprobs.chat(delta.logprobs or []) if req.logprobs else None
             finish = delta.finish_reason
             if parsers is None:
                 body = {"content": delta.text} if delta.text else {}
