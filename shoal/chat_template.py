@@ -180,7 +180,8 @@ def render(
                                add_generation_prompt=add_generation_prompt, **variables)
     except jinja2.TemplateError as exc:
         raise ChatTemplateError(f"the chat template rejected the conversation: {exc}") from None
-    except (TypeError, ValueError, KeyError, IndexError, AttributeError, ZeroDivisionError, OverflowError) as exc:
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError, ZeroDivisionError, OverflowError,
+            RecursionError) as exc:
         # A template that trips over an unusual conversation is the request's problem, not the server's.
         raise ChatTemplateError(f"the chat template failed on this conversation: {type(exc).__name__}: {exc}") from None
     if continue_final_message:

@@ -54,6 +54,8 @@ class LLMEngine:
         else:
             self.cache, self.runner = parallel.make_runner(kv_cache_bytes, block_size, kv_quant)
             num_blocks = self.cache.num_blocks
+        # Only the single-device runner scores prompt tokens (SamplingParams.prompt_logprobs).
+        self.scores_prompts = isinstance(self.runner, ModelRunner)
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
         self.sequences: dict[str, Sequence] = {}
@@ -82,7 +84,7 @@ class LLMEngine:
         self, prompt_ids: list[int], params: SamplingParams, prompt: str | None = None, request_id: str | None = None
     ) -> Sequence:
         self.check_prompt(prompt_ids)
-        if params.prompt_logprobs is not None and not isinstance(self.runner, ModelRunner):
+        if params.prompt_logprobs is not None and not self.scores_prompts:
             raise InvalidRequestError("prompt_logprobs are not supported on a model split over several devices yet")
         if params.logit_bias and max(params.logit_bias) >= self.model.config.vocab_size:
             raise InvalidRequestError(

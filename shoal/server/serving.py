@@ -138,6 +138,10 @@ class OpenAIServing:
     def _params(self, request, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None) -> list:
         if max_tokens is not None and max_tokens < 1:
             raise RequestError(f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
+        if prompt_logprobs is not None and not getattr(self.llm.engine, "scores_prompts", False):
+            raise RequestError("prompt logprobs (echo with logprobs, prompt_logprobs) are not supported on a model "
+                               "split over several devices yet", param="prompt_logprobs" if request.prompt_logprobs
+                               is not None else "echo", code="unsupported_parameter")
         if request.prompt_logprobs is not None and request.stream:  # echo with logprobs streams its scores
             raise RequestError("prompt_logprobs cannot be streamed; ask without stream", param="prompt_logprobs")
         for token in request.stop_token_ids or []:

@@ -211,3 +211,13 @@ def test_logit_bias_steers_greedy_and_sampled_tokens(client, tokenizer):
     out = client.completions.create(model=MODEL, prompt="Hello", max_tokens=1, temperature=0, logprobs=1,
                                     logit_bias={str(banned): -100}, extra_body=NO_EOS)
     assert tokenizer.encode(out.choices[0].text, add_special_tokens=False)[0] != banned
+
+
+def test_prompt_logprobs_on_a_runner_that_cannot_score_prompts_is_a_400(server, client, monkeypatch):
+    import openai
+
+    monkeypatch.setattr(server.app.state.serving.llm.engine, "scores_prompts", False)  # as a split model's
+    for extra in ({"echo": True, "logprobs": 1}, {"prompt_logprobs": 1}):
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.completions.create(model=MODEL, prompt="hi", max_tokens=1, extra_body=extra)
+        assert caught.value.response.json()["error"]["code"] == "unsupported_parameter"
