@@ -41,6 +41,14 @@ class Tokenizer:
                 config = json.loads(config_file.read_text(encoding="utf-8"))
             except (OSError, ValueError) as exc:
                 raise TokenizerError(f"cannot read {config_file}: {exc}") from None
+        map_file = path / "special_tokens_map.json"
+        if map_file.is_file():  # transformers reads named special tokens from here too (config.json wins)
+            try:
+                named = json.loads(map_file.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                raise TokenizerError(f"cannot read {map_file}: {exc}") from None
+            if isinstance(named, dict):
+                config = {**{k: v for k, v in named.items() if k in SPECIAL_TOKEN_NAMES}, **config}
         jinja_file = path / "chat_template.jinja"
         if config.get("chat_template") is None and jinja_file.is_file():
             config = {**config, "chat_template": jinja_file.read_text(encoding="utf-8")}

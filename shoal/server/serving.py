@@ -26,7 +26,6 @@ from shoal.errors import EngineUnavailableError, InvalidRequestError, QueueFullE
 from shoal.outputs import TokenLogprob
 from shoal.server.conversation import conversation
 from shoal.server.logprobs import LogprobFormatter
-from shoal.server.tool_parsers import PARSERS, ToolCall, ToolParser, parser_for_template
 from shoal.server.protocol import (
     MAX_CHOICES,
     ChatCompletionRequest,
@@ -37,6 +36,7 @@ from shoal.server.protocol import (
     sampling_params,
     stream_usage,
 )
+from shoal.server.tool_parsers import PARSERS, ToolCall, ToolParser, parser_for_template
 
 logger = logging.getLogger("shoal.server")
 
@@ -392,7 +392,7 @@ class OpenAIServing:
         work = partial(self._chat_response, req, prepared, request_id, stream, created, n, parse_tools)
         return await self._until_done(request, request_id, stream, work)
 
-    def _new_tool_parser(self, req: ChatCompletionRequest) -> ToolParser:
+    def _new_tool_parser(self) -> ToolParser:
         return PARSERS[self.tool_parser]()
 
     @staticmethod
@@ -408,7 +408,7 @@ class OpenAIServing:
             message: dict[str, Any] = {"role": "assistant", "content": "".join(choice.text)}
             finish = choice.finish_reason
             if parse_tools:
-                parsed = self._new_tool_parser(req).parse(message["content"])
+                parsed = self._new_tool_parser().parse(message["content"])
                 calls = self._keep_calls(req, parsed.tool_calls, 0)
                 if calls:
                     message = {"role": "assistant", "content": parsed.content if parsed.content.strip() else None,
@@ -443,7 +443,7 @@ class OpenAIServing:
         for index in range(n):
             yield chunk(index, {"role": "assistant", "content": ""}, None, None)
         tokens = [0] * n
-        parsers = [self._new_tool_parser(req) for _ in range(n)] if parse_tools else None
+        parsers = [self._new_tool_parser() for _ in range(n)] if parse_tools else None
         made = [0] * n  # tool calls streamed per choice
 
         def tool_delta(index: int, parsed) -> dict:

@@ -7,6 +7,7 @@ OpenAI-format history (JSON-string arguments, null content) must reach the templ
 from __future__ import annotations
 
 import json
+import shutil
 
 import openai
 import pytest
@@ -192,3 +193,18 @@ def test_a_template_that_refuses_is_a_400(server):
                                                 max_tokens=1)
     assert "unknown role: narrator" in caught.value.response.json()["error"]["message"]
 
+
+
+def test_named_templates_and_special_tokens_map_as_transformers_reads_them(llama, tmp_path):
+    from transformers import PreTrainedTokenizerFast
+
+    shutil.copy(llama[0] / "tokenizer.json", tmp_path / "tokenizer.json")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
+        "chat_template": [{"name": "default", "template": "{{ pad_token }}{% for m in messages %}{{ m.content }}{% endfor %}"},
+                          {"name": "tool_use", "template": "{{ tools | length }} tools: {{ messages[0].content }}"}]}))
+    (tmp_path / "special_tokens_map.json").write_text(json.dumps({"pad_token": "<s>", "eos_token": "</s>"}))
+    ours, theirs = Tokenizer(tmp_path), PreTrainedTokenizerFast.from_pretrained(str(tmp_path))
+    for tools in (None, [WEATHER]):
+        expected = theirs.apply_chat_template(PLAIN[:2], tools=tools, tokenize=False)
+        assert ours.render_chat(PLAIN[:2], False, tools=tools) == expected
+    assert ours.render_chat(PLAIN[:2], False).startswith("<s>")  # pad_token from special_tokens_map.json
