@@ -1,6 +1,7 @@
 """Tool-call parsers: turn a model's text, as it streams, into OpenAI content and tool calls, in the formats
 real checkpoints emit. `hermes` is the `<tool_call>{json}</tool_call>` form of Qwen2.5 / Qwen3 (and
-Hermes); `llama3_json` is Llama 3.x's bare `{"name": ..., "parameters": {...}}` (several joined by `;`).
+Hermes); `llama3_json` is Llama 3.x's bare `{"name": ..., "parameters": {...}}` (several joined by `;`);
+`deepseek_v3` reads DeepSeek V3 / R1 and V3.1 tool-call sections; `mistral` reads `[TOOL_CALLS]`.
 
 A parser is fed text pieces of any size and answers with events — content text, or a whole tool call —
 so that the same text gives the same result however it is cut (tests feed every chunk size from 1 up).
@@ -50,6 +51,10 @@ def _call_from(obj, argument_keys: tuple[str, ...]) -> ToolCall | None:
     if not isinstance(arguments, dict):
         return None
     return ToolCall(obj["name"], json.dumps(arguments, ensure_ascii=False))
+
+
+def _is_name(text: str) -> bool:
+    return text.replace("_", "").replace("-", "").replace(".", "").isalnum() or text == ""
 
 
 def _partial_suffix(text: str, tag: str) -> int:
@@ -215,8 +220,188 @@ class Llama3JsonToolParser(ToolParser):
         return Parsed(content=text)
 
 
+class DeepSeekToolParser(ToolParser):
+    """DeepSeek V3 / R1 (`<｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME\n```json\n{...}\n```<｜tool▁call▁end｜>`)
+    and V3.1 (`<｜tool▁call▁begin｜>NAME<｜tool▁sep｜>{...}<｜tool▁call▁end｜>`), inside
+    `<｜tool▁calls▁begin｜>...<｜tool▁calls▁end｜>`; each call is released once its end marker arrives."""
+
+    name = "deepseek_v3"
+    CALLS_BEGIN, CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
+    CALL_BEGIN, CALL_END, SEP = "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>"
+
+    def __init__(self) -> None:
+        self._buffer = ""
+        self._inside = False  # within the calls section
+        self._failed = False  # the section did not parse: the rest is content
+
+    def feed(self, text: str) -> Parsed:
+        self._buffer += text
+        out = Parsed()
+        while True:
+            if self._failed:
+                out.content += self._buffer
+                self._buffer = ""
+                return out
+            if not self._inside:
+                start = self._buffer.find(self.CALLS_BEGIN)
+                if start == -1:
+                    keep = _partial_suffix(self._buffer, self.CALLS_BEGIN)
+                    cut = len(self._buffer) - keep
+                    out.content += self._buffer[:cut]
+                    self._buffer = self._buffer[cut:]
+                    return out
+                out.content += self._buffer[:start]
+                self._buffer = self._buffer[start + len(self.CALLS_BEGIN):]
+                self._inside = True
+                continue
+            body = self._buffer.lstrip()
+            if body.startswith(self.CALLS_END):
+                self._buffer = body[len(self.CALLS_END):]
+                self._inside = False
+                continue
+            if not body.startswith(self.CALL_BEGIN):
+                if self.CALL_BEGIN.startswith(body) or self.CALLS_END.startswith(body):
+                    return out  # a marker still arriving
+                return self._fail(out)
+            end = body.find(self.CALL_END)
+            if end == -1:
+                return out
+            call = self._call(body[len(self.CALL_BEGIN):end])
+            if call is None:
+                return self._fail(out)
+            out.tool_calls.append(call)
+            self._buffer = body[end + len(self.CALL_END):]
+
+    def _fail(self, out: Parsed) -> Parsed:
+        # Not the format after all: what came since the section began is content (calls already released stay).
+        self._failed = True
+        out.content += self._buffer
+        self._buffer = ""
+        return out
+
+    def finish(self) -> Parsed:
+        out = Parsed()
+        if self._inside and not self._failed:
+            body = self._buffer.lstrip()
+            if body.startswith(self.CALL_BEGIN):  # cut off before its end marker
+                call = self._call(body[len(self.CALL_BEGIN):])
+                if call is not None:
+                    out.tool_calls.append(call)
+                    body = ""
+            if body and not body.startswith(self.CALLS_END):
+                out.content += body
+        else:
+            out.content += self._buffer
+        self._buffer = ""
+        return out
+
+    def _call(self, body: str) -> ToolCall | None:
+        head, sep, rest = body.partition(self.SEP)
+        if not sep:
+            return None
+        if head.strip() == "function":  # V3 / R1: the name, then the arguments in a json code block
+            name, _, rest = rest.partition("\n")
+            rest = rest.strip()
+            if rest.startswith("```json"):
+                rest = rest[len("```json"):]
+            rest = rest.strip().removesuffix("```").strip()
+        else:
+            name = head
+        try:
+            arguments = json.loads(rest) if rest.strip() else {}
+        except ValueError:
+            return None
+        return _call_from({"name": name.strip(), "arguments": arguments}, ("arguments",))
+
+
+class MistralToolParser(ToolParser):
+    """Mistral: `[TOOL_CALLS]` then a JSON list of {"name", "arguments"} (before tokenizer v11) or, from v11 on,
+    `NAME[ARGS]{...}` (repeated after further `[TOOL_CALLS]`); calls are released as each one closes."""
+
+    name = "mistral"
+    TAG, ARGS = "[TOOL_CALLS]", "[ARGS]"
+
+    def __init__(self) -> None:
+        self._buffer = ""
+        self._inside = False
+        self._failed = False
+        self._decoder = json.JSONDecoder()
+
+    def feed(self, text: str) -> Parsed:
+        self._buffer += text
+        out = Parsed()
+        if self._failed:
+            out.content, self._buffer = self._buffer, ""
+            return out
+        if not self._inside:
+            start = self._buffer.find(self.TAG)
+            if start == -1:
+                cut = len(self._buffer) - _partial_suffix(self._buffer, self.TAG)
+                out.content, self._buffer = self._buffer[:cut], self._buffer[cut:]
+                return out
+            out.content = self._buffer[:start]
+            self._buffer = self._buffer[start + len(self.TAG):]
+            self._inside = True
+        out += self._release(final=False)
+        return out
+
+    def _release(self, final: bool) -> Parsed:
+        out = Parsed()
+        while True:
+            body = self._buffer.lstrip()
+            if body.startswith(self.TAG):
+                body = body[len(self.TAG):].lstrip()
+            self._buffer = body
+            if not body or (not final and self.TAG.startswith(body)):
+                return out
+            if body.startswith("["):  # the JSON list form
+                try:
+                    items, end = self._decoder.raw_decode(body)
+                except ValueError:
+                    return self._fail(out) if final else out
+                found = [_call_from(item, ("arguments", "parameters")) for item in items] if isinstance(
+                    items, list) else [None]
+                if not found or None in found:
+                    return self._fail(out)
+                out.tool_calls.extend(found)
+                self._buffer = body[end:]
+                continue
+            name, sep, rest = body.partition(self.ARGS)
+            if not sep:
+                bracket = body.find("[")
+                head, tail = (body, "") if bracket == -1 else (body[:bracket], body[bracket:])
+                if final or not _is_name(head) or not self.ARGS.startswith(tail):
+                    return self._fail(out)
+                return out  # the name (or its [ARGS]) is still arriving
+            if not _is_name(name.strip()):
+                return self._fail(out)
+            try:
+                arguments, end = self._decoder.raw_decode(rest.lstrip())
+            except ValueError:
+                waiting = not final and (not rest.strip() or rest.lstrip().startswith("{"))
+                return out if waiting else self._fail(out)
+            call = _call_from({"name": name.strip(), "arguments": arguments}, ("arguments",))
+            if call is None:
+                return self._fail(out)
+            out.tool_calls.append(call)
+            self._buffer = rest.lstrip()[end:]
+
+    def _fail(self, out: Parsed) -> Parsed:
+        self._failed = True
+        out.content += self._buffer
+        self._buffer = ""
+        return out
+
+    def finish(self) -> Parsed:
+        out = self._release(final=True) if self._inside and not self._failed else Parsed()
+        out.content += self._buffer
+        self._buffer = ""
+        return out
+
+
 PARSERS: dict[str, type[ToolParser]] = {
     "hermes": HermesToolParser, "qwen": HermesToolParser, "llama3_json": Llama3JsonToolParser,
+    "deepseek_v3": DeepSeekToolParser, "mistral": MistralToolParser,
 }
 
 
@@ -226,6 +411,10 @@ def parser_for_template(template: str | None) -> str | None:
         return None
     if "<tool_call>" in template:
         return "hermes"
+    if "tool▁calls▁begin" in template:
+        return "deepseek_v3"
+    if "[TOOL_CALLS]" in template:
+        return "mistral"
     if "<|python_tag|>" in template or ("ipython" in template and '"parameters": ' in template):
         return "llama3_json"
     return None

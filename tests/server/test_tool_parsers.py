@@ -9,8 +9,10 @@ import pytest
 
 from shoal.server.tool_parsers import (
     PARSERS,
+    DeepSeekToolParser,
     HermesToolParser,
     Llama3JsonToolParser,
+    MistralToolParser,
     Parsed,
     parser_for_template,
 )
@@ -58,8 +60,36 @@ LLAMA3 = [
     ("", "", []),
 ]
 
+B, E = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
+CB, CE, SEP = "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>"
+DEEPSEEK = [
+    # V3 / R1
+    (f'Let me look.{B}{CB}function{SEP}get_weather\n```json\n{{"city": "Paris"}}\n```{CE}\n'
+     f'{CB}function{SEP}get_time\n```json\n{{}}\n```{CE}{E}', "Let me look.",
+     [("get_weather", {"city": "Paris"}), ("get_time", {})]),
+    # V3.1
+    (f'{B}{CB}get_weather{SEP}{{"city": "Oslo", "unit": "C"}}{CE}{CB}get_time{SEP}{{}}{CE}{E}', "",
+     [("get_weather", {"city": "Oslo", "unit": "C"}), ("get_time", {})]),
+    ("No tools: a ｜ sign and <｜tool but nothing more.", "No tools: a ｜ sign and <｜tool but nothing more.", []),
+    (f'{B}{CB}f{SEP}{{"a": 1}}', "", [("f", {"a": 1})]),  # cut off before the end markers
+    (f"{B}not a call", "not a call", []),
+    (f'{B}{CB}f{SEP}{{"a": 1}}{CE}{E} Done.', " Done.", [("f", {"a": 1})]),
+]
 
-@pytest.mark.parametrize("parser_class, cases", [(HermesToolParser, HERMES), (Llama3JsonToolParser, LLAMA3)])
+MISTRAL = [
+    ('[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris"}}, {"name": "get_time", "arguments": {}}]',
+     "", [("get_weather", {"city": "Paris"}), ("get_time", {})]),
+    ('[TOOL_CALLS]get_weather[ARGS]{"city": "Oslo"}[TOOL_CALLS]get_time[ARGS]{}', "",
+     [("get_weather", {"city": "Oslo"}), ("get_time", {})]),
+    ("Just text with [brackets] and [TOOL but no call.", "Just text with [brackets] and [TOOL but no call.", []),
+    ("Sure.[TOOL_CALLS]lookup.v2[ARGS]{\"q\": \"日本語\"}", "Sure.", [("lookup.v2", {"q": "日本語"})]),
+    ("[TOOL_CALLS]not a name[ARGS]{}", "not a name[ARGS]{}", []),
+    ('[TOOL_CALLS] [{"name": "f", "arguments": {"a": ', '[{"name": "f", "arguments": {"a": ', []),
+]
+
+
+@pytest.mark.parametrize("parser_class, cases", [(HermesToolParser, HERMES), (Llama3JsonToolParser, LLAMA3),
+                                                 (DeepSeekToolParser, DEEPSEEK), (MistralToolParser, MISTRAL)])
 def test_every_chunk_size_gives_the_same_content_and_calls(parser_class, cases):
     for text, content, expected_calls in cases:
         whole = parser_class().parse(text)
@@ -94,8 +124,10 @@ def test_calls_have_openai_shape_and_unique_ids():
 def test_the_parser_follows_the_template():
     assert parser_for_template("{{ '<tool_call>' }}") == "hermes"
     assert parser_for_template("<|python_tag|>") == "llama3_json"
+    assert parser_for_template("{{ '<｜tool▁calls▁begin｜>' }}") == "deepseek_v3"
+    assert parser_for_template("[TOOL_CALLS]") == "mistral"
     assert parser_for_template("{{ messages }}") is None
-    assert set(PARSERS) >= {"hermes", "qwen", "llama3_json"}
+    assert set(PARSERS) >= {"hermes", "qwen", "llama3_json", "deepseek_v3", "mistral"}
 
 
 # ---- through the server: a scripted engine writes the model's text, the official client reads the calls ----
