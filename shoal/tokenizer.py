@@ -127,6 +127,9 @@ class Tokenizer:
     def id_to_token(self, token_id: int) -> str | None:
         return self._tok.id_to_token(token_id)
 
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
     def is_special(self, token_id: int) -> bool:
         return token_id in self._special_ids
 

@@ -7,6 +7,7 @@ A request is cut off — its sequences aborted and their KV blocks freed — as 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import re
@@ -36,7 +37,8 @@ from shoal.server.protocol import (
     sampling_params,
     stream_usage,
 )
-from shoal.server.tool_parsers import PARSERS, ToolCall, ToolParser, parser_for_template
+from shoal.server.tool_calls import ToolCalling, markers_are_special
+from shoal.server.tool_parsers import PARSERS, parser_for_template
 
 logger = logging.getLogger("shoal.server")
 
@@ -373,6 +375,14 @@ class OpenAIServing:
         explicit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         params = self._params(req, explicit, logprobs, req.prompt_logprobs)
+        tools = None
+        if parse_tools:
+            tools = ToolCalling(self.tool_parser, req.parallel_tool_calls is not False)
+            if req.skip_special_tokens is None and markers_are_special(self.tool_parser, self.tokenizer.token_to_id,
+                                                                       self.tokenizer.is_special):
+                # The parser must see its markers; the end-of-sequence text they then bring is cut again.
+                params = [dataclasses.replace(p, skip_special_tokens=False) for p in params]
+                tools.stop_texts = tuple(self._token(t) for t in self.llm.engine.eos_token_ids)
 
         def prepare() -> _Prepared:
             self._check_prompt_bytes(chat.text_bytes())
@@ -387,33 +397,20 @@ class OpenAIServing:
         request_id, stream = self._submit("chatcmpl", prepared)
         created = int(time.time())
         if req.stream:
-            chunks = self._chat_chunks(req, prepared, stream, request_id, created, n, parse_tools)
+            chunks = self._chat_chunks(req, prepared, stream, request_id, created, n, tools)
             return self._events(request_id, stream, chunks)
-        work = partial(self._chat_response, req, prepared, request_id, stream, created, n, parse_tools)
+        work = partial(self._chat_response, req, prepared, request_id, stream, created, n, tools)
         return await self._until_done(request, request_id, stream, work)
 
-    def _new_tool_parser(self) -> ToolParser:
-        return PARSERS[self.tool_parser]()
-
-    @staticmethod
-    def _keep_calls(req: ChatCompletionRequest, calls: list[ToolCall], made: int) -> list[ToolCall]:
-        """parallel_tool_calls false: only the first call of a choice is returned."""
-        return calls if req.parallel_tool_calls is not False else calls[: max(0, 1 - made)]
-
     async def _chat_response(self, req: ChatCompletionRequest, prepared: _Prepared, request_id: str,
-                             stream: RequestStream, created: int, n: int, parse_tools: bool = False) -> Response:
+                             stream: RequestStream, created: int, n: int, tools: ToolCalling | None = None) -> Response:
         collected = await self._collect(stream, n)
         choices = []
         for index, choice in enumerate(collected):
             message: dict[str, Any] = {"role": "assistant", "content": "".join(choice.text)}
             finish = choice.finish_reason
-            if parse_tools:
-                parsed = self._new_tool_parser().parse(message["content"])
-                calls = self._keep_calls(req, parsed.tool_calls, 0)
-                if calls:
-                    message = {"role": "assistant", "content": parsed.content if parsed.content.strip() else None,
-                               "tool_calls": [c.openai() for c in calls]}
-                    finish = "tool_calls"
+            if tools is not None:
+                message, finish = tools.message(message["content"], finish)
             choices.append({
                 "index": index,
                 "message": message,
@@ -428,7 +425,8 @@ class OpenAIServing:
         return JSONResponse(body)
 
     async def _chat_chunks(self, req: ChatCompletionRequest, prepared: _Prepared, stream: RequestStream,
-                           request_id: str, created: int, n: int, parse_tools: bool = False) -> AsyncIterator[str]:
+                           request_id: str, created: int, n: int,
+                           tools: ToolCalling | None = None) -> AsyncIterator[str]:
         include_usage = stream_usage(req)
         base = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": self.model_name}
 
@@ -443,31 +441,15 @@ class OpenAIServing:
         for index in range(n):
             yield chunk(index, {"role": "assistant", "content": ""}, None, None)
         tokens = [0] * n
-        parsers = [self._new_tool_parser() for _ in range(n)] if parse_tools else None
-        made = [0] * n  # tool calls streamed per choice
-
-        def tool_delta(index: int, parsed) -> dict:
-            delta: dict[str, Any] = {"content": parsed.content} if parsed.content else {}
-            calls = self._keep_calls(req, parsed.tool_calls, made[index])
-            if calls:
-                delta["tool_calls"] = [{"index": made[index] + k, **c.openai()} for k, c in enumerate(calls)]
-                made[index] += len(calls)
-            return delta
-
+        streams = [tools.stream() for _ in range(n)] if tools is not None else None
         async for delta in stream:
             tokens[delta.index] = delta.num_output_tokens
             logprobs = self.logprobs.chat(delta.logprobs or []) if req.logprobs else None
             finish = delta.finish_reason
-            if parsers is None:
+            if streams is None:
                 body = {"content": delta.text} if delta.text else {}
             else:
-                parser = parsers[delta.index]
-                parsed = parser.feed(delta.text)
-                if finish is not None:
-                    parsed += parser.finish()
-                body = tool_delta(delta.index, parsed)
-                if finish is not None and made[delta.index]:
-                    finish = "tool_calls"
+                body, finish = streams[delta.index].feed(delta.text, finish)
             if body or finish is not None or logprobs:
                 yield chunk(delta.index, body, logprobs, finish)
         if include_usage:

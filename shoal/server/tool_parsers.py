@@ -67,6 +67,7 @@ def _partial_suffix(text: str, tag: str) -> int:
 
 class ToolParser:
     name = ""
+    markers: tuple[str, ...] = ()  # the format's marker tokens (kept in the text when the tokenizer calls them special)
 
     def feed(self, text: str) -> Parsed:
         raise NotImplementedError
@@ -87,6 +88,7 @@ class HermesToolParser(ToolParser):
 
     name = "hermes"
     OPEN, CLOSE = "<tool_call>", "</tool_call>"
+    markers = (OPEN, CLOSE)
 
     def __init__(self) -> None:
         self._buffer = ""
@@ -158,6 +160,7 @@ class Llama3JsonToolParser(ToolParser):
 
     name = "llama3_json"
     PYTHON_TAG = "<|python_tag|>"
+    markers = (PYTHON_TAG,)
 
     def __init__(self) -> None:
         self._buffer = ""
@@ -228,6 +231,7 @@ class DeepSeekToolParser(ToolParser):
     name = "deepseek_v3"
     CALLS_BEGIN, CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
     CALL_BEGIN, CALL_END, SEP = "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>"
+    markers = (CALLS_BEGIN, CALLS_END, CALL_BEGIN, CALL_END, SEP)
 
     def __init__(self) -> None:
         self._buffer = ""
@@ -320,6 +324,7 @@ class MistralToolParser(ToolParser):
 
     name = "mistral"
     TAG, ARGS = "[TOOL_CALLS]", "[ARGS]"
+    markers = (TAG, ARGS)
 
     def __init__(self) -> None:
         self._buffer = ""

@@ -148,18 +148,22 @@ def server(serve, tmp_path_factory):
 
 @pytest.fixture
 def scripted(server, monkeypatch):
-    """The engine answers every completion with `text`, three characters a step (set scripted.text first)."""
+    """The engine answers every completion with `text`, three characters a step (set scripted.text to change it)."""
     import asyncio
 
     from shoal.engine.async_engine import Delta, RequestStream
 
     class Script:
-        text = QWEN_ANSWER
+        text = QWEN_ANSWER + "</s>"  # special tokens are kept for this tokenizer (its <tool_call> is special)
+        params = []
 
     def add_request(request_id, items, prompt=None):
+        Script.params = [p for _, p in items]
         loop = asyncio.get_running_loop()
         stream = RequestStream(request_id, len(items), loop)
-        pieces = [Script.text[i : i + 3] for i in range(0, len(Script.text), 3)]
+        # The end-of-sequence token's text comes whole in the last delta, as the engine's detokenizer gives it.
+        body, eos = (Script.text[:-4], ["</s>"]) if Script.text.endswith("</s>") else (Script.text, [])
+        pieces = [body[i : i + 3] for i in range(0, len(body), 3)] + eos
         for index, (ids, _) in enumerate(items):
             for step, piece in enumerate(pieces):
                 last = step == len(pieces) - 1
@@ -175,6 +179,7 @@ def test_chat_returns_parsed_tool_calls(server, scripted):
 
     out = server.client().chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Paris?"}],
                                                   tools=TOOLS, n=2)
+    assert [p.skip_special_tokens for p in scripted.params] == [False, False]  # or the markers would vanish
     for choice in out.choices:
         assert choice.finish_reason == "tool_calls"
         assert choice.message.content == "Checking.\n"
@@ -186,7 +191,8 @@ def test_chat_returns_parsed_tool_calls(server, scripted):
     assert [c.function.name for c in single.choices[0].message.tool_calls] == ["get_weather"]
     plain = server.client().chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Paris?"}],
                                                     tools=TOOLS, tool_choice="none")
-    assert plain.choices[0].message.content == QWEN_ANSWER and plain.choices[0].message.tool_calls is None
+    assert plain.choices[0].message.content == QWEN_ANSWER + "</s>"  # tool_choice none: text as the model wrote it
+    assert plain.choices[0].message.tool_calls is None and scripted.params[0].skip_special_tokens is True
 
 
 def test_chat_streams_tool_call_deltas(server, scripted):
@@ -205,8 +211,8 @@ def test_chat_streams_tool_call_deltas(server, scripted):
     assert [(calls[i]["name"], json.loads(calls[i]["arguments"])) for i in sorted(calls)] == [
         ("get_weather", {"city": "Paris"}), ("get_time", {})]
     assert [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason] == ["tool_calls"]
-    scripted.text = "No tools needed, <b>fine</b>."
+    scripted.text = "No tools needed, <b>fine</b>.</s>"
     chunks = list(server.client().chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "Paris?"}], tools=TOOLS, stream=True))
-    assert "".join(c.choices[0].delta.content or "" for c in chunks) == scripted.text
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "No tools needed, <b>fine</b>."
     assert [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason] == ["stop"]
