@@ -20,16 +20,40 @@ MARKERS = {
 }
 
 
-def write_tokenizer_dir(source: Path, target: Path, name: str) -> None:
+def shipped_templates() -> dict[str, tuple[str, list[str]]]:
+    """Real checkpoints' templates that transformers itself ships in its source (name -> template, its markers);
+    any that this transformers lacks is left out."""
+    import importlib
+
+    found = {}
+    for name, module, attribute, markers in [
+        ("llama4", "transformers.models.llama4.processing_llama4", "chat_template",
+         ["<|header_start|>", "<|header_end|>", "<|eot|>", "<|python_start|>", "<|python_end|>"]),
+        ("smolvlm", "transformers.models.smolvlm.processing_smolvlm", "DEFAULT_CHAT_TEMPLATE",
+         ["<|im_start|>", "<end_of_utterance>"]),
+    ]:
+        try:
+            template = getattr(importlib.import_module(module), attribute)
+        except (ImportError, AttributeError):
+            continue
+        if isinstance(template, str):
+            found[name] = (template, markers)
+    return found
+
+
+def write_tokenizer_dir(source: Path, target: Path, name: str, template: str | None = None,
+                        markers: list[str] | None = None) -> None:
+    """source's tokenizer with `name`'s markers added as special tokens and its template (from
+    tests/server/templates unless given) as the chat template."""
     from tokenizers import AddedToken
     from tokenizers import Tokenizer as HFTokenizer
 
     target.mkdir(parents=True, exist_ok=True)
     tok = HFTokenizer.from_file(str(source / "tokenizer.json"))
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in MARKERS[name]])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (markers or MARKERS[name])])
     tok.save(str(target / "tokenizer.json"))
     config = json.loads((source / "tokenizer_config.json").read_text())
-    config["chat_template"] = (TEMPLATES / f"{name}.jinja").read_text(encoding="utf-8")
+    config["chat_template"] = template or (TEMPLATES / f"{name}.jinja").read_text(encoding="utf-8")
     config["tokenizer_class"] = "PreTrainedTokenizerFast"
     (target / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
 
