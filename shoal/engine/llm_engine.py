@@ -54,8 +54,9 @@ class LLMEngine:
         else:
             self.cache, self.runner = parallel.make_runner(kv_cache_bytes, block_size, kv_quant)
             num_blocks = self.cache.num_blocks
-        # Only the single-device runner scores prompt tokens (SamplingParams.prompt_logprobs).
-        self.scores_prompts = isinstance(self.runner, ModelRunner)
+        # ModelRunner.step scores prompt tokens (SamplingParams.prompt_logprobs); a runner with its own step (a
+        # split model's) does not yet.
+        self.scores_prompts = type(self.runner).step is ModelRunner.step
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
         self.sequences: dict[str, Sequence] = {}

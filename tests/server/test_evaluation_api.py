@@ -216,6 +216,11 @@ def test_logit_bias_steers_greedy_and_sampled_tokens(client, tokenizer):
 def test_prompt_logprobs_on_a_runner_that_cannot_score_prompts_is_a_400(server, client, monkeypatch):
     import openai
 
+    from shoal.engine.runner import ModelRunner
+    from shoal.parallel.runtime import ParallelRunner
+
+    assert server.app.state.serving.llm.engine.scores_prompts
+    assert ParallelRunner.step is not ModelRunner.step  # so a split model's engine says it cannot score prompts
     monkeypatch.setattr(server.app.state.serving.llm.engine, "scores_prompts", False)  # as a split model's
     for extra in ({"echo": True, "logprobs": 1}, {"prompt_logprobs": 1}):
         with pytest.raises(openai.BadRequestError) as caught:
