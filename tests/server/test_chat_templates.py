@@ -58,6 +58,13 @@ REASONED = [
 PARTIAL = PLAIN + [{"role": "assistant", "content": "Not much, but"}]
 
 
+def drops_null_keys() -> bool:
+    """transformers since 5.2x leaves a message's null-valued keys out before rendering (shoal does the same)."""
+    from transformers.utils import chat_template_utils
+
+    return hasattr(chat_template_utils, "_normalize_chat_messages")
+
+
 def transformers_messages(messages: list[dict]) -> list[dict]:
     """What transformers documents for tool-use templates: tool-call arguments as objects."""
     out = json.loads(json.dumps(messages))
@@ -109,6 +116,9 @@ def test_renders_token_identical_to_transformers(tokenizers, name, case, message
 
     if name not in tokenizers:
         pytest.skip(f"this transformers does not ship the {name} template")
+    if any(None in m.values() for m in messages) and not drops_null_keys():
+        pytest.skip("this transformers hands null content to the template; shoal follows the newer one that leaves "
+                    "it out, as templates test for a missing key")
     ours, theirs = tokenizers[name]
     options = dict(options)
     add_generation_prompt = options.pop("add_generation_prompt", True)
