@@ -186,6 +186,7 @@ class LLM:
                 prompt=group[0].prompt,
                 prompt_token_ids=list(group[0].prompt_ids),
                 outputs=[seq.to_completion(index) for index, seq in enumerate(group)],
+                prompt_logprobs=group[0].prompt_logprobs,
             )
             for group in groups
         ]

@@ -10,6 +10,7 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top_logprobs: dict[int, float] = field(default_factory=dict)  # the K most likely ids -> logprob
+    rank: int | None = None  # 1 + how many ids are more likely (set for prompt logprobs, as vLLM reports it)
 
 
 @dataclass
@@ -29,6 +30,8 @@ class RequestOutput:
     prompt: str | None
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
+    # With SamplingParams.prompt_logprobs: one entry per prompt token, None for the first (nothing predicts it).
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     @property
     def token_ids(self) -> list[int]:

@@ -13,6 +13,8 @@ MAX_STOP_LENGTH = 256
 MAX_N = 16
 MAX_PENALTY = 2.0  # presence and frequency penalties lie in [-MAX_PENALTY, MAX_PENALTY], as in the OpenAI API
 MAX_REPETITION_PENALTY = 10.0
+MAX_LOGIT_BIAS = 100.0  # each bias lies in [-MAX_LOGIT_BIAS, MAX_LOGIT_BIAS], as in the OpenAI API
+MAX_LOGIT_BIAS_ENTRIES = 1024
 
 
 @dataclass
@@ -28,6 +30,10 @@ class SamplingParams:
     frequency_penalty subtracts penalty x count and presence_penalty subtracts the penalty once, for each
     token generated so far (OpenAI). n asks for n completions of the prompt (`LLM.generate`); with a
     seed, completion i samples with seed + i.
+
+    logit_bias (OpenAI) adds a bias to chosen token ids' logits before sampling (greedy too); logprobs
+    stay those of the raw model. prompt_logprobs=K (vLLM) returns, for every prompt token but the first,
+    its logprob given the tokens before it and the top K alternatives (evaluation harnesses' loglikelihood).
     """
 
     max_tokens: int = 16
@@ -45,6 +51,8 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     n: int = 1
+    logit_bias: dict[int, float] | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -53,6 +61,8 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == -1:
             self.top_k = 0
+        if self.logit_bias is not None:
+            self.logit_bias = dict(self.logit_bias) or None
         checks = [
             (isinstance(self.max_tokens, int) and self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}"),
             (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
@@ -71,6 +81,11 @@ class SamplingParams:
             (_number(self.repetition_penalty) and 0 < self.repetition_penalty <= MAX_REPETITION_PENALTY,
              f"repetition_penalty must be in (0, {MAX_REPETITION_PENALTY:g}], got {self.repetition_penalty!r}"),
             (_integer(self.n) and 1 <= self.n <= MAX_N, f"n must be an integer from 1 to {MAX_N}, got {self.n!r}"),
+            (self.prompt_logprobs is None or (_integer(self.prompt_logprobs) and 0 <= self.prompt_logprobs <= MAX_LOGPROBS),
+             f"prompt_logprobs must be between 0 and {MAX_LOGPROBS}"),
+            (_logit_bias_ok(self.logit_bias),
+             f"logit_bias maps at most {MAX_LOGIT_BIAS_ENTRIES} token ids (integers >= 0) to numbers in "
+             f"[-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]"),
         ]
         for ok, message in checks:
             if not ok:
@@ -83,6 +98,14 @@ class SamplingParams:
     @property
     def has_penalties(self) -> bool:
         return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+
+
+def _logit_bias_ok(bias: dict | None) -> bool:
+    if bias is None:
+        return True
+    return len(bias) <= MAX_LOGIT_BIAS_ENTRIES and all(
+        _integer(t) and t >= 0 and _number(v) and abs(v) <= MAX_LOGIT_BIAS for t, v in bias.items()
+    )
 
 
 def _number(value) -> bool:

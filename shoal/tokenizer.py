@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from shoal.chat_template import SPECIAL_TOKEN_NAMES, render
 from shoal.errors import TokenizerError
 
 
@@ -40,6 +41,14 @@ class Tokenizer:
                 config = json.loads(config_file.read_text(encoding="utf-8"))
             except (OSError, ValueError) as exc:
                 raise TokenizerError(f"cannot read {config_file}: {exc}") from None
+        map_file = path / "special_tokens_map.json"
+        if map_file.is_file():  # transformers reads named special tokens from here too (config.json wins)
+            try:
+                named = json.loads(map_file.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                raise TokenizerError(f"cannot read {map_file}: {exc}") from None
+            if isinstance(named, dict):
+                config = {**{k: v for k, v in named.items() if k in SPECIAL_TOKEN_NAMES}, **config}
         jinja_file = path / "chat_template.jinja"
         if config.get("chat_template") is None and jinja_file.is_file():
             config = {**config, "chat_template": jinja_file.read_text(encoding="utf-8")}
@@ -66,11 +75,15 @@ class Tokenizer:
         self.bos_token_id = self._tok.token_to_id(self.bos_token) if self.bos_token else None
         self.eos_token_id = self._tok.token_to_id(self.eos_token) if self.eos_token else None
         self.add_bos_token = bool(config.get("add_bos_token", False))
+        self.special_tokens = {name: text for name in SPECIAL_TOKEN_NAMES if (text := _token_text(config.get(name)))}
         template = config.get("chat_template")
-        if isinstance(template, list):  # a list of named templates: take the default one
-            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-            template = named.get("default") or next(iter(named.values()), None)
-        self.chat_template: str | None = template
+        self.chat_templates: dict[str, str] = {}
+        if isinstance(template, list):  # named templates: "default", and "tool_use" for a request with tools
+            self.chat_templates = {t["name"]: t["template"] for t in template
+                                   if isinstance(t, dict) and isinstance(t.get("name"), str)
+                                   and isinstance(t.get("template"), str)}
+            template = self.chat_templates.get("default") or next(iter(self.chat_templates.values()), None)
+        self.chat_template: str | None = template if isinstance(template, str) else None
         self._special_ids = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
 
     # ---- encoding ----------------------------------------------------------------------
@@ -81,28 +94,31 @@ class Tokenizer:
                 ids = [self.bos_token_id] + ids
         return ids
 
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
-        """Render the checkpoint's chat template and tokenize it (the template places BOS itself)."""
-        if not self.chat_template:
+    def render_chat(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        *,
+        tools: list[dict] | None = None,
+        documents: list[dict] | None = None,
+        continue_final_message: bool | str = False,
+        template_kwargs: dict[str, Any] | None = None,
+    ) -> str:
+        """The checkpoint's chat template rendered as transformers renders it (see shoal.chat_template); with
+        tools, a checkpoint's template named "tool_use" is taken when it has one."""
+        template = self.chat_template
+        if tools is not None and "tool_use" in self.chat_templates:
+            template = self.chat_templates["tool_use"]
+        if not template:
             raise TokenizerError("this checkpoint's tokenizer_config.json has no chat_template; use `shoal generate`")
-        from jinja2 import TemplateError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
+        return render(template, messages, tools=tools, documents=documents, add_generation_prompt=add_generation_prompt,
+                      continue_final_message=continue_final_message, special_tokens=self.special_tokens,
+                      template_kwargs=template_kwargs)
 
-        def raise_exception(message: str) -> None:
-            raise TokenizerError(f"the chat template rejected the conversation: {message}")
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = raise_exception
-        try:
-            text = env.from_string(self.chat_template).render(
-                messages=messages,
-                add_generation_prompt=add_generation_prompt,
-                bos_token=self.bos_token or "",
-                eos_token=self.eos_token or "",
-            )
-        except TemplateError as exc:
-            raise TokenizerError(f"the chat template failed to render: {exc}") from None
-        return self.encode(text, add_special_tokens=False)
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                            **options: Any) -> list[int]:
+        """Render the chat template (options as render_chat's) and tokenize it; the template places BOS itself."""
+        return self.encode(self.render_chat(messages, add_generation_prompt, **options), add_special_tokens=False)
 
     # ---- decoding ----------------------------------------------------------------------
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
@@ -110,6 +126,9 @@ class Tokenizer:
 
     def id_to_token(self, token_id: int) -> str | None:
         return self._tok.id_to_token(token_id)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
 
     def is_special(self, token_id: int) -> bool:
         return token_id in self._special_ids

@@ -40,6 +40,7 @@ class Delta:
     finish_reason: str | None  # set exactly once, on the completion's last delta
     num_prompt_tokens: int
     num_output_tokens: int  # so far, including token_ids
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # on a completion's first delta, when asked for
 
 
 @dataclass
@@ -356,8 +357,10 @@ class AsyncEngine:
         tracked = self._tracked.get(seq.request_id)
         if tracked is None:
             return
+        prompt_logprobs = None
         if tracked.first_token is None:
             tracked.first_token = now
+            prompt_logprobs = seq.prompt_logprobs
         new_ids = seq.output_ids[tracked.sent_tokens :]
         tracked.sent_tokens = len(seq.output_ids)
         logprobs = None
@@ -366,7 +369,7 @@ class AsyncEngine:
             tracked.sent_logprobs = len(seq.logprobs)
         finish = seq.finish_reason if seq.is_finished else None
         delta = Delta(tracked.index, new_ids, seq.take_new_text(), logprobs, finish,
-                      len(seq.prompt_ids), len(seq.output_ids))
+                      len(seq.prompt_ids), len(seq.output_ids), prompt_logprobs)
         outgoing.append((tracked.stream, delta))
         with self._cond:
             self._stats.generation_tokens += len(new_ids)

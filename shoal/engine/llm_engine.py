@@ -54,6 +54,9 @@ class LLMEngine:
         else:
             self.cache, self.runner = parallel.make_runner(kv_cache_bytes, block_size, kv_quant)
             num_blocks = self.cache.num_blocks
+        # ModelRunner.step scores prompt tokens (SamplingParams.prompt_logprobs); a runner with its own step (a
+        # split model's) does not yet.
+        self.scores_prompts = type(self.runner).step is ModelRunner.step
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
         self.sequences: dict[str, Sequence] = {}
@@ -82,6 +85,13 @@ class LLMEngine:
         self, prompt_ids: list[int], params: SamplingParams, prompt: str | None = None, request_id: str | None = None
     ) -> Sequence:
         self.check_prompt(prompt_ids)
+        if params.prompt_logprobs is not None and not self.scores_prompts:
+            raise InvalidRequestError("prompt_logprobs are not supported on a model split over several devices yet")
+        if params.logit_bias and max(params.logit_bias) >= self.model.config.vocab_size:
+            raise InvalidRequestError(
+                f"logit_bias names token id {max(params.logit_bias)}, outside the vocabulary "
+                f"(0 to {self.model.config.vocab_size - 1})"
+            )
         seq = Sequence(prompt_ids, params, self.tokenizer, self.eos_token_ids, self.max_model_len, prompt, request_id)
         self.scheduler.add(seq)
         self.sequences[seq.request_id] = seq

@@ -8,9 +8,12 @@ import torch
 
 from shoal.engine.scheduler import ScheduledChunk
 from shoal.layers.paged_kv_cache import PagedBatch, PagedKVCache
-from shoal.layers.sampler import sample_batch
+from shoal.layers.sampler import prompt_token_logprobs, sample_batch
 from shoal.models.base import CausalLM
 from shoal.outputs import TokenLogprob
+
+
+_PROMPT_LOGITS_ELEMENTS = 1 << 24  # logits held at once while scoring a prompt (64 MiB in float32)
 
 
 class ModelRunner:
@@ -62,6 +65,9 @@ class ModelRunner:
         self.cache.set_batch(batch)
         with torch.inference_mode():
             hidden = self.model(self._tensor([token_ids]), self._tensor([positions]), self.cache)[0]
+            for row, chunk in enumerate(chunks):
+                if chunk.seq.needs_prompt_logprobs:
+                    self._prompt_logprobs(chunk, hidden, offsets[row])
             done = [row for row, c in enumerate(chunks) if c.completes]
             if not done:
                 return [None] * len(chunks)
@@ -81,3 +87,21 @@ class ModelRunner:
         for row, token, logprob in zip(done, tokens, logprobs):
             results[row] = (token, logprob)
         return results
+
+    def _prompt_logprobs(self, chunk: ScheduledChunk, hidden: torch.Tensor, offset: int) -> None:
+        """Append the logprobs of the prompt tokens this chunk's positions predict (each position's logits
+        predict the next token); rows are projected a slice at a time, so a long chunk over a wide
+        vocabulary never holds all its logits at once."""
+        seq = chunk.seq
+        start = seq.num_computed
+        # Positions start..end-1 predict tokens start+1..end; a recomputed chunk skips what is already known.
+        first = max(start, len(seq.prompt_logprobs) - 1)
+        end = min(start + chunk.num_tokens, len(seq.prompt_ids) - 1)
+        width = max(1, _PROMPT_LOGITS_ELEMENTS // self.model.config.vocab_size)
+        for lo in range(first, end, width):
+            hi = min(end, lo + width)
+            rows = hidden[offset + lo - start : offset + hi - start]
+            logits = self.model.compute_logits(rows, float32=False)
+            seq.prompt_logprobs.extend(
+                prompt_token_logprobs(logits, seq.prompt_ids[lo + 1 : hi + 1], seq.params.prompt_logprobs)
+            )

@@ -49,6 +49,8 @@ class Sequence:
         self.stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_token_ids))
         self.max_output = min(params.max_tokens, max_model_len - len(prompt_ids))
         self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
+        # Filled by the runner as prefill chunks run; the first prompt token has nothing before it.
+        self.prompt_logprobs: list[TokenLogprob | None] | None = [None] if params.prompt_logprobs is not None else None
         self.finish_reason: str | None = None
         self.text = ""
         self.emitted = 0  # characters of text already handed to a streaming caller
@@ -61,6 +63,10 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.prompt_ids)
 
     @property
     def is_finished(self) -> bool:
@@ -111,4 +117,5 @@ class Sequence:
         )
 
     def to_output(self) -> RequestOutput:
-        return RequestOutput(prompt=self.prompt, prompt_token_ids=list(self.prompt_ids), outputs=[self.to_completion()])
+        return RequestOutput(prompt=self.prompt, prompt_token_ids=list(self.prompt_ids), outputs=[self.to_completion()],
+                             prompt_logprobs=self.prompt_logprobs)

@@ -2,6 +2,8 @@
 frequency, presence), then greedy, or temperature with min-p / top-k / top-p filters, sampled with a
 per-request seeded generator; also reports logprobs of the raw model distribution.
 
+logit_bias is added after the penalties; prompt_token_logprobs scores the prompt itself (evaluation).
+
 The whole batch goes through one set of tensor operations (one softmax per step). Each row draws its
 uniform number from its own generator, so a seeded request samples the same tokens whatever else
 shares its batch.
@@ -63,6 +65,40 @@ def apply_penalties(
         cost = (freq + pres * first) * (ids < vocab)
         out.scatter_add_(1, ids.clamp(max=vocab - 1), -cost)
     return out
+
+
+def apply_logit_bias(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """logits [batch, vocab] -> a copy with each row's logit_bias added (ids past the vocabulary are ignored;
+    the server refuses them first)."""
+    out = logits.clone()
+    vocab = logits.shape[1]
+    for row, p in enumerate(params):
+        if not p.logit_bias:
+            continue
+        items = [(t, b) for t, b in p.logit_bias.items() if t < vocab]
+        if items:
+            ids = torch.tensor([t for t, _ in items], device=logits.device)
+            out[row].index_add_(0, ids, torch.tensor([b for _, b in items], dtype=out.dtype, device=logits.device))
+    return out
+
+
+def prompt_token_logprobs(logits: torch.Tensor, targets: Sequence[int], top_n: int) -> list[TokenLogprob]:
+    """logits [rows, vocab] at prompt positions -> each next prompt token's TokenLogprob (its logprob, rank
+    and the top_n alternatives) under the raw model distribution."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    target = torch.tensor(list(targets), device=logits.device)[:, None]
+    chosen = logprobs.gather(1, target)
+    ranks = ((logprobs > chosen).sum(dim=-1) + 1).tolist()
+    chosen = chosen.squeeze(1).tolist()
+    if top_n:
+        top_values, top_ids = torch.topk(logprobs, top_n)
+        top_values, top_ids = top_values.tolist(), top_ids.tolist()
+    else:
+        top_values = top_ids = [[] for _ in targets]
+    return [
+        TokenLogprob(token_id=int(t), logprob=float(v), top_logprobs=dict(zip(i, tv)), rank=int(r))
+        for t, v, r, i, tv in zip(targets, chosen, ranks, top_ids, top_values)
+    ]
 
 
 def _padded(rows: Sequence[Sequence[int]], pads: Sequence[int], device) -> torch.Tensor:
@@ -175,7 +211,8 @@ def sample_batch(
     generators = list(generators) if generators is not None else [None] * batch
     sampled = [row for row, p in enumerate(params) if not p.greedy]
     penalties = any(p.has_penalties for p in params)
-    if not sampled and not penalties and all(p.logprobs is None for p in params):
+    biased = any(p.logit_bias for p in params)
+    if not sampled and not penalties and not biased and all(p.logprobs is None for p in params):
         # Greedy alone: the raw logits' argmax (bf16 ones need no float32 copy: the conversion is exact).
         return greedy_tokens(logits, ops).tolist(), [None] * batch
     logits = logits.float()
@@ -184,6 +221,8 @@ def sample_batch(
         if prompt_ids is None or output_ids is None:
             raise ValueError("penalties need each row's prompt_ids and output_ids")
         scores = apply_penalties(scores, params, prompt_ids, output_ids)
+    if biased:
+        scores = apply_logit_bias(scores, params)
     tokens = greedy_tokens(scores, ops) if len(sampled) < batch else None
     if sampled:
         if len(sampled) < batch:

@@ -23,12 +23,14 @@ from shoal.errors import ShoalError
 from shoal.server.metrics import CONTENT_TYPE, ServerMetrics
 from shoal.server.protocol import RequestError, error_body
 from shoal.server.serving import INTERNAL_ERROR, OpenAIServing, request_error
+from shoal.server.tokenization import TokenizationServing
 
 logger = logging.getLogger("shoal.server")
 
 DEFAULT_MAX_BODY_BYTES = 4 << 20
 DEFAULT_MAX_PROMPT_BYTES = 1 << 20
 DEMO_MODEL_NAME = "shoal-demo"
+KEYED_PATHS = frozenset({"/tokenize", "/detokenize", "/tokenizer_info"})  # besides /v1: they read the model too
 
 
 def default_model_name(llm) -> str:
@@ -51,7 +53,7 @@ class GuardMiddleware:
             await self.app(scope, receive, send)
             return
         headers = dict(scope.get("headers") or [])
-        if self.api_key is not None and scope["path"].startswith("/v1"):
+        if self.api_key is not None and (scope["path"].startswith("/v1") or scope["path"] in KEYED_PATHS):
             given = headers.get(b"authorization", b"")
             scheme, _, token = given.partition(b" ")
             if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.api_key):
@@ -100,12 +102,14 @@ def build_app(
     max_waiting: int = DEFAULT_MAX_WAITING,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     max_prompt_bytes: int = DEFAULT_MAX_PROMPT_BYTES,
+    tool_call_parser: str | None = None,
 ) -> FastAPI:
     """An app serving `llm` (a shoal.LLM) under `served_model_name`; its engine thread runs while the app does."""
     model_name = served_model_name or default_model_name(llm)
     metrics = ServerMetrics(model_name)
     engine = AsyncEngine(llm.engine, max_waiting=max_waiting, on_finished=metrics.observe)
-    serving = OpenAIServing(llm, engine, model_name, max_prompt_bytes)
+    serving = OpenAIServing(llm, engine, model_name, max_prompt_bytes, tool_call_parser)
+    tokenization = TokenizationServing(serving)
     started = int(time.time())
 
     @asynccontextmanager
@@ -173,6 +177,18 @@ def build_app(
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         return await serving.chat(request)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> Response:
+        return await tokenization.tokenize(request)
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> Response:
+        return await tokenization.detokenize(request)
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> Response:
+        return JSONResponse(tokenization.info())
 
     app.add_middleware(GuardMiddleware, api_key=api_key, max_body_bytes=max_body_bytes)
     return app

@@ -7,11 +7,18 @@ as the OpenAI API does. `sampling_params` turns a request into one SamplingParam
 from __future__ import annotations
 
 import dataclasses
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from shoal.sampling_params import MAX_LOGPROBS, MAX_STOP_LENGTH, MAX_STOP_STRINGS, SamplingParams
+from shoal.sampling_params import (
+    MAX_LOGIT_BIAS,
+    MAX_LOGIT_BIAS_ENTRIES,
+    MAX_LOGPROBS,
+    MAX_STOP_LENGTH,
+    MAX_STOP_STRINGS,
+    SamplingParams,
+)
 
 MAX_N = 16  # completions per prompt
 MAX_BATCH_PROMPTS = 16  # prompts in one /v1/completions request
@@ -53,7 +60,7 @@ class _Sampling(_Strict):
     stream_options: StreamOptions | None = None
     presence_penalty: Penalty = None
     frequency_penalty: Penalty = None
-    logit_bias: Annotated[dict[str, float] | None, Field(max_length=1024)] = None
+    logit_bias: Annotated[dict[str, float] | None, Field(max_length=MAX_LOGIT_BIAS_ENTRIES)] = None
     user: ShortStr | None = None
     # vLLM extras
     top_k: Annotated[int | None, Field(ge=-1, le=1 << 20)] = None
@@ -62,13 +69,15 @@ class _Sampling(_Strict):
     ignore_eos: bool | None = None
     stop_token_ids: Annotated[list[int] | None, Field(max_length=MAX_STOP_TOKEN_IDS)] = None
     skip_special_tokens: bool | None = None
+    prompt_logprobs: Annotated[int | None, Field(ge=0, le=MAX_LOGPROBS)] = None
 
 
 class CompletionRequest(_Sampling):
     prompt: str | Annotated[list[str], Field(min_length=1, max_length=MAX_BATCH_PROMPTS)] | TokenIds | Annotated[
         list[TokenIds], Field(min_length=1, max_length=MAX_BATCH_PROMPTS)
     ]
-    max_tokens: Annotated[int | None, Field(le=MAX_TOKENS_FIELD)] = None  # < 1 is refused with a clear message
+    # < 1 is refused with a clear message, but for 0 with echo: the prompt alone, scored (evaluation harnesses)
+    max_tokens: Annotated[int | None, Field(le=MAX_TOKENS_FIELD)] = None
     logprobs: Annotated[int | None, Field(ge=0, le=MAX_LOGPROBS)] = None
     echo: bool | None = None
     best_of: Annotated[int | None, Field(ge=1, le=MAX_N)] = None
@@ -80,10 +89,53 @@ class ContentPart(_Strict):
     text: str | None = None
 
 
+MAX_TOOLS = 128
+MAX_TOOL_CALLS = 128
+MAX_TEMPLATE_KWARGS = 64
+MAX_DOCUMENTS = 64
+# What a template is rendered with already; chat_template_kwargs may not set these.
+RESERVED_TEMPLATE_NAMES = frozenset({"messages", "tools", "documents", "add_generation_prompt"})
+
+
+class FunctionCall(_Strict):
+    name: ShortStr
+    arguments: str | dict[str, Any] = "{}"  # OpenAI sends a JSON string; some clients send the object
+
+
+class ToolCall(_Strict):
+    id: ShortStr | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Strict):
     role: Annotated[str, StringConstraints(min_length=1, max_length=64)]
     content: str | Annotated[list[ContentPart], Field(max_length=MAX_MESSAGES)] | None = None
     name: ShortStr | None = None
+    tool_calls: Annotated[list[ToolCall] | None, Field(max_length=MAX_TOOL_CALLS)] = None
+    tool_call_id: ShortStr | None = None
+    reasoning_content: str | None = None  # earlier turns' reasoning, for templates that show it
+
+
+class FunctionDefinition(_Strict):
+    name: Annotated[str, StringConstraints(min_length=1, max_length=MAX_NAME_CHARS, pattern=r"^[A-Za-z0-9_.:-]+$")]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Strict):
+    name: ShortStr
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ResponseFormat(_Strict):
@@ -96,10 +148,35 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: Annotated[int | None, Field(le=MAX_TOKENS_FIELD)] = None
     logprobs: bool | None = None
     top_logprobs: Annotated[int | None, Field(ge=0, le=MAX_LOGPROBS)] = None
-    tools: Annotated[list[Any] | None, Field(max_length=128)] = None
-    tool_choice: Any = None
+    tools: Annotated[list[Tool] | None, Field(max_length=MAX_TOOLS)] = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
-    add_generation_prompt: bool = True  # vLLM extra
+    # vLLM extras
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: Annotated[dict[str, Any] | None, Field(max_length=MAX_TEMPLATE_KWARGS)] = None
+    documents: Annotated[list[dict[str, Any]] | None, Field(max_length=MAX_DOCUMENTS)] = None
+
+
+class TokenizeRequest(_Strict):
+    """vLLM's /tokenize: a prompt, or a chat (rendered with its template first)."""
+
+    model: ShortStr | None = None
+    prompt: str | None = None
+    messages: Annotated[list[ChatMessage] | None, Field(min_length=1, max_length=MAX_MESSAGES)] = None
+    add_special_tokens: bool | None = None  # default: true for a prompt, false for a chat (its template places them)
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: Annotated[dict[str, Any] | None, Field(max_length=MAX_TEMPLATE_KWARGS)] = None
+    tools: Annotated[list[Tool] | None, Field(max_length=MAX_TOOLS)] = None
+    documents: Annotated[list[dict[str, Any]] | None, Field(max_length=MAX_DOCUMENTS)] = None
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(_Strict):
+    model: ShortStr | None = None
+    tokens: TokenIds
 
 
 class RequestError(Exception):
@@ -134,13 +211,29 @@ def _unsupported(param: str, why: str = "is not supported by this server") -> Re
 _NEUTRAL = {"min_p": 0.0, "presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0}
 
 
+def logit_bias(bias: dict[str, float] | None, vocab_size: int) -> dict[int, float] | None:
+    """OpenAI's logit_bias (token id as a string -> bias in [-100, 100]) as SamplingParams takes it."""
+    if not bias:
+        return None
+    parsed = {}
+    for key, value in bias.items():
+        if not (key.isascii() and key.isdigit() and int(key) < vocab_size):
+            raise RequestError(f"logit_bias keys are token ids from 0 to {vocab_size - 1}, got {key[:32]!r}",
+                               param="logit_bias")
+        if not -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS:
+            raise RequestError(f"logit_bias values lie in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], got {value!r} "
+                               f"for token {key}", param="logit_bias")
+        parsed[int(key)] = float(value)
+    return parsed
+
+
 def sampling_params(
-    request: CompletionRequest | ChatCompletionRequest, max_tokens: int, logprobs: int | None
+    request: CompletionRequest | ChatCompletionRequest, max_tokens: int, logprobs: int | None,
+    vocab_size: int, prompt_logprobs: int | None = None,
 ) -> list[SamplingParams]:
     """One SamplingParams per completion (n of them); with a seed, completion i samples with seed + i."""
-    if request.logit_bias:
-        raise _unsupported("logit_bias")
-    options: dict[str, Any] = {}
+    options: dict[str, Any] = {"logit_bias": logit_bias(request.logit_bias, vocab_size),
+                               "prompt_logprobs": prompt_logprobs}
     for name, neutral in _NEUTRAL.items():
         value = getattr(request, name)
         if value is None or value == neutral:

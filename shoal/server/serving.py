@@ -7,9 +7,9 @@ A request is cut off — its sequences aborted and their KV blocks freed — as 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
-import math
 import re
 import time
 import uuid
@@ -25,15 +25,20 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from shoal.engine.async_engine import AsyncEngine, RequestStream
 from shoal.errors import EngineUnavailableError, InvalidRequestError, QueueFullError, ShoalError, TokenizerError
 from shoal.outputs import TokenLogprob
+from shoal.server.conversation import conversation
+from shoal.server.logprobs import LogprobFormatter
 from shoal.server.protocol import (
     MAX_CHOICES,
     ChatCompletionRequest,
     CompletionRequest,
+    NamedToolChoice,
     RequestError,
     error_body,
     sampling_params,
     stream_usage,
 )
+from shoal.server.tool_calls import ToolCalling, markers_are_special
+from shoal.server.tool_parsers import PARSERS, parser_for_template
 
 logger = logging.getLogger("shoal.server")
 
@@ -46,11 +51,6 @@ _UNION_TAG = re.compile(r"(str|int|float|bool|list|dict|constrained-\w+|function
 
 def sse(payload: Any) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
-
-
-def _finite(value: float) -> float:
-    # JSON has no -Infinity; a logprob that underflowed is reported as a very unlikely finite value.
-    return value if math.isfinite(value) else -9999.0
 
 
 def request_error(exc: BaseException) -> RequestError:
@@ -90,6 +90,7 @@ class _Choice:
     num_tokens: int = 0
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass
@@ -99,13 +100,19 @@ class _Prepared:
 
 
 class OpenAIServing:
-    def __init__(self, llm, engine: AsyncEngine, model_name: str, max_prompt_bytes: int) -> None:
+    def __init__(self, llm, engine: AsyncEngine, model_name: str, max_prompt_bytes: int,
+                 tool_call_parser: str | None = None) -> None:
         self.llm, self.engine, self.model_name = llm, engine, model_name
         self.tokenizer = llm.tokenizer
         self.max_model_len = llm.engine.max_model_len
         self.vocab_size = llm.engine.model.config.vocab_size
         self.max_prompt_bytes = max_prompt_bytes
         self._token_text: dict[int, str] = {}
+        self.logprobs = LogprobFormatter(self._token)
+        if tool_call_parser is not None and tool_call_parser not in PARSERS:
+            raise ValueError(f"unknown tool-call parser {tool_call_parser!r}; known: {', '.join(sorted(PARSERS))}")
+        templates = [self.tokenizer.chat_templates.get("tool_use"), self.tokenizer.chat_template]
+        self.tool_parser = tool_call_parser or next((p for t in templates if (p := parser_for_template(t))), None)
 
     # ---- shared -----------------------------------------------------------------------------
     def check_model(self, name: str | None) -> None:
@@ -130,14 +137,20 @@ class OpenAIServing:
                 param="max_tokens",
             )
 
-    def _params(self, request, max_tokens: int | None, logprobs: int | None) -> list:
+    def _params(self, request, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None) -> list:
         if max_tokens is not None and max_tokens < 1:
             raise RequestError(f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
+        if prompt_logprobs is not None and not getattr(self.llm.engine, "scores_prompts", False):
+            raise RequestError("prompt logprobs (echo with logprobs, prompt_logprobs) are not supported on a model "
+                               "split over several devices yet", param="prompt_logprobs" if request.prompt_logprobs
+                               is not None else "echo", code="unsupported_parameter")
+        if request.prompt_logprobs is not None and request.stream:  # echo with logprobs streams its scores
+            raise RequestError("prompt_logprobs cannot be streamed; ask without stream", param="prompt_logprobs")
         for token in request.stop_token_ids or []:
             if not 0 <= token < self.vocab_size:
                 raise RequestError(f"stop token id {token} is outside the vocabulary", param="stop_token_ids")
         try:
-            return sampling_params(request, max_tokens or self.max_model_len, logprobs)
+            return sampling_params(request, max_tokens or self.max_model_len, logprobs, self.vocab_size, prompt_logprobs)
         except InvalidRequestError as exc:
             raise RequestError(str(exc)) from None
 
@@ -175,11 +188,19 @@ class OpenAIServing:
             if not stream.finished:
                 self.engine.abort(request_id)
 
-    async def _collect(self, stream: RequestStream, num_choices: int) -> list[_Choice]:
+    async def _collect(self, stream: RequestStream, num_choices: int, hide_output: bool = False) -> list[_Choice]:
+        """Every completion's text, logprobs and finish; `hide_output` keeps only the prompt's side (max_tokens 0,
+        run as one token that nobody sees)."""
         choices = [_Choice() for _ in range(num_choices)]
         try:
             async for delta in stream:
                 choice = choices[delta.index]
+                if delta.prompt_logprobs is not None:
+                    choice.prompt_logprobs = delta.prompt_logprobs
+                if hide_output:
+                    if delta.finish_reason is not None:
+                        choice.finish_reason = "length"
+                    continue
                 choice.text.append(delta.text)
                 choice.num_tokens = delta.num_output_tokens
                 if delta.logprobs:
@@ -223,9 +244,14 @@ class OpenAIServing:
         if req.best_of is not None and req.best_of != n:
             raise RequestError("best_of other than n is not supported by this server", param="best_of",
                                code="unsupported_parameter")
-        if req.echo and req.logprobs is not None:
-            raise RequestError("echo with logprobs (prompt logprobs) is not supported by this server", param="echo",
-                               code="unsupported_parameter")
+        if req.max_tokens == 0 and not req.echo:
+            raise RequestError("max_tokens must be at least 1 (0 is taken with echo: the prompt alone, scored with "
+                               "logprobs)", param="max_tokens")
+        # echo with logprobs scores the prompt too: every prompt token's logprob, the first null (OpenAI's legacy
+        # completions, as evaluation harnesses ask for loglikelihoods); prompt_logprobs is vLLM's form of it.
+        scored = [k for k in (req.logprobs if req.echo else None, req.prompt_logprobs) if k is not None]
+        prompt_logprobs = max(scored) if scored else None
+        hide_output = req.max_tokens == 0
         prompt = req.prompt
         if isinstance(prompt, str):
             prompts: list[tuple[str | None, list[int] | None]] = [(prompt, None)]
@@ -237,9 +263,9 @@ class OpenAIServing:
             prompts = [(None, prompt)]
         if len(prompts) * n > MAX_CHOICES:
             raise RequestError(f"prompts x n may be at most {MAX_CHOICES}", param="n")
-        max_tokens = 16 if req.max_tokens is None else req.max_tokens
+        max_tokens = 16 if req.max_tokens is None else (1 if hide_output else req.max_tokens)
         explicit = req.max_tokens
-        params = self._params(req, max_tokens, req.logprobs)
+        params = self._params(req, max_tokens, req.logprobs, prompt_logprobs)
 
         def prepare() -> _Prepared:
             self._check_prompt_bytes(sum(len(t.encode("utf-8")) for t, _ in prompts if t is not None))
@@ -262,31 +288,23 @@ class OpenAIServing:
         work = partial(self._completion_response, req, prepared, request_id, stream, created, n)
         return await self._until_done(request, request_id, stream, work)
 
-    def _completion_logprobs(self, logprobs: list[TokenLogprob], offset: int) -> tuple[dict, int]:
-        tokens, values, tops, offsets = [], [], [], []
-        for lp in logprobs:
-            token = self._token(lp.token_id)
-            tokens.append(token)
-            values.append(_finite(lp.logprob))
-            top: dict[str, float] = {}
-            for t, v in lp.top_logprobs.items():  # most likely first: keep that one when two ids read the same
-                top.setdefault(self._token(t), _finite(v))
-            tops.append(top)
-            offsets.append(offset)
-            offset += len(token)
-        return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}, offset
-
     async def _completion_response(self, req: CompletionRequest, prepared: _Prepared, request_id: str,
                                    stream: RequestStream, created: int, n: int) -> Response:
-        collected = await self._collect(stream, len(prepared.prompts) * n)
+        collected = await self._collect(stream, len(prepared.prompts) * n, hide_output=req.max_tokens == 0)
         choices = []
         for index, choice in enumerate(collected):
-            echo = (prepared.prompts[index // n][0] or "") if req.echo else ""
+            echo, ids = prepared.prompts[index // n]
+            echo = (echo or "") if req.echo else ""
             logprobs = None
             if req.logprobs is not None:
-                logprobs, _ = self._completion_logprobs(choice.logprobs, len(echo))
-            choices.append({"index": index, "text": echo + "".join(choice.text), "logprobs": logprobs,
-                            "finish_reason": choice.finish_reason})
+                logprobs, _ = self.logprobs.completion(choice.logprobs, len(echo))
+                if req.echo:
+                    logprobs = self.logprobs.joined(self.logprobs.echo(ids, choice.prompt_logprobs), logprobs)
+            body = {"index": index, "text": echo + "".join(choice.text), "logprobs": logprobs,
+                    "finish_reason": choice.finish_reason}
+            if req.prompt_logprobs is not None:
+                body["prompt_logprobs"] = self.logprobs.vllm_prompt(choice.prompt_logprobs, req.prompt_logprobs)
+            choices.append(body)
         usage = self._usage(sum(len(ids) for _, ids in prepared.prompts), sum(c.num_tokens for c in collected))
         return JSONResponse({"id": request_id, "object": "text_completion", "created": created,
                              "model": self.model_name, "choices": choices, "usage": usage})
@@ -306,16 +324,26 @@ class OpenAIServing:
         num_choices = len(prepared.prompts) * n
         offsets = [0] * num_choices
         tokens = [0] * num_choices
+        # With logprobs the echoed prompt waits for its scores, which come with the completion's first delta.
+        echo_scored = req.echo and req.logprobs is not None
+        hide_output = req.max_tokens == 0
         if req.echo:
             for index in range(num_choices):
-                text = prepared.prompts[index // n][0] or ""
-                offsets[index] = len(text)
-                yield chunk(index, text, None, None)
+                offsets[index] = len(prepared.prompts[index // n][0] or "")
+                if not echo_scored:
+                    yield chunk(index, prepared.prompts[index // n][0] or "", None, None)
         async for delta in stream:
+            if delta.prompt_logprobs is not None and echo_scored:
+                text, ids = prepared.prompts[delta.index // n]
+                yield chunk(delta.index, text or "", self.logprobs.echo(ids, delta.prompt_logprobs), None)
+            if hide_output:
+                if delta.finish_reason is not None:
+                    yield chunk(delta.index, "", None, "length")
+                continue
             tokens[delta.index] = delta.num_output_tokens
             logprobs = None
             if req.logprobs is not None:
-                logprobs, offsets[delta.index] = self._completion_logprobs(delta.logprobs or [], offsets[delta.index])
+                logprobs, offsets[delta.index] = self.logprobs.completion(delta.logprobs or [], offsets[delta.index])
             if delta.text or delta.finish_reason is not None or (logprobs and logprobs["tokens"]):
                 yield chunk(delta.index, delta.text, logprobs, delta.finish_reason)
         if include_usage:
@@ -326,10 +354,15 @@ class OpenAIServing:
     async def chat(self, request: Request) -> Response:
         req = await parse(ChatCompletionRequest, await request.body())
         self.check_model(req.model)
-        if req.tools:
-            raise RequestError("tools are not supported by this server", param="tools", code="unsupported_parameter")
-        if req.tool_choice not in (None, "none", "auto"):
-            raise RequestError("tool_choice is not supported by this server", param="tool_choice",
+        if isinstance(req.tool_choice, NamedToolChoice) or req.tool_choice == "required":
+            raise RequestError("tool_choice required or a named function needs constrained decoding, which this "
+                               "server does not do yet; use auto", param="tool_choice", code="unsupported_parameter")
+        if req.tool_choice is not None and req.tool_choice != "none" and not req.tools:
+            raise RequestError("tool_choice needs tools", param="tool_choice")
+        parse_tools = bool(req.tools) and req.tool_choice != "none"
+        if parse_tools and self.tool_parser is None:
+            raise RequestError("this model's chat template shows no tool-call format shoal can read; start the "
+                               "server with --tool-call-parser, or send tool_choice none", param="tools",
                                code="unsupported_parameter")
         if req.response_format is not None and req.response_format.type != "text":
             raise RequestError("response_format other than text is not supported by this server",
@@ -337,25 +370,23 @@ class OpenAIServing:
         if req.top_logprobs is not None and not req.logprobs:
             raise RequestError("top_logprobs needs logprobs set to true", param="top_logprobs")
         n = req.n or 1
-        messages = []
-        for i, message in enumerate(req.messages):
-            content = message.content
-            if isinstance(content, list):
-                parts = []
-                for part in content:
-                    if part.type != "text" or part.text is None:
-                        raise RequestError("only text content parts are supported by this server",
-                                           param=f"messages.{i}.content", code="unsupported_content")
-                    parts.append(part.text)
-                content = "".join(parts)
-            messages.append({"role": message.role, "content": content or ""})
+        chat = conversation(req.messages, req.tools, req.add_generation_prompt, req.continue_final_message,
+                            req.chat_template_kwargs, req.documents)
         explicit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        params = self._params(req, explicit, logprobs)
+        params = self._params(req, explicit, logprobs, req.prompt_logprobs)
+        tools = None
+        if parse_tools:
+            tools = ToolCalling(self.tool_parser, req.parallel_tool_calls is not False)
+            if req.skip_special_tokens is None and markers_are_special(self.tool_parser, self.tokenizer.token_to_id,
+                                                                       self.tokenizer.is_special):
+                # The parser must see its markers; the end-of-sequence text they then bring is cut again.
+                params = [dataclasses.replace(p, skip_special_tokens=False) for p in params]
+                tools.stop_texts = tuple(self._token(t) for t in self.llm.engine.eos_token_ids)
 
         def prepare() -> _Prepared:
-            self._check_prompt_bytes(sum(len(m["content"].encode("utf-8")) for m in messages))
-            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt)
+            self._check_prompt_bytes(chat.text_bytes())
+            ids = self.tokenizer.apply_chat_template(chat.messages, chat.add_generation_prompt, **chat.render_options())
             self._check_ids(ids, explicit)
             return _Prepared([(None, ids)], params)
 
@@ -366,36 +397,36 @@ class OpenAIServing:
         request_id, stream = self._submit("chatcmpl", prepared)
         created = int(time.time())
         if req.stream:
-            return self._events(request_id, stream, self._chat_chunks(req, prepared, stream, request_id, created, n))
-        work = partial(self._chat_response, req, prepared, request_id, stream, created, n)
+            chunks = self._chat_chunks(req, prepared, stream, request_id, created, n, tools)
+            return self._events(request_id, stream, chunks)
+        work = partial(self._chat_response, req, prepared, request_id, stream, created, n, tools)
         return await self._until_done(request, request_id, stream, work)
 
-    def _chat_logprobs(self, logprobs: list[TokenLogprob]) -> list[dict]:
-        def entry(token_id: int, value: float) -> dict:
-            token = self._token(token_id)
-            return {"token": token, "logprob": _finite(value), "bytes": list(token.encode("utf-8"))}
-
-        return [{**entry(lp.token_id, lp.logprob),
-                 "top_logprobs": [entry(t, v) for t, v in lp.top_logprobs.items()]} for lp in logprobs]
-
     async def _chat_response(self, req: ChatCompletionRequest, prepared: _Prepared, request_id: str,
-                             stream: RequestStream, created: int, n: int) -> Response:
+                             stream: RequestStream, created: int, n: int, tools: ToolCalling | None = None) -> Response:
         collected = await self._collect(stream, n)
-        choices = [
-            {
+        choices = []
+        for index, choice in enumerate(collected):
+            message: dict[str, Any] = {"role": "assistant", "content": "".join(choice.text)}
+            finish = choice.finish_reason
+            if tools is not None:
+                message, finish = tools.message(message["content"], finish)
+            choices.append({
                 "index": index,
-                "message": {"role": "assistant", "content": "".join(choice.text)},
-                "logprobs": {"content": self._chat_logprobs(choice.logprobs)} if req.logprobs else None,
-                "finish_reason": choice.finish_reason,
-            }
-            for index, choice in enumerate(collected)
-        ]
+                "message": message,
+                "logprobs": {"content": self.logprobs.chat(choice.logprobs)} if req.logprobs else None,
+                "finish_reason": finish,
+            })
         usage = self._usage(len(prepared.prompts[0][1]), sum(c.num_tokens for c in collected))
-        return JSONResponse({"id": request_id, "object": "chat.completion", "created": created,
-                             "model": self.model_name, "choices": choices, "usage": usage})
+        body = {"id": request_id, "object": "chat.completion", "created": created, "model": self.model_name,
+                "choices": choices, "usage": usage}
+        if req.prompt_logprobs is not None:
+            body["prompt_logprobs"] = self.logprobs.vllm_prompt(collected[0].prompt_logprobs, req.prompt_logprobs)
+        return JSONResponse(body)
 
     async def _chat_chunks(self, req: ChatCompletionRequest, prepared: _Prepared, stream: RequestStream,
-                           request_id: str, created: int, n: int) -> AsyncIterator[str]:
+                           request_id: str, created: int, n: int,
+                           tools: ToolCalling | None = None) -> AsyncIterator[str]:
         include_usage = stream_usage(req)
         base = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": self.model_name}
 
@@ -410,11 +441,17 @@ class OpenAIServing:
         for index in range(n):
             yield chunk(index, {"role": "assistant", "content": ""}, None, None)
         tokens = [0] * n
+        streams = [tools.stream() for _ in range(n)] if tools is not None else None
         async for delta in stream:
             tokens[delta.index] = delta.num_output_tokens
-            logprobs = self._chat_logprobs(delta.logprobs or []) if req.logprobs else None
-            if delta.text or delta.finish_reason is not None or logprobs:
-                yield chunk(delta.index, {"content": delta.text} if delta.text else {}, logprobs, delta.finish_reason)
+            logprobs = self.logprobs.chat(delta.logprobs or []) if req.logprobs else None
+            finish = delta.finish_reason
+            if streams is None:
+                body = {"content": delta.text} if delta.text else {}
+            else:
+                body, finish = streams[delta.index].feed(delta.text, finish)
+            if body or finish is not None or logprobs:
+                yield chunk(delta.index, body, logprobs, finish)
         if include_usage:
             yield sse({**base, "choices": [], "usage": self._usage(len(prepared.prompts[0][1]), sum(tokens))})
 

@@ -265,7 +265,14 @@ def test_an_unknown_model_is_404(client):
         ({"stop": ["s"] * 17}, "stop"),
         ({"stop": "x" * 300}, "stop"),
         ({"seed": 2**64}, "seed"),
-        ({"logit_bias": {"5": 1.0}}, "logit_bias"),
+        ({"logit_bias": {"fox": 1.0}}, "logit_bias"),  # keys are token ids
+        ({"logit_bias": {str(VOCAB): 1.0}}, "logit_bias"),
+        ({"logit_bias": {"5": 101.0}}, "logit_bias"),
+        ({"logit_bias": {str(i): 1.0 for i in range(1025)}}, "logit_bias"),
+        ({"max_tokens": 0, "logprobs": 1}, "max_tokens"),  # 0 only with echo
+        ({"prompt_logprobs": 21}, "prompt_logprobs"),
+        ({"prompt_logprobs": 1, "stream": True}, "prompt_logprobs"),
+        ({"echo": True, "max_tokens": -1}, "max_tokens"),
         ({"suffix": "end"}, "suffix"),
         ({"prompt": ["a", [1]]}, "prompt"),
         ({"stop_token_ids": [999]}, "stop_token_ids"),
@@ -289,7 +296,22 @@ def test_bad_completion_requests_are_400(client, fields, param):
          "messages.0.content"),
         ({"top_logprobs": 3}, "top_logprobs"),  # without logprobs=true
         ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}] * 2}, "tools"),  # two tools, one name
+        ({"tools": [{"type": "retrieval"}]}, "tools"),
+        ({"tools": [{"type": "function", "function": {"name": "no spaces"}}]}, "tools"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}] * 129}, "tools"),
+        ({"tool_choice": "auto"}, "tool_choice"),  # without tools
+        ({"tool_choice": "sometimes"}, "tool_choice"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required"}, "tool_choice"),
+        ({"messages": [{"role": "assistant", "tool_calls": [{"type": "function",
+                                                             "function": {"name": "f", "arguments": "{oops"}}]}]},
+         "messages.0.tool_calls.0.function.arguments"),
+        ({"chat_template_kwargs": {"messages": []}}, "chat_template_kwargs"),
+        ({"chat_template_kwargs": {"not a name": 1}}, "chat_template_kwargs"),
+        ({"chat_template_kwargs": {f"k{i}": 1 for i in range(65)}}, "chat_template_kwargs"),
+        ({"continue_final_message": True}, "continue_final_message"),  # with add_generation_prompt
+        ({"logit_bias": {"-1": 5}}, "logit_bias"),
+        ({"prompt_logprobs": -1}, "prompt_logprobs"),
         ({"max_completion_tokens": 0}, "max_tokens"),
     ],
 )

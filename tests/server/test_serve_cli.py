@@ -42,6 +42,9 @@ def test_serve_flags_and_their_defaults():
             parse_bytes(bad)
     with pytest.raises(SystemExit):
         parse("--max-waiting", "0")
+    assert parse().tool_call_parser is None and parse("--tool-call-parser", "hermes").tool_call_parser == "hermes"
+    with pytest.raises(SystemExit):
+        parse("--tool-call-parser", "unknown")
 
 
 def test_sigterm_ends_requests_in_flight_and_exits_cleanly(checkpoint):
