@@ -46,8 +46,11 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
     plan.add_argument("--json", action="store_true", help="print JSON instead of tables")
     plan.add_argument("--no-progress", action="store_true", help="no progress bars")
     check = plan.add_argument_group("checks")
-    check.add_argument("--validate", action="store_true", help="predict the published deployments and compare")
-    check.add_argument("--deployments", default=None, metavar="FILE", help="deployments file for --validate")
+    check.add_argument("--validate", nargs="?", const="", default=None, metavar="FILE",
+                       help="predict measured deployments and compare: the shipped cases, or FILE in the public "
+                            "JSON format (README: `shoal plan`), or the older TOML form; --json prints each case's "
+                            "measured and predicted figures")
+    check.add_argument("--deployments", default=None, metavar="FILE", help="the same as --validate FILE")
     check.add_argument("--calibrate", action="store_true",
                        help="run shoal's engine here on a few shapes, fit this machine's factors, check a held-back shape")
     check.add_argument("--device", default="cpu", help="device to calibrate (default cpu)")
@@ -92,7 +95,7 @@ HEADER = ["chip", "layout", "chips", "batch", "TTFT ms", "TPOT ms", "out tok/s",
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    if args.validate:
+    if args.validate is not None or args.deployments:
         return _validate(args)
     if args.calibrate:
         return _calibrate(args)
@@ -103,8 +106,14 @@ def _validate(args) -> int:
     from shoal.planner.catalog import load_catalog
     from shoal.planner.validate import DEPLOYMENTS, format_validation, validate
 
-    report = validate(args.deployments or DEPLOYMENTS, load_catalog(args.catalog))
-    print(json.dumps(report, indent=2) if args.json else format_validation(report))
+    report = validate(args.validate or args.deployments or DEPLOYMENTS, load_catalog(args.catalog))
+    if args.json:
+        cases = [{k: row[k] for k in ("name", "phase", "chip", "measured", "predicted", "error", "left_out_error",
+                                      "role", "load", "bound")} for row in report["cases"]]
+        print(json.dumps({"cases": cases, "summary": report["summary"], "factors": report["factors"],
+                          "provenance": report["provenance"]}, indent=2, allow_nan=False, default=str))
+    else:
+        print(format_validation(report))
     return 0
 
 

@@ -193,14 +193,23 @@ def _link_time(chip: Chip, factors: Factors, group: int, nbytes_remote: float,
 
 
 def forward_cost(shape: ModelShape, dep: Deployment, factors: Factors, tokens: float, keys: float,
-                 kv_read_tokens: float, logits_tokens: float, phase: str) -> StepCost:
+                 kv_read_tokens: float, logits_tokens: float, phase: str, prefill_tokens: float = 0.0,
+                 prefill_keys: float = 0.0) -> StepCost:
     """One forward pass of one pipeline stage, on one chip, for the whole instance's batch.
 
     tokens: tokens processed across the instance (all DP groups); keys: query-key pairs attended
     (sum over tokens of keys seen); kv_read_tokens: cached tokens read from memory (decode); logits_tokens:
-    tokens that need the LM head; phase: "prefill" or "decode"."""
+    tokens that need the LM head; phase: "prefill", "decode" or "mixed" (a chunked-prefill step: of
+    `tokens`, `prefill_tokens` are prompt tokens and of `keys`, `prefill_keys` are theirs; the matmuls
+    run at the two phases' efficiencies weighted by their share of the tokens)."""
     chip, lay = dep.chip, dep.layout
-    compute_eff = factors.prefill_compute if phase == "prefill" else factors.decode_compute
+    share = 1.0 if phase == "prefill" else 0.0
+    if phase == "mixed":
+        share = min(1.0, prefill_tokens / tokens) if tokens > 0 else 0.0
+        prefill_keys = min(prefill_keys, keys)
+    else:
+        prefill_keys = keys if phase == "prefill" else 0.0
+    compute_eff = share * factors.prefill_compute + (1 - share) * factors.decode_compute
     wb = weight_bytes(dep.quant)
     peak = chip.matmul_tflops(dep.compute)
     bf16 = chip.bf16_tflops
@@ -219,7 +228,9 @@ def forward_cost(shape: ModelShape, dep: Deployment, factors: Factors, tokens: f
     roof("attention projections", t_dp * 2 * shape.attention_params / tp, shape.attention_params * wb / tp, peak,
          stage_layers)
     kv_layer_bytes = shape.kv_values_per_token_layer * kv_bytes(dep.kv_dtype)
-    roof("attention core", keys / dp * shape.attention_core_flops_per_key(absorbed=phase == "decode") / tp,
+    core_flops = (prefill_keys * shape.attention_core_flops_per_key(absorbed=False)
+                  + (keys - prefill_keys) * shape.attention_core_flops_per_key(absorbed=True))
+    roof("attention core", core_flops / dp / tp,
          kv_read_tokens / dp * kv_layer_bytes / kv_split, bf16, stage_layers)
     if dense_layers:
         roof("dense MLP", t_dp * 2 * shape.dense_mlp_params / tp, shape.dense_mlp_params * wb / tp, peak,
@@ -254,7 +265,8 @@ def forward_cost(shape: ModelShape, dep: Deployment, factors: Factors, tokens: f
     if moe_layers and lay.stage_chips > 1 and lay.ep > 1:
         per_chip_tokens = tokens / lay.stage_chips
         dispatch_bytes = 1.0 if dep.compute in ("fp8", "int8") else act
-        copies, share_out = all_to_all_copies(chip, lay.stage_chips, phase, shape.experts_per_token)
+        kernels = "prefill" if share > 0.5 else "decode"  # DeepEP-style normal or low-latency mode
+        copies, share_out = all_to_all_copies(chip, lay.stage_chips, kernels, shape.experts_per_token)
         dispatch = per_chip_tokens * copies * shape.hidden * dispatch_bytes
         combine = per_chip_tokens * copies * shape.hidden * act
         cost.comm["ep dispatch"] = moe_layers * _link_time(chip, factors, lay.stage_chips, dispatch, share_out)
@@ -264,7 +276,7 @@ def forward_cost(shape: ModelShape, dep: Deployment, factors: Factors, tokens: f
         cost.comm["pp send"] = _link_time(chip, factors, 2 if lay.chips <= chip.scaleup_domain else
                                           chip.scaleup_domain + 1, send)
     cost.comm_s = sum(cost.comm.values())
-    expert_us = factors.prefill_expert_us if phase == "prefill" else factors.decode_expert_us
+    expert_us = share * factors.prefill_expert_us + (1 - share) * factors.decode_expert_us
     cost.overhead_s = (factors.layer_overhead_us * stage_layers + factors.step_overhead_us
                        + expert_us * active_experts) * 1e-6
     return cost
