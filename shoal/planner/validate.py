@@ -232,7 +232,7 @@ def format_validation(report: dict) -> str:
     lines += ["", "Measured deployments (tokens/s per chip, ms; * the figure a case is judged by):"]
     lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in table]
     lines.append("")
-    labels = {"fitted": "fitted (in the fit)", "left_out": "left out of the fit, one at a time",
+    labels = {"fitted": "with the fitted factors (every case)", "left_out": "left out of the fit, one at a time",
               "holdout": "held out (never fitted)", "out_of_sample": "out of sample (left out + held out)"}
     for key, label in labels.items():
         got = report["summary"][key]
