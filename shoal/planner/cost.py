@@ -264,7 +264,7 @@ def forward_cost(shape: ModelShape, dep: Deployment, factors: Factors, tokens: f
         cost.comm["tp all-reduce"] = 2 * stage_layers * per
     if moe_layers and lay.stage_chips > 1 and lay.ep > 1:
         per_chip_tokens = tokens / lay.stage_chips
-        dispatch_bytes = 1.0 if dep.compute in ("fp8", "int8") else act
+        dispatch_bytes = 1.0 if dep.compute in ("fp8", "int8", "fp4") else act
         kernels = "prefill" if share > 0.5 else "decode"  # DeepEP-style normal or low-latency mode
         copies, share_out = all_to_all_copies(chip, lay.stage_chips, kernels, shape.experts_per_token)
         dispatch = per_chip_tokens * copies * shape.hidden * dispatch_bytes
