@@ -171,8 +171,10 @@ def evaluate(shape: ModelShape, chip: Chip, layout: Layout, quant: str, work: Wo
             return None
         prefill_rate, prefill_layout, ttft = prefill
 
-        def ok(seqs: int) -> bool:
-            return work.tpot_s is None or _tpot_decode(shape, dep, factors, seqs, context) <= work.tpot_s
+        def ok(seqs: int) -> bool:  # the first token also waits for one decode step after its prefill
+            step_s = decode_step_time(shape, dep, factors, seqs, context)[0]
+            return ((work.tpot_s is None or step_s / tps <= work.tpot_s)
+                    and (work.ttft_s is None or ttft + step_s <= work.ttft_s))
 
         seqs = _largest(ok, top)
         if seqs == 0:
