@@ -38,7 +38,7 @@ REQUIRED = ("name", "source", "model", "chip", "chips", "phase", "input_len", "m
 INTEGERS = ("chips", "tp", "ep", "pp", "dp", "redundant_experts", "input_len", "output_len", "mtp_tokens",
             "chunk_tokens")
 NUMBERS = ("batch_per_chip", "tokens_per_chip", "concurrency", "tpot_limit_ms", "mtp_acceptance",
-           "expert_imbalance", "cache_hit_rate")
+           "expert_imbalance", "cache_hit_rate", "memory_util")
 TEXTS = ("name", "source", "model", "chip", "phase", "weights", "kv_dtype", "role", "assumptions", "measured_text")
 DISAGGREGATED_KEYS = ("chips", "tp", "ep", "pp", "dp", "redundant_experts")
 
@@ -71,6 +71,7 @@ class Case:
     mtp_acceptance: float = 0.0
     expert_imbalance: float = 1.0
     cache_hit_rate: float = 0.0
+    memory_util: float = 0.9  # share of each chip's memory the engine fills (weights, KV cache, activations)
     chunk_tokens: int = 8192  # phase both: the scheduler's token budget per step (chunked prefill)
     # phase both, disaggregated: {"prefill": {chips, tp, ep, ...}, "decode": {...}}; `chips` is then their sum
     disaggregated: dict[str, dict[str, int]] | None = None
@@ -156,6 +157,8 @@ def parse_case(entry: object, origin: str = "<cases>", index: int = 0) -> Case:
         values["mtp_tokens"] = 1  # the published MTP deployments propose one draft token
     if values.get("expert_imbalance", 1.0) < 1:
         raise PlanError(f"{where}: expert_imbalance is the busiest chip's load over the mean, so >= 1")
+    if not 0 < values.get("memory_util", 0.9) <= 1:
+        raise PlanError(f"{where}: memory_util must be in (0, 1]")
     if not 0 <= values.get("cache_hit_rate", 0.0) < 1:
         raise PlanError(f"{where}: cache_hit_rate must be in [0, 1)")
     measured = values["measured"]

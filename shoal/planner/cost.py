@@ -42,6 +42,12 @@ class Factors:
     # step, and a CPU matmul library prepares its kernels afresh for each new count.
     prefill_expert_us: float = 0.0
     decode_expert_us: float = 0.0
+    # Fixed cost per MoE layer per forward step when the experts are spread over chips (ep > 1): the
+    # dispatch and combine collectives' launch, synchronisation and round trip, paid however few
+    # tokens move (it is what keeps a small expert-parallel decode batch from getting faster).
+    ep_layer_us: float = 0.0
+    # Share of the dense matmuls' efficiency that grouped routed-expert matmuls reach.
+    expert_efficiency: float = 1.0
     # Passes over a token's hidden-size activation per layer made by the ops between the matmuls (norms,
     # residual adds, rotary, the gated activation, cache writes), each a read or a write at the memory
     # roofline; 0 where kernels are fused or the matmuls hide them.
@@ -245,7 +251,9 @@ def forward_cost(shape: ModelShape, dep: Deployment, factors: Factors, tokens: f
         # Only experts that receive a token are read: each token picks k of E experts.
         touched = 1.0 - (1.0 - shape.experts_per_token / shape.routed_experts) ** max(tokens, 0.0)
         flops = tokens * shape.experts_per_token * 2 * shape.expert_params / lay.stage_chips * dep.expert_imbalance
-        roof("routed experts", flops, per_chip * touched * shape.expert_params * wb / expert_split, peak, moe_layers)
+        # grouped expert matmuls (many small ones, each of a few tokens) reach a lower share of peak
+        _roofline(cost, "routed experts", flops, per_chip * touched * shape.expert_params * wb / expert_split, peak,
+                  bw, compute_eff * factors.expert_efficiency, factors.memory, moe_layers)
         active_experts = moe_layers * per_chip * touched
     else:
         active_experts = 0.0
@@ -277,8 +285,9 @@ def forward_cost(shape: ModelShape, dep: Deployment, factors: Factors, tokens: f
                                           chip.scaleup_domain + 1, send)
     cost.comm_s = sum(cost.comm.values())
     expert_us = share * factors.prefill_expert_us + (1 - share) * factors.decode_expert_us
+    ep_layers = moe_layers if lay.ep > 1 and lay.stage_chips > 1 else 0.0
     cost.overhead_s = (factors.layer_overhead_us * stage_layers + factors.step_overhead_us
-                       + expert_us * active_experts) * 1e-6
+                       + expert_us * active_experts + factors.ep_layer_us * ep_layers) * 1e-6
     return cost
 
 

@@ -33,7 +33,8 @@ def deployments_for(case: Case, chip: Chip) -> list[Deployment]:
     else:
         layouts = [Layout(case.chips, tp=case.tp, ep=case.ep, pp=case.pp, redundant_experts=case.redundant_experts)]
     return [Deployment(chip=chip, layout=lay, quant=case.weights, kv_dtype=case.kv_dtype, mtp_tokens=case.mtp_tokens,
-                       mtp_acceptance=case.mtp_acceptance, expert_imbalance=case.expert_imbalance) for lay in layouts]
+                       mtp_acceptance=case.mtp_acceptance, expert_imbalance=case.expert_imbalance,
+                       memory_util=case.memory_util) for lay in layouts]
 
 
 def check_case(case: Case, catalog: dict[str, Chip], shape_of) -> None:

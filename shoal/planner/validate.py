@@ -32,13 +32,16 @@ ASSUMED = {
     "overlap": (0.5, "two-microbatch overlap hides about half of the shorter of compute and communication "
                      "(SGLang reports +27-35% prefill throughput from it)"),
     "step_overhead_us": (0.0, "scheduling overlaps the previous step"),
+    "layer_overhead_us": (0.0, "graph capture (CUDA graphs, ACL graphs) replays a step's kernels back to back"),
 }
 # Fitted factors -> the phases whose cases inform them. Compute efficiency is fitted per chip family
-# (its software stack: CUDA kernels and CANN kernels reach different shares of peak); the fixed
-# per-layer cost is fitted once, on every family's decode and serving cases.
+# (its software stack: CUDA kernels and CANN kernels reach different shares of peak); the fixed cost
+# of an expert-parallel MoE layer, and the share of the dense matmuls' efficiency that grouped expert
+# matmuls reach, once across families.
 FAMILY_FITTED = {"prefill_compute": ("prefill", "both"), "decode_compute": ("decode", "both")}
-SHARED_FITTED = {"layer_overhead_us": ("decode", "both")}
-BOUNDS = {"prefill_compute": (0.02, 1.0), "decode_compute": (0.02, 1.0), "layer_overhead_us": (0.0, 1000.0)}
+SHARED_FITTED = {"ep_layer_us": ("decode", "both"), "expert_efficiency": ("prefill", "decode", "both")}
+BOUNDS = {"prefill_compute": (0.02, 1.0), "decode_compute": (0.02, 1.0), "ep_layer_us": (0.0, 2000.0),
+          "expert_efficiency": (0.1, 1.0)}
 DEFAULT = "*"  # factor-set key for chips of a family without fit cases
 
 
