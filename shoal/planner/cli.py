@@ -20,7 +20,8 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
     plan = subparsers.add_parser("plan", help="plan chips, layout, speed, energy and cost for a model on paper")
     plan.add_argument("--model", default="deepseek-v3",
                       help="checkpoint folder or config.json (no weights needed), or a bundled config: "
-                           "deepseek-v3, llama-3-70b, llama-3-8b (default deepseek-v3)")
+                           "deepseek-v3, llama-3-70b, llama-3-8b, llama-3.1-8b, llama-3.3-70b, llama-2-13b, "
+                           "qwen3-235b-a22b (default deepseek-v3)")
     plan.add_argument("--chips", default="h200,910c", help="comma-separated catalog chips, 'this' = this machine")
     plan.add_argument("--catalog", action="append", default=[], metavar="FILE", help="extra chips (TOML), repeatable")
     plan.add_argument("--tpot", default=None, help="time-per-output-token limit, e.g. 50ms")
@@ -219,7 +220,8 @@ def _plan(args) -> int:
     for key in keys:
         factors = factors_of(next(c for c in chips if c.key == key))
         print(f"  {key} factors: prefill {factors.prefill_compute:g}, decode {factors.decode_compute:g} of peak, "
-              f"memory {factors.memory:g}, link {factors.link:g}, layer overhead {factors.layer_overhead_us:g} us "
+              f"experts {factors.expert_efficiency:g} of that, memory {factors.memory:g}, link {factors.link:g}, "
+              f"layer overhead {factors.layer_overhead_us:g} us, expert-parallel layer {factors.ep_layer_us:g} us "
               f"(see `shoal plan --validate`)")
     print("")
     rows = [HEADER] + [_plan_row(p) for k in keys for p in best[k]]
