@@ -35,11 +35,14 @@ ASSUMED = {
     "layer_overhead_us": (0.0, "graph capture (CUDA graphs, ACL graphs) replays a step's kernels back to back"),
 }
 # Fitted factors -> the phases whose cases inform them. Compute efficiency is fitted per chip family
-# (its software stack: CUDA kernels and CANN kernels reach different shares of peak); the fixed cost
-# of an expert-parallel MoE layer, and the share of the dense matmuls' efficiency that grouped expert
-# matmuls reach, once across families.
-FAMILY_FITTED = {"prefill_compute": ("prefill", "both"), "decode_compute": ("decode", "both")}
-SHARED_FITTED = {"ep_layer_us": ("decode", "both"), "expert_efficiency": ("prefill", "decode", "both")}
+# (its software stack: CUDA kernels and CANN kernels reach different shares of peak, DeepEP and
+# CANN's collectives have different fixed costs per expert-parallel layer). The share of the dense
+# matmuls' efficiency that grouped expert matmuls reach (Factors.expert_efficiency) fitted to 1.0
+# once the expert-parallel cost was fitted per family, so it is no longer fitted.
+FAMILY_FITTED = {"prefill_compute": ("prefill", "both"), "decode_compute": ("decode", "both"),
+                 "ep_layer_us": ("decode", "both")}
+SHARED_FITTED: dict[str, tuple[str, ...]] = {}  # none today: grouped expert matmuls fitted at 1.0 of dense
+MIN_CASES = {"ep_layer_us": 2}  # a fixed cost and an efficiency cannot both be fitted on one case
 BOUNDS = {"prefill_compute": (0.02, 1.0), "decode_compute": (0.02, 1.0), "ep_layer_us": (0.0, 2000.0),
           "expert_efficiency": (0.1, 1.0)}
 DEFAULT = "*"  # factor-set key for chips of a family without fit cases
@@ -81,31 +84,46 @@ def fit_factors(cases: list[Case], catalog: dict[str, Chip], rounds: int = 3) ->
     return _FITS[key]
 
 
+def _informs(case: Case, name: str) -> bool:
+    """Whether a fit case says anything about factor `name` (an expert-parallel cost needs ep > 1)."""
+    phases = {**FAMILY_FITTED, **SHARED_FITTED}[name]
+    if case.role != "fit" or case.phase not in phases:
+        return False
+    if name == "ep_layer_us":
+        layouts = case.disaggregated.values() if case.disaggregated else [{"ep": case.ep}]
+        return any(lay.get("ep", 1) > 1 for lay in layouts)
+    return True
+
+
 def _fit_factors(cases: list[Case], catalog: dict[str, Chip], rounds: int) -> dict[str, Factors]:
     """Fit FAMILY_FITTED per chip family and SHARED_FITTED across families (coordinate descent,
-    golden section) on the cases of role "fit"; the rest keep the ASSUMED values. Returns one Factors
-    per family with fit cases, plus DEFAULT (geometric mean of the families) for others."""
+    golden section) on the cases of role "fit"; the rest keep the ASSUMED values. A family fits its
+    own value of a factor only with MIN_CASES cases that inform it, and otherwise takes the mean of
+    the families that do (DEFAULT, also the set for chips of families without fit cases)."""
     start = Factors(**{k: v for k, (v, _) in ASSUMED.items()})
     fit = [c for c in cases if c.role == "fit"]
     families = sorted({catalog[c.chip].family for c in fit})
     values: dict[tuple[str, str], float] = {}
     for family in families:
-        for name, phases in FAMILY_FITTED.items():
-            if any(catalog[c.chip].family == family and c.phase in phases for c in fit):
+        for name in FAMILY_FITTED:
+            informing = [c for c in fit if catalog[c.chip].family == family and _informs(c, name)]
+            if len(informing) >= MIN_CASES.get(name, 1):
                 values[(family, name)] = getattr(start, name)
-    for name, phases in SHARED_FITTED.items():
-        if any(c.phase in phases for c in fit):
+    for name in SHARED_FITTED:
+        if any(_informs(c, name) for c in fit):
             values[(DEFAULT, name)] = getattr(start, name)
 
     def build(vals: dict[tuple[str, str], float]) -> dict[str, Factors]:
         shared = {name: v for (fam, name), v in vals.items() if fam == DEFAULT}
-        result = {family: start.replaced(**shared, **{n: v for (f, n), v in vals.items() if f == family})
-                  for family in families}
         means = {}
         for name in FAMILY_FITTED:
             got = [v for (fam, n), v in vals.items() if n == name and fam != DEFAULT]
-            if got:
-                means[name] = round(math.exp(sum(math.log(v) for v in got) / len(got)), 4)
+            if got:  # geometric mean of efficiencies; a fixed cost may be 0, so its mean is arithmetic
+                means[name] = round(math.exp(sum(math.log(v) for v in got) / len(got)) if min(got) > 0
+                                    else sum(got) / len(got), 4)
+        result = {family: start.replaced(**{**shared, **means,
+                                            **{n: v for (f, n), v in vals.items() if f == family}})
+                  for family in families}
         result[DEFAULT] = start.replaced(**shared, **means)
         return result
 
@@ -135,11 +153,14 @@ def provenance(cases: list[Case], catalog: dict[str, Chip], sets: dict[str, Fact
         for name, phases in {**FAMILY_FITTED, **SHARED_FITTED}.items():
             if name in SHARED_FITTED and family != DEFAULT:
                 continue
-            on = [c.name for c in cases if c.role == "fit" and c.phase in phases
+            on = [c.name for c in cases if _informs(c, name)
                   and (name in SHARED_FITTED or family == DEFAULT or catalog[c.chip].family == family)]
             how = f"on {', '.join(on)}" if on else "not fitted"
             if family == DEFAULT and name in FAMILY_FITTED:
-                how = "geometric mean of the families' values (for chips of other families)"
+                how = "mean of the families' own values (for chips of other families)"
+            elif name in FAMILY_FITTED and 0 < len(on) < MIN_CASES.get(name, 1):
+                how = f"mean of the other families' values (only {', '.join(on)} of its own)"
+                on = []
             rows.append({"family": family, "factor": name, "value": getattr(factors, name), "how": how,
                          "fitted": bool(on)})
     for name, (value, why) in ASSUMED.items():
@@ -153,12 +174,7 @@ def _factors_without(case: Case, pool: list[Case], catalog: dict[str, Chip]) -> 
     rest = [dataclasses.replace(c, role="holdout") if c.name == case.name and c.origin == case.origin else c
             for c in pool]
     sets = fit_factors(rest, catalog)
-    family = catalog[case.chip].family
-    used = sets.get(family, sets[DEFAULT])
-    for name, phases in FAMILY_FITTED.items():
-        if not any(c.role == "fit" and c.phase in phases and catalog[c.chip].family == family for c in rest):
-            used = used.replaced(**{name: getattr(sets[DEFAULT], name)})
-    return used
+    return sets.get(catalog[case.chip].family, sets[DEFAULT])
 
 
 def errors(case: Case, predicted: dict[str, float]) -> dict[str, float]:
