@@ -219,7 +219,10 @@ def _plan(args) -> int:
           f"ranked by output tokens/s per {args.objective}")
     for key in keys:
         factors = factors_of(next(c for c in chips if c.key == key))
-        print(f"  {key} factors: prefill {factors.prefill_compute:g}, decode {factors.decode_compute:g} of peak, "
+        compute = (f"matmuls {factors.prefill_compute:g} of peak x rows / (rows + {factors.matmul_half_tokens:g})"
+                   if factors.matmul_half_tokens > 0 else
+                   f"prefill {factors.prefill_compute:g}, decode {factors.decode_compute:g} of peak")
+        print(f"  {key} factors: {compute}, "
               f"experts {factors.expert_efficiency:g} of that, memory {factors.memory:g}, link {factors.link:g}, "
               f"layer overhead {factors.layer_overhead_us:g} us, expert-parallel layer {factors.ep_layer_us:g} us "
               f"(see `shoal plan --validate`)")

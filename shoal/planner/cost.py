@@ -30,7 +30,7 @@ ACTIVATION_HIDDENS = 24
 class Factors:
     """How close a chip gets to its datasheet; every figure a fraction of peak unless it says otherwise."""
 
-    prefill_compute: float = 0.5
+    prefill_compute: float = 0.5  # (with matmul_half_tokens > 0: every matmul's, at many rows)
     decode_compute: float = 0.5
     memory: float = 0.8
     link: float = 0.7
@@ -48,6 +48,11 @@ class Factors:
     ep_layer_us: float = 0.0
     # Share of the dense matmuls' efficiency that grouped routed-expert matmuls reach.
     expert_efficiency: float = 1.0
+    # When > 0, a matmul's efficiency follows its rows instead of its phase: prefill_compute x
+    # m / (m + matmul_half_tokens) for m rows on the chip (tokens of a data-parallel group; for a
+    # routed expert, the tokens it receives), so small decode batches and thinly spread experts
+    # reach less of peak; decode_compute is then unused.
+    matmul_half_tokens: float = 0.0
     # Passes over a token's hidden-size activation per layer made by the ops between the matmuls (norms,
     # residual adds, rotary, the gated activation, cache writes), each a read or a write at the memory
     # roofline; 0 where kernels are fused or the matmuls hide them.
@@ -228,8 +233,14 @@ def forward_cost(shape: ModelShape, dep: Deployment, factors: Factors, tokens: f
     t_dp = tokens / dp  # tokens of one attention data-parallel group
     kv_split = 1 if shape.mla else min(tp, shape.kv_heads)
 
-    def roof(name, flops, nbytes, peak_tflops, repeat):
-        _roofline(cost, name, flops, nbytes, peak_tflops, bw, compute_eff, factors.memory, repeat)
+    half = factors.matmul_half_tokens
+
+    def eff(rows: float) -> float:
+        return factors.prefill_compute * rows / (rows + half) if half > 0 and rows > 0 else compute_eff
+
+    def roof(name, flops, nbytes, peak_tflops, repeat, rows=None):
+        _roofline(cost, name, flops, nbytes, peak_tflops, bw, eff(t_dp if rows is None else rows), factors.memory,
+                  repeat)
 
     roof("attention projections", t_dp * 2 * shape.attention_params / tp, shape.attention_params * wb / tp, peak,
          stage_layers)
@@ -252,8 +263,9 @@ def forward_cost(shape: ModelShape, dep: Deployment, factors: Factors, tokens: f
         touched = 1.0 - (1.0 - shape.experts_per_token / shape.routed_experts) ** max(tokens, 0.0)
         flops = tokens * shape.experts_per_token * 2 * shape.expert_params / lay.stage_chips * dep.expert_imbalance
         # grouped expert matmuls (many small ones, each of a few tokens) reach a lower share of peak
+        rows = tokens * shape.experts_per_token / shape.routed_experts  # tokens one expert receives
         _roofline(cost, "routed experts", flops, per_chip * touched * shape.expert_params * wb / expert_split, peak,
-                  bw, compute_eff * factors.expert_efficiency, factors.memory, moe_layers)
+                  bw, eff(rows) * factors.expert_efficiency, factors.memory, moe_layers)
         active_experts = moe_layers * per_chip * touched
     else:
         active_experts = 0.0
@@ -262,7 +274,7 @@ def forward_cost(shape: ModelShape, dep: Deployment, factors: Factors, tokens: f
     head_tp = tp  # vocabulary-parallel head over the tensor-parallel group
     cost.pieces.setdefault("LM head", 0.0)
     _roofline(cost, "LM head", logits_tokens / dp * 2 * shape.head_params / head_tp,
-              shape.head_params * UNQUANTIZED_BYTES / head_tp, bf16, bw, compute_eff, factors.memory, 1.0)
+              shape.head_params * UNQUANTIZED_BYTES / head_tp, bf16, bw, eff(logits_tokens / dp), factors.memory, 1.0)
 
     # ---- communication ----
     act = 2.0  # bf16 activations

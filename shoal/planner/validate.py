@@ -33,18 +33,18 @@ ASSUMED = {
                      "(SGLang reports +27-35% prefill throughput from it)"),
     "step_overhead_us": (0.0, "scheduling overlaps the previous step"),
     "layer_overhead_us": (0.0, "graph capture (CUDA graphs, ACL graphs) replays a step's kernels back to back"),
+    "decode_compute": (0.5, "unused: with matmul_half_tokens > 0 a matmul's efficiency follows its rows, not its phase"),
 }
-# Fitted factors -> the phases whose cases inform them. Compute efficiency is fitted per chip family
-# (its software stack: CUDA kernels and CANN kernels reach different shares of peak, DeepEP and
-# CANN's collectives have different fixed costs per expert-parallel layer). The share of the dense
-# matmuls' efficiency that grouped expert matmuls reach (Factors.expert_efficiency) fitted to 1.0
-# once the expert-parallel cost was fitted per family, so it is no longer fitted.
-FAMILY_FITTED = {"prefill_compute": ("prefill", "both"), "decode_compute": ("decode", "both"),
-                 "ep_layer_us": ("decode", "both")}
-SHARED_FITTED: dict[str, tuple[str, ...]] = {}  # none today: grouped expert matmuls fitted at 1.0 of dense
+# Fitted factors -> the phases whose cases inform them. Matmul efficiency is fitted per chip family
+# (its software stack: CUDA kernels and CANN kernels reach different shares of peak), as is the fixed
+# cost of an expert-parallel layer (DeepEP's and CANN's collectives differ); a matmul reaches it in
+# proportion to its rows (m / (m + matmul_half_tokens), one value for all families), so one factor
+# serves prefill, decode and a chunked step alike. Grouped-expert efficiency (Factors.expert_efficiency)
+# fitted to 1.0 once these were in, so it is no longer fitted.
+FAMILY_FITTED = {"prefill_compute": ("prefill", "decode", "both"), "ep_layer_us": ("decode", "both")}
+SHARED_FITTED = {"matmul_half_tokens": ("prefill", "decode", "both")}
 MIN_CASES = {"ep_layer_us": 2}  # a fixed cost and an efficiency cannot both be fitted on one case
-BOUNDS = {"prefill_compute": (0.02, 1.0), "decode_compute": (0.02, 1.0), "ep_layer_us": (0.0, 2000.0),
-          "expert_efficiency": (0.1, 1.0)}
+BOUNDS = {"prefill_compute": (0.02, 1.0), "ep_layer_us": (0.0, 2000.0), "matmul_half_tokens": (1.0, 4000.0)}
 DEFAULT = "*"  # factor-set key for chips of a family without fit cases
 
 
