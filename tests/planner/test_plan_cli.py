@@ -1,4 +1,4 @@
-"""`shoal plan` end to end (small searches), validation within 25%, calibration's fit with an injected
+"""`shoal plan` end to end (small searches), the catalog, calibration's fit with an injected
 measurement, and the bad-input messages."""
 
 from __future__ import annotations
