@@ -52,7 +52,10 @@ def factors_for(chip: Chip, factor_set: dict[str, Factors]) -> Factors:
     """The factors a chip is planned with: its family's fitted set (or the default set), then any
     factors its catalog entry or a calibration gives it."""
     base = factor_set.get(chip.family, factor_set[DEFAULT])
-    return base.replaced(**chip.efficiency) if chip.efficiency else base
+    if not chip.efficiency:
+        return base
+    # a calibration (or a catalog entry) gives per-phase efficiencies: they apply as given, not by rows
+    return base.replaced(**{"matmul_half_tokens": 0.0, **chip.efficiency})
 
 
 @lru_cache(maxsize=None)
