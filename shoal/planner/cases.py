@@ -40,7 +40,7 @@ INTEGERS = ("chips", "tp", "ep", "pp", "dp", "redundant_experts", "input_len", "
 NUMBERS = ("batch_per_chip", "tokens_per_chip", "concurrency", "tpot_limit_ms", "mtp_acceptance",
            "expert_imbalance", "cache_hit_rate", "memory_util")
 TEXTS = ("name", "source", "model", "chip", "phase", "weights", "kv_dtype", "role", "assumptions", "measured_text")
-DISAGGREGATED_KEYS = ("chips", "tp", "ep", "pp", "dp", "redundant_experts")
+DISAGGREGATED_KEYS = ("chips", "tp", "ep", "pp", "dp", "redundant_experts", "chip")
 
 
 @dataclass
@@ -73,7 +73,8 @@ class Case:
     cache_hit_rate: float = 0.0
     memory_util: float = 0.9  # share of each chip's memory the engine fills (weights, KV cache, activations)
     chunk_tokens: int = 8192  # phase both: the scheduler's token budget per step (chunked prefill)
-    # phase both, disaggregated: {"prefill": {chips, tp, ep, ...}, "decode": {...}}; `chips` is then their sum
+    # phase both, disaggregated: {"prefill": {chips, tp, ep, ..., chip?}, "decode": {...}}; `chips` is their
+    # sum; the prefill instance may name another chip kind (prefill on one kind, decode on another)
     disaggregated: dict[str, dict[str, int]] | None = None
     role: str = "holdout"  # "fit": the fitted factors are fitted on it; "holdout": only predicted
     assumptions: str = ""
@@ -84,6 +85,11 @@ class Case:
     def context(self) -> float:
         """Mean cached tokens a decode step attends over: the prompt plus half the output."""
         return self.input_len + self.output_len / 2
+
+    @property
+    def prefill_chip(self) -> str:
+        """The chip kind of the prefill instance (another kind than `chip` in a mixed fleet)."""
+        return (self.disaggregated or {}).get("prefill", {}).get("chip", self.chip)
 
     @property
     def primary_key(self) -> str:
@@ -194,7 +200,13 @@ def _parse_disaggregated(values: dict, where: str) -> dict[str, dict[str, int]]:
         bad = sorted(set(layout) - set(DISAGGREGATED_KEYS))
         if bad:
             raise PlanError(f"{where}: disaggregated.{part}: unknown field {bad[0]!r}")
+        if "chip" in layout:  # a mixed fleet: this instance on another chip kind
+            if part != "prefill" or not isinstance(layout["chip"], str) or not layout["chip"].strip():
+                raise PlanError(f"{where}: only disaggregated.prefill may name its own chip (a catalog key)")
+            layout = {**layout, "chip": layout["chip"].strip().lower()}
         for key, value in layout.items():
+            if key == "chip":
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < (0 if key == "redundant_experts" else 1):
                 raise PlanError(f"{where}: disaggregated.{part}.{key} must be a whole number >= 1, got {value!r}")
         if "dp" in layout and layout["chips"] != layout.get("tp", 1) * layout.get("pp", 1) * layout["dp"]:

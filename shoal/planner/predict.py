@@ -26,28 +26,32 @@ def _layout(spec: dict, case: Case) -> Layout:
                   redundant_experts=spec.get("redundant_experts", case.redundant_experts if ep > 1 else 0))
 
 
-def deployments_for(case: Case, chip: Chip) -> list[Deployment]:
-    """The serving instance of a case (two for a disaggregated one: prefill, then decode)."""
+def deployments_for(case: Case, chip: Chip, prefill_chip: Chip | None = None) -> list[Deployment]:
+    """The serving instance of a case (two for a disaggregated one: prefill, on `prefill_chip` when
+    it is another kind, then decode)."""
     if case.disaggregated:
-        layouts = [_layout(case.disaggregated[p], case) for p in ("prefill", "decode")]
+        pairs = [(prefill_chip or chip, _layout(case.disaggregated["prefill"], case)),
+                 (chip, _layout(case.disaggregated["decode"], case))]
     else:
-        layouts = [Layout(case.chips, tp=case.tp, ep=case.ep, pp=case.pp, redundant_experts=case.redundant_experts)]
-    return [Deployment(chip=chip, layout=lay, quant=case.weights, kv_dtype=case.kv_dtype, mtp_tokens=case.mtp_tokens,
+        pairs = [(chip, Layout(case.chips, tp=case.tp, ep=case.ep, pp=case.pp,
+                               redundant_experts=case.redundant_experts))]
+    return [Deployment(chip=kind, layout=lay, quant=case.weights, kv_dtype=case.kv_dtype, mtp_tokens=case.mtp_tokens,
                        mtp_acceptance=case.mtp_acceptance, expert_imbalance=case.expert_imbalance,
-                       memory_util=case.memory_util) for lay in layouts]
+                       memory_util=case.memory_util) for kind, lay in pairs]
 
 
 def check_case(case: Case, catalog: dict[str, Chip], shape_of) -> None:
     """Refuse, in one line, a case whose chip, model, formats or layout the planner cannot use."""
     where = f"{case.origin}: case {case.name!r}"
-    if case.chip not in catalog:
-        raise PlanError(f"{where}: unknown chip {case.chip!r}; the catalog has {', '.join(sorted(catalog))} "
-                        "(add your own with --catalog FILE)")
+    for key in dict.fromkeys((case.chip, case.prefill_chip)):
+        if key not in catalog:
+            raise PlanError(f"{where}: unknown chip {key!r}; the catalog has {', '.join(sorted(catalog))} "
+                            "(add your own with --catalog FILE)")
     try:
         shape = shape_of(case.model)
         weight_bytes(case.weights)
         kv_bytes(case.kv_dtype)
-        for dep in deployments_for(case, catalog[case.chip]):
+        for dep in deployments_for(case, catalog[case.chip], catalog[case.prefill_chip]):
             check_layout(shape, dep.layout)
             if max_decode_seqs(shape, dep, int(case.context) or 1) < 1:
                 raise PlanError(f"the weights do not fit on {dep.layout.describe()} of {case.chip}")
@@ -81,9 +85,10 @@ def largest_batch_within(tpot, top: int, limit_s: float) -> int:
 
 
 def predict(case: Case, factors: Factors, chip: Chip, shape: ModelShape,
-            decode_factors: Factors | None = None) -> dict:
-    """{"predicted": {key: value} for every key the phase predicts, "load": what was assumed, "bound": ...}."""
-    deps = deployments_for(case, chip)
+            prefill: tuple[Chip, Factors] | None = None) -> dict:
+    """{"predicted": {key: value} for every key the phase predicts, "load": what was assumed, "bound": ...}.
+    `prefill`: the chip and factors of a mixed fleet's prefill instance (else the case's own)."""
+    deps = deployments_for(case, chip, prefill[0] if prefill else None)
     dep = deps[-1]
     n = case.chips
     cached = int(case.input_len * case.cache_hit_rate)
@@ -116,7 +121,7 @@ def predict(case: Case, factors: Factors, chip: Chip, shape: ModelShape,
                 "load": f"{seqs / n:.1f} seqs/chip", "bound": _bound(stage)}
     concurrency = case.concurrency if case.concurrency is not None else case.batch_per_chip * n
     if case.disaggregated:
-        state = disaggregated(shape, deps[0], deps[1], factors, decode_factors or factors, concurrency,
+        state = disaggregated(shape, deps[0], deps[1], prefill[1] if prefill else factors, factors, concurrency,
                               case.input_len, case.output_len, cached, case.chunk_tokens)
     else:
         state = colocated(shape, dep, factors, concurrency, case.input_len, case.output_len, cached,

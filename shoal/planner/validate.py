@@ -63,9 +63,19 @@ def _shape(model: str) -> ModelShape:
     return load_shape(model)
 
 
-def case_loss(case: Case, factors: Factors, chip: Chip) -> float:
+def predict_with(case: Case, sets: dict[str, Factors], catalog: dict[str, Chip]) -> dict:
+    """The case predicted with each chip's family factors (a mixed fleet's prefill chip its own)."""
+    chip = catalog[case.chip]
+    prefill = None
+    if case.prefill_chip != case.chip:
+        other = catalog[case.prefill_chip]
+        prefill = (other, sets.get(other.family, sets[DEFAULT]))
+    return predict(case, sets.get(chip.family, sets[DEFAULT]), chip, _shape(case.model), prefill)
+
+
+def case_loss(case: Case, sets: dict[str, Factors], catalog: dict[str, Chip]) -> float:
     """Mean squared log error over the case's measured figures."""
-    got = predict(case, factors, chip, _shape(case.model))["predicted"]
+    got = predict_with(case, sets, catalog)["predicted"]
     total = 0.0
     for key, value in case.measured.items():
         total += math.log(max(min(got[key], 1e12), 1e-9) / value) ** 2
@@ -80,7 +90,7 @@ def fit_factors(cases: list[Case], catalog: dict[str, Chip], rounds: int = 3) ->
     shipped fit)."""
     fit = [c for c in cases if c.role == "fit"]
     key = json.dumps([[{k: v for k, v in asdict(c).items() if k != "origin"} for c in fit],
-                      [asdict(catalog[c.chip]) for c in fit], rounds],
+                      [[asdict(catalog[c.chip]), asdict(catalog[c.prefill_chip])] for c in fit], rounds],
                      sort_keys=True, default=str)
     if key not in _FITS:
         _FITS[key] = _fit_factors(fit, catalog, rounds)
@@ -132,8 +142,8 @@ def _fit_factors(cases: list[Case], catalog: dict[str, Chip], rounds: int) -> di
 
     def loss(vals, only_family: str | None = None) -> float:
         sets = build(vals)
-        return sum(case_loss(c, sets[catalog[c.chip].family], catalog[c.chip]) for c in fit
-                   if only_family is None or catalog[c.chip].family == only_family)
+        return sum(case_loss(c, sets, catalog) for c in fit if only_family is None
+                   or only_family in (catalog[c.chip].family, catalog[c.prefill_chip].family))
 
     for _ in range(rounds):
         for key in list(values):
@@ -171,13 +181,12 @@ def provenance(cases: list[Case], catalog: dict[str, Chip], sets: dict[str, Fact
     return rows
 
 
-def _factors_without(case: Case, pool: list[Case], catalog: dict[str, Chip]) -> Factors:
+def _sets_without(case: Case, pool: list[Case], catalog: dict[str, Chip]) -> dict[str, Factors]:
     """Factors fitted without `case`; where no case of its family informs a factor any more, the
     family borrows the other families' value (as a chip of an unfitted family would)."""
     rest = [dataclasses.replace(c, role="holdout") if c.name == case.name and c.origin == case.origin else c
             for c in pool]
-    sets = fit_factors(rest, catalog)
-    return sets.get(catalog[case.chip].family, sets[DEFAULT])
+    return fit_factors(rest, catalog)
 
 
 def errors(case: Case, predicted: dict[str, float]) -> dict[str, float]:
@@ -200,7 +209,7 @@ def validate(path: str | Path = SHIPPED_CASES, catalog: dict[str, Chip] | None =
     rows = []
     for case in cases:
         chip = catalog[case.chip]
-        result = predict(case, sets.get(chip.family, sets[DEFAULT]), chip, _shape(case.model))
+        result = predict_with(case, sets, catalog)
         predicted = {k: result["predicted"][k] for k in case.measured}
         row = {"name": case.name, "role": case.role, "phase": case.phase, "chip": case.chip,
                "family": chip.family, "chips": case.chips, "measured": dict(case.measured), "predicted": predicted,
@@ -208,8 +217,7 @@ def validate(path: str | Path = SHIPPED_CASES, catalog: dict[str, Chip] | None =
                "bound": result["bound"], "source": case.source, "assumptions": case.assumptions,
                "left_out_error": None}
         if with_leave_one_out and case.role == "fit":
-            used = _factors_without(case, pool, catalog)
-            left = predict(case, used, chip, _shape(case.model))["predicted"]
+            left = predict_with(case, _sets_without(case, pool, catalog), catalog)["predicted"]
             row["left_out_error"] = errors(case, left)
         rows.append(row)
     return {"factors": {k: asdict(v) for k, v in sets.items()}, "provenance": provenance(pool, catalog, sets),

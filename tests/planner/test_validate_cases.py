@@ -167,3 +167,26 @@ def test_bad_files_get_one_line_errors(tmp_path, capsys, text, message):
     assert message in err and len(err.strip().splitlines()) == 1
     assert main(["plan", "--validate", str(tmp_path / "none.json")]) == 2
     assert "no cases file at" in capsys.readouterr().err
+
+
+def test_a_mixed_fleet_prefills_on_one_kind_and_decodes_on_another(tmp_path, capsys):
+    """disaggregated.prefill.chip puts the prefill instance on another chip kind, with its own
+    family's factors: a faster prefill chip shortens TTFT for the same decode instance."""
+    from shoal.planner.predict import deployments_for
+    from shoal.planner.validate import predict_with
+
+    catalog = load_catalog()
+    mixed = {**DISAGG, "name": "mixed", "chip": "910b", "weights": "int8", "measured": {"ttft_ms": 500},
+             "disaggregated": {"prefill": {"chips": 1, "chip": "h100"}, "decode": {"chips": 2, "tp": 2}}}
+    case = load_cases_from(mixed)
+    assert case.prefill_chip == "h100"
+    prefill_dep, decode_dep = deployments_for(case, catalog["910b"], catalog["h100"])
+    assert (prefill_dep.chip.key, decode_dep.chip.key) == ("h100", "910b")
+    slow = predict_with(case, published_fit(), catalog)["predicted"]
+    faster = load_cases_from({**mixed, "disaggregated": {"prefill": {"chips": 1, "chip": "b200"},
+                                                         "decode": {"chips": 2, "tp": 2}}})
+    fast = predict_with(faster, published_fit(), catalog)["predicted"]
+    assert fast["ttft_ms"] < slow["ttft_ms"] and fast["output_tok_s_per_chip"] >= slow["output_tok_s_per_chip"]
+    bad = {**mixed, "disaggregated": {"prefill": {"chips": 1, "chip": "h999"}, "decode": {"chips": 2, "tp": 2}}}
+    rc, out, err = run_validate(tmp_path, capsys, [bad])
+    assert rc == 2 and "case 'mixed': unknown chip 'h999'" in err
