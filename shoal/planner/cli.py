@@ -30,8 +30,12 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
     plan.add_argument("--out", dest="output_len", type=int, default=512, help="output tokens (default 512)")
     plan.add_argument("--quant", default=None, help="formats to try, e.g. fp8,int8 (default bf16,fp8,int8,int4)")
     plan.add_argument("--kv-dtype", default="bf16", help="KV cache dtype: bf16, fp8, int8")
-    plan.add_argument("--mode", default="both", choices=["colocated", "disaggregated", "both"],
-                      help="prefill and decode on the same chips, on separate chips, or try both")
+    plan.add_argument("--mode", default="both", choices=["colocated", "disaggregated", "both", "mixed", "all"],
+                      help="prefill and decode on the same chips, on separate chips, or try both; mixed: prefill "
+                           "on one chip kind and decode on another; all: every one of these")
+    plan.add_argument("--fleet", default=None, metavar="CHIP:N,...",
+                      help="the chips you have, e.g. h20:8,910b:16: the best use of them (replicas of one plan, "
+                           "mixed plans included) against each kind alone")
     plan.add_argument("--max-chips", type=int, default=64, help="largest serving instance to try (default 64)")
     plan.add_argument("--mtp", type=int, default=0, help="multi-token-prediction draft tokens per step (default 0)")
     plan.add_argument("--mtp-acceptance", type=float, default=0.0, help="acceptance rate of each draft token")
@@ -162,21 +166,37 @@ def _plan(args) -> int:
     def factors_of(chip):
         return factors_for(chip, factor_set)
 
-    modes = ("colocated", "disaggregated") if args.mode == "both" else (args.mode,)
+    modes = {"both": ("colocated", "disaggregated"), "all": ("colocated", "disaggregated", "mixed")}.get(
+        args.mode, (args.mode,))
+    fleet = None
+    if args.fleet:
+        from shoal.planner.fleet import parse_fleet
+
+        fleet = parse_fleet(args.fleet, [c.key for c in chips])
+        if len(fleet) > 1 and "mixed" not in modes:
+            modes = (*modes, "mixed")
     plans = search(shape, chips, work, factors_of, max_chips=args.max_chips, quants=quants, modes=modes,
                    progress=not args.no_progress and not args.json)
     infeasible = {c.key: explain_infeasible(shape, c, work, factors_of(c), args.max_chips, quants)
-                  for c in chips if not any(p.chip.key == c.key for p in plans)}
+                  for c in chips if not any(p.chip.key == c.key or p.prefill_kind.key == c.key for p in plans)}
     if not plans:
         raise PlanError("no plan meets the limits. " + " | ".join(infeasible.values()))
 
     objective = OBJECTIVES[args.objective]
     keys = [c.key for c in chips]
-    best = {k: sorted((p for p in plans if p.chip.key == k), key=objective, reverse=True)[:args.top] for k in keys}
+    best = {k: sorted((p for p in plans if p.chip.key == k and p.prefill_chip is None), key=objective,
+                      reverse=True)[:args.top] for k in keys}
+    mixed = sorted((p for p in plans if p.prefill_chip is not None), key=objective, reverse=True)[:args.top]
+    fleet_answer = None
+    if fleet:
+        from shoal.planner.fleet import best_in_fleet
+
+        fleet_answer = best_in_fleet(plans, fleet)
     match_key, match_n = _match_spec(args.match, keys)
     reference = None
     matches = {}
-    own = [p for p in plans if p.chip.key == match_key and math.ceil(p.chips - 1e-9) <= match_n]
+    own = [p for p in plans if p.chip.key == match_key and p.prefill_chip is None
+           and math.ceil(p.chips - 1e-9) <= match_n]
     if own:
         reference = max(own, key=lambda p: p.output_tps)
         for key in keys:
@@ -207,6 +227,9 @@ def _plan(args) -> int:
                 "reference": {"chip": match_key, "chips": match_n, **reference.as_dict()},
                 "equivalents": {k: {"chips": n, **p.as_dict()} for k, (n, p) in matches.items()}},
             "infeasible": infeasible, "plots": plot_paths, "plots_note": plot_note,
+            "mixed": [p.as_dict() for p in mixed],
+            "fleet": None if fleet_answer is None else {
+                "fleet": fleet, "options": {k: o.as_dict() for k, o in fleet_answer.items()}},
         }, indent=2))
         return 0
 
@@ -230,6 +253,9 @@ def _plan(args) -> int:
     rows = [HEADER] + [_plan_row(p) for k in keys for p in best[k]]
     print("best plans per chip:")
     print("\n".join(_table(rows)))
+    if mixed:
+        print("\nmixed fleets (prefill on one kind, decode on another):")
+        print("\n".join(_table([HEADER] + [_plan_row(p) for p in mixed])))
     print("\nPareto front (throughput per chip, per watt, per dollar):")
     print("\n".join(_table([HEADER] + [_plan_row(p) for p in front[:8]])))
     if reference is not None:
@@ -240,6 +266,8 @@ def _plan(args) -> int:
             print(f"  matched by {count} x {key}: {replicas} x [{plan.describe()}] = "
                   f"{plan.output_tps * replicas:,.0f} tokens/s, "
                   f"{plan.kwh_per_mtok:.3f} kWh per million output tokens")
+    if fleet_answer is not None:
+        _print_fleet(fleet, fleet_answer)
     for key, why in infeasible.items():
         print(f"\nno plan for {why}")
     for path in plot_paths:
@@ -247,6 +275,25 @@ def _plan(args) -> int:
     if plot_note:
         print(plot_note)
     return 0
+
+
+def _print_fleet(fleet: dict[str, int], options: dict) -> None:
+    def line(use) -> str:
+        chips = " + ".join(f"{n} {k}" for k, n in use.used.items())
+        return f"{use.replicas} x [{use.plan.describe()}] on {chips}: {use.output_tps:,.0f} output tokens/s"
+
+    print("\nfleet " + " + ".join(f"{n} x {k}" for k, n in fleet.items()) + ":")
+    if not options:
+        print("  no plan fits in this fleet")
+        return
+    for name, option in options.items():
+        cost = option.usd_per_mtok
+        label = f"best ({option.name})" if name == "best" else name
+        print(f"  {label}: {option.output_tps:,.0f} output tokens/s, {option.kwh_per_mtok:.3f} kWh and "
+              f"{'-' if cost is None else f'${cost:.2f}'} per million tokens")
+        if name != "best":
+            for use in option.uses:
+                print(f"      {line(use)}")
 
 
 def _match_spec(text: str | None, keys: list[str]) -> tuple[str, int]:
