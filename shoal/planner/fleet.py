@@ -98,9 +98,10 @@ class FleetOption:
 
 
 def best_in_fleet(plans: list[Plan], fleet: dict[str, int]) -> dict[str, FleetOption]:
-    """The options, best first: "best" (the highest throughput of all below), each kind "alone", every
-    kind "side by side" (each its own best, on its own chips), and "one plan" (the best single plan
-    replicated, a mixed one included)."""
+    """The options, best first: "best" (the highest throughput of all below), "one plan" (the best
+    single plan replicated, a mixed one included), each kind "alone", every kind "side by side" (each
+    its own best, on its own chips), and "mixed + the rest" (a plan over several kinds, the chips it
+    leaves serving each kind's best plan)."""
     uses = [u for u in (most_replicas(p, fleet) for p in plans) if u is not None]
     options: dict[str, FleetOption] = {}
     if uses:
@@ -112,6 +113,23 @@ def best_in_fleet(plans: list[Plan], fleet: dict[str, int]) -> dict[str, FleetOp
     alone = [o.uses[0] for name, o in options.items() if name.endswith(" alone")]
     if len(alone) > 1:
         options["side by side"] = FleetOption("side by side", alone)
+    # a plan over several kinds (a mixed one), with the chips it leaves serving on their own
+    filled = [_with_the_rest(u, plans, fleet) for u in sorted(uses, key=lambda u: -u.output_tps)[:20]
+              if len(u.used) > 1]
+    if filled:
+        options["mixed + the rest"] = max(filled, key=lambda o: o.output_tps)
     if options:
         options = {"best": max(options.values(), key=lambda o: o.output_tps), **options}
     return options
+
+
+def _with_the_rest(use: FleetUse, plans: list[Plan], fleet: dict[str, int]) -> FleetOption:
+    uses = [use]
+    for key, total in fleet.items():
+        left = total - use.used.get(key, 0)
+        if left <= 0:
+            continue
+        own = [u for u in (most_replicas(p, {key: left}) for p in plans) if u is not None]
+        if own:
+            uses.append(max(own, key=lambda u: u.output_tps))
+    return FleetOption("mixed + the rest", uses)

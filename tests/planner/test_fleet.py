@@ -49,7 +49,9 @@ def test_the_fleet_answer_compares_one_plan_each_kind_alone_and_side_by_side():
     assert options["side by side"].output_tps == 4000.0
     assert options["one plan"].output_tps == 3000.0  # the 910b plan twice beats the mixed plan once
     assert most_replicas(plans[2], {"h20": 8, "910b": 16}).replicas == 1  # 8 h20 + 6 910b
-    assert options["best"].name == "side by side"
+    # the mixed plan leaves 10 910b: one copy of the 8-chip 910b plan serves on them, and that is best
+    assert options["mixed + the rest"].output_tps == 2600.0 + 1500.0
+    assert options["best"].name == "mixed + the rest"
     # a better mixed plan wins over both kinds alone
     options = best_in_fleet([*plans, plan("h20", 8, 4500.0, "910b", 6.0, 2)], {"h20": 8, "910b": 16})
     assert options["best"].output_tps == 4500.0 and options["best"].uses[0].plan.prefill_chip.key == "910b"
