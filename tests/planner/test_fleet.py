@@ -54,7 +54,7 @@ def test_the_fleet_answer_compares_one_plan_each_kind_alone_and_side_by_side():
     assert options["best"].name == "mixed + the rest"
     # a better mixed plan wins over both kinds alone
     options = best_in_fleet([*plans, plan("h20", 8, 4500.0, "910b", 6.0, 2)], {"h20": 8, "910b": 16})
-    assert options["best"].output_tps == 4500.0 and options["best"].uses[0].plan.prefill_chip.key == "910b"
+    assert options["best"].output_tps == 4500.0 + 1500.0 and options["best"].uses[0].plan.prefill_chip.key == "910b"
     with pytest.raises(PlanError, match="'a100' is not one of --chips"):
         parse_fleet("h20:8,a100:2", ["h20", "910b"])
 
