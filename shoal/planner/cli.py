@@ -115,11 +115,22 @@ def _validate(args) -> int:
     if args.json:
         cases = [{k: row[k] for k in ("name", "phase", "chip", "measured", "predicted", "error", "left_out_error",
                                       "role", "load", "bound")} for row in report["cases"]]
-        print(json.dumps({"cases": cases, "summary": report["summary"], "factors": report["factors"],
-                          "provenance": report["provenance"]}, indent=2, allow_nan=False, default=str))
+        print(json.dumps(_finite({"cases": cases, "summary": report["summary"], "factors": report["factors"],
+                                  "provenance": report["provenance"]}), indent=2, allow_nan=False, default=str))
     else:
         print(format_validation(report))
     return 0
+
+
+def _finite(value):
+    """JSON has no infinity: a figure no batch can reach (a TPOT limit nothing meets) prints as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _calibrate(args) -> int:

@@ -190,3 +190,12 @@ def test_a_mixed_fleet_prefills_on_one_kind_and_decodes_on_another(tmp_path, cap
     bad = {**mixed, "disaggregated": {"prefill": {"chips": 1, "chip": "h999"}, "decode": {"chips": 2, "tp": 2}}}
     rc, out, err = run_validate(tmp_path, capsys, [bad])
     assert rc == 2 and "case 'mixed': unknown chip 'h999'" in err
+
+
+def test_a_limit_no_batch_meets_prints_null_not_infinity(tmp_path, capsys):
+    spec = {**{k: v for k, v in DECODE.items() if k != "batch_per_chip"}, "tpot_limit_ms": 0.5}
+    rc, out, err = run_validate(tmp_path, capsys, [spec], "--json")
+    assert rc == 0, err
+    case = json.loads(out)["cases"][0]
+    assert case["predicted"] == {"output_tok_s_per_chip": 0.0, "tpot_ms": None}
+    assert case["error"]["output_tok_s_per_chip"] == -1.0
