@@ -46,7 +46,8 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
                       help="how many chips of each other kind match N chips of CHIP (default: N=8 of the first)")
     plan.add_argument("--top", type=int, default=3, help="plans shown per chip kind (default 3)")
     plan.add_argument("--plots", default=DEFAULT_PLOTS, metavar="PREFIX",
-                      help=f"write PREFIX_throughput.png and PREFIX_energy.png (default {DEFAULT_PLOTS})")
+                      help=f"write PREFIX_throughput.png and PREFIX_energy.png, and PREFIX_fleet.png with --fleet "
+                           f"(default {DEFAULT_PLOTS})")
     plan.add_argument("--no-plots", action="store_true", help="do not write plots")
     plan.add_argument("--json", action="store_true", help="print JSON instead of tables")
     plan.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -226,6 +227,10 @@ def _plan(args) -> int:
                      + (f", TTFT <= {work.ttft_s:g} s" if work.ttft_s else ""))
             ref = (f"{match_n} x {match_key}", reference) if reference else None
             plot_paths = [str(p) for p in write_plots(plans, keys, args.plots, title, ref, matches)]
+            if fleet_answer:
+                from shoal.planner.plots import write_fleet_plot
+
+                plot_paths.append(str(write_fleet_plot(fleet_answer, fleet, args.plots, title)))
         else:
             plot_note = "plots skipped: matplotlib is not installed (pip install 'shoal[plan]')"
 

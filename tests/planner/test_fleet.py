@@ -71,3 +71,14 @@ def test_plan_fleet_prints_and_returns_the_options(capsys):
     assert out["mixed"] and all(p["prefill_chip"] != p["chip"] for p in out["mixed"])
     for use in options["side by side"]["uses"]:
         assert sum(use["chips_used"].values()) <= 16
+
+
+def test_plan_fleet_writes_its_plot(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    prefix = tmp_path / "f"
+    rc = main(["plan", "--model", "llama-3.3-70b", "--chips", "h20,910b", "--fleet", "h20:8,910b:16",
+               "--tpot", "50ms", "--in", "2048", "--out", "512", "--max-chips", "8", "--quant", "int8",
+               "--plots", str(prefix), "--no-progress"])
+    assert rc == 0
+    assert (tmp_path / "f_fleet.png").stat().st_size > 1000
+    assert "best (" in capsys.readouterr().out
