@@ -38,7 +38,7 @@ REQUIRED = ("name", "source", "model", "chip", "chips", "phase", "input_len", "m
 INTEGERS = ("chips", "tp", "ep", "pp", "dp", "redundant_experts", "input_len", "output_len", "mtp_tokens",
             "chunk_tokens")
 NUMBERS = ("batch_per_chip", "tokens_per_chip", "concurrency", "tpot_limit_ms", "mtp_acceptance",
-           "expert_imbalance", "cache_hit_rate", "memory_util")
+           "expert_imbalance", "cache_hit_rate", "memory_util", "kv_free_fraction")
 TEXTS = ("name", "source", "model", "chip", "phase", "weights", "kv_dtype", "role", "assumptions", "measured_text")
 DISAGGREGATED_KEYS = ("chips", "tp", "ep", "pp", "dp", "redundant_experts", "chip")
 
@@ -72,6 +72,9 @@ class Case:
     expert_imbalance: float = 1.0
     cache_hit_rate: float = 0.0
     memory_util: float = 0.9  # share of each chip's memory the engine fills (weights, KV cache, activations)
+    # or: the share of the memory left after the weights that the KV cache takes (TensorRT-LLM's
+    # kv_cache_free_gpu_mem_fraction); replaces memory_util when given
+    kv_free_fraction: float | None = None
     chunk_tokens: int = 8192  # phase both: the scheduler's token budget per step (chunked prefill)
     # phase both, disaggregated: {"prefill": {chips, tp, ep, ..., chip?}, "decode": {...}}; `chips` is their
     # sum; the prefill instance may name another chip kind (prefill on one kind, decode on another)
@@ -163,8 +166,10 @@ def parse_case(entry: object, origin: str = "<cases>", index: int = 0) -> Case:
         values["mtp_tokens"] = 1  # the published MTP deployments propose one draft token
     if values.get("expert_imbalance", 1.0) < 1:
         raise PlanError(f"{where}: expert_imbalance is the busiest chip's load over the mean, so >= 1")
-    if not 0 < values.get("memory_util", 0.9) <= 1:
-        raise PlanError(f"{where}: memory_util must be in (0, 1]")
+    if not 0 < values.get("memory_util", 0.9) <= 1 or not 0 < values.get("kv_free_fraction", 0.9) <= 1:
+        raise PlanError(f"{where}: memory_util and kv_free_fraction must be in (0, 1]")
+    if "memory_util" in values and "kv_free_fraction" in values:
+        raise PlanError(f"{where}: give memory_util or kv_free_fraction, not both")
     if not 0 <= values.get("cache_hit_rate", 0.0) < 1:
         raise PlanError(f"{where}: cache_hit_rate must be in [0, 1)")
     measured = values["measured"]

@@ -13,7 +13,7 @@ from shoal.errors import ShoalError
 from shoal.planner.cases import MEASURED_KEYS, Case
 from shoal.planner.catalog import Chip
 from shoal.planner.cost import Deployment, Factors, Layout, check_layout, decode_step_time, max_decode_seqs, \
-    prefill_time
+    prefill_time, weights_per_chip
 from shoal.planner.errors import PlanError
 from shoal.planner.serving import colocated, disaggregated
 from shoal.planner.shapes import ModelShape, kv_bytes, weight_bytes
@@ -26,18 +26,25 @@ def _layout(spec: dict, case: Case) -> Layout:
                   redundant_experts=spec.get("redundant_experts", case.redundant_experts if ep > 1 else 0))
 
 
-def deployments_for(case: Case, chip: Chip, prefill_chip: Chip | None = None) -> list[Deployment]:
+def deployments_for(case: Case, chip: Chip, prefill_chip: Chip | None = None,
+                    shape: ModelShape | None = None) -> list[Deployment]:
     """The serving instance of a case (two for a disaggregated one: prefill, on `prefill_chip` when
-    it is another kind, then decode)."""
+    it is another kind, then decode); with `shape`, a kv_free_fraction becomes the memory share it means."""
     if case.disaggregated:
         pairs = [(prefill_chip or chip, _layout(case.disaggregated["prefill"], case)),
                  (chip, _layout(case.disaggregated["decode"], case))]
     else:
         pairs = [(chip, Layout(case.chips, tp=case.tp, ep=case.ep, pp=case.pp,
                                redundant_experts=case.redundant_experts))]
-    return [Deployment(chip=kind, layout=lay, quant=case.weights, kv_dtype=case.kv_dtype, mtp_tokens=case.mtp_tokens,
+    deps = [Deployment(chip=kind, layout=lay, quant=case.weights, kv_dtype=case.kv_dtype, mtp_tokens=case.mtp_tokens,
                        mtp_acceptance=case.mtp_acceptance, expert_imbalance=case.expert_imbalance,
                        memory_util=case.memory_util) for kind, lay in pairs]
+    if case.kv_free_fraction is not None and shape is not None:
+        for dep in deps:
+            total = dep.chip.memory_gb * 1e9
+            weights = weights_per_chip(shape, dep)
+            dep.memory_util = min(1.0, (weights + case.kv_free_fraction * max(total - weights, 0.0)) / total)
+    return deps
 
 
 def check_case(case: Case, catalog: dict[str, Chip], shape_of) -> None:
@@ -51,7 +58,7 @@ def check_case(case: Case, catalog: dict[str, Chip], shape_of) -> None:
         shape = shape_of(case.model)
         weight_bytes(case.weights)
         kv_bytes(case.kv_dtype)
-        for dep in deployments_for(case, catalog[case.chip], catalog[case.prefill_chip]):
+        for dep in deployments_for(case, catalog[case.chip], catalog[case.prefill_chip], shape):
             check_layout(shape, dep.layout)
             if max_decode_seqs(shape, dep, int(case.context) or 1) < 1:
                 raise PlanError(f"the weights do not fit on {dep.layout.describe()} of {case.chip}")
@@ -88,7 +95,7 @@ def predict(case: Case, factors: Factors, chip: Chip, shape: ModelShape,
             prefill: tuple[Chip, Factors] | None = None) -> dict:
     """{"predicted": {key: value} for every key the phase predicts, "load": what was assumed, "bound": ...}.
     `prefill`: the chip and factors of a mixed fleet's prefill instance (else the case's own)."""
-    deps = deployments_for(case, chip, prefill[0] if prefill else None)
+    deps = deployments_for(case, chip, prefill[0] if prefill else None, shape)
     dep = deps[-1]
     n = case.chips
     cached = int(case.input_len * case.cache_hit_rate)

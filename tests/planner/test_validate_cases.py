@@ -199,3 +199,18 @@ def test_a_limit_no_batch_meets_prints_null_not_infinity(tmp_path, capsys):
     case = json.loads(out)["cases"][0]
     assert case["predicted"] == {"output_tok_s_per_chip": 0.0, "tpot_ms": None}
     assert case["error"]["output_tok_s_per_chip"] == -1.0
+
+
+def test_kv_free_fraction_is_a_share_of_the_memory_the_weights_leave():
+    from shoal.planner.cost import weights_per_chip
+    from shoal.planner.predict import deployments_for
+
+    shape = load_shape("llama-3.3-70b")
+    h200 = load_catalog()["h200"]
+    case = load_cases_from({**BOTH, "model": "llama-3.3-70b", "chip": "h200", "weights": "fp8",
+                            "kv_free_fraction": 0.5})
+    dep = deployments_for(case, h200, shape=shape)[0]
+    weights = weights_per_chip(shape, dep)
+    assert dep.memory_util * 141e9 == pytest.approx(weights + 0.5 * (141e9 - weights))
+    with pytest.raises(Exception, match="memory_util or kv_free_fraction, not both"):
+        load_cases_from({**BOTH, "kv_free_fraction": 0.5, "memory_util": 0.9})
