@@ -18,7 +18,7 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
 
 BUILTIN_CATALOG = Path(__file__).with_name("catalog.toml")
 REQUIRED = ("bf16_tflops", "memory_gb", "memory_bw_gbps", "scaleup_gbps", "scaleup_domain", "scaleout_gbps", "power_w")
-OPTIONAL = ("fp8_tflops", "int8_tops", "system_power_w", "price_per_hour")
+OPTIONAL = ("fp8_tflops", "int8_tops", "fp4_tflops", "system_power_w", "price_per_hour")
 KINDS = ("official", "estimate", "measured")
 THIS_MACHINE = "this"
 
@@ -38,6 +38,7 @@ class Chip:
     power_w: float
     fp8_tflops: float | None = None
     int8_tops: float | None = None
+    fp4_tflops: float | None = None
     system_power_w: float | None = None
     price_per_hour: float | None = None
     family: str = "other"  # software stack (nvidia, ascend, cpu, ...): chips of one family share fitted factors
@@ -51,11 +52,13 @@ class Chip:
             return self.fp8_tflops
         if compute == "int8" and self.int8_tops:
             return self.int8_tops
+        if compute == "fp4" and self.fp4_tflops:
+            return self.fp4_tflops
         return self.bf16_tflops
 
     def has_compute(self, compute: str) -> bool:
         return compute == "bf16" or (compute == "fp8" and bool(self.fp8_tflops)) or (
-            compute == "int8" and bool(self.int8_tops))
+            compute == "int8" and bool(self.int8_tops)) or (compute == "fp4" and bool(self.fp4_tflops))
 
     @property
     def energy_power_w(self) -> float:

@@ -20,7 +20,8 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
     plan = subparsers.add_parser("plan", help="plan chips, layout, speed, energy and cost for a model on paper")
     plan.add_argument("--model", default="deepseek-v3",
                       help="checkpoint folder or config.json (no weights needed), or a bundled config: "
-                           "deepseek-v3, llama-3-70b, llama-3-8b (default deepseek-v3)")
+                           "deepseek-v3, llama-3-70b, llama-3-8b, llama-3.1-8b, llama-3.3-70b, llama-2-13b, "
+                           "qwen3-235b-a22b (default deepseek-v3)")
     plan.add_argument("--chips", default="h200,910c", help="comma-separated catalog chips, 'this' = this machine")
     plan.add_argument("--catalog", action="append", default=[], metavar="FILE", help="extra chips (TOML), repeatable")
     plan.add_argument("--tpot", default=None, help="time-per-output-token limit, e.g. 50ms")
@@ -29,8 +30,12 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
     plan.add_argument("--out", dest="output_len", type=int, default=512, help="output tokens (default 512)")
     plan.add_argument("--quant", default=None, help="formats to try, e.g. fp8,int8 (default bf16,fp8,int8,int4)")
     plan.add_argument("--kv-dtype", default="bf16", help="KV cache dtype: bf16, fp8, int8")
-    plan.add_argument("--mode", default="both", choices=["colocated", "disaggregated", "both"],
-                      help="prefill and decode on the same chips, on separate chips, or try both")
+    plan.add_argument("--mode", default="both", choices=["colocated", "disaggregated", "both", "mixed", "all"],
+                      help="prefill and decode on the same chips, on separate chips, or try both; mixed: prefill "
+                           "on one chip kind and decode on another; all: every one of these")
+    plan.add_argument("--fleet", default=None, metavar="CHIP:N,...",
+                      help="the chips you have, e.g. h20:8,910b:16: the best use of them (replicas of one plan, "
+                           "mixed plans included) against each kind alone")
     plan.add_argument("--max-chips", type=int, default=64, help="largest serving instance to try (default 64)")
     plan.add_argument("--mtp", type=int, default=0, help="multi-token-prediction draft tokens per step (default 0)")
     plan.add_argument("--mtp-acceptance", type=float, default=0.0, help="acceptance rate of each draft token")
@@ -41,13 +46,17 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
                       help="how many chips of each other kind match N chips of CHIP (default: N=8 of the first)")
     plan.add_argument("--top", type=int, default=3, help="plans shown per chip kind (default 3)")
     plan.add_argument("--plots", default=DEFAULT_PLOTS, metavar="PREFIX",
-                      help=f"write PREFIX_throughput.png and PREFIX_energy.png (default {DEFAULT_PLOTS})")
+                      help=f"write PREFIX_throughput.png and PREFIX_energy.png, and PREFIX_fleet.png with --fleet "
+                           f"(default {DEFAULT_PLOTS})")
     plan.add_argument("--no-plots", action="store_true", help="do not write plots")
     plan.add_argument("--json", action="store_true", help="print JSON instead of tables")
     plan.add_argument("--no-progress", action="store_true", help="no progress bars")
     check = plan.add_argument_group("checks")
-    check.add_argument("--validate", action="store_true", help="predict the published deployments and compare")
-    check.add_argument("--deployments", default=None, metavar="FILE", help="deployments file for --validate")
+    check.add_argument("--validate", nargs="?", const="", default=None, metavar="FILE",
+                       help="predict measured deployments and compare: the shipped cases, or FILE in the public "
+                            "JSON format (README: `shoal plan`), or the older TOML form; --json prints each case's "
+                            "measured and predicted figures")
+    check.add_argument("--deployments", default=None, metavar="FILE", help="the same as --validate FILE")
     check.add_argument("--calibrate", action="store_true",
                        help="run shoal's engine here on a few shapes, fit this machine's factors, check a held-back shape")
     check.add_argument("--device", default="cpu", help="device to calibrate (default cpu)")
@@ -92,7 +101,7 @@ HEADER = ["chip", "layout", "chips", "batch", "TTFT ms", "TPOT ms", "out tok/s",
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    if args.validate:
+    if args.validate is not None or args.deployments:
         return _validate(args)
     if args.calibrate:
         return _calibrate(args)
@@ -103,9 +112,26 @@ def _validate(args) -> int:
     from shoal.planner.catalog import load_catalog
     from shoal.planner.validate import DEPLOYMENTS, format_validation, validate
 
-    report = validate(args.deployments or DEPLOYMENTS, load_catalog(args.catalog))
-    print(json.dumps(report, indent=2) if args.json else format_validation(report))
+    report = validate(args.validate or args.deployments or DEPLOYMENTS, load_catalog(args.catalog))
+    if args.json:
+        cases = [{k: row[k] for k in ("name", "phase", "chip", "measured", "predicted", "error", "left_out_error",
+                                      "role", "load", "bound")} for row in report["cases"]]
+        print(json.dumps(_finite({"cases": cases, "summary": report["summary"], "factors": report["factors"],
+                                  "provenance": report["provenance"]}), indent=2, allow_nan=False, default=str))
+    else:
+        print(format_validation(report))
     return 0
+
+
+def _finite(value):
+    """JSON has no infinity: a figure no batch can reach (a TPOT limit nothing meets) prints as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _calibrate(args) -> int:
@@ -152,21 +178,37 @@ def _plan(args) -> int:
     def factors_of(chip):
         return factors_for(chip, factor_set)
 
-    modes = ("colocated", "disaggregated") if args.mode == "both" else (args.mode,)
+    modes = {"both": ("colocated", "disaggregated"), "all": ("colocated", "disaggregated", "mixed")}.get(
+        args.mode, (args.mode,))
+    fleet = None
+    if args.fleet:
+        from shoal.planner.fleet import parse_fleet
+
+        fleet = parse_fleet(args.fleet, [c.key for c in chips])
+        if len(fleet) > 1 and "mixed" not in modes:
+            modes = (*modes, "mixed")
     plans = search(shape, chips, work, factors_of, max_chips=args.max_chips, quants=quants, modes=modes,
                    progress=not args.no_progress and not args.json)
     infeasible = {c.key: explain_infeasible(shape, c, work, factors_of(c), args.max_chips, quants)
-                  for c in chips if not any(p.chip.key == c.key for p in plans)}
+                  for c in chips if not any(p.chip.key == c.key or p.prefill_kind.key == c.key for p in plans)}
     if not plans:
         raise PlanError("no plan meets the limits. " + " | ".join(infeasible.values()))
 
     objective = OBJECTIVES[args.objective]
     keys = [c.key for c in chips]
-    best = {k: sorted((p for p in plans if p.chip.key == k), key=objective, reverse=True)[:args.top] for k in keys}
+    best = {k: sorted((p for p in plans if p.chip.key == k and p.prefill_chip is None), key=objective,
+                      reverse=True)[:args.top] for k in keys}
+    mixed = sorted((p for p in plans if p.prefill_chip is not None), key=objective, reverse=True)[:args.top]
+    fleet_answer = None
+    if fleet:
+        from shoal.planner.fleet import best_in_fleet
+
+        fleet_answer = best_in_fleet(plans, fleet)
     match_key, match_n = _match_spec(args.match, keys)
     reference = None
     matches = {}
-    own = [p for p in plans if p.chip.key == match_key and math.ceil(p.chips - 1e-9) <= match_n]
+    own = [p for p in plans if p.chip.key == match_key and p.prefill_chip is None
+           and math.ceil(p.chips - 1e-9) <= match_n]
     if own:
         reference = max(own, key=lambda p: p.output_tps)
         for key in keys:
@@ -185,6 +227,10 @@ def _plan(args) -> int:
                      + (f", TTFT <= {work.ttft_s:g} s" if work.ttft_s else ""))
             ref = (f"{match_n} x {match_key}", reference) if reference else None
             plot_paths = [str(p) for p in write_plots(plans, keys, args.plots, title, ref, matches)]
+            if fleet_answer:
+                from shoal.planner.plots import write_fleet_plot
+
+                plot_paths.append(str(write_fleet_plot(fleet_answer, fleet, args.plots, title)))
         else:
             plot_note = "plots skipped: matplotlib is not installed (pip install 'shoal[plan]')"
 
@@ -197,6 +243,9 @@ def _plan(args) -> int:
                 "reference": {"chip": match_key, "chips": match_n, **reference.as_dict()},
                 "equivalents": {k: {"chips": n, **p.as_dict()} for k, (n, p) in matches.items()}},
             "infeasible": infeasible, "plots": plot_paths, "plots_note": plot_note,
+            "mixed": [p.as_dict() for p in mixed],
+            "fleet": None if fleet_answer is None else {
+                "fleet": fleet, "options": {k: o.as_dict() for k, o in fleet_answer.items()}},
         }, indent=2))
         return 0
 
@@ -209,13 +258,20 @@ def _plan(args) -> int:
           f"ranked by output tokens/s per {args.objective}")
     for key in keys:
         factors = factors_of(next(c for c in chips if c.key == key))
-        print(f"  {key} factors: prefill {factors.prefill_compute:g}, decode {factors.decode_compute:g} of peak, "
-              f"memory {factors.memory:g}, link {factors.link:g}, layer overhead {factors.layer_overhead_us:g} us "
+        compute = (f"matmuls {factors.prefill_compute:g} of peak x rows / (rows + {factors.matmul_half_tokens:g})"
+                   if factors.matmul_half_tokens > 0 else
+                   f"prefill {factors.prefill_compute:g}, decode {factors.decode_compute:g} of peak")
+        print(f"  {key} factors: {compute}, "
+              f"experts {factors.expert_efficiency:g} of that, memory {factors.memory:g}, link {factors.link:g}, "
+              f"layer overhead {factors.layer_overhead_us:g} us, expert-parallel layer {factors.ep_layer_us:g} us "
               f"(see `shoal plan --validate`)")
     print("")
     rows = [HEADER] + [_plan_row(p) for k in keys for p in best[k]]
     print("best plans per chip:")
     print("\n".join(_table(rows)))
+    if mixed:
+        print("\nmixed fleets (prefill on one kind, decode on another):")
+        print("\n".join(_table([HEADER] + [_plan_row(p) for p in mixed])))
     print("\nPareto front (throughput per chip, per watt, per dollar):")
     print("\n".join(_table([HEADER] + [_plan_row(p) for p in front[:8]])))
     if reference is not None:
@@ -226,6 +282,8 @@ def _plan(args) -> int:
             print(f"  matched by {count} x {key}: {replicas} x [{plan.describe()}] = "
                   f"{plan.output_tps * replicas:,.0f} tokens/s, "
                   f"{plan.kwh_per_mtok:.3f} kWh per million output tokens")
+    if fleet_answer is not None:
+        _print_fleet(fleet, fleet_answer)
     for key, why in infeasible.items():
         print(f"\nno plan for {why}")
     for path in plot_paths:
@@ -233,6 +291,25 @@ def _plan(args) -> int:
     if plot_note:
         print(plot_note)
     return 0
+
+
+def _print_fleet(fleet: dict[str, int], options: dict) -> None:
+    def line(use) -> str:
+        chips = " + ".join(f"{n} {k}" for k, n in use.used.items())
+        return f"{use.replicas} x [{use.plan.describe()}] on {chips}: {use.output_tps:,.0f} output tokens/s"
+
+    print("\nfleet " + " + ".join(f"{n} x {k}" for k, n in fleet.items()) + ":")
+    if not options:
+        print("  no plan fits in this fleet")
+        return
+    for name, option in options.items():
+        cost = option.usd_per_mtok
+        label = f"best ({option.name})" if name == "best" else name
+        print(f"  {label}: {option.output_tps:,.0f} output tokens/s, {option.kwh_per_mtok:.3f} kWh and "
+              f"{'-' if cost is None else f'${cost:.2f}'} per million tokens")
+        if name != "best":
+            for use in option.uses:
+                print(f"      {line(use)}")
 
 
 def _match_spec(text: str | None, keys: list[str]) -> tuple[str, int]:

@@ -30,7 +30,7 @@ ACTIVATION_HIDDENS = 24
 class Factors:
     """How close a chip gets to its datasheet; every figure a fraction of peak unless it says otherwise."""
 
-    prefill_compute: float = 0.5
+    prefill_compute: float = 0.5  # (with matmul_half_tokens > 0: every matmul's, at many rows)
     decode_compute: float = 0.5
     memory: float = 0.8
     link: float = 0.7
@@ -42,6 +42,17 @@ class Factors:
     # step, and a CPU matmul library prepares its kernels afresh for each new count.
     prefill_expert_us: float = 0.0
     decode_expert_us: float = 0.0
+    # Fixed cost per MoE layer per forward step when the experts are spread over chips (ep > 1): the
+    # dispatch and combine collectives' launch, synchronisation and round trip, paid however few
+    # tokens move (it is what keeps a small expert-parallel decode batch from getting faster).
+    ep_layer_us: float = 0.0
+    # Share of the dense matmuls' efficiency that grouped routed-expert matmuls reach.
+    expert_efficiency: float = 1.0
+    # When > 0, a matmul's efficiency follows its rows instead of its phase: prefill_compute x
+    # m / (m + matmul_half_tokens) for m rows on the chip (tokens of a data-parallel group; for a
+    # routed expert, the tokens it receives), so small decode batches and thinly spread experts
+    # reach less of peak; decode_compute is then unused.
+    matmul_half_tokens: float = 0.0
     # Passes over a token's hidden-size activation per layer made by the ops between the matmuls (norms,
     # residual adds, rotary, the gated activation, cache writes), each a read or a write at the memory
     # roofline; 0 where kernels are fused or the matmuls hide them.
@@ -193,14 +204,23 @@ def _link_time(chip: Chip, factors: Factors, group: int, nbytes_remote: float,
 
 
 def forward_cost(shape: ModelShape, dep: Deployment, factors: Factors, tokens: float, keys: float,
-                 kv_read_tokens: float, logits_tokens: float, phase: str) -> StepCost:
+                 kv_read_tokens: float, logits_tokens: float, phase: str, prefill_tokens: float = 0.0,
+                 prefill_keys: float = 0.0) -> StepCost:
     """One forward pass of one pipeline stage, on one chip, for the whole instance's batch.
 
     tokens: tokens processed across the instance (all DP groups); keys: query-key pairs attended
     (sum over tokens of keys seen); kv_read_tokens: cached tokens read from memory (decode); logits_tokens:
-    tokens that need the LM head; phase: "prefill" or "decode"."""
+    tokens that need the LM head; phase: "prefill", "decode" or "mixed" (a chunked-prefill step: of
+    `tokens`, `prefill_tokens` are prompt tokens and of `keys`, `prefill_keys` are theirs; the matmuls
+    run at the two phases' efficiencies weighted by their share of the tokens)."""
     chip, lay = dep.chip, dep.layout
-    compute_eff = factors.prefill_compute if phase == "prefill" else factors.decode_compute
+    share = 1.0 if phase == "prefill" else 0.0
+    if phase == "mixed":
+        share = min(1.0, prefill_tokens / tokens) if tokens > 0 else 0.0
+        prefill_keys = min(prefill_keys, keys)
+    else:
+        prefill_keys = keys if phase == "prefill" else 0.0
+    compute_eff = share * factors.prefill_compute + (1 - share) * factors.decode_compute
     wb = weight_bytes(dep.quant)
     peak = chip.matmul_tflops(dep.compute)
     bf16 = chip.bf16_tflops
@@ -213,13 +233,21 @@ def forward_cost(shape: ModelShape, dep: Deployment, factors: Factors, tokens: f
     t_dp = tokens / dp  # tokens of one attention data-parallel group
     kv_split = 1 if shape.mla else min(tp, shape.kv_heads)
 
-    def roof(name, flops, nbytes, peak_tflops, repeat):
-        _roofline(cost, name, flops, nbytes, peak_tflops, bw, compute_eff, factors.memory, repeat)
+    half = factors.matmul_half_tokens
+
+    def eff(rows: float) -> float:
+        return factors.prefill_compute * rows / (rows + half) if half > 0 and rows > 0 else compute_eff
+
+    def roof(name, flops, nbytes, peak_tflops, repeat, rows=None):
+        _roofline(cost, name, flops, nbytes, peak_tflops, bw, eff(t_dp if rows is None else rows), factors.memory,
+                  repeat)
 
     roof("attention projections", t_dp * 2 * shape.attention_params / tp, shape.attention_params * wb / tp, peak,
          stage_layers)
     kv_layer_bytes = shape.kv_values_per_token_layer * kv_bytes(dep.kv_dtype)
-    roof("attention core", keys / dp * shape.attention_core_flops_per_key(absorbed=phase == "decode") / tp,
+    core_flops = (prefill_keys * shape.attention_core_flops_per_key(absorbed=False)
+                  + (keys - prefill_keys) * shape.attention_core_flops_per_key(absorbed=True))
+    roof("attention core", core_flops / dp / tp,
          kv_read_tokens / dp * kv_layer_bytes / kv_split, bf16, stage_layers)
     if dense_layers:
         roof("dense MLP", t_dp * 2 * shape.dense_mlp_params / tp, shape.dense_mlp_params * wb / tp, peak,
@@ -234,7 +262,10 @@ def forward_cost(shape: ModelShape, dep: Deployment, factors: Factors, tokens: f
         # Only experts that receive a token are read: each token picks k of E experts.
         touched = 1.0 - (1.0 - shape.experts_per_token / shape.routed_experts) ** max(tokens, 0.0)
         flops = tokens * shape.experts_per_token * 2 * shape.expert_params / lay.stage_chips * dep.expert_imbalance
-        roof("routed experts", flops, per_chip * touched * shape.expert_params * wb / expert_split, peak, moe_layers)
+        # grouped expert matmuls (many small ones, each of a few tokens) reach a lower share of peak
+        rows = tokens * shape.experts_per_token / shape.routed_experts  # tokens one expert receives
+        _roofline(cost, "routed experts", flops, per_chip * touched * shape.expert_params * wb / expert_split, peak,
+                  bw, eff(rows) * factors.expert_efficiency, factors.memory, moe_layers)
         active_experts = moe_layers * per_chip * touched
     else:
         active_experts = 0.0
@@ -243,7 +274,7 @@ def forward_cost(shape: ModelShape, dep: Deployment, factors: Factors, tokens: f
     head_tp = tp  # vocabulary-parallel head over the tensor-parallel group
     cost.pieces.setdefault("LM head", 0.0)
     _roofline(cost, "LM head", logits_tokens / dp * 2 * shape.head_params / head_tp,
-              shape.head_params * UNQUANTIZED_BYTES / head_tp, bf16, bw, compute_eff, factors.memory, 1.0)
+              shape.head_params * UNQUANTIZED_BYTES / head_tp, bf16, bw, eff(logits_tokens / dp), factors.memory, 1.0)
 
     # ---- communication ----
     act = 2.0  # bf16 activations
@@ -253,8 +284,9 @@ def forward_cost(shape: ModelShape, dep: Deployment, factors: Factors, tokens: f
         cost.comm["tp all-reduce"] = 2 * stage_layers * per
     if moe_layers and lay.stage_chips > 1 and lay.ep > 1:
         per_chip_tokens = tokens / lay.stage_chips
-        dispatch_bytes = 1.0 if dep.compute in ("fp8", "int8") else act
-        copies, share_out = all_to_all_copies(chip, lay.stage_chips, phase, shape.experts_per_token)
+        dispatch_bytes = 1.0 if dep.compute in ("fp8", "int8", "fp4") else act
+        kernels = "prefill" if share > 0.5 else "decode"  # DeepEP-style normal or low-latency mode
+        copies, share_out = all_to_all_copies(chip, lay.stage_chips, kernels, shape.experts_per_token)
         dispatch = per_chip_tokens * copies * shape.hidden * dispatch_bytes
         combine = per_chip_tokens * copies * shape.hidden * act
         cost.comm["ep dispatch"] = moe_layers * _link_time(chip, factors, lay.stage_chips, dispatch, share_out)
@@ -264,9 +296,10 @@ def forward_cost(shape: ModelShape, dep: Deployment, factors: Factors, tokens: f
         cost.comm["pp send"] = _link_time(chip, factors, 2 if lay.chips <= chip.scaleup_domain else
                                           chip.scaleup_domain + 1, send)
     cost.comm_s = sum(cost.comm.values())
-    expert_us = factors.prefill_expert_us if phase == "prefill" else factors.decode_expert_us
+    expert_us = share * factors.prefill_expert_us + (1 - share) * factors.decode_expert_us
+    ep_layers = moe_layers if lay.ep > 1 and lay.stage_chips > 1 else 0.0
     cost.overhead_s = (factors.layer_overhead_us * stage_layers + factors.step_overhead_us
-                       + expert_us * active_experts) * 1e-6
+                       + expert_us * active_experts + factors.ep_layer_us * ep_layers) * 1e-6
     return cost
 
 

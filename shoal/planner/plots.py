@@ -70,3 +70,32 @@ def write_plots(plans: list[Plan], chip_keys: list[str], out_prefix: str | Path,
     fig.savefig(paths[-1])
     plt.close(fig)
     return paths
+
+
+def write_fleet_plot(options: dict, fleet: dict[str, int], out_prefix: str | Path, title: str) -> Path:
+    """Write <prefix>_fleet.png: output tokens/s of each way to use the fleet, with its energy and
+    cost per million tokens on the bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(f"{out_prefix}_fleet.png")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    names = [n for n in options if n != "best"]
+    best = options["best"].name
+    fig, ax = plt.subplots(figsize=(7, 0.6 * len(names) + 1.4), dpi=90)
+    values = [options[n].output_tps for n in names]
+    ax.barh(names, values, color=["tab:green" if n == best else "tab:blue" for n in names])
+    for i, name in enumerate(names):
+        cost = options[name].usd_per_mtok
+        ax.annotate(f" {values[i]:,.0f} tok/s, {options[name].kwh_per_mtok:.2f} kWh"
+                    + ("" if cost is None else f", ${cost:.2f}") + " /Mtok", (values[i], i), va="center", fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, max(values) * 1.6)
+    ax.set_xlabel("output tokens/s")
+    ax.set_title(f"{title}\n" + " + ".join(f"{n} x {k}" for k, n in fleet.items()), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -7,6 +7,7 @@ steps) or disaggregated (a decode instance plus the share of prefill chips that 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -53,14 +54,20 @@ class Plan:
     prefill_chips: float = 0.0
     memory_gb: float = 0.0
     notes: dict = field(default_factory=dict)
+    prefill_chip: Chip | None = None  # mode "mixed": the prefill instances' chip kind (another than `chip`)
 
     @property
     def tps_per_chip(self) -> float:
         return self.output_tps / self.chips
 
     @property
+    def prefill_kind(self) -> Chip:
+        return self.prefill_chip or self.chip
+
+    @property
     def watts(self) -> float:
-        return self.chips * self.chip.energy_power_w
+        return (self.chips - self.prefill_chips) * self.chip.energy_power_w \
+            + self.prefill_chips * self.prefill_kind.energy_power_w
 
     @property
     def tokens_per_joule(self) -> float:
@@ -72,20 +79,24 @@ class Plan:
 
     @property
     def usd_per_mtok(self) -> float | None:
-        if not self.chip.price_per_hour:
+        if not self.chip.price_per_hour or not self.prefill_kind.price_per_hour:
             return None
-        return self.chips * self.chip.price_per_hour / (self.output_tps * 3600) * 1e6
+        per_hour = ((self.chips - self.prefill_chips) * self.chip.price_per_hour
+                    + self.prefill_chips * self.prefill_kind.price_per_hour)
+        return per_hour / (self.output_tps * 3600) * 1e6
 
     def describe(self) -> str:
         text = f"{self.layout.describe()} {self.quant} {self.mode}"
         if self.prefill_layout is not None:
-            text += f" (+{self.prefill_chips:.2f} prefill chips, {self.prefill_layout.describe()})"
+            kind = f" of {self.prefill_chip.key}" if self.prefill_chip else ""
+            text += f" (+{self.prefill_chips:.2f} prefill chips{kind}, {self.prefill_layout.describe()})"
         return text
 
     def as_dict(self) -> dict:
         return {
             "chip": self.chip.key, "quant": self.quant, "mode": self.mode, "layout": self.layout.describe(),
             "prefill_layout": self.prefill_layout.describe() if self.prefill_layout else None,
+            "prefill_chip": self.prefill_kind.key if self.prefill_layout else None,
             "chips": self.chips, "prefill_chips": self.prefill_chips, "batch": self.seqs,
             "ttft_ms": self.ttft_s * 1e3, "tpot_ms": self.tpot_s * 1e3, "output_tokens_per_s": self.output_tps,
             "tokens_per_s_per_chip": self.tps_per_chip, "tokens_per_joule": self.tokens_per_joule,
@@ -171,8 +182,10 @@ def evaluate(shape: ModelShape, chip: Chip, layout: Layout, quant: str, work: Wo
             return None
         prefill_rate, prefill_layout, ttft = prefill
 
-        def ok(seqs: int) -> bool:
-            return work.tpot_s is None or _tpot_decode(shape, dep, factors, seqs, context) <= work.tpot_s
+        def ok(seqs: int) -> bool:  # the first token also waits for one decode step after its prefill
+            step_s = decode_step_time(shape, dep, factors, seqs, context)[0]
+            return ((work.tpot_s is None or step_s / tps <= work.tpot_s)
+                    and (work.ttft_s is None or ttft + step_s <= work.ttft_s))
 
         seqs = _largest(ok, top)
         if seqs == 0:
@@ -213,25 +226,59 @@ def search(shape: ModelShape, chips: list[Chip], work: Workload, factors_of, max
     """Every feasible plan over the chip kinds; factors_of(chip) gives each chip's efficiency factors."""
     from tqdm import tqdm
 
+    # a separate prefill instance may take 80% of the TTFT limit: the first token also waits for a decode step
+    prefill_work = work if work.ttft_s is None else dataclasses.replace(work, ttft_s=0.8 * work.ttft_s)
     plans = []
+    prefill_by: dict[tuple[str, str], tuple[float, Layout, float]] = {}  # (chip, quant) -> its best prefill
     for chip in chips:
         factors = factors_of(chip)
         formats = [q for q in (quants or QUANTS) if q in ("bf16", "int4") or chip.has_compute(q)]
         layouts = candidate_layouts(shape, chip, max_chips)
         for quant in tqdm(formats, desc=f"plan {chip.key}", disable=not progress, leave=False):
             prefill_best = None
-            if "disaggregated" in modes:
+            if "disaggregated" in modes or "mixed" in modes:
                 for layout in layouts:
                     dep = Deployment(chip, layout, quant=quant, kv_dtype=work.kv_dtype)
                     if memory_per_chip(shape, dep, 0, 0, 0).weights > dep.chip.memory_gb * 1e9 * dep.memory_util:
                         continue
-                    rate, _, ttft = best_prefill(shape, dep, factors, work)
+                    rate, _, ttft = best_prefill(shape, dep, factors, prefill_work)
                     if rate > 0 and (prefill_best is None or rate > prefill_best[0]):
                         prefill_best = (rate, layout, ttft)
+            if prefill_best is not None:
+                prefill_by[(chip.key, quant)] = prefill_best
             for layout in layouts:
                 for mode in modes:
+                    if mode == "mixed":
+                        continue
                     plan = evaluate(shape, chip, layout, quant, work, factors, mode, prefill_best)
                     if plan is not None:
+                        plans.append(plan)
+    if "mixed" in modes:
+        plans += _mixed(shape, chips, work, factors_of, max_chips, quants, prefill_by)
+    return plans
+
+
+def _mixed(shape, chips, work, factors_of, max_chips, quants, prefill_by) -> list[Plan]:
+    """Decode on one chip kind, prefill on another (its best prefill instance, in the same weight
+    format when it has it, else in its fastest one); the KV cache crossing between them is not timed."""
+    plans = []
+    for chip in chips:
+        factors = factors_of(chip)
+        formats = [q for q in (quants or QUANTS) if q in ("bf16", "int4") or chip.has_compute(q)]
+        layouts = candidate_layouts(shape, chip, max_chips)
+        for other in chips:
+            if other.key == chip.key:
+                continue
+            own = [v for (key, _), v in prefill_by.items() if key == other.key]
+            if not own:
+                continue
+            fastest = max(own, key=lambda v: v[0])
+            for quant in formats:
+                prefill = prefill_by.get((other.key, quant), fastest)
+                for layout in layouts:
+                    plan = evaluate(shape, chip, layout, quant, work, factors, "disaggregated", prefill)
+                    if plan is not None:
+                        plan.mode, plan.prefill_chip = "mixed", other
                         plans.append(plan)
     return plans
 
@@ -260,7 +307,7 @@ def best_by_chip_count(plans: list[Plan], chip_key: str) -> list[Plan]:
     only counts where throughput rises — the curve that the throughput plot draws."""
     best: dict[int, Plan] = {}
     for plan in plans:
-        if plan.chip.key != chip_key:
+        if plan.chip.key != chip_key or plan.prefill_chip is not None:
             continue
         count = math.ceil(plan.chips - 1e-9)
         if count not in best or plan.output_tps > best[count].output_tps:
@@ -277,7 +324,7 @@ def chips_to_match(plans: list[Plan], chip_key: str, target_tps: float) -> tuple
     """Fewest chips of one kind whose replicated best plan reaches `target_tps` output tokens/s."""
     best = None
     for plan in plans:
-        if plan.chip.key != chip_key:
+        if plan.chip.key != chip_key or plan.prefill_chip is not None:
             continue
         replicas = math.ceil(target_tps / plan.output_tps - 1e-9)
         count = math.ceil(replicas * plan.chips - 1e-9)

@@ -23,9 +23,10 @@ WEIGHT_BYTES = {
     "fp8": 1.0 + 4.0 / (128 * 128),
     "int8": 1.0,
     "int4": 0.5 + 2.0 / 128,
+    "fp4": 0.5 + 1.0 / 16,  # NVFP4: an fp8 scale per 16 values
 }
 # Formats whose matmuls run on the chip's low-precision units when the chip has them.
-LOW_PRECISION_COMPUTE = {"fp8": "fp8", "int8": "int8"}
+LOW_PRECISION_COMPUTE = {"fp8": "fp8", "int8": "int8", "fp4": "fp4"}
 KV_BYTES = {"bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "int8": 1.0}
 # Embeddings, the LM head and the router stay in bf16 in every format (as DeepSeek's fp8 checkpoints do).
 UNQUANTIZED_BYTES = 2.0
@@ -216,19 +217,33 @@ class ModelShape:
         }
 
 
+# Families the planner can size from their config.json although shoal's engine does not run them yet:
+# plans for them are paper plans (Qwen3-MoE: Qwen3's attention, routed experts without a shared one).
+PLANNED_ONLY = {"Qwen3MoeForCausalLM"}
+
+
+def _moe_layers(config: ModelConfig, layers: int) -> int:
+    """How many layers hold routed experts: DeepSeek's first_k_dense_replace / moe_layer_freq, or
+    Qwen-MoE's decoder_sparse_step / mlp_only_layers."""
+    if "decoder_sparse_step" in config.raw or "mlp_only_layers" in config.raw:
+        step = max(1, int(config.get("decoder_sparse_step", 1)))
+        dense = set(config.get("mlp_only_layers", None) or [])
+        return sum(1 for i in range(layers) if i not in dense and (i + 1) % step == 0)
+    first_dense = int(config.get("first_k_dense_replace", 0))
+    freq = int(config.get("moe_layer_freq", 1))
+    return sum(1 for i in range(layers) if i >= first_dense and i % freq == 0)
+
+
 def shape_from_config(config: ModelConfig, name: str = "") -> ModelShape:
-    """The planner's view of a parsed config.json; raises UnsupportedArchitectureError for a family shoal does not run."""
-    model_class(config)  # the same check, and the same message, as loading the model would give
+    """The planner's view of a parsed config.json; raises UnsupportedArchitectureError for a family
+    shoal does not run (unless PLANNED_ONLY lists it)."""
+    if config.architecture not in PLANNED_ONLY:
+        model_class(config)  # the same check, and the same message, as loading the model would give
     raw = config.raw
     mla = "kv_lora_rank" in raw and raw.get("kv_lora_rank") is not None
-    routed = int(config.get("n_routed_experts", 0))
+    routed = int(config.get("n_routed_experts", 0) or config.get("num_experts", 0) or 0)
     layers = config.num_hidden_layers
-    if routed:
-        first_dense = int(config.get("first_k_dense_replace", 0))
-        freq = int(config.get("moe_layer_freq", 1))
-        moe_layers = sum(1 for i in range(layers) if i >= first_dense and i % freq == 0)
-    else:
-        moe_layers = 0
+    moe_layers = _moe_layers(config, layers) if routed else 0
     return ModelShape(
         name=name or config.model_type or config.architecture,
         architecture=config.architecture,
@@ -260,7 +275,7 @@ BUNDLED_MODELS = Path(__file__).parent / "models"
 
 
 def load_shape(model: str | Path) -> ModelShape:
-    """A folder or config.json file, or the name of a bundled config (deepseek-v3, llama-3-70b, llama-3-8b)."""
+    """A folder or config.json file, or the name of a bundled config (shoal/planner/models/NAME)."""
     path = Path(model)
     if not path.exists() and (BUNDLED_MODELS / str(model)).is_dir():
         path = BUNDLED_MODELS / str(model)

@@ -178,3 +178,31 @@ def test_activation_passes_are_timed_at_the_memory_roofline():
     assert cost.bound["activations"] == "memory"
     # off by default: the published-deployment fits do not see it
     assert "activations" not in forward_cost(s, dep, Factors(), 2048, 0, 0, 0, "prefill").pieces
+
+
+def test_a_chunked_step_splits_attention_and_blends_efficiency():
+    """A mixed step: prompt keys in MLA's plain form, decode keys absorbed; matmuls at the two phases'
+    efficiencies weighted by their tokens, or, with matmul_half_tokens, by their rows."""
+    s = load_shape("deepseek-v3")
+    dep = Deployment(chip(memory_bw_gbps=1e9), Layout(1), quant="bf16", overlap=False)
+    f = Factors(prefill_compute=0.6, decode_compute=0.2)
+    cost = forward_cost(s, dep, f, tokens=400, keys=1000, kv_read_tokens=0, logits_tokens=0, phase="mixed",
+                        prefill_tokens=100, prefill_keys=300)
+    core = (300 * s.attention_core_flops_per_key(absorbed=False) + 700 * s.attention_core_flops_per_key(absorbed=True))
+    eff = 0.25 * 0.6 + 0.75 * 0.2
+    assert cost.pieces["attention core"] == pytest.approx(61 * core / (100e12 * eff))
+    by_rows = forward_cost(s, dep, f.replaced(matmul_half_tokens=100.0), 400, 1000, 0, 0, "mixed", 100, 300)
+    assert by_rows.pieces["attention core"] == pytest.approx(61 * core / (100e12 * 0.6 * 400 / 500))
+    # a routed expert's rows are the tokens it receives: 400 x 8 / 256
+    rows = 400 * 8 / 256
+    flops = 400 * 8 * 2 * s.expert_params
+    assert by_rows.pieces["routed experts"] == pytest.approx(58 * flops / (100e12 * 0.6 * rows / (rows + 100)))
+
+
+def test_calibrated_chips_keep_their_per_phase_efficiencies():
+    from shoal.planner.validate import factors_for, published_fit
+
+    mine = chip(family="this", efficiency={"prefill_compute": 0.3, "decode_compute": 0.1})
+    got = factors_for(mine, published_fit())
+    assert (got.prefill_compute, got.decode_compute, got.matmul_half_tokens) == (0.3, 0.1, 0.0)
+    assert factors_for(chip(family="nvidia"), published_fit()).matmul_half_tokens > 0
