@@ -40,6 +40,11 @@ class EngineConfig:
     ep_weights: str | list[float] | None = None  # "3,1", or "auto"; None: even
     distributed_executor: str = "mp"  # "mp" (this host), "torchrun", "ray"
     collective_timeout: float = 120.0  # seconds before a silent worker fails the engine
+    # Which kernels the backend runs (see Backend.ops): "auto" its own where they are faster on this
+    # machine, "shoal" its own wherever they are built, "torch" PyTorch's only. None: "torch" when the
+    # environment says SHOAL_CPU_KERNELS=0, else "auto".
+    cpu_kernels: str | None = None
+    enforce_eager: bool = False  # never record and replay a decode step (vLLM's flag of the same name)
 
     def __post_init__(self) -> None:
         from shoal.quant.plan import check_quant_options
@@ -58,6 +63,15 @@ class EngineConfig:
         for name in ("max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) < 1:
                 raise InvalidRequestError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.cpu_kernels is None:
+            from shoal.backends.ops import default_kernels
+
+            self.cpu_kernels = default_kernels()
+        from shoal.backends.ops import KERNEL_CHOICES
+
+        if self.cpu_kernels not in KERNEL_CHOICES:
+            raise InvalidRequestError(
+                f"cpu_kernels must be one of {', '.join(KERNEL_CHOICES)}, got {self.cpu_kernels!r}")
 
     @property
     def model_path(self) -> str:

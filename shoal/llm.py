@@ -67,7 +67,9 @@ class LLM:
             self.model, self.model_config, self.dtype = build_model(
                 path, backend, self.device, self.config.torch_dtype, progress=self.config.progress,
                 quant=self.config.quant, quant_group_size=self.config.quant_group_size,
+                kernels=self.config.cpu_kernels,
             )
+            self.model.capture_decode = not self.config.enforce_eager
         if path.is_file():  # a GGUF file: the tokenizer lives in its metadata
             from shoal.gguf.reader import GGUFFile
             from shoal.gguf.tokenizer import gguf_tokenizer

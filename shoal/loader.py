@@ -141,8 +141,10 @@ def build_model(
     quant: str | None = None,
     quant_group_size: int | None = None,
     prepare: bool = True,
+    kernels: str = "auto",
 ) -> tuple[CausalLM, ModelConfig, torch.dtype]:
     """Read config.json, construct the model on `device` and load its weights (a GGUF file: shoal.gguf).
+    `kernels`: EngineConfig.cpu_kernels, which of the backend's kernels the model's ops and matmuls take.
 
     `quant` ("int8", "int4", "fp8") stores the weights quantized, each quantized as it streams in; a
     checkpoint that is already quantized (config.json's quantization_config) is read as such. See
@@ -151,19 +153,20 @@ def build_model(
     if path.is_file():
         from shoal.gguf import build_gguf_model
 
-        return build_gguf_model(path, backend, device, dtype, progress, quant, quant_group_size, prepare)
+        return build_gguf_model(path, backend, device, dtype, progress, quant, quant_group_size, prepare, kernels)
     from shoal.quant.plan import plan_quantization
 
     config = load_model_config(path)
     dtype = choose_dtype(config, backend, dtype)
     plan = plan_quantization(config, backend, quant, quant_group_size, prepare)
-    model = construct_model(config, backend, device, dtype, plan)
+    model = construct_model(config, backend, device, dtype, plan, kernels)
     weights = iterate_weights(safetensors_files(path), progress=progress)
     stream = plan.checkpoint.wrap(weights) if plan is not None and plan.checkpoint is not None else weights
     return load_into(model, stream, weights.close, plan), config, dtype
 
 
-def construct_model(config: ModelConfig, backend: Backend, device: torch.device, dtype: torch.dtype, plan) -> CausalLM:
+def construct_model(config: ModelConfig, backend: Backend, device: torch.device, dtype: torch.dtype, plan,
+                    kernels: str = "auto") -> CausalLM:
     """The model's modules on `device`, with quantized layers swapped in when `plan` (a QuantPlan) says
     so — their full-precision parameters never allocated."""
     from shoal.quant.plan import apply_plan, parameters_on_meta
@@ -173,8 +176,8 @@ def construct_model(config: ModelConfig, backend: Backend, device: torch.device,
     with _default_dtype(dtype), torch.device(device), on_meta:
         model = cls(config, backend)
     if plan is not None and plan.changes_model:
-        apply_plan(model, plan, backend, dtype, device)
-    bind_ops(model, backend.ops())
+        apply_plan(model, plan, backend, dtype, device, kernels)
+    bind_ops(model, backend.ops(kernels))
     return model
 
 

@@ -128,9 +128,10 @@ class Backend:
         return self.supported_dtypes()[0]
 
     # ---- choices -------------------------------------------------------------------
-    def ops(self) -> Ops:
+    def ops(self, kernels: str = "auto") -> Ops:
         """The operations layers call on this device (shoal/backends/ops.py), bound to a model once when
-        it is built: the plain-torch reference here; a backend overrides the ones its chip does faster."""
+        it is built: the plain-torch reference here; a backend overrides the ones its chip does faster.
+        `kernels` is EngineConfig.cpu_kernels ("auto", "shoal", "torch"), for a backend with a choice."""
         from shoal.backends.ops import Ops
 
         return Ops()
@@ -139,7 +140,7 @@ class Backend:
         """The attention implementation for a layer kind and KV dtype."""
         return sdpa_attention
 
-    def linear_fn(self, weight_format: str) -> Callable[..., torch.Tensor]:
+    def linear_fn(self, weight_format: str, kernels: str = "auto") -> Callable[..., torch.Tensor]:
         """The matmul for a weight format: "dense" is plain F.linear everywhere; "int8", "int4" and "fp8"
         (shoal.quant's formats) get a `QuantizedLinearKernel`, by default the pure-torch one that
         dequantizes on each call. A backend with faster kernels overrides this."""

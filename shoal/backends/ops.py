@@ -13,8 +13,20 @@ reference itself: `super().rms_norm(...)`.
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
+
+# What EngineConfig.cpu_kernels may say: a backend's own kernels where they are faster on this machine,
+# its own wherever they are built (to test them, or to measure), or PyTorch's alone.
+KERNEL_CHOICES = ("auto", "shoal", "torch")
+
+
+def default_kernels() -> str:
+    """The choice when none is given: "torch" when SHOAL_CPU_KERNELS says 0 / false / no / off."""
+    off = os.environ.get("SHOAL_CPU_KERNELS", "1").strip().lower() in ("0", "false", "no", "off")
+    return "torch" if off else "auto"
 
 
 class Ops:

@@ -139,6 +139,7 @@ def build_gguf_model(
     quant: str | None = None,
     quant_group_size: int | None = None,
     prepare: bool = True,
+    kernels: str = "auto",
 ) -> tuple[CausalLM, ModelConfig, torch.dtype]:
     """Read the GGUF header, construct the model on `device` and load its tensors; a Q4_0 file loads as
     int4 group 32 unless `quant` names another format."""
@@ -156,7 +157,7 @@ def build_gguf_model(
     quant_plan = plan_quantization(config, backend, quant, quant_group_size, prepare)
     if from_file and quant_plan is not None:  # keep the file's own embedding values, not an int8 copy of them
         quant_plan = dataclasses.replace(quant_plan, quantize_embeddings=False)
-    model = construct_model(config, backend, device, dtype, quant_plan)
+    model = construct_model(config, backend, device, dtype, quant_plan, kernels)
     keep_q4_0 = quant_plan is not None and quant_plan.fmt == "int4" and quant_plan.group_size == 32
     weights = iterate_gguf_weights(file, steps, dtype, progress=progress, keep_q4_0=keep_q4_0)
     return load_into(model, weights, weights.close, quant_plan), config, dtype

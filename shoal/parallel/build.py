@@ -144,7 +144,8 @@ def _split_pipeline(model: CausalLM, state: ParallelState) -> None:
 
 def build_model_shard(path: Path, backend: Backend, device: torch.device, dtype: torch.dtype | None,
                       state: ParallelState, progress: bool = True, quant: str | None = None,
-                      quant_group_size: int | None = None) -> tuple[CausalLM, ModelConfig, torch.dtype]:
+                      quant_group_size: int | None = None,
+                      kernels: str = "auto") -> tuple[CausalLM, ModelConfig, torch.dtype]:
     """This rank's part of the model at `path`, loaded; `state` must have its splits planned.
 
     `quant` / `quant_group_size` as for shoal.loader.build_model: the split layers are swapped for their
@@ -160,9 +161,9 @@ def build_model_shard(path: Path, backend: Backend, device: torch.device, dtype:
         _split_pipeline(model, state)
         _split_tensor(model, state)
         if plan is not None and plan.changes_model:
-            apply_plan(model, plan, backend, dtype, device)
+            apply_plan(model, plan, backend, dtype, device, kernels)
     _materialize(model, device)
-    bind_ops(model, backend.ops())
+    bind_ops(model, backend.ops(kernels))
     model.capture_decode = False  # a split step's collectives are not kernels a replay could run
     weights = iterate_weights(safetensors_files(path), progress=progress)
     stream = plan.checkpoint.wrap(weights) if plan is not None and plan.checkpoint is not None else weights

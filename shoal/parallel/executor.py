@@ -104,7 +104,8 @@ def setup_rank(engine_config, rank: int, world_size: int, local_rank: int, maste
     plan_splits(config, state, speeds, quant)
     progress = engine_config.progress and rank == 0
     model, model_config, dtype = build_model_shard(path, backend, device, engine_config.torch_dtype, state, progress,
-                                                   engine_config.quant, engine_config.quant_group_size)
+                                                   engine_config.quant, engine_config.quant_group_size,
+                                                   engine_config.cpu_kernels)
     log.info("%s ready: experts %s", state.describe(), state.expert_range() if parallel.ep > 1 else "all")
     return RankSetup(state, model, model_config, dtype, backend, device, path)
 

@@ -103,12 +103,17 @@ def parameters_on_meta():
         nn.Module.register_parameter = original
 
 
-def apply_plan(model: nn.Module, plan: QuantPlan, backend: Backend, dtype: torch.dtype, device) -> None:
-    """Swap the model's layers for quantized ones, then give the remaining (meta) parameters real storage."""
+def apply_plan(model: nn.Module, plan: QuantPlan, backend: Backend, dtype: torch.dtype, device,
+               kernels: str = "auto") -> None:
+    """Swap the model's layers for quantized ones, then give the remaining (meta) parameters real storage.
+    `kernels`: EngineConfig.cpu_kernels, passed to the backend's linear_fn."""
     from shoal.quant.parallel import quantized_parallel
 
-    kernel = backend.linear_fn(plan.fmt) if plan.fmt else None
-    int8_kernel = backend.linear_fn("int8") if plan.quantize_embeddings else None
+    def linear_fn(fmt: str):
+        return backend.linear_fn(fmt) if kernels == "auto" else backend.linear_fn(fmt, kernels)
+
+    kernel = linear_fn(plan.fmt) if plan.fmt else None
+    int8_kernel = linear_fn("int8") if plan.quantize_embeddings else None
     replaced: dict[int, nn.Module] = {}
     for name, module in list(model.named_modules()):
         new = None

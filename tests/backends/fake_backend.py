@@ -88,7 +88,7 @@ FAKE_MODULE_SOURCE = textwrap.dedent('''
                 return sdpa_attention(q, k, v, mask, scale)
             return attention
 
-        def ops(self):
+        def ops(self, kernels="auto"):
             return FakeChipOps(self.op_calls)
 
         def linear_fn(self, weight_format):

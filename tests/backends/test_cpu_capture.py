@@ -48,26 +48,32 @@ def generate(llm: LLM, capture: bool, prompts=PROMPTS):
     return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in llm.generate(prompts, params)]
 
 
-def replays_here(name: str, dtype: str, quant: str | None, seqs: int) -> bool:
+def replays_here(name: str, dtype: str, seqs: int, kernels: str) -> bool:
     """Where every operation of such a step is one of shoal's kernels on this CPU, so the step must replay:
     the Llama family without per-head norms (Qwen3's run in torch) at up to 8 rows, on the matrix-vector
-    kernels where they run vectorized (else aten multiplies and the step stays eager) or on float32
-    weights packed for MKL; DeepSeek-V2-Lite's lone token likewise (V3's grouped router runs in torch)."""
-    matmuls = dtype == "float32" or gemv.vectorized()
+    kernels where they are chosen (kernels "shoal", or "auto" where they run vectorized; else aten
+    multiplies and the step stays eager) or on float32 weights packed for MKL; DeepSeek-V2-Lite's lone
+    token likewise, on the matrix-vector kernels (V3's grouped router runs in torch)."""
+    shoal_matmuls = kernels == "shoal" or gemv.vectorized()
     if name in ("llama", "qwen2", "mistral"):
-        return matmuls and seqs <= 8
-    return name == "deepseek-v2-lite" and dtype == "bfloat16" and gemv.vectorized() and seqs == 1
+        return (dtype == "float32" or shoal_matmuls) and seqs <= 8
+    return name == "deepseek-v2-lite" and dtype == "bfloat16" and shoal_matmuls and seqs == 1
 
 
 CASES = [("bfloat16", None), ("bfloat16", "int8"), ("bfloat16", "int4"), ("float32", None)]
 
 
+@pytest.mark.parametrize("kernels", ["auto", "shoal"])
 @pytest.mark.parametrize("seqs", [1, 8, 16])
 @pytest.mark.parametrize(("dtype", "quant"), CASES)
 @pytest.mark.parametrize("name", ["llama", "qwen2", "qwen3", "mistral", "deepseek-v2-lite", "deepseek-v3"])
-def test_replayed_decode_equals_the_layers(built, name, dtype, quant, seqs):
+def test_replayed_decode_equals_the_layers(built, name, dtype, quant, seqs, kernels):
+    """kernels "shoal" forces shoal's matrix-vector kernels where "auto" would not take them (a CPU without
+    AVX-512: their portable loops), so that path is replayed and compared here too."""
+    if kernels == "shoal" and (gemv.vectorized() or name not in ("llama", "qwen2", "deepseek-v2-lite") or seqs > 8):
+        pytest.skip("the same kernels as auto on this CPU, or a step the forced kernels do not make replayable")
     llm = LLM(str(built(name)), dtype=dtype, progress=False, max_model_len=128, max_num_seqs=seqs, quant=quant,
-              quant_group_size=32, kv_cache_memory=8 << 20, enable_prefix_caching=False)
+              quant_group_size=32, kv_cache_memory=8 << 20, enable_prefix_caching=False, cpu_kernels=kernels)
     model = llm.engine.model
     loads = [m.expert_load for m in model.modules() if hasattr(m, "expert_load")]
     before = [load.clone() for load in loads]
@@ -79,7 +85,7 @@ def test_replayed_decode_equals_the_layers(built, name, dtype, quant, seqs):
     assert captured == eager
     # the replayed steps counted the same expert choices as the eager ones
     assert all(torch.equal(load - b - c, c) for load, b, c in zip(loads, before, counted))
-    if replays_here(name, dtype, quant, seqs):
+    if replays_here(name, dtype, seqs, kernels):
         assert sum(graphs.replays.values()) > 0 and not graphs.refused, graphs.refused
     else:  # a step that cannot be replayed says why, and runs eagerly
         assert sum(graphs.replays.values()) > 0 or graphs.refused
@@ -99,8 +105,20 @@ def test_a_step_past_the_rotary_table_it_read_is_captured_anew(built):
     assert captured == generate(llm, False, prompts)
 
 
-def test_switched_off(built):
-    llm = LLM(str(built("llama")), dtype="float32", progress=False, max_model_len=64, kv_cache_memory=4 << 20)
-    llm.engine.model.capture_decode = False
-    out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=3))
-    assert len(out[0].outputs[0].token_ids) == 3 and llm.engine.model._step_graphs is None
+def test_enforce_eager_and_torch_kernels(built):
+    """enforce_eager: no step is recorded; cpu_kernels="torch": none of shoal's kernels run, so nothing
+    could be; both give the tokens of the default."""
+    path, prompt = str(built("llama")), [[5, 6, 7]]
+    params = SamplingParams(temperature=0, max_tokens=5)
+    default = LLM(path, dtype="float32", progress=False, max_model_len=64, kv_cache_memory=4 << 20)
+    eager = LLM(path, dtype="float32", progress=False, max_model_len=64, kv_cache_memory=4 << 20, enforce_eager=True)
+    torch_only = LLM(path, dtype="float32", progress=False, max_model_len=64, kv_cache_memory=4 << 20,
+                     cpu_kernels="torch")
+    tokens = [llm.generate(prompt, params)[0].outputs[0].token_ids for llm in (default, eager, torch_only)]
+    assert len(tokens[0]) == 5 and default.engine.model._step_graphs.replays[1] > 0
+    assert eager.engine.model._step_graphs is None and eager.engine.model.capture_decode is False
+    assert torch_only.engine.model.ops.fused is False and not torch_only.engine.model._step_graphs
+    assert tokens[0] == tokens[1]  # the same kernels, replayed or not
+    assert torch_only.engine.model.config.vocab_size and len(tokens[2]) == 5  # other kernels: other last bits
+    with pytest.raises(Exception, match="cpu_kernels must be one of auto, shoal, torch"):
+        LLM(path, cpu_kernels="fast", progress=False)

@@ -132,18 +132,19 @@ class CpuBackend(Backend):
         kernels = packed_matmul_kernels("CPU", int4_op="aten::_weight_int4pack_mm_for_cpu")
         return (["cpu-gemv"] if cpu_gemv.vectorized() else []) + kernels
 
-    def ops(self):
+    def ops(self, kernels: str = "auto"):
         from shoal.backends.cpu.ops import CpuOps
 
-        return CpuOps()
+        return CpuOps(kernels)
 
-    def linear_fn(self, weight_format: str):
-        from shoal.backends.cpu.quantized import CPU_KERNELS
+    def linear_fn(self, weight_format: str, kernels: str = "auto"):
+        from shoal.backends.cpu import gemv as cpu_gemv
+        from shoal.backends.cpu.quantized import cpu_kernels
 
-        kernel = CPU_KERNELS.get(weight_format)
+        use_gemv = cpu_gemv.available() and (kernels == "shoal" or (kernels == "auto" and cpu_gemv.vectorized()))
+        kernel = cpu_kernels(use_gemv).get(weight_format)
         packed = {"int8": "int8pack", "int4": "int4pack"}.get(weight_format)
-        kernels = self.quantized_matmul_kernels()
-        if kernel is not None and (packed is None or packed in kernels or "cpu-gemv" in kernels):
+        if kernel is not None and (packed is None or use_gemv or packed in self.quantized_matmul_kernels()):
             return kernel
         return super().linear_fn(weight_format)
 

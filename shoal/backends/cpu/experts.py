@@ -36,7 +36,7 @@ class WeightDescriptor(ctypes.Structure):
 def _library() -> ctypes.CDLL | None:
     """The kernels, told once how float32 packed weights multiply; None where they cannot be built or
     SHOAL_CPU_KERNELS=0 / SHOAL_CPU_OPS=0."""
-    if switched_off("SHOAL_CPU_OPS") or not cpu_gemv.vectorized() or not cpu_ops.available():
+    if switched_off("SHOAL_CPU_OPS") or not cpu_gemv.available() or not cpu_ops.available():
         return None
     lib = kernels()
     lib.shoal_experts_use_amx(int(cpu_gemv.rows_use_amx()))

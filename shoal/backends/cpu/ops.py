@@ -21,9 +21,13 @@ from shoal.backends.ops import Ops
 class CpuOps(Ops):
     name = "cpu"
 
-    def __init__(self) -> None:
-        self.fused = fused.available()
-        self.gemv = gemv.vectorized()  # the scalar build is slower than aten: keep aten there
+    def __init__(self, kernels: str = "auto") -> None:
+        """kernels: EngineConfig.cpu_kernels. "auto" takes the matrix-vector kernels only where they run
+        vectorized (without AVX-512 they are scalar loops, slower than aten's: gemv.vectorized), "shoal"
+        wherever they are built, "torch" none of shoal's kernels."""
+        self.kernels = kernels
+        self.fused = fused.available() and kernels != "torch"
+        self.gemv = self.fused and gemv.available() and (kernels == "shoal" or gemv.vectorized())
 
     # ---- norms and activations ---------------------------------------------------------------
     def rms_norm(self, x, weight, eps, residual=None):
@@ -91,7 +95,7 @@ class CpuOps(Ops):
         return fused.moe_route(x, weight, top_k, sigmoid, bias, norm, scaling, load)
 
     def token_experts(self, fmt, kernel, expert_weights, group_size, dtype):
-        return experts.TokenExperts.build(fmt, kernel, expert_weights, group_size, dtype)
+        return experts.TokenExperts.build(fmt, kernel, expert_weights, group_size, dtype) if self.gemv else None
 
     # ---- capture ---------------------------------------------------------------------------------
     def step_graphs(self):

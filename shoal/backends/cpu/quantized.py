@@ -5,6 +5,8 @@ shapes those take, and the dequantizing fallback (shoal/backends/quantized_matmu
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from shoal.backends.cpu import gemv
@@ -23,30 +25,34 @@ from shoal.backends.quantized_matmul import FALLBACK_KERNELS, QuantizedLinearKer
 INT8_PACKED_MAX_TOKENS = 8
 
 
-def int8_cpu_prepare(t: Tensors, group_size: int) -> Tensors:
-    if not gemv.vectorized():
+def _gemv_here(use_gemv: bool | None) -> bool:
+    """Whether shoal's kernels multiply (None: where they run vectorized, the "auto" choice)."""
+    return gemv.available() and (gemv.vectorized() if use_gemv is None else use_gemv)
+
+
+def int8_cpu_prepare(t: Tensors, group_size: int, use_gemv: bool | None = None) -> Tensors:
+    """Float32 scales for shoal's kernels (their presence is what int8_cpu dispatches on); else as it is."""
+    if not _gemv_here(use_gemv):
         return t
     return {**t, "scales_f32": t["scales"].to(torch.float32).contiguous()}
 
 
 def int8_cpu(x: torch.Tensor, t: Tensors, group_size: int = 0) -> torch.Tensor:
-    if gemv.vectorized() and gemv.accepts(x, t["qweight"].shape[1]):
-        scales = t.get("scales_f32")
-        return gemv.gemv_int8(x, t["qweight"], scales if scales is not None else t["scales"].float())
-    if gemv.vectorized() and gemv.rows_kernel_takes(x, t["qweight"].shape[1], "int8"):
-        scales = t.get("scales_f32")
-        return gemv.matmul_rows_int8(x, t["qweight"], scales if scales is not None else t["scales"].float())
+    if "scales_f32" in t and gemv.accepts(x, t["qweight"].shape[1]):
+        return gemv.gemv_int8(x, t["qweight"], t["scales_f32"])
+    if "scales_f32" in t and gemv.rows_kernel_takes(x, t["qweight"].shape[1], "int8"):
+        return gemv.matmul_rows_int8(x, t["qweight"], t["scales_f32"])
     if x.dtype == torch.bfloat16 and x.shape[0] <= INT8_PACKED_MAX_TOKENS:
         return torch.ops.aten._weight_int8pack_mm(x.contiguous(), t["qweight"], t["scales"])
     return gemv.linear_in_buckets(x, t["qweight"].to(x.dtype)) * t["scales"].to(x.dtype)
 
 
-def int4_cpu_prepare(t: Tensors, group_size: int) -> Tensors:
+def int4_cpu_prepare(t: Tensors, group_size: int, use_gemv: bool | None = None) -> Tensors:
     """Re-lay an int4 weight for shoal's kernel, else (bf16 scales only) for aten._weight_int4pack_mm_for_cpu;
     a shape neither takes keeps the canonical layout and the fallback."""
     packed = t["qweight"]
     out, k = packed.shape[0], packed.shape[1] * 2
-    if gemv.vectorized() and gemv.int4_layout_fits(k, group_size):
+    if _gemv_here(use_gemv) and gemv.int4_layout_fits(k, group_size):
         return gemv.int4_relayout(packed, t["scales"], t["zeros"])
     if t["scales"].dtype != torch.bfloat16 or out % 16 or group_size not in (32, 64, 128, 256):
         return t
@@ -74,8 +80,14 @@ def int4_cpu(x: torch.Tensor, t: Tensors, group_size: int) -> torch.Tensor:
     return y.to(x.dtype)
 
 
-CPU_KERNELS = {
-    "int8": QuantizedLinearKernel("int8-gemv", int8_cpu, int8_cpu_prepare),
-    "int4": QuantizedLinearKernel("int4-gemv", int4_cpu, int4_cpu_prepare),
-    "fp8": FALLBACK_KERNELS["fp8"],
-}
+def cpu_kernels(use_gemv: bool | None = None) -> dict[str, QuantizedLinearKernel]:
+    """The CPU's kernel per weight format; use_gemv: whether shoal's kernels multiply (None: where they run
+    vectorized). Each weight's layout after `prepare` says which kernel `matmul` then runs."""
+    return {
+        "int8": QuantizedLinearKernel("int8-gemv", int8_cpu, functools.partial(int8_cpu_prepare, use_gemv=use_gemv)),
+        "int4": QuantizedLinearKernel("int4-gemv", int4_cpu, functools.partial(int4_cpu_prepare, use_gemv=use_gemv)),
+        "fp8": FALLBACK_KERNELS["fp8"],
+    }
+
+
+CPU_KERNELS = cpu_kernels()
