@@ -50,6 +50,12 @@ class Ops:
         x32 = nn.functional.rms_norm(x.float(), (x.shape[-1],), eps=eps)
         return weight * x32.to(x.dtype)
 
+    def head_rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float, heads: int) -> torch.Tensor:
+        """x [rows, heads * dim] -> each head's dim values RMS-normed with weight [dim] (per-head query and
+        key norms), contiguous [rows, heads * dim]."""
+        rows = x.shape[0]
+        return self._norm(x.reshape(rows, heads, -1), weight, eps).reshape(rows, -1)
+
     def add(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """x + y: the decoder's residual add, and a bias ([n], broadcast over x's rows)."""
         return x + y

@@ -20,3 +20,8 @@ class RMSNorm(nn.Module):
         """norm(x); with `residual`, (norm(x + residual), x + residual): the decoder's residual add and
         the norm after it in one pass (one fused call where the backend has one)."""
         return self.ops.rms_norm(x, self.weight, self.eps, residual)
+
+    def heads(self, x: torch.Tensor, heads: int) -> torch.Tensor:
+        """x [rows, heads * size] (rows may be strided) -> each head's values normed (per-head q / k norms),
+        contiguous [rows, heads * size]."""
+        return self.ops.head_rms_norm(x, self.weight, self.eps, heads)

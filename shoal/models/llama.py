@@ -75,12 +75,9 @@ class LlamaAttention(nn.Module):
         rows = qkv.view(-1, qkv.shape[-1])
         q_end, k_end = heads * dim, (heads + kv_heads) * dim
         q, k, v = rows[:, :q_end], rows[:, q_end:k_end], rows[:, k_end : k_end + kv_heads * dim]
-        cos_sin = None
-        if self.qk_norm:  # per-head norms before the rotation: both in torch, then the kernel only attends
-            q = self.rotary(self.q_norm(q.view(-1, 1, heads, dim)), positions.view(-1, 1)).view(-1, heads * dim)
-            k = self.rotary(self.k_norm(k.view(-1, 1, kv_heads, dim)), positions.view(-1, 1)).view(-1, kv_heads * dim)
-        else:
-            cos_sin = self.rotary.tables(fused.position_end)
+        if self.qk_norm:  # per-head norms first (Qwen3); the kernel then rotates, writes and attends
+            q, k = self.q_norm.heads(q, heads), self.k_norm.heads(k, kv_heads)
+        cos_sin = self.rotary.tables(fused.position_end)
         k_pool, v_pool = cache.pools(self.attn.layer_index)
         return fused(q, k, v, heads, kv_heads, dim, k_pool, v_pool, self.attn.scale, cos_sin)
 

@@ -50,12 +50,12 @@ def generate(llm: LLM, capture: bool, prompts=PROMPTS):
 
 def replays_here(name: str, dtype: str, seqs: int, kernels: str) -> bool:
     """Where every operation of such a step is one of shoal's kernels on this CPU, so the step must replay:
-    the Llama family without per-head norms (Qwen3's run in torch) at up to 8 rows, on the matrix-vector
+    the Llama family (Qwen3's per-head norms included) at up to 8 rows, on the matrix-vector
     kernels where they are chosen (kernels "shoal", or "auto" where they run vectorized; else aten
     multiplies and the step stays eager) or on float32 weights packed for MKL; DeepSeek-V2-Lite's lone
     token likewise, on the matrix-vector kernels (V3's grouped router runs in torch)."""
     shoal_matmuls = kernels == "shoal" or gemv.vectorized()
-    if name in ("llama", "qwen2", "mistral"):
+    if name in ("llama", "qwen2", "qwen3", "mistral"):
         return (dtype == "float32" or shoal_matmuls) and seqs <= 8
     return name == "deepseek-v2-lite" and dtype == "bfloat16" and shoal_matmuls and seqs == 1
 

@@ -63,6 +63,18 @@ def rms_norm(
     return out, res_out
 
 
+def head_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, heads: int) -> torch.Tensor:
+    """x [rows, heads * dim] (rows may be strided, each row's values contiguous) -> each head's values
+    RMS-normed with weight [dim]: contiguous [rows, heads * dim], in x's dtype (see `accepts`)."""
+    rows, width = x.shape
+    out = torch.empty(rows, width, dtype=x.dtype)
+    lib = library()
+    _check(call(lib.shoal_head_rms_norm, "shoal_head_rms_norm", x.data_ptr(), x.stride(0), rows, heads,
+                width // heads, weight.data_ptr(), float(eps), out.data_ptr(), DTYPES[x.dtype], torch.get_num_threads(),
+                keep=(x, weight, out)), "head_rms_norm")
+    return out
+
+
 def silu_mul(x: torch.Tensor) -> torch.Tensor:
     """x [..., 2 * inter] (gate then up) -> dtype(silu(gate)) * up, [..., inter]."""
     inter = x.shape[-1] // 2

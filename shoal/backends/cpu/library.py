@@ -32,6 +32,7 @@ SIGNATURES: dict[str, list] = {
     # fused.c
     "shoal_rms_norm": [_p, _p, _p, _p, _p, _i64, _i64, _f32, _i32, _i32],
     "shoal_silu_mul": [_p, _p, _i64, _i64, _i32, _i32],
+    "shoal_head_rms_norm": [_p, _i64, _i64, _i64, _i64, _p, _f32, _p, _i32, _i32],
     "shoal_add": [_p, _p, _p, _i64, _i64, _i64, _i32, _i32],
     "shoal_decode_attention": [_p, _i64, _p, _i64, _p, _i64, _i64, _i64, _i64, _i64, _p, _p, _p, _p, _p, _p, _p, _i64,
                                _p, _i64, _f32, _p, _i32, _i32],

@@ -38,6 +38,12 @@ class CpuOps(Ops):
             return out if residual is None else (out, summed)
         return super().rms_norm(x, weight, eps, residual)
 
+    def head_rms_norm(self, x, weight, eps, heads):
+        if (self.fused and x.dim() == 2 and x.dtype == weight.dtype and x.dtype in fused.DTYPES and x.is_cpu
+                and x.stride(1) == 1 and weight.is_contiguous() and x.shape[1] == heads * weight.shape[0]):
+            return fused.head_rms_norm(x, weight, eps, heads)
+        return super().head_rms_norm(x, weight, eps, heads)
+
     def add(self, x, y):
         if (self.fused and fused.accepts(x) and y.dtype == x.dtype and y.is_contiguous()
                 and (y.shape == x.shape or (y.dim() == 1 and y.shape[0] == x.shape[-1]))):

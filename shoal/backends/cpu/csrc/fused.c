@@ -65,8 +65,8 @@ static void softmax_rows(float *scores, int64_t rows, int64_t keys) {
 /* ---- RMSNorm ------------------------------------------------------------------------------------
  * With residual (not NULL): s = x + residual, rounded to the dtype and stored to res_out; else s = x.
  * out = weight * dtype(s * rsqrt(mean(s^2) + eps)), the normalisation in float32 (as RMSNorm does). */
-INLINE void rms_norm_row(const void *x, const void *residual, void *res_out, const void *weight, void *out,
-                         int64_t base, int64_t n, float eps, float *buf, const int bf16) {
+INLINE void rms_norm_span(const void *x, const void *residual, void *res_out, const void *weight, void *out,
+                          int64_t base, int64_t out_base, int64_t n, float eps, float *buf, const int bf16) {
     for (int64_t i = 0; i < n; i++) {
         float v = load_value(x, base + i, bf16);
         if (residual) v = round_value(v + load_value(residual, base + i, bf16), bf16);
@@ -82,7 +82,13 @@ INLINE void rms_norm_row(const void *x, const void *residual, void *res_out, con
     for (; i < n; i++) sum += buf[i] * buf[i];
     for (int l = 0; l < 16; l++) sum += acc[l];
     const float r = 1.0f / sqrtf(sum / (float)n + eps);
-    for (int64_t j = 0; j < n; j++) store_value(out, base + j, load_value(weight, j, bf16) * round_value(buf[j] * r, bf16), bf16);
+    for (int64_t j = 0; j < n; j++)
+        store_value(out, out_base + j, load_value(weight, j, bf16) * round_value(buf[j] * r, bf16), bf16);
+}
+
+INLINE void rms_norm_row(const void *x, const void *residual, void *res_out, const void *weight, void *out,
+                         int64_t base, int64_t n, float eps, float *buf, const int bf16) {
+    rms_norm_span(x, residual, res_out, weight, out, base, base, n, eps, buf, bf16);
 }
 
 int shoal_rms_norm(const void *x, const void *residual, void *res_out, const void *weight, void *out, int64_t rows,
@@ -113,6 +119,26 @@ INLINE void silu_mul_row(const void *restrict x, void *restrict out, int64_t in,
         float s = round_value(g / (1.0f + exp_approx(-g)), bf16);
         store_value(out, o + i, s * load_value(x, in + inter + i, bf16), bf16);
     }
+}
+
+/* out [rows, heads * dim] (contiguous) = RMSNorm over each head's dim values of x's rows, row r at
+ * x + r * x_stride with its heads side by side (a slice of a merged q / k / v projection's output):
+ * per-head query and key norms (Qwen3's), rounded as RMSNorm rounds. */
+int shoal_head_rms_norm(const void *x, int64_t x_stride, int64_t rows, int64_t heads, int64_t dim, const void *weight,
+                        float eps, void *out, int dtype, int nthreads) {
+    if (dim <= 0 || heads <= 0 || rows < 0 || x_stride < heads * dim || (dtype != 0 && dtype != 1)) return 1;
+    float *buf = (float *)malloc((size_t)dim * sizeof(float));
+    if (!buf) return 2;
+    (void)nthreads; /* a few heads of a few rows: one thread */
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t h = 0; h < heads; h++) {
+            if (dtype == 1)
+                rms_norm_span(x, NULL, NULL, weight, out, r * x_stride + h * dim, (r * heads + h) * dim, dim, eps, buf, 1);
+            else
+                rms_norm_span(x, NULL, NULL, weight, out, r * x_stride + h * dim, (r * heads + h) * dim, dim, eps, buf, 0);
+        }
+    free(buf);
+    return 0;
 }
 
 int shoal_silu_mul(const void *x, void *out, int64_t rows, int64_t inter, int dtype, int nthreads) {

@@ -30,6 +30,7 @@ enum {
     OP_ROWS_INT4 = 12,
     OP_MOE_TOKEN = 13,
     OP_SGEMM_PACKED = 14,
+    OP_HEAD_RMS_NORM = 15,
 };
 
 /* MKL's cblas_sgemm_compute, as torch's library exports it (its address is the call's first argument). */
@@ -52,6 +53,9 @@ static int run(int64_t kind, int64_t nargs, const int64_t *a) {
     case OP_RMS_NORM:
         if (nargs != 10) return 1;
         return shoal_rms_norm(P(0), P(1), P(2), P(3), P(4), I(5), I(6), F(a, 7), INT(8), INT(9));
+    case OP_HEAD_RMS_NORM:
+        if (nargs != 10) return 1;
+        return shoal_head_rms_norm(P(0), I(1), I(2), I(3), I(4), P(5), F(a, 6), P(7), INT(8), INT(9));
     case OP_SILU_MUL:
         if (nargs != 6) return 1;
         return shoal_silu_mul(P(0), P(1), I(2), I(3), INT(4), INT(5));

@@ -50,6 +50,8 @@ int shoal_kernel_features(void);
 /* ---- fused.c: the small per-layer operations of decode ---- */
 int shoal_rms_norm(const void *x, const void *residual, void *res_out, const void *weight, void *out, int64_t rows,
                    int64_t n, float eps, int dtype, int nthreads);
+int shoal_head_rms_norm(const void *x, int64_t x_stride, int64_t rows, int64_t heads, int64_t dim, const void *weight,
+                        float eps, void *out, int dtype, int nthreads);
 int shoal_silu_mul(const void *x, void *out, int64_t rows, int64_t inter, int dtype, int nthreads);
 int shoal_add(const void *a, const void *b, void *out, int64_t rows, int64_t n, int64_t b_rows, int dtype,
               int nthreads);
