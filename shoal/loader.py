@@ -7,7 +7,6 @@ stays near one tensor rather than one model.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 from pathlib import Path
@@ -17,9 +16,9 @@ import torch
 from tqdm import tqdm
 
 from shoal.backends.base import Backend
-from shoal.backends.ops import bind_ops
-from shoal.errors import DeviceError, ModelNotFoundError, WeightError
-from shoal.models import CausalLM, model_class
+from shoal.construct import choose_dtype, construct_model, load_into
+from shoal.errors import ModelNotFoundError, WeightError
+from shoal.models import CausalLM
 from shoal.models.hf_config import ModelConfig, load_model_config
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -107,31 +106,6 @@ def iterate_weights(files: list[Path], progress: bool = True) -> Iterator[tuple[
                 yield name, tensor
 
 
-@contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype):
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
-
-
-def choose_dtype(config: ModelConfig, backend: Backend, requested: torch.dtype | None) -> torch.dtype:
-    """The requested dtype, else the checkpoint's if the device computes in it, else the device's default."""
-    supported = backend.supported_dtypes()
-    if requested is not None:
-        if requested not in supported:
-            names = ", ".join(str(d).removeprefix("torch.") for d in supported)
-            raise DeviceError(f"device {backend.name} cannot compute in {requested}; choose one of {names}")
-        return requested
-    # Keep the checkpoint's dtype only where the hardware computes in it natively: bf16 emulated on an
-    # AVX2 CPU is far slower than float32.
-    if config.checkpoint_dtype in backend.native_dtypes():
-        return config.checkpoint_dtype
-    return backend.default_dtype()
-
-
 def build_model(
     path: Path,
     backend: Backend,
@@ -163,35 +137,3 @@ def build_model(
     weights = iterate_weights(safetensors_files(path), progress=progress)
     stream = plan.checkpoint.wrap(weights) if plan is not None and plan.checkpoint is not None else weights
     return load_into(model, stream, weights.close, plan), config, dtype
-
-
-def construct_model(config: ModelConfig, backend: Backend, device: torch.device, dtype: torch.dtype, plan,
-                    kernels: str = "auto") -> CausalLM:
-    """The model's modules on `device`, with quantized layers swapped in when `plan` (a QuantPlan) says
-    so — their full-precision parameters never allocated."""
-    from shoal.quant.plan import apply_plan, parameters_on_meta
-
-    cls = model_class(config)
-    on_meta = parameters_on_meta() if plan is not None and plan.changes_model else contextlib.nullcontext()
-    with _default_dtype(dtype), torch.device(device), on_meta:
-        model = cls(config, backend)
-    if plan is not None and plan.changes_model:
-        apply_plan(model, plan, backend, dtype, device, kernels)
-    bind_ops(model, backend.ops(kernels))
-    return model
-
-
-def load_into(model: CausalLM, stream, close, plan) -> CausalLM:
-    """Load (checkpoint name, tensor) pairs into the model; `close` ends the stream's progress bar."""
-    from shoal.quant.plan import prepare_for_kernels
-
-    try:
-        model.load_weights(stream)
-    finally:
-        close()  # close the progress bar now, before any error message is printed
-    if plan is not None and plan.changes_model and plan.prepare:
-        prepare_for_kernels(model)
-    if plan is None or plan.prepare:
-        model.ops.prepare_weights(model)
-    model.eval()
-    return model

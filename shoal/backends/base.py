@@ -6,30 +6,14 @@ Model and engine code talk to devices only through a Backend; each device family
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 import torch
 
+from shoal.backends.profile import MemoryInfo, ThroughputProfile
+
 if TYPE_CHECKING:
     from shoal.backends.ops import Ops
-
-
-@dataclass(frozen=True)
-class MemoryInfo:
-    """Free and total bytes of one device's memory."""
-
-    free_bytes: int
-    total_bytes: int
-
-
-@dataclass(frozen=True)
-class ThroughputProfile:
-    """Measured speed of one device; feeds `shoal doctor`, the splitter and the planner."""
-
-    memory_bandwidth_gbps: float  # GB/s (10^9 bytes per second) read + written by a large copy
-    matmul_tflops: dict[str, float]  # dtype name ("bfloat16", "float32") -> TFLOP/s
-    link_bandwidth_gbps: float | None = None  # device-to-device, where known
 
 
 # An attention implementation: (q, k, v, mask, scale) -> output.

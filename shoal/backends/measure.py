@@ -7,11 +7,14 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from shoal.backends.base import Backend, ThroughputProfile
+from shoal.backends.profile import ThroughputProfile
+
+if TYPE_CHECKING:  # base.py calls into this module: no import back at run time
+    from shoal.backends.base import Backend
 
 _MIB = 1 << 20
 

@@ -143,7 +143,7 @@ def build_gguf_model(
 ) -> tuple[CausalLM, ModelConfig, torch.dtype]:
     """Read the GGUF header, construct the model on `device` and load its tensors; a Q4_0 file loads as
     int4 group 32 unless `quant` names another format."""
-    from shoal.loader import choose_dtype, construct_model, load_into
+    from shoal.construct import choose_dtype, construct_model, load_into
     from shoal.quant.plan import plan_quantization
 
     file = GGUFFile(path)

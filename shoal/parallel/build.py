@@ -17,7 +17,8 @@ from shoal.backends.ops import bind_ops
 from shoal.layers.linear import Linear
 from shoal.layers.mlp import GatedMLP
 from shoal.layers.moe import MoE
-from shoal.loader import _default_dtype, choose_dtype, iterate_weights, safetensors_files
+from shoal.construct import _default_dtype, choose_dtype
+from shoal.loader import iterate_weights, safetensors_files
 from shoal.models import CausalLM, model_class
 from shoal.models.deepseek import MultiHeadLatentAttention
 from shoal.models.hf_config import ModelConfig, load_model_config
