@@ -107,6 +107,7 @@ class StackedExperts(nn.Module):
     """All routed experts of one layer: gate_up [experts, 2 * inter, hidden], down [experts, hidden, inter]."""
 
     ops: Ops = REFERENCE  # the backend's, once the model is built
+    prepared = None  # per expert, (gate_up, down) re-laid for the backend's matmul (Ops.prepare_weights), or None
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
@@ -137,12 +138,16 @@ class StackedExperts(nn.Module):
         return weighted_expert_sum(x, weights, expert_ids, self.num_experts, self._expert, self.token_experts)
 
     def _expert(self, rows: torch.Tensor, expert: int) -> torch.Tensor:
-        return self.ops.linear(self.ops.silu_mul(self.ops.linear(rows, self.gate_up[expert])), self.down[expert])
+        gate_up, down = self.prepared[expert] if self.prepared is not None else (None, None)
+        h = self.ops.silu_mul(self.ops.linear(rows, self.gate_up[expert], None, gate_up))
+        return self.ops.linear(h, self.down[expert], None, down)
 
     def token_experts(self, dtype: torch.dtype):
         """These experts for a lone token in one backend call (made once), or None where it has none."""
         if self._one_call is None:
-            experts = [({"weight": self.gate_up.data[e]}, {"weight": self.down.data[e]}) for e in range(self.num_experts)]
+            prepared = self.prepared or [(None, None)] * self.num_experts
+            experts = [({"weight": self.gate_up.data[e], "prepared": prepared[e][0]},
+                        {"weight": self.down.data[e], "prepared": prepared[e][1]}) for e in range(self.num_experts)]
             self._one_call = self.ops.token_experts(None, None, experts, 0, dtype) or False
         return self._one_call or None
 

@@ -102,11 +102,17 @@ class TokenExperts:
     @classmethod
     def build(cls, fmt: str | None, kernel: str | None, experts: list[tuple[dict, dict]], group_size: int,
               dtype: torch.dtype) -> TokenExperts | None:
-        """experts: each expert's (gate_up, down) tensors, as `weight_descriptor` takes them."""
+        """experts: each expert's (gate_up, down) tensors, as `weight_descriptor` takes them; a float32
+        weight's packed copy (packed_f32.PackedF32) under "prepared"."""
         if _library() is None or dtype not in cpu_ops.DTYPES or not experts:
             return None
-        gate_up = [weight_descriptor(fmt, kernel, g, group_size, dtype) for g, _ in experts]
-        down = [weight_descriptor(fmt, kernel, d, group_size, dtype) for _, d in experts]
+
+        def describe(t: dict):
+            tensors = {k: v for k, v in t.items() if k != "prepared"}
+            return weight_descriptor(fmt, kernel, tensors, group_size, dtype, packed=t.get("prepared"))
+
+        gate_up = [describe(g) for g, _ in experts]
+        down = [describe(d) for _, d in experts]
         if any(d is None for d in gate_up + down):
             return None
         return cls(gate_up, down, down[0].k, experts)

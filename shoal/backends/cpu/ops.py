@@ -101,7 +101,10 @@ class CpuOps(Ops):
         return fused.moe_route(x, weight, top_k, sigmoid, bias, norm, scaling, load)
 
     def token_experts(self, fmt, kernel, expert_weights, group_size, dtype):
-        return experts.TokenExperts.build(fmt, kernel, expert_weights, group_size, dtype) if self.gemv else None
+        # float32 experts multiply with MKL's packed sgemm (fast on any CPU); others need the gemv kernels
+        if not self.fused or (not self.gemv and dtype != torch.float32):
+            return None
+        return experts.TokenExperts.build(fmt, kernel, expert_weights, group_size, dtype)
 
     # ---- capture ---------------------------------------------------------------------------------
     def step_graphs(self):

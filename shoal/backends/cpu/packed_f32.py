@@ -140,16 +140,27 @@ def pack(weight: torch.Tensor) -> PackedF32 | None:
 
 
 def pack_model(model: nn.Module, free_bytes: int) -> int:
-    """Pack the float32 weights of `model`'s Linear and LMHead modules (their `packed_f32`) while the
-    copies fit in MEMORY_SHARE of `free_bytes`; returns the bytes packed."""
+    """Pack the float32 weights of `model`'s Linear and LMHead modules (their `prepared`) and of its MoE
+    layers' routed experts (StackedExperts.prepared: a (gate_up, down) pair per expert) while the copies
+    fit in MEMORY_SHARE of `free_bytes`; returns the bytes packed."""
     from shoal.layers.embedding import LMHead
     from shoal.layers.linear import Linear
+    from shoal.layers.moe import StackedExperts
 
     if not available():
         return 0
     budget = int(MEMORY_SHARE * free_bytes)
     used = 0
     for module in model.modules():
+        if type(module) is StackedExperts:
+            size = (module.gate_up.numel() + module.down.numel()) * module.gate_up.element_size()
+            if module.gate_up.dtype != torch.float32 or not module.gate_up.is_cpu or used + size > budget:
+                continue
+            pairs = [(pack(module.gate_up.detach()[e]), pack(module.down.detach()[e])) for e in range(module.num_experts)]
+            if all(g is not None and d is not None for g, d in pairs):
+                module.prepared = pairs
+                used += size
+            continue
         if not isinstance(module, (Linear, LMHead)):
             continue
         weight = module.tied_to.weight if isinstance(module, LMHead) and module.tied_to is not None else module.weight
