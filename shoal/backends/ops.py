@@ -88,9 +88,11 @@ class Ops:
 
     # ---- mixture of experts --------------------------------------------------------------------------
     def moe_route(self, x: torch.Tensor, weight: torch.Tensor, top_k: int, sigmoid: bool, bias: torch.Tensor | None,
-                  norm: bool, scaling: float, load: torch.Tensor | None = None):
-        """A router without expert groups in one call: (weights float32, expert ids) [tokens, top_k], the
-        choices counted into `load`; None, and the router runs its torch code (layers/moe.py)."""
+                  norm: bool, scaling: float, load: torch.Tensor | None = None, groups: int = 1,
+                  topk_groups: int = 1, group_method: str | None = None):
+        """A router in one call: (weights float32, expert ids) [tokens, top_k], the choices counted into
+        `load`; group_method ("group_limited_greedy", "noaux_tc") limits the choice to the best topk_groups
+        of `groups` expert groups. None, and the router runs its torch code (layers/moe.py)."""
         return None
 
     def token_experts(self, fmt: str | None, kernel: str | None, experts: list[tuple[dict, dict]], group_size: int,

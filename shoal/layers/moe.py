@@ -51,18 +51,19 @@ class Router(nn.Module):
         """x [tokens, hidden] -> (weights [tokens, top_k] float32, expert ids [tokens, top_k]); each choice is
         counted into load [experts] when given."""
         cfg = self.cfg
-        if cfg.topk_method == "greedy" or cfg.num_groups <= 1:
-            # A backend's one call (the CPU's C router) may stand in for the ~7 operators below, for any
-            # number of tokens, so that a token is routed the same alone and in a batch.
-            scaling = cfg.routed_scaling_factor
-            if cfg.scoring != "sigmoid" and cfg.norm_topk_prob and cfg.top_k > 1:
-                scaling = 1.0  # V2 normalises instead of scaling
-            routed = self.ops.moe_route(
-                x, self.weight, cfg.top_k, cfg.scoring == "sigmoid",
-                self.e_score_correction_bias if cfg.correction_bias else None, cfg.norm_topk_prob, scaling, load,
-            )
-            if routed is not None:
-                return routed
+        # A backend's one call (the CPU's C router) may stand in for the operators of _route, for any number
+        # of tokens, so that a token is routed the same alone and in a batch.
+        grouped = cfg.topk_method in ("group_limited_greedy", "noaux_tc") and cfg.num_groups > 1
+        scaling = cfg.routed_scaling_factor
+        if cfg.scoring != "sigmoid" and cfg.norm_topk_prob and cfg.top_k > 1:
+            scaling = 1.0  # V2 normalises instead of scaling
+        routed = self.ops.moe_route(
+            x, self.weight, cfg.top_k, cfg.scoring == "sigmoid",
+            self.e_score_correction_bias if cfg.correction_bias else None, cfg.norm_topk_prob, scaling, load,
+            cfg.num_groups, cfg.topk_groups, cfg.topk_method if grouped else None,
+        )
+        if routed is not None:
+            return routed
         weights, expert_ids = self._route(x)
         if load is not None:
             if x.shape[0] == 1:

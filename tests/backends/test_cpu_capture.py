@@ -53,11 +53,11 @@ def replays_here(name: str, dtype: str, seqs: int, kernels: str) -> bool:
     the Llama family (Qwen3's per-head norms included) at up to 8 rows, on the matrix-vector
     kernels where they are chosen (kernels "shoal", or "auto" where they run vectorized; else aten
     multiplies and the step stays eager) or on float32 weights packed for MKL; DeepSeek-V2-Lite's lone
-    token likewise, its experts packed too (V3's grouped router runs in torch)."""
+    token likewise (its routers in C, V3's grouped one too; its float32 experts packed for MKL)."""
     shoal_matmuls = kernels == "shoal" or gemv.vectorized()
     if name in ("llama", "qwen2", "qwen3", "mistral"):
         return (dtype == "float32" or shoal_matmuls) and seqs <= 8
-    return name == "deepseek-v2-lite" and (dtype == "float32" or shoal_matmuls) and seqs == 1
+    return name.startswith("deepseek") and (dtype == "float32" or shoal_matmuls) and seqs == 1
 
 
 CASES = [("bfloat16", None), ("bfloat16", "int8"), ("bfloat16", "int4"), ("float32", None)]

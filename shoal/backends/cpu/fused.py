@@ -112,16 +112,22 @@ def argmax_rows(x: torch.Tensor) -> torch.Tensor | None:
     return out
 
 
+GROUP_MODES = {None: 0, "group_limited_greedy": 1, "noaux_tc": 2}  # how a router ranks its expert groups
+
+
 def moe_route(x: torch.Tensor, weight: torch.Tensor, top_k: int, sigmoid: bool, bias: torch.Tensor | None,
-              norm: bool, scaling: float, load: torch.Tensor | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """A MoE router without expert groups in one call (see shoal_moe_route in csrc/fused.c): x [tokens, hidden]
-    float32 / bf16, weight float32 [experts, hidden] -> (weights float32, expert ids) [tokens, top_k],
-    counting the choices into load (int64 [experts]) when given; None where the kernel does not take it."""
+              norm: bool, scaling: float, load: torch.Tensor | None = None, groups: int = 1, topk_groups: int = 1,
+              group_method: str | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A MoE router in one call (see shoal_moe_route in csrc/fused.c): x [tokens, hidden] float32 / bf16,
+    weight float32 [experts, hidden] -> (weights float32, expert ids) [tokens, top_k], counting the choices
+    into load (int64 [experts]) when given; with group_method ("group_limited_greedy", V2; "noaux_tc", V3)
+    only the experts of the best topk_groups of `groups` groups are chosen. None where the kernel does not
+    take it."""
     if not (available() and x.dim() == 2 and x.dtype in DTYPES and x.device.type == "cpu"
             and weight.dtype == torch.float32 and weight.shape[0] <= 1024 and weight.shape[1] == x.shape[1]
             and (bias is None or bias.dtype == torch.float32)
-            and (load is None or (load.dtype == torch.long and load.is_contiguous()))):
+            and (load is None or (load.dtype == torch.long and load.is_contiguous()))
+            and group_method in GROUP_MODES and (group_method is None or groups <= 64)):
         return None
     x, weight = x.contiguous(), weight.contiguous()
     bias = bias.contiguous() if bias is not None else None
@@ -131,8 +137,9 @@ def moe_route(x: torch.Tensor, weight: torch.Tensor, top_k: int, sigmoid: bool, 
     lib = library()
     _check(call(lib.shoal_moe_route, "shoal_moe_route",
                 x.data_ptr(), DTYPES[x.dtype], tokens, x.shape[1], weight.data_ptr(), weight.shape[0], int(sigmoid),
-                bias.data_ptr() if bias is not None else None, top_k, int(norm), float(scaling), weights.data_ptr(),
-                ids.data_ptr(), load.data_ptr() if load is not None else None, torch.get_num_threads(),
+                bias.data_ptr() if bias is not None else None, top_k, int(norm), float(scaling), groups, topk_groups,
+                GROUP_MODES[group_method], weights.data_ptr(), ids.data_ptr(),
+                load.data_ptr() if load is not None else None, torch.get_num_threads(),
                 keep=(x, weight, bias, weights, ids, load)), "moe_route")
     return weights, ids
 

@@ -39,7 +39,8 @@ SIGNATURES: dict[str, list] = {
     "shoal_mla_decode_attention": [_p, _i64, _p, _i64, _p, _f32, _p, _i64, _i64, _i64, _i64, _i64, _i64, _p, _p, _p,
                                    _i32, _p, _p, _p, _i64, _p, _f32, _p, _i32, _i32],
     "shoal_argmax_rows": [_p, _i64, _i64, _i32, _p, _i32],
-    "shoal_moe_route": [_p, _i32, _i64, _i64, _p, _i64, _i32, _p, _i64, _i32, _f32, _p, _p, _p, _i32],
+    "shoal_moe_route": [_p, _i32, _i64, _i64, _p, _i64, _i32, _p, _i64, _i32, _f32, _i64, _i64, _i32, _p, _p, _p,
+                        _i32],
     # experts.c (weight descriptors passed by address)
     "shoal_experts_use_amx": [_i32],
     "shoal_experts_use_sgemm": [_p],

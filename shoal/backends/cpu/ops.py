@@ -95,10 +95,11 @@ class CpuOps(Ops):
         return fused.DecodeAttention(positions, slot_mapping, context_slots, context_lens, sliding_window, pool.dtype)
 
     # ---- mixture of experts --------------------------------------------------------------------------
-    def moe_route(self, x, weight, top_k, sigmoid, bias, norm, scaling, load=None):
+    def moe_route(self, x, weight, top_k, sigmoid, bias, norm, scaling, load=None, groups=1, topk_groups=1,
+                  group_method=None):
         if not self.fused:
             return None
-        return fused.moe_route(x, weight, top_k, sigmoid, bias, norm, scaling, load)
+        return fused.moe_route(x, weight, top_k, sigmoid, bias, norm, scaling, load, groups, topk_groups, group_method)
 
     def token_experts(self, fmt, kernel, expert_weights, group_size, dtype):
         # float32 experts multiply with MKL's packed sgemm (fast on any CPU); others need the gemv kernels

@@ -672,9 +672,12 @@ int shoal_argmax_rows(const void *x, int64_t rows, int64_t cols, int dtype, int6
  * computes in torch, in float32, up to summation order. ids_out / weights_out [tokens, top_k] in
  * descending order of choice; counts [experts] (may be NULL) counts the choices. */
 int shoal_moe_route(const void *x, int act_bf16, int64_t tokens, int64_t hidden, const float *w, int64_t experts,
-                    int sigmoid, const float *bias, int64_t top_k, int norm, float scaling, float *weights_out,
-                    int64_t *ids_out, int64_t *counts, int nthreads) {
+                    int sigmoid, const float *bias, int64_t top_k, int norm, float scaling, int64_t groups,
+                    int64_t topk_groups, int group_mode, float *weights_out, int64_t *ids_out, int64_t *counts,
+                    int nthreads) {
     if (tokens < 0 || hidden < 1 || experts < 1 || experts > 1024 || top_k < 1 || top_k > experts) return 1;
+    if (group_mode && (groups < 1 || groups > 64 || experts % groups || topk_groups < 1 || topk_groups > groups))
+        return 1;
     int failed = 0;
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && tokens * experts * hidden >= (1 << 20))
     for (int64_t t = 0; t < tokens; t++) {
@@ -703,6 +706,34 @@ int shoal_moe_route(const void *x, int act_bf16, int64_t tokens, int64_t hidden,
             for (int64_t e = 0; e < experts; e++) scores[e] /= sum;
         }
         for (int64_t e = 0; e < experts; e++) choice[e] = bias ? scores[e] + bias[e] : scores[e];
+        if (group_mode) { /* only the experts of the best topk_groups groups stay choosable */
+            const int64_t per = experts / groups;
+            float group_score[64];
+            for (int64_t g = 0; g < groups; g++) {
+                const float *c = choice + g * per;
+                if (group_mode == 1) { /* V2 group_limited_greedy: the group's best expert */
+                    float best = c[0];
+                    for (int64_t e = 1; e < per; e++) best = c[e] > best ? c[e] : best;
+                    group_score[g] = best;
+                } else { /* V3 noaux_tc: the sum of the group's two best */
+                    int64_t first = 0;
+                    for (int64_t e = 1; e < per; e++) first = c[e] > c[first] ? e : first;
+                    int64_t second = first == 0 ? (per > 1 ? 1 : 0) : 0;
+                    for (int64_t e = 0; e < per; e++) second = e != first && c[e] > c[second] ? e : second;
+                    group_score[g] = per > 1 ? c[first] + c[second] : c[first];
+                }
+            }
+            unsigned char kept[64] = {0};
+            for (int64_t k = 0; k < topk_groups; k++) {
+                int64_t pick = -1;
+                for (int64_t g = 0; g < groups; g++)
+                    if (!kept[g] && (pick < 0 || group_score[g] > group_score[pick])) pick = g;
+                kept[pick] = 1;
+            }
+            const float fill = group_mode == 1 ? 0.0f : -INFINITY;
+            for (int64_t e = 0; e < experts; e++)
+                if (!kept[e / per]) choice[e] = fill;
+        }
         unsigned char taken[1024] = {0};
         float total = 0.0f;
         for (int64_t k = 0; k < top_k; k++) {

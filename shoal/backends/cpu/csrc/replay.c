@@ -73,9 +73,9 @@ static int run(int64_t kind, int64_t nargs, const int64_t *a) {
                                           I(12), P(13), P(14), P(15), INT(16), P(17), P(18), P(19), I(20), P(21),
                                           F(a, 22), P(23), INT(24), INT(25));
     case OP_MOE_ROUTE:
-        if (nargs != 15) return 1;
-        return shoal_moe_route(P(0), INT(1), I(2), I(3), P(4), I(5), INT(6), P(7), I(8), INT(9), F(a, 10), P(11),
-                               P(12), P(13), INT(14));
+        if (nargs != 18) return 1;
+        return shoal_moe_route(P(0), INT(1), I(2), I(3), P(4), I(5), INT(6), P(7), I(8), INT(9), F(a, 10), I(11),
+                               I(12), INT(13), P(14), P(15), P(16), INT(17));
     case OP_GEMV_BF16:
         if (nargs != 8) return 1;
         return shoal_gemv_bf16(P(0), INT(1), I(2), I(3), P(4), I(5), P(6), INT(7));

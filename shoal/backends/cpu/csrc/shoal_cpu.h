@@ -69,8 +69,8 @@ int shoal_mla_decode_attention(const void *q_ptr, int64_t q_stride, const void *
                                const int64_t *context_lens, float scale, void *out, int dtype, int nthreads);
 int shoal_argmax_rows(const void *x, int64_t rows, int64_t cols, int dtype, int64_t *out, int nthreads);
 int shoal_moe_route(const void *x, int act_bf16, int64_t tokens, int64_t hidden, const float *w, int64_t experts,
-                    int sigmoid, const float *bias, int64_t top_k, int norm, float scaling, float *weights,
-                    int64_t *ids, int64_t *load, int nthreads);
+                    int sigmoid, const float *bias, int64_t top_k, int norm, float scaling, int64_t groups,
+                    int64_t topk_groups, int group_mode, float *weights, int64_t *ids, int64_t *load, int nthreads);
 
 
 /* ---- experts.c: a lone token's MoE experts in one call ---- */
