@@ -110,6 +110,7 @@ def apply_plan(model: nn.Module, plan: QuantPlan, backend: Backend, dtype: torch
     from shoal.quant.parallel import quantized_parallel
 
     def linear_fn(fmt: str):
+        # the default choice as a one-argument call: a plugin's linear_fn(weight_format) keeps working
         return backend.linear_fn(fmt) if kernels == "auto" else backend.linear_fn(fmt, kernels)
 
     kernel = linear_fn(plan.fmt) if plan.fmt else None

@@ -223,7 +223,23 @@ class Llama3JsonToolParser(ToolParser):
         return Parsed(content=text)
 
 
-class DeepSeekToolParser(ToolParser):
+class _SectionToolParser(ToolParser):
+    """A format whose calls sit in a section opened by a marker: text before it is content, and a section
+    that turns out not to parse is content too (calls already released stay)."""
+
+    def __init__(self) -> None:
+        self._buffer = ""
+        self._inside = False  # within the calls section
+        self._failed = False  # the section did not parse: the rest is content
+
+    def _fail(self, out: Parsed) -> Parsed:
+        self._failed = True
+        out.content += self._buffer
+        self._buffer = ""
+        return out
+
+
+class DeepSeekToolParser(_SectionToolParser):
     """DeepSeek V3 / R1 (`<｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME\n```json\n{...}\n```<｜tool▁call▁end｜>`)
     and V3.1 (`<｜tool▁call▁begin｜>NAME<｜tool▁sep｜>{...}<｜tool▁call▁end｜>`), inside
     `<｜tool▁calls▁begin｜>...<｜tool▁calls▁end｜>`; each call is released once its end marker arrives."""
@@ -232,11 +248,6 @@ class DeepSeekToolParser(ToolParser):
     CALLS_BEGIN, CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
     CALL_BEGIN, CALL_END, SEP = "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>"
     markers = (CALLS_BEGIN, CALLS_END, CALL_BEGIN, CALL_END, SEP)
-
-    def __init__(self) -> None:
-        self._buffer = ""
-        self._inside = False  # within the calls section
-        self._failed = False  # the section did not parse: the rest is content
 
     def feed(self, text: str) -> Parsed:
         self._buffer += text
@@ -276,13 +287,6 @@ class DeepSeekToolParser(ToolParser):
             out.tool_calls.append(call)
             self._buffer = body[end + len(self.CALL_END):]
 
-    def _fail(self, out: Parsed) -> Parsed:
-        # Not the format after all: what came since the section began is content (calls already released stay).
-        self._failed = True
-        out.content += self._buffer
-        self._buffer = ""
-        return out
-
     def finish(self) -> Parsed:
         out = Parsed()
         if self._inside and not self._failed:
@@ -318,7 +322,7 @@ class DeepSeekToolParser(ToolParser):
         return _call_from({"name": name.strip(), "arguments": arguments}, ("arguments",))
 
 
-class MistralToolParser(ToolParser):
+class MistralToolParser(_SectionToolParser):
     """Mistral: `[TOOL_CALLS]` then a JSON list of {"name", "arguments"} (before tokenizer v11) or, from v11 on,
     `NAME[ARGS]{...}` (repeated after further `[TOOL_CALLS]`); calls are released as each one closes."""
 
@@ -327,9 +331,7 @@ class MistralToolParser(ToolParser):
     markers = (TAG, ARGS)
 
     def __init__(self) -> None:
-        self._buffer = ""
-        self._inside = False
-        self._failed = False
+        super().__init__()
         self._decoder = json.JSONDecoder()
 
     def feed(self, text: str) -> Parsed:
@@ -390,12 +392,6 @@ class MistralToolParser(ToolParser):
                 return self._fail(out)
             out.tool_calls.append(call)
             self._buffer = rest.lstrip()[end:]
-
-    def _fail(self, out: Parsed) -> Parsed:
-        self._failed = True
-        out.content += self._buffer
-        self._buffer = ""
-        return out
 
     def finish(self) -> Parsed:
         out = self._release(final=True) if self._inside and not self._failed else Parsed()

@@ -141,7 +141,7 @@ class CpuBackend(Backend):
         from shoal.backends.cpu import gemv as cpu_gemv
         from shoal.backends.cpu.quantized import cpu_kernels
 
-        use_gemv = cpu_gemv.available() and (kernels == "shoal" or (kernels == "auto" and cpu_gemv.vectorized()))
+        use_gemv = cpu_gemv.chosen(kernels)
         kernel = cpu_kernels(use_gemv).get(weight_format)
         packed = {"int8": "int8pack", "int4": "int4pack"}.get(weight_format)
         if kernel is not None and (packed is None or use_gemv or packed in self.quantized_matmul_kernels()):

@@ -76,6 +76,12 @@ def vectorized() -> bool:
     return lib is not None and bool(lib.features & 16)
 
 
+def chosen(kernels: str = "auto") -> bool:
+    """Whether a model built with this EngineConfig.cpu_kernels choice multiplies with these kernels:
+    "shoal" wherever they are built, "auto" where they run vectorized, "torch" never."""
+    return available() and (kernels == "shoal" or (kernels == "auto" and vectorized()))
+
+
 def rows_kernels_available() -> bool:
     """Whether the matmul_rows_* kernels (bf16 activations, more rows than the matrix-vector kernels take)
     run here: they need AVX512-BF16, and SHOAL_CPU_ROWS=0 switches them off (callers keep the matmul)."""

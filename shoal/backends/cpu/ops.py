@@ -27,7 +27,7 @@ class CpuOps(Ops):
         wherever they are built, "torch" none of shoal's kernels."""
         self.kernels = kernels
         self.fused = fused.available() and kernels != "torch"
-        self.gemv = self.fused and gemv.available() and (kernels == "shoal" or gemv.vectorized())
+        self.gemv = self.fused and gemv.chosen(kernels)
 
     # ---- norms and activations ---------------------------------------------------------------
     def rms_norm(self, x, weight, eps, residual=None):
@@ -65,7 +65,8 @@ class CpuOps(Ops):
         shoal's batched kernel (gemv.matmul_rows_bf16) where gemv.rows_kernel_takes says it is faster;
         other bf16 / fp16 rows to F.linear with their count rounded up (gemv.linear_in_buckets)."""
         if prepared is not None and prepared.takes(x, weight):
-            return prepared(x, bias)
+            y = prepared(x)
+            return y if bias is None else self.add(y, bias)
         if x.is_cpu and x.dtype in (torch.bfloat16, torch.float16) and x.shape[-1] == weight.shape[1]:
             rows = x.numel() // weight.shape[1]
             if weight.dtype == torch.bfloat16 and 1 <= rows <= gemv.MAX_ROWS and self.gemv:

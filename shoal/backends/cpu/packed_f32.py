@@ -32,7 +32,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from shoal.backends.cpu import fused
 from shoal.backends.cpu.capture import call
 
 ENV_SWITCH = "SHOAL_CPU_PACKED_F32"
@@ -85,6 +84,7 @@ class PackedF32:
         self.source, self.source_version = weight, weight._version
         self.buffer = buffer
         self.n, self.k = weight.shape
+        self._compute = compute_address()  # named in a recorded step (capture.py)
 
     def is_current(self) -> bool:
         return self.source._version == self.source_version
@@ -98,16 +98,14 @@ class PackedF32:
                 and self.packs(weight))
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """x [..., k] float32 -> x W^T (+ bias, added afterwards as torch adds it: the C step's bits)."""
+        """x [..., k] float32 -> x W^T (+ bias, added afterwards as torch adds it)."""
         flat = x.reshape(-1, self.k).contiguous()
         y = torch.empty(flat.shape[0], self.n, dtype=torch.float32)
-        call(_compute_at, "cblas_sgemm_compute", compute_address(), _ROW_MAJOR, _NO_TRANS, _PACKED, flat.shape[0],
+        call(_compute_at, "cblas_sgemm_compute", self._compute, _ROW_MAJOR, _NO_TRANS, _PACKED, flat.shape[0],
              self.n, self.k, flat.data_ptr(), self.k, self.buffer.data_ptr(), self.k, 0.0, y.data_ptr(), self.n,
              keep=(flat, self.buffer, y))
         y = y.view(*x.shape[:-1], self.n)
-        if bias is None:
-            return y
-        return fused.add(y, bias) if fused.accepts(y) and bias.dtype == y.dtype and bias.is_contiguous() else y + bias
+        return y if bias is None else y + bias  # (CpuOps.linear adds a layer's bias with its own add op)
 
 
 def _compute_at(address: int, *args) -> int:

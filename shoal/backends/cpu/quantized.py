@@ -26,8 +26,8 @@ INT8_PACKED_MAX_TOKENS = 8
 
 
 def _gemv_here(use_gemv: bool | None) -> bool:
-    """Whether shoal's kernels multiply (None: where they run vectorized, the "auto" choice)."""
-    return gemv.available() and (gemv.vectorized() if use_gemv is None else use_gemv)
+    """Whether shoal's kernels multiply (None: the "auto" choice, gemv.chosen)."""
+    return gemv.chosen() if use_gemv is None else use_gemv and gemv.available()
 
 
 def int8_cpu_prepare(t: Tensors, group_size: int, use_gemv: bool | None = None) -> Tensors:
