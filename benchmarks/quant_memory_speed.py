@@ -117,7 +117,12 @@ def decode_seconds(llm: LLM, tokens: int) -> float:
 
 
 def kernel_table(threads: int) -> None:
-    from shoal.backends.cpu.quantized import int4_cpu_prepare
+    """One layer's matmul by every kernel the CPU backend can choose from: aten's (F.linear, the packed int8 /
+    int4 kernels, dequantize-then-matmul) and shoal's matrix-vector kernels (shoal/backends/cpu/gemv.py,
+    up to gemv.MAX_ROWS rows; "-" where not built or past that), whether or not `auto` would pick them here."""
+    from shoal.backends.cpu import gemv
+    from shoal.backends.quantized_matmul import int4_fallback, int8_fallback
+    from shoal.quant.formats import Int4GroupWeight, Int8ChannelWeight
 
     torch.set_num_threads(threads)
 
@@ -131,31 +136,37 @@ def kernel_table(threads: int) -> None:
             times.append(time.perf_counter() - t0)
         return statistics.median(times) * 1e3
 
-    from shoal.backends.cpu.quantized import int4_cpu
-    from shoal.backends.quantized_matmul import int4_fallback, int8_fallback
-    from shoal.quant.formats import Int4GroupWeight, Int8ChannelWeight
-
     k, n = 1024, 5632
     w = torch.randn(n, k) * 0.02
     q8 = Int8ChannelWeight.quantize(w, torch.bfloat16)
     t8 = {"qweight": q8.qweight, "scales": q8.scales}
+    scales8 = q8.scales.float().contiguous()
     q4 = Int4GroupWeight.quantize(w, 64, torch.bfloat16)
     t4 = {"qweight": q4.packed, "scales": q4.scales, "zeros": q4.zeros}
-    t4cpu = int4_cpu_prepare(t4, 64)
+    u4 = torch.stack([q4.packed & 0x0F, q4.packed >> 4], dim=-1).flatten(-2).to(torch.int32).contiguous()
+    int4pack = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u4, 1)
+    scales_zeros = torch.stack([q4.scales, q4.zeros], dim=-1).transpose(0, 1).contiguous()
+    t4gemv = gemv.int4_relayout(q4.packed, q4.scales, q4.zeros) if gemv.available() else None
     wb = w.to(torch.bfloat16)
-    print(f"one [{k} -> {n}] matmul, bf16 activations, {threads} thread(s), median ms")
-    print("| tokens | bf16 F.linear | int8pack | int8 dequant+matmul | int4pack | int4 dequant+matmul |")
-    print("|---|---|---|---|---|---|")
+    print(f"one [{k} -> {n}] matmul, bf16 activations, {threads} thread(s), median ms; shoal gemv "
+          f"{'vectorized (AVX-512)' if gemv.vectorized() else 'portable loops (no AVX-512)' if gemv.available() else 'not built'}")
+    print("| tokens | bf16 F.linear | bf16 shoal gemv | int8pack | int8 shoal gemv | int8 dequant+matmul "
+          "| int4pack | int4 shoal gemv | int4 dequant+matmul |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for m in (1, 4, 16, 64, 256):
         x = torch.randn(m, k, dtype=torch.bfloat16)
+        ours = gemv.available() and m <= gemv.MAX_ROWS
         row = [
             bench(lambda: torch.nn.functional.linear(x, wb)),
+            bench(lambda: gemv.gemv_bf16(x, wb)) if ours else None,
             bench(lambda: torch.ops.aten._weight_int8pack_mm(x, t8["qweight"], t8["scales"])),
+            bench(lambda: gemv.gemv_int8(x, t8["qweight"], scales8)) if ours else None,
             bench(lambda: int8_fallback(x, t8)),
-            bench(lambda: int4_cpu(x, t4cpu, 64)),
+            bench(lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, int4pack, 64, scales_zeros)),
+            bench(lambda: gemv.gemv_int4(x, t4gemv, 64)) if ours else None,
             bench(lambda: int4_fallback(x, t4, 64)),
         ]
-        print(f"| {m} | " + " | ".join(f"{v:.2f}" for v in row) + " |", flush=True)
+        print(f"| {m} | " + " | ".join("-" if v is None else f"{v:.2f}" for v in row) + " |", flush=True)
 
 
 def main(argv=None) -> int:

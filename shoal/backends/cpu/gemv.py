@@ -68,10 +68,11 @@ def quantizes_activations() -> bool:
 
 def vectorized() -> bool:
     """Whether the matrix-vector kernels run vectorized here (AVX-512). Without it they are the portable
-    scalar loops, several times slower than aten's kernels (measured on an AVX2-only AMD EPYC, 2 threads,
-    one [5632, 1024] weight and one bf16 row: bf16 3.1 ms against F.linear's 0.72; int8 4.8 ms against
-    aten._weight_int8pack_mm's 0.45; int4 3.1 ms against _weight_int4pack_mm_for_cpu's 0.51), so the CPU
-    backend multiplies with aten's there (cpu/ops.py, quantized.py) and keeps these for testing."""
+    scalar loops, several times slower than aten's kernels (`python benchmarks/quant_memory_speed.py
+    --kernels --threads 2` on an AVX2-only AMD EPYC, one [1024 -> 5632] matmul of one bf16 row: bf16 5.12 ms
+    against F.linear's 0.84, int8 3.29 against aten._weight_int8pack_mm's 0.73, int4 2.74 against
+    _weight_int4pack_mm_for_cpu's 0.54), so the CPU backend multiplies with aten's there (cpu/ops.py,
+    quantized.py) and keeps these for testing."""
     lib = library()
     return lib is not None and bool(lib.features & 16)
 
