@@ -48,11 +48,21 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "tests" / "gguf"))
 
 LLAMA_CPP_VERSION = "0.3.36"
-# AMX kernels of this llama.cpp crash on quantized models on the development Xeon: build without them.
-LLAMA_CPP_CMAKE_ARGS = (
-    "-DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON "
-    "-DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
-)
+
+
+def llama_cpp_cmake_args() -> str:
+    """CMake flags for llama.cpp that match this CPU: each x86 extension on only where /proc/cpuinfo lists
+    it (a build with AVX-512 on an AVX2-only EPYC dies of SIGILL), and AMX always off (this llama.cpp's
+    AMX kernels crash on quantized models on the development Xeon)."""
+    try:
+        flags = set(next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split())
+    except (OSError, StopIteration):
+        flags = set()
+    want = {"GGML_AVX2": "avx2", "GGML_FMA": "fma", "GGML_F16C": "f16c", "GGML_AVX512": "avx512f",
+            "GGML_AVX512_VBMI": "avx512vbmi", "GGML_AVX512_VNNI": "avx512_vnni", "GGML_AVX512_BF16": "avx512_bf16"}
+    args = ["-DGGML_NATIVE=OFF"] + [f"-D{k}={'ON' if v in flags else 'OFF'}" for k, v in want.items()]
+    return " ".join(args + ["-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF"])
+
 
 MOE_CONFIG = dict(
     vocab_size=32000, hidden_size=1024, intermediate_size=2816, moe_intermediate_size=512, num_hidden_layers=8,
@@ -127,7 +137,7 @@ def ensure_llama_cpp(sdist: str | None) -> bool:
         pass
     source = sdist if sdist and Path(sdist).is_file() else f"llama-cpp-python=={LLAMA_CPP_VERSION}"
     print(f"installing {source} (a C++ build: several minutes)", flush=True)
-    env = dict(os.environ, CMAKE_ARGS=LLAMA_CPP_CMAKE_ARGS, CMAKE_BUILD_PARALLEL_LEVEL=str(os.cpu_count() or 2))
+    env = dict(os.environ, CMAKE_ARGS=llama_cpp_cmake_args(), CMAKE_BUILD_PARALLEL_LEVEL=str(os.cpu_count() or 2))
     done = subprocess.run([sys.executable, "-m", "pip", "install", source], env=env)
     if done.returncode:
         print("llama-cpp-python did not install: llama.cpp is left out", flush=True)

@@ -10,9 +10,9 @@ The GGUF files are the ones `benchmarks/compare_cpu.py` writes (~0.5B random-wei
 compare_cpu.py's functions. The checkpoint's tokenizer has text for every one of its 32000 ids
 (tests/checkpoints.py: write_full_tokenizer), so both servers stream each generated token as a text
 chunk and TTFT / TPOT come from those chunks. `llama-server` is built from the llama.cpp sources inside the
-llama-cpp-python sdist that compare_cpu.py downloads, with the same CMake flags (AVX-512, VNNI, BF16,
-no AMX: its AMX kernels crash on quantized models on these Xeons): pass --llama-server to use another
-binary. The two servers never run at once: each round starts one, loads it, stops it, then the other,
+llama-cpp-python sdist that compare_cpu.py downloads, with the same CMake flags (each x86 extension the
+host has, never AMX: its AMX kernels crash on quantized models on the Xeons tried): pass --llama-server
+to use another binary. The two servers never run at once: each round starts one, loads it, stops it, then the other,
 so each has both cores. Prints output tok/s, median TTFT, median TPOT and the median end-to-end time per
 output token for each, and the throughput ratio; writes JSON (every round's row, with p99 TPOT and ITL too).
 """
@@ -36,11 +36,14 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path.home() / ".cache" / "shoal-bench"
 LLAMA_CPP_SOURCE = Path("/tmp/lcp/llama_cpp_python-0.3.36/vendor/llama.cpp")
-CMAKE_FLAGS = (
-    "-DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON "
-    "-DGGML_AVX512_BF16=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF "
-    "-DGGML_AMX_BF16=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_OPENSSL=OFF"
-)
+
+
+def cmake_flags() -> list[str]:
+    """compare_cpu.py's flags for this CPU (each x86 extension only where the host has it), plus a
+    Release build of the server alone."""
+    from compare_cpu import llama_cpp_cmake_args
+    return ["-DCMAKE_BUILD_TYPE=Release", *llama_cpp_cmake_args().split(), "-DLLAMA_CURL=OFF",
+            "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_OPENSSL=OFF"]
 
 
 def free_port() -> int:
@@ -56,7 +59,7 @@ def build_llama_server(build_dir: Path) -> Path:
     if not LLAMA_CPP_SOURCE.exists():
         raise SystemExit(f"no llama.cpp sources at {LLAMA_CPP_SOURCE}: run benchmarks/compare_cpu.py first "
                          "(it downloads the llama-cpp-python sdist), or pass --llama-server")
-    subprocess.run(["cmake", "-S", str(LLAMA_CPP_SOURCE), "-B", str(build_dir), *CMAKE_FLAGS.split()], check=True)
+    subprocess.run(["cmake", "-S", str(LLAMA_CPP_SOURCE), "-B", str(build_dir), *cmake_flags()], check=True)
     subprocess.run(["cmake", "--build", str(build_dir), "--target", "llama-server", "-j", str(os.cpu_count() or 2)],
                    check=True)
     return binary
