@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 
@@ -15,6 +16,65 @@ MAX_PENALTY = 2.0  # presence and frequency penalties lie in [-MAX_PENALTY, MAX_
 MAX_REPETITION_PENALTY = 10.0
 MAX_LOGIT_BIAS = 100.0  # each bias lies in [-MAX_LOGIT_BIAS, MAX_LOGIT_BIAS], as in the OpenAI API
 MAX_LOGIT_BIAS_ENTRIES = 1024
+MAX_GRAMMAR_BYTES = 64 * 1024  # a JSON schema, regex or grammar, as text
+MAX_CHOICES = 256
+MAX_CHOICE_CHARS = 1024
+
+
+@dataclass(frozen=True)
+class StructuredOutputsParams:
+    """What a completion must match, enforced while sampling (vLLM's StructuredOutputsParams): exactly one of
+    `json` (a JSON schema, as a dict or its text), `json_object` (any JSON object), `regex`, `choice` (one of
+    these strings) or `grammar` (a Lark grammar, llguidance's dialect). `whitespace_flexible` lets JSON hold
+    any whitespace between tokens; off by default, so a sampled reply cannot wander into endless blanks.
+    Compiled by shoal.engine.grammar when the request is added; a schema or grammar it cannot compile is an
+    InvalidRequestError then."""
+
+    json: dict | str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    grammar: str | None = None
+    whitespace_flexible: bool = False
+
+    def __post_init__(self) -> None:
+        if self.choice is not None:
+            object.__setattr__(self, "choice", tuple(self.choice))
+        given = [name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None]
+        given += ["json_object"] if self.json_object else []
+        if len(given) != 1:
+            raise InvalidRequestError(
+                "structured outputs take exactly one of json, json_object, regex, choice or grammar"
+                + (f"; got {', '.join(given)}" if given else "")
+            )
+        if self.choice is not None and not (
+            0 < len(self.choice) <= MAX_CHOICES
+            and all(isinstance(c, str) and 0 < len(c) <= MAX_CHOICE_CHARS for c in self.choice)
+        ):
+            raise InvalidRequestError(f"choice takes 1 to {MAX_CHOICES} strings of 1 to {MAX_CHOICE_CHARS} characters")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise InvalidRequestError(f"{name} must be a string")
+        if self.json is not None and not isinstance(self.json, (dict, str)):
+            raise InvalidRequestError("json must be a JSON schema: an object, or its text")
+        if self.size() > MAX_GRAMMAR_BYTES:
+            kind = {"json": "JSON schema", "choice": "list of choices"}.get(given[0], given[0])
+            raise InvalidRequestError(
+                f"the {kind} is {self.size()} bytes; at most {MAX_GRAMMAR_BYTES} are taken — simplify it"
+            )
+
+    def size(self) -> int:
+        """Bytes of the constraint's text (a schema as compact JSON)."""
+        if isinstance(self.json, dict):
+            return len(json.dumps(self.json, separators=(",", ":")).encode())
+        text = self.json if isinstance(self.json, str) else self.regex or self.grammar or ""
+        return len(text.encode()) + sum(len(c.encode()) for c in self.choice or ())
+
+    def key(self) -> tuple:
+        """A hashable identity (the cache key of its compiled grammar)."""
+        schema = json.dumps(self.json, sort_keys=True) if isinstance(self.json, dict) else self.json
+        return (schema, self.json_object, self.regex, self.choice, self.grammar, self.whitespace_flexible)
 
 
 @dataclass
@@ -53,6 +113,7 @@ class SamplingParams:
     n: int = 1
     logit_bias: dict[int, float] | None = None
     prompt_logprobs: int | None = None
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -87,6 +148,8 @@ class SamplingParams:
              f"logit_bias maps at most {MAX_LOGIT_BIAS_ENTRIES} token ids (integers >= 0) to numbers in "
              f"[-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]"),
         ]
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise InvalidRequestError("structured_outputs must be a StructuredOutputsParams")
         for ok, message in checks:
             if not ok:
                 raise InvalidRequestError(message)

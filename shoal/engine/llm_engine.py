@@ -12,6 +12,7 @@ from collections import deque
 import torch
 
 from shoal.engine.block_manager import BlockManager
+from shoal.engine.grammar import GrammarCompiler
 from shoal.engine.runner import ModelRunner
 from shoal.engine.scheduler import Scheduler
 from shoal.engine.sequence import Sequence
@@ -60,6 +61,7 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
         self.sequences: dict[str, Sequence] = {}
+        self.grammars = GrammarCompiler(tokenizer, eos_token_ids, model.config.vocab_size)  # structured outputs
         self.depth = getattr(self.runner, "depth", 1)  # micro-batches in flight (pipeline stages)
         self.in_flight: deque = deque()
         self._load: dict[int, list[int]] = {}
@@ -92,7 +94,9 @@ class LLMEngine:
                 f"logit_bias names token id {max(params.logit_bias)}, outside the vocabulary "
                 f"(0 to {self.model.config.vocab_size - 1})"
             )
+        guide = self.grammars.matcher(params.structured_outputs) if params.structured_outputs is not None else None
         seq = Sequence(prompt_ids, params, self.tokenizer, self.eos_token_ids, self.max_model_len, prompt, request_id)
+        seq.guide = guide
         self.scheduler.add(seq)
         self.sequences[seq.request_id] = seq
         return seq

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from shoal.engine.grammar import token_mask
 from shoal.engine.scheduler import ScheduledChunk
 from shoal.layers.paged_kv_cache import PagedBatch, PagedKVCache
 from shoal.layers.sampler import prompt_token_logprobs, sample_batch
@@ -82,6 +83,7 @@ class ModelRunner:
                 [seq.prompt_ids for seq in seqs],
                 [seq.output_ids for seq in seqs],
                 ops=self.model.ops,
+                mask=token_mask([seq.guide for seq in seqs], logits.shape[1]),
             )
         results: list[tuple[int, TokenLogprob | None] | None] = [None] * len(chunks)
         for row, token, logprob in zip(done, tokens, logprobs):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import logging
 
 import torch
 
@@ -14,6 +15,7 @@ from shoal.sampling_params import SamplingParams
 from shoal.tokenizer import IncrementalDetokenizer, Tokenizer
 
 _ids = itertools.count()
+logger = logging.getLogger("shoal.engine")
 
 
 class Status(enum.Enum):
@@ -52,6 +54,7 @@ class Sequence:
         # Filled by the runner as prefill chunks run; the first prompt token has nothing before it.
         self.prompt_logprobs: list[TokenLogprob | None] | None = [None] if params.prompt_logprobs is not None else None
         self.finish_reason: str | None = None
+        self.guide = None  # its grammar's matcher (shoal.engine.grammar) under structured outputs
         self.text = ""
         self.emitted = 0  # characters of text already handed to a streaming caller
         self._holdback = max((len(s) for s in params.stop), default=1) - 1
@@ -79,12 +82,19 @@ class Sequence:
             self.logprobs.append(logprob)
         self.detok.add(token)
         self.text = self.detok.text
-        if token in self.stop_ids:
+        if self.guide is not None and not self.guide.accept(token):
+            # The sampler only picks tokens the grammar allows; a refusal means a bug, not a bad request.
+            logger.error("request %s: its grammar refused token %d (%s); the completion ends here",
+                         self.request_id, token, self.guide.error)
+            self.finish_reason = "stop"
+        elif token in self.stop_ids:
             self.finish_reason = "stop"
         else:
             stop_at = self._find_stop()
             if stop_at is not None:
                 self.text = self.text[:stop_at]
+                self.finish_reason = "stop"
+            elif self.guide is not None and self.guide.finished:  # complete: nothing but its end may follow
                 self.finish_reason = "stop"
             elif len(self.output_ids) >= self.max_output:
                 self.finish_reason = "length"

@@ -3,6 +3,8 @@ frequency, presence), then greedy, or temperature with min-p / top-k / top-p fil
 per-request seeded generator; also reports logprobs of the raw model distribution.
 
 logit_bias is added after the penalties; prompt_token_logprobs scores the prompt itself (evaluation).
+A TokenMask (structured outputs, built by shoal.engine.grammar) then sets the logits of the tokens a row's
+grammar does not allow to -inf, greedy rows too; the tokens it allows keep their scores.
 
 The whole batch goes through one set of tensor operations (one softmax per step). Each row draws its
 uniform number from its own generator, so a seeded request samples the same tokens whatever else
@@ -12,6 +14,7 @@ shares its batch.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -19,6 +22,26 @@ import torch
 from shoal.backends.ops import REFERENCE, Ops
 from shoal.outputs import TokenLogprob
 from shoal.sampling_params import SamplingParams
+
+
+@dataclass
+class TokenMask:
+    """The tokens some rows of a batch may take next: `allowed` [len(rows), vocab] bool, one row per entry of
+    `rows` (the batch rows it constrains; the others are free)."""
+
+    rows: list[int]
+    allowed: torch.Tensor
+
+
+def apply_token_mask(scores: torch.Tensor, mask: TokenMask) -> torch.Tensor:
+    """scores [batch, vocab] -> a copy where each masked row's disallowed tokens score -inf."""
+    allowed = mask.allowed.to(scores.device)
+    out = scores.clone()
+    if len(mask.rows) == scores.shape[0] and mask.rows == list(range(len(mask.rows))):
+        return out.masked_fill_(~allowed, float("-inf"))
+    rows = torch.tensor(mask.rows, device=scores.device)
+    out.index_copy_(0, rows, scores.index_select(0, rows).masked_fill_(~allowed, float("-inf")))
+    return out
 
 
 def make_generator(params: SamplingParams) -> torch.Generator | None:
@@ -200,19 +223,20 @@ def sample_batch(
     prompt_ids: Sequence[Sequence[int]] | None = None,
     output_ids: Sequence[Sequence[int]] | None = None,
     ops: Ops = REFERENCE,
+    mask: TokenMask | None = None,
 ) -> tuple[list[int], list[TokenLogprob | None]]:
     """logits [batch, vocab] -> (one token id per row, its TokenLogprob where params.logprobs is set).
 
     prompt_ids and output_ids (one list per row) feed the penalties; they may be omitted when no row
     has one. Logprobs are always those of the raw logits, before penalties, temperature and filters.
-    `ops`: the model's (its argmax picks the greedy rows' tokens).
+    `ops`: the model's (its argmax picks the greedy rows' tokens); `mask`: the rows' allowed tokens, if any.
     """
     batch = logits.shape[0]
     generators = list(generators) if generators is not None else [None] * batch
     sampled = [row for row, p in enumerate(params) if not p.greedy]
     penalties = any(p.has_penalties for p in params)
     biased = any(p.logit_bias for p in params)
-    if not sampled and not penalties and not biased and all(p.logprobs is None for p in params):
+    if not sampled and not penalties and not biased and mask is None and all(p.logprobs is None for p in params):
         # Greedy alone: the raw logits' argmax (bf16 ones need no float32 copy: the conversion is exact).
         return greedy_tokens(logits, ops).tolist(), [None] * batch
     logits = logits.float()
@@ -223,6 +247,8 @@ def sample_batch(
         scores = apply_penalties(scores, params, prompt_ids, output_ids)
     if biased:
         scores = apply_logit_bias(scores, params)
+    if mask is not None:
+        scores = apply_token_mask(scores, mask)
     tokens = greedy_tokens(scores, ops) if len(sampled) < batch else None
     if sampled:
         if len(sampled) < batch:

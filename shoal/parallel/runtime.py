@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from shoal.engine.grammar import token_mask
 from shoal.engine.runner import ModelRunner
 from shoal.engine.scheduler import ScheduledChunk
 from shoal.errors import EngineUnavailableError
@@ -176,7 +177,8 @@ class ParallelRunner(ModelRunner):
         with torch.inference_mode():
             tokens, logprobs = sample_batch(logits, [s.params for s in seqs], [s.generator for s in seqs],
                                             [s.prompt_ids for s in seqs], [s.output_ids for s in seqs],
-                                            ops=self.model.ops)
+                                            ops=self.model.ops,
+                                            mask=token_mask([s.guide for s in seqs], logits.shape[1]))
         results: list = [None] * len(chunks)
         for row, token, logprob in zip(done, tokens, logprobs):
             results[row] = (token, logprob)

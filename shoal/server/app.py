@@ -103,12 +103,13 @@ def build_app(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     max_prompt_bytes: int = DEFAULT_MAX_PROMPT_BYTES,
     tool_call_parser: str | None = None,
+    reasoning_parser: str | None = None,
 ) -> FastAPI:
     """An app serving `llm` (a shoal.LLM) under `served_model_name`; its engine thread runs while the app does."""
     model_name = served_model_name or default_model_name(llm)
     metrics = ServerMetrics(model_name)
     engine = AsyncEngine(llm.engine, max_waiting=max_waiting, on_finished=metrics.observe)
-    serving = OpenAIServing(llm, engine, model_name, max_prompt_bytes, tool_call_parser)
+    serving = OpenAIServing(llm, engine, model_name, max_prompt_bytes, tool_call_parser, reasoning_parser)
     tokenization = TokenizationServing(serving)
     started = int(time.time())
 

@@ -43,6 +43,7 @@ def _port(text: str) -> int:
 
 def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     from shoal.server.tool_parsers import PARSERS
+    from shoal.server.reasoning import REASONING_PARSERS
 
     serve = subparsers.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
     add_model_options(serve)
@@ -58,6 +59,8 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
                        help="bytes for the paged KV cache, e.g. 512MiB or 4GiB (default: sized from free memory)")
     serve.add_argument("--tool-call-parser", default=None, choices=sorted(PARSERS),
                        help="how the model's tool calls are read (default: chosen from the chat template's markers)")
+    serve.add_argument("--reasoning-parser", default=None, choices=REASONING_PARSERS,
+                       help="split a thinking model's <think>...</think> into reasoning_content (vLLM's names)")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                        help="uvicorn's log level")
     return serve
@@ -78,7 +81,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         **llm_options(args),
     )
     app = build_app(llm, served_model_name=args.served_model_name, api_key=args.api_key,
-                    max_waiting=args.max_waiting or DEFAULT_MAX_WAITING, tool_call_parser=args.tool_call_parser)
+                    max_waiting=args.max_waiting or DEFAULT_MAX_WAITING, tool_call_parser=args.tool_call_parser,
+                    reasoning_parser=args.reasoning_parser)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=10, lifespan="on")
     server = _aborting_server(config, app)

@@ -12,6 +12,9 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from shoal.sampling_params import (
+    MAX_CHOICE_CHARS,
+    MAX_CHOICES,
+    MAX_GRAMMAR_BYTES,
     MAX_LOGIT_BIAS,
     MAX_LOGIT_BIAS_ENTRIES,
     MAX_LOGPROBS,
@@ -47,6 +50,22 @@ class StreamOptions(_Strict):
     include_usage: bool | None = None
 
 
+GrammarText = Annotated[str, StringConstraints(max_length=MAX_GRAMMAR_BYTES)]
+
+
+class StructuredOutputs(_Strict):
+    """vLLM's `structured_outputs` request field (shoal.sampling_params.StructuredOutputsParams)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False, populate_by_name=True)
+
+    json_schema: dict[str, Any] | GrammarText | None = Field(None, alias="json")
+    regex: GrammarText | None = None
+    choice: Annotated[list[Annotated[str, StringConstraints(min_length=1, max_length=MAX_CHOICE_CHARS)]] | None,
+                      Field(min_length=1, max_length=MAX_CHOICES)] = None
+    grammar: GrammarText | None = None
+    json_object: bool | None = None
+
+
 class _Sampling(_Strict):
     """Fields shared by /v1/completions and /v1/chat/completions (OpenAI's, then vLLM's extras)."""
 
@@ -70,6 +89,14 @@ class _Sampling(_Strict):
     stop_token_ids: Annotated[list[int] | None, Field(max_length=MAX_STOP_TOKEN_IDS)] = None
     skip_special_tokens: bool | None = None
     prompt_logprobs: Annotated[int | None, Field(ge=0, le=MAX_LOGPROBS)] = None
+    # structured outputs, vLLM's spellings (shoal.server.structured reads them)
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict[str, Any] | GrammarText | None = None
+    guided_regex: GrammarText | None = None
+    guided_choice: Annotated[list[Annotated[str, StringConstraints(min_length=1, max_length=MAX_CHOICE_CHARS)]] | None,
+                             Field(min_length=1, max_length=MAX_CHOICES)] = None
+    guided_grammar: GrammarText | None = None
+    guided_decoding_backend: ShortStr | None = None  # accepted and ignored: shoal has one backend (llguidance)
 
 
 class CompletionRequest(_Sampling):
@@ -138,8 +165,18 @@ class NamedToolChoice(_Strict):
     function: NamedFunction
 
 
+class JsonSchemaFormat(_Strict):
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False, populate_by_name=True)
+
+    name: ShortStr | None = None
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(_Strict):
-    type: ShortStr
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
 
 
 class ChatCompletionRequest(_Sampling):

@@ -31,13 +31,14 @@ from shoal.server.protocol import (
     MAX_CHOICES,
     ChatCompletionRequest,
     CompletionRequest,
-    NamedToolChoice,
     RequestError,
     error_body,
     sampling_params,
     stream_usage,
 )
-from shoal.server.tool_calls import ToolCalling, markers_are_special
+from shoal.server.reasoning import REASONING_PARSERS
+from shoal.server.reply import ReplyReader, plan_chat
+from shoal.server.structured import compile_or_400, requested
 from shoal.server.tool_parsers import PARSERS, parser_for_template
 
 logger = logging.getLogger("shoal.server")
@@ -101,7 +102,7 @@ class _Prepared:
 
 class OpenAIServing:
     def __init__(self, llm, engine: AsyncEngine, model_name: str, max_prompt_bytes: int,
-                 tool_call_parser: str | None = None) -> None:
+                 tool_call_parser: str | None = None, reasoning_parser: str | None = None) -> None:
         self.llm, self.engine, self.model_name = llm, engine, model_name
         self.tokenizer = llm.tokenizer
         self.max_model_len = llm.engine.max_model_len
@@ -113,6 +114,9 @@ class OpenAIServing:
             raise ValueError(f"unknown tool-call parser {tool_call_parser!r}; known: {', '.join(sorted(PARSERS))}")
         templates = [self.tokenizer.chat_templates.get("tool_use"), self.tokenizer.chat_template]
         self.tool_parser = tool_call_parser or next((p for t in templates if (p := parser_for_template(t))), None)
+        if reasoning_parser is not None and reasoning_parser not in REASONING_PARSERS:
+            raise ValueError(f"unknown reasoning parser {reasoning_parser!r}; known: {', '.join(REASONING_PARSERS)}")
+        self.reasoning_parser = reasoning_parser
 
     # ---- shared -----------------------------------------------------------------------------
     def check_model(self, name: str | None) -> None:
@@ -137,7 +141,8 @@ class OpenAIServing:
                 param="max_tokens",
             )
 
-    def _params(self, request, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None) -> list:
+    def _params(self, request, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None,
+                constraint=None) -> list:
         if max_tokens is not None and max_tokens < 1:
             raise RequestError(f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
         if prompt_logprobs is not None and not getattr(self.llm.engine, "scores_prompts", False):
@@ -150,9 +155,11 @@ class OpenAIServing:
             if not 0 <= token < self.vocab_size:
                 raise RequestError(f"stop token id {token} is outside the vocabulary", param="stop_token_ids")
         try:
-            return sampling_params(request, max_tokens or self.max_model_len, logprobs, self.vocab_size, prompt_logprobs)
+            params = sampling_params(request, max_tokens or self.max_model_len, logprobs, self.vocab_size,
+                                     prompt_logprobs)
         except InvalidRequestError as exc:
             raise RequestError(str(exc)) from None
+        return [dataclasses.replace(p, structured_outputs=constraint) for p in params] if constraint else params
 
     def _token(self, token_id: int) -> str:
         text = self._token_text.get(token_id)
@@ -265,10 +272,13 @@ class OpenAIServing:
             raise RequestError(f"prompts x n may be at most {MAX_CHOICES}", param="n")
         max_tokens = 16 if req.max_tokens is None else (1 if hide_output else req.max_tokens)
         explicit = req.max_tokens
-        params = self._params(req, max_tokens, req.logprobs, prompt_logprobs)
+        constraint, constraint_param = requested(req)
+        params = self._params(req, max_tokens, req.logprobs, prompt_logprobs, constraint)
 
         def prepare() -> _Prepared:
             self._check_prompt_bytes(sum(len(t.encode("utf-8")) for t, _ in prompts if t is not None))
+            if constraint is not None:
+                compile_or_400(self.llm.engine.grammars, constraint, constraint_param)
             ready = []
             for text, ids in prompts:
                 if ids is None:
@@ -354,19 +364,8 @@ class OpenAIServing:
     async def chat(self, request: Request) -> Response:
         req = await parse(ChatCompletionRequest, await request.body())
         self.check_model(req.model)
-        if isinstance(req.tool_choice, NamedToolChoice) or req.tool_choice == "required":
-            raise RequestError("tool_choice required or a named function needs constrained decoding, which this "
-                               "server does not do yet; use auto", param="tool_choice", code="unsupported_parameter")
-        if req.tool_choice is not None and req.tool_choice != "none" and not req.tools:
-            raise RequestError("tool_choice needs tools", param="tool_choice")
-        parse_tools = bool(req.tools) and req.tool_choice != "none"
-        if parse_tools and self.tool_parser is None:
-            raise RequestError("this model's chat template shows no tool-call format shoal can read; start the "
-                               "server with --tool-call-parser, or send tool_choice none", param="tools",
-                               code="unsupported_parameter")
-        if req.response_format is not None and req.response_format.type != "text":
-            raise RequestError("response_format other than text is not supported by this server",
-                               param="response_format", code="unsupported_parameter")
+        plan = plan_chat(req, self.tool_parser, self.reasoning_parser, self.tokenizer.token_to_id,
+                         self.tokenizer.is_special)
         if req.top_logprobs is not None and not req.logprobs:
             raise RequestError("top_logprobs needs logprobs set to true", param="top_logprobs")
         n = req.n or 1
@@ -374,18 +373,17 @@ class OpenAIServing:
                             req.chat_template_kwargs, req.documents)
         explicit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        params = self._params(req, explicit, logprobs, req.prompt_logprobs)
-        tools = None
-        if parse_tools:
-            tools = ToolCalling(self.tool_parser, req.parallel_tool_calls is not False)
-            if req.skip_special_tokens is None and markers_are_special(self.tool_parser, self.tokenizer.token_to_id,
-                                                                       self.tokenizer.is_special):
-                # The parser must see its markers; the end-of-sequence text they then bring is cut again.
-                params = [dataclasses.replace(p, skip_special_tokens=False) for p in params]
-                tools.stop_texts = tuple(self._token(t) for t in self.llm.engine.eos_token_ids)
+        params = self._params(req, explicit, logprobs, req.prompt_logprobs, plan.constraint)
+        reader = plan.reader
+        if plan.keep_special_tokens:
+            # The reader must see its markers; the end-of-sequence text they then bring is cut again.
+            params = [dataclasses.replace(p, skip_special_tokens=False) for p in params]
+            reader.stop_texts = tuple(self._token(t) for t in self.llm.engine.eos_token_ids)
 
         def prepare() -> _Prepared:
             self._check_prompt_bytes(chat.text_bytes())
+            if plan.constraint is not None:
+                compile_or_400(self.llm.engine.grammars, plan.constraint, plan.constraint_param)
             ids = self.tokenizer.apply_chat_template(chat.messages, chat.add_generation_prompt, **chat.render_options())
             self._check_ids(ids, explicit)
             return _Prepared([(None, ids)], params)
@@ -397,20 +395,20 @@ class OpenAIServing:
         request_id, stream = self._submit("chatcmpl", prepared)
         created = int(time.time())
         if req.stream:
-            chunks = self._chat_chunks(req, prepared, stream, request_id, created, n, tools)
+            chunks = self._chat_chunks(req, prepared, stream, request_id, created, n, reader)
             return self._events(request_id, stream, chunks)
-        work = partial(self._chat_response, req, prepared, request_id, stream, created, n, tools)
+        work = partial(self._chat_response, req, prepared, request_id, stream, created, n, reader)
         return await self._until_done(request, request_id, stream, work)
 
     async def _chat_response(self, req: ChatCompletionRequest, prepared: _Prepared, request_id: str,
-                             stream: RequestStream, created: int, n: int, tools: ToolCalling | None = None) -> Response:
+                             stream: RequestStream, created: int, n: int, reader: ReplyReader | None = None) -> Response:
         collected = await self._collect(stream, n)
         choices = []
         for index, choice in enumerate(collected):
             message: dict[str, Any] = {"role": "assistant", "content": "".join(choice.text)}
             finish = choice.finish_reason
-            if tools is not None:
-                message, finish = tools.message(message["content"], finish)
+            if reader is not None:
+                message, finish = reader.message(message["content"], finish)
             choices.append({
                 "index": index,
                 "message": message,
@@ -426,7 +424,7 @@ class OpenAIServing:
 
     async def _chat_chunks(self, req: ChatCompletionRequest, prepared: _Prepared, stream: RequestStream,
                            request_id: str, created: int, n: int,
-                           tools: ToolCalling | None = None) -> AsyncIterator[str]:
+                           reader: ReplyReader | None = None) -> AsyncIterator[str]:
         include_usage = stream_usage(req)
         base = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": self.model_name}
 
@@ -441,7 +439,7 @@ class OpenAIServing:
         for index in range(n):
             yield chunk(index, {"role": "assistant", "content": ""}, None, None)
         tokens = [0] * n
-        streams = [tools.stream() for _ in range(n)] if tools is not None else None
+        streams = [reader.stream() for _ in range(n)] if reader is not None else None
         async for delta in stream:
             tokens[delta.index] = delta.num_output_tokens
             logprobs = self.logprobs.chat(delta.logprobs or []) if req.logprobs else None

@@ -1,41 +1,28 @@
-"""One chat request's tool calling: which parser reads the model's text, whether the parser's markers must
-be kept in the text (a tokenizer that calls them special would skip them), and how a reply, whole or
-streamed, becomes OpenAI content plus `tool_calls` with finish_reason "tool_calls"."""
+"""One chat request's tool calling: which parser reads the model's text, and how a reply, whole or
+streamed, becomes OpenAI content plus `tool_calls` with finish_reason "tool_calls". With tool_choice "required" or
+a named function the reply is constrained to the call (ForcedToolCalling), so it always parses."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
 from dataclasses import dataclass
 from typing import Any
 
+from shoal.sampling_params import StructuredOutputsParams
+from shoal.server.protocol import RequestError
 from shoal.server.tool_parsers import PARSERS, Parsed, ToolCall
-
-
-def markers_are_special(parser: str, token_to_id: Callable[[str], int | None],
-                        is_special: Callable[[int], bool]) -> bool:
-    ids = [token_to_id(m) for m in PARSERS[parser].markers]
-    return any(i is not None and is_special(i) for i in ids)
 
 
 @dataclass
 class ToolCalling:
     parser: str
     parallel: bool  # parallel_tool_calls: false keeps only a choice's first call
-    stop_texts: tuple[str, ...] = ()  # with special tokens kept: end-of-sequence texts cut from a stopped reply
-
-    def _cut_stop(self, text: str, finish: str | None) -> str:
-        if finish == "stop":
-            for end in self.stop_texts:
-                if end and text.endswith(end):
-                    return text[: -len(end)]
-        return text
 
     def _kept(self, calls: list[ToolCall], made: int) -> list[ToolCall]:
         return calls if self.parallel else calls[: max(0, 1 - made)]
 
     def message(self, text: str, finish: str | None) -> tuple[dict[str, Any], str | None]:
         """A whole reply -> (its assistant message, its finish_reason)."""
-        text = self._cut_stop(text, finish)
         parsed = PARSERS[self.parser]().parse(text)
         calls = self._kept(parsed.tool_calls, 0)
         if not calls:
@@ -54,7 +41,7 @@ class ToolCallStream:
         self.calling, self.parser, self.made = calling, PARSERS[calling.parser](), 0
 
     def feed(self, text: str, finish: str | None) -> tuple[dict[str, Any], str | None]:
-        parsed = self.parser.feed(self.calling._cut_stop(text, finish))  # the stop token came with the last piece
+        parsed = self.parser.feed(text)
         if finish is not None:
             parsed += self.parser.finish()
         delta = self._delta(parsed)
@@ -67,3 +54,154 @@ class ToolCallStream:
             delta["tool_calls"] = [{"index": self.made + k, **c.openai()} for k, c in enumerate(calls)]
             self.made += len(calls)
         return delta
+
+
+# ---- tool_choice "required" and a named function: the reply is constrained to the call itself ----------------
+def forced_tool_calls(tools: list, tool_choice, parallel: bool) -> tuple[StructuredOutputsParams, ForcedToolCalling]:
+    """tool_choice "required" or {"type": "function", "function": {"name": ...}} -> the JSON schema the reply is
+    held to while sampling, and how that reply becomes tool_calls (vLLM's way: whatever the model's own
+    format, the forced reply is plain JSON, so it always parses).
+
+    A named function's reply is its arguments object; "required" is an array of {"name", "parameters"} (one item
+    at most without parallel_tool_calls)."""
+    functions = {t.function.name: t.function for t in tools}
+    if tool_choice == "required":
+        items = [{"type": "object", "properties": {"name": {"const": name}, "parameters": _parameters(f)},
+                  "required": ["name", "parameters"], "additionalProperties": False} for name, f in functions.items()]
+        schema = {"type": "array", "minItems": 1, "items": items[0] if len(items) == 1 else {"anyOf": items}}
+        if not parallel:
+            schema["maxItems"] = 1
+        return StructuredOutputsParams(json=schema), ForcedToolCalling(None)
+    name = tool_choice.function.name
+    if name not in functions:
+        raise RequestError(f"tool_choice names the function {name!r}, which is not among the tools "
+                           f"({', '.join(sorted(functions))}); name one of them", param="tool_choice")
+    return StructuredOutputsParams(json=_parameters(functions[name])), ForcedToolCalling(name)
+
+
+def _parameters(function) -> dict:
+    """A function's parameters schema with its objects closed: a property the schema does not name is not
+    generated (OpenAI's strict function calling asks for this of every schema; without it a sampled reply
+    could invent keys until max_tokens)."""
+    schema = function.parameters if function.parameters is not None else {"type": "object", "properties": {}}
+    return _closed(schema)
+
+
+def _closed(schema):
+    if isinstance(schema, list):
+        return [_closed(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for key, value in schema.items():
+        if key in ("properties", "$defs", "definitions", "patternProperties") and isinstance(value, dict):
+            out[key] = {name: _closed(sub) for name, sub in value.items()}
+        elif key in ("items", "anyOf", "oneOf", "allOf", "prefixItems", "not", "additionalProperties"):
+            out[key] = _closed(value)
+        else:
+            out[key] = value
+    if (out.get("type") == "object" or "properties" in out) and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out
+
+
+def _calls_from_array(text: str) -> list[ToolCall] | None:
+    try:
+        items = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(items, list):
+        return None
+    calls = [_item_call(item) for item in items]
+    return None if any(c is None for c in calls) else calls
+
+
+def _item_call(item) -> ToolCall | None:
+    if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+        return None
+    return ToolCall(item["name"], json.dumps(item.get("parameters", {}), ensure_ascii=False))
+
+
+@dataclass
+class ForcedToolCalling:
+    name: str | None  # the named function, or None for "required"
+
+    def message(self, text: str, finish: str | None) -> tuple[dict[str, Any], str | None]:
+        """A whole reply -> (its assistant message, its finish_reason); a reply cut short (max_tokens) stays content."""
+        if self.name is not None:
+            try:
+                arguments = json.loads(text)
+            except ValueError:
+                arguments = None
+            calls = [ToolCall(self.name, json.dumps(arguments, ensure_ascii=False))] if arguments is not None else None
+        else:
+            calls = _calls_from_array(text)
+        if not calls or finish == "length":
+            return {"role": "assistant", "content": text}, finish
+        return {"role": "assistant", "content": None, "tool_calls": [c.openai() for c in calls]}, "tool_calls"
+
+    def stream(self) -> ForcedToolCallStream:
+        return ForcedToolCallStream(self)
+
+
+class ForcedToolCallStream:
+    """One choice's forced reply as OpenAI tool-call deltas: a named function's arguments as they arrive; for
+    "required", each call of the array once its object closes."""
+
+    def __init__(self, calling: ForcedToolCalling) -> None:
+        self.name = calling.name
+        self.call_id = ToolCall("", "").id
+        self.made = 0
+        self._depth, self._in_string, self._escaped, self._item = 0, False, False, ""
+
+    def feed(self, text: str, finish: str | None) -> tuple[dict[str, Any], str | None]:
+        if self.name is not None:
+            delta: dict[str, Any] = {}
+            if text or self.made == 0:
+                call: dict[str, Any] = {"index": 0, "function": {"arguments": text}}
+                if self.made == 0:
+                    call = {"index": 0, "id": self.call_id, "type": "function",
+                            "function": {"name": self.name, "arguments": text}}
+                    self.made = 1
+                delta = {"tool_calls": [call]}
+            return delta, ("tool_calls" if finish == "stop" else finish)
+        calls = []
+        for char in text:
+            if self._scan(char):
+                call = _item_call(_loads(self._item))
+                self._item = ""
+                if call is not None:
+                    calls.append({"index": self.made, **call.openai()})
+                    self.made += 1
+        delta = {"tool_calls": calls} if calls else {}
+        return delta, ("tool_calls" if finish == "stop" and self.made else finish)
+
+    def _scan(self, char: str) -> bool:
+        """Follow the array one character at a time; True when `char` closes one of its objects."""
+        if self._depth >= 2:
+            self._item += char
+        if self._in_string:
+            if self._escaped:
+                self._escaped = False
+            elif char == "\\":
+                self._escaped = True
+            elif char == '"':
+                self._in_string = False
+            return False
+        if char == '"':
+            self._in_string = True
+        elif char in "[{":
+            self._depth += 1
+            if self._depth == 2:
+                self._item = char
+        elif char in "]}":
+            self._depth -= 1
+            return self._depth == 1 and char == "}"
+        return False
+
+
+def _loads(text: str):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
