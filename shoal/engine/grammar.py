@@ -44,8 +44,9 @@ def _llguidance():
 class GrammarMatcher:
     """One sequence's position in its grammar: the tokens allowed next, advanced by each sampled token."""
 
-    def __init__(self, matcher) -> None:
+    def __init__(self, matcher, vocab_size: int) -> None:
         self._matcher = matcher
+        self.vocab_size = vocab_size  # the ids its masks cover
 
     def fill(self, row: np.ndarray) -> None:
         """Write the allowed-token bitmask (one bit per token id, int32 words, little-endian) into `row`."""
@@ -92,7 +93,7 @@ class GrammarCompiler:
         self._prototype(spec)
 
     def matcher(self, spec: StructuredOutputsParams) -> GrammarMatcher:
-        return GrammarMatcher(self._prototype(spec).deep_copy())
+        return GrammarMatcher(self._prototype(spec).deep_copy(), self._tokenizer.vocab_size)
 
     def _prototype(self, spec: StructuredOutputsParams):
         key = spec.key()
@@ -151,13 +152,16 @@ def _grammar_text(llg, spec: StructuredOutputsParams) -> str:
 
 
 def token_mask(matchers: Sequence[GrammarMatcher | None], vocab_size: int) -> TokenMask | None:
-    """The allowed tokens of each row that has a matcher, as the sampler applies them (None: no row has one)."""
+    """The allowed tokens of each row that has a matcher, over logits `vocab_size` wide, as the sampler applies
+    them (None: no row has one). Ids past the matchers' vocabulary (logits padded wider) are never allowed."""
     rows = [row for row, m in enumerate(matchers) if m is not None]
     if not rows:
         return None
-    words = -(-vocab_size // 32)
-    bits = np.zeros((len(rows), words), dtype=np.int32)
+    covered = matchers[rows[0]].vocab_size  # one engine, one tokenizer: every matcher covers the same ids
+    bits = np.zeros((len(rows), -(-covered // 32)), dtype=np.int32)
     for i, row in enumerate(rows):
         matchers[row].fill(bits[i])
-    allowed = np.unpackbits(bits.view(np.uint8), axis=1, count=vocab_size, bitorder="little")
+    allowed = np.zeros((len(rows), vocab_size), dtype=np.uint8)
+    width = min(covered, vocab_size)
+    allowed[:, :width] = np.unpackbits(bits.view(np.uint8), axis=1, count=width, bitorder="little")
     return TokenMask(rows, torch.from_numpy(allowed).bool())
