@@ -161,7 +161,8 @@ def token_mask(matchers: Sequence[GrammarMatcher | None], vocab_size: int) -> To
     bits = np.zeros((len(rows), -(-covered // 32)), dtype=np.int32)
     for i, row in enumerate(rows):
         matchers[row].fill(bits[i])
-    allowed = np.zeros((len(rows), vocab_size), dtype=np.uint8)
     width = min(covered, vocab_size)
-    allowed[:, :width] = np.unpackbits(bits.view(np.uint8), axis=1, count=width, bitorder="little")
-    return TokenMask(rows, torch.from_numpy(allowed).bool())
+    allowed = np.unpackbits(bits.view(np.uint8), axis=1, count=width, bitorder="little")
+    if width < vocab_size:
+        allowed = np.pad(allowed, ((0, 0), (0, vocab_size - width)))
+    return TokenMask(rows, torch.from_numpy(allowed).view(torch.bool))  # 0 / 1 bytes: a view, not a copy

@@ -36,12 +36,10 @@ class TokenMask:
 def apply_token_mask(scores: torch.Tensor, mask: TokenMask) -> torch.Tensor:
     """scores [batch, vocab] -> a copy where each masked row's disallowed tokens score -inf."""
     allowed = mask.allowed.to(scores.device)
-    out = scores.clone()
-    if len(mask.rows) == scores.shape[0] and mask.rows == list(range(len(mask.rows))):
-        return out.masked_fill_(~allowed, float("-inf"))
+    if mask.rows == list(range(scores.shape[0])):
+        return torch.where(allowed, scores, float("-inf"))
     rows = torch.tensor(mask.rows, device=scores.device)
-    out.index_copy_(0, rows, scores.index_select(0, rows).masked_fill_(~allowed, float("-inf")))
-    return out
+    return scores.index_copy(0, rows, torch.where(allowed, scores.index_select(0, rows), float("-inf")))
 
 
 def make_generator(params: SamplingParams) -> torch.Generator | None:
