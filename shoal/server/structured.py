@@ -31,7 +31,8 @@ def requested(req: CompletionRequest | ChatCompletionRequest) -> tuple[Structure
             if spec is None or spec.json_schema is None:
                 raise RequestError("response_format json_schema needs json_schema.schema: the JSON schema the reply "
                                    "must match", param="response_format")
-            found.append((_params("response_format", json=spec.json_schema), "response_format"))
+            schema = closed_objects(spec.json_schema) if spec.strict else spec.json_schema
+            found.append((_params("response_format", json=schema), "response_format"))
     if req.structured_outputs is not None:
         so = req.structured_outputs
         found.append((_params("structured_outputs", json=so.json_schema, json_object=bool(so.json_object),
@@ -53,3 +54,23 @@ def compile_or_400(grammars, spec: StructuredOutputsParams, param: str) -> None:
         grammars.compile(spec)
     except InvalidRequestError as exc:
         raise RequestError(str(exc), param=param) from None
+
+
+def closed_objects(schema):
+    """`schema` with every object that does not say otherwise closed (additionalProperties false), as OpenAI's
+    strict mode asks of a schema: a sampled reply then cannot invent keys until max_tokens cuts it."""
+    if isinstance(schema, list):
+        return [closed_objects(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for key, value in schema.items():
+        if key in ("properties", "$defs", "definitions", "patternProperties") and isinstance(value, dict):
+            out[key] = {name: closed_objects(sub) for name, sub in value.items()}
+        elif key in ("items", "anyOf", "oneOf", "allOf", "prefixItems", "additionalProperties"):
+            out[key] = closed_objects(value)
+        else:
+            out[key] = value
+    if (out.get("type") == "object" or "properties" in out) and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out

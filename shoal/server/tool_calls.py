@@ -10,6 +10,7 @@ from typing import Any
 
 from shoal.sampling_params import StructuredOutputsParams
 from shoal.server.protocol import RequestError
+from shoal.server.structured import closed_objects
 from shoal.server.tool_parsers import PARSERS, Parsed, ToolCall
 
 
@@ -84,36 +85,7 @@ def _parameters(function) -> dict:
     generated (OpenAI's strict function calling asks for this of every schema; without it a sampled reply
     could invent keys until max_tokens)."""
     schema = function.parameters if function.parameters is not None else {"type": "object", "properties": {}}
-    return _closed(schema)
-
-
-def _closed(schema):
-    if isinstance(schema, list):
-        return [_closed(s) for s in schema]
-    if not isinstance(schema, dict):
-        return schema
-    out = {}
-    for key, value in schema.items():
-        if key in ("properties", "$defs", "definitions", "patternProperties") and isinstance(value, dict):
-            out[key] = {name: _closed(sub) for name, sub in value.items()}
-        elif key in ("items", "anyOf", "oneOf", "allOf", "prefixItems", "not", "additionalProperties"):
-            out[key] = _closed(value)
-        else:
-            out[key] = value
-    if (out.get("type") == "object" or "properties" in out) and "additionalProperties" not in out:
-        out["additionalProperties"] = False
-    return out
-
-
-def _calls_from_array(text: str) -> list[ToolCall] | None:
-    try:
-        items = json.loads(text)
-    except ValueError:
-        return None
-    if not isinstance(items, list):
-        return None
-    calls = [_item_call(item) for item in items]
-    return None if any(c is None for c in calls) else calls
+    return closed_objects(schema)
 
 
 def _item_call(item) -> ToolCall | None:
@@ -127,18 +99,18 @@ class ForcedToolCalling:
     name: str | None  # the named function, or None for "required"
 
     def message(self, text: str, finish: str | None) -> tuple[dict[str, Any], str | None]:
-        """A whole reply -> (its assistant message, its finish_reason); a reply cut short (max_tokens) stays content."""
+        """A whole reply -> (its assistant message, its finish_reason). Cut short by max_tokens, a named call's
+        arguments are incomplete and stay content; of "required"'s array, the calls that were whole are kept."""
         if self.name is not None:
-            try:
-                arguments = json.loads(text)
-            except ValueError:
-                arguments = None
-            calls = [ToolCall(self.name, json.dumps(arguments, ensure_ascii=False))] if arguments is not None else None
+            arguments = _loads(text)
+            calls = [ToolCall(self.name, json.dumps(arguments, ensure_ascii=False)).openai()] if (
+                finish != "length" and isinstance(arguments, dict)) else []
         else:
-            calls = _calls_from_array(text)
-        if not calls or finish == "length":
+            delta, _ = ForcedToolCallStream(self).feed(text, None)
+            calls = [{k: v for k, v in c.items() if k != "index"} for c in delta.get("tool_calls", [])]
+        if not calls:
             return {"role": "assistant", "content": text}, finish
-        return {"role": "assistant", "content": None, "tool_calls": [c.openai() for c in calls]}, "tool_calls"
+        return {"role": "assistant", "content": None, "tool_calls": calls}, "length" if finish == "length" else "tool_calls"
 
     def stream(self) -> ForcedToolCallStream:
         return ForcedToolCallStream(self)

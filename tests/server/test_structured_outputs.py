@@ -103,18 +103,29 @@ def calls_of(choice) -> list[tuple[str, dict]]:
     return [(c.function.name, json.loads(c.function.arguments)) for c in choice.message.tool_calls]
 
 
+def check_call(name: str, arguments: dict) -> None:
+    assert name in {"get_weather", "get_time"}
+    jsonschema.validate(arguments, WEATHER if name == "get_weather" else {"type": "object", "maxProperties": 0})
+
+
 def test_tool_choice_required_and_named_always_parse(client):
-    required = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required",
-                                              temperature=1.0, n=8, seed=7, max_tokens=96)
-    for choice in required.choices:
-        assert choice.finish_reason == "tool_calls" and choice.message.content is None
-        calls = calls_of(choice)
-        assert calls and all(name in {"get_weather", "get_time"} for name, _ in calls)
-        for name, arguments in calls:
-            jsonschema.validate(arguments, WEATHER if name == "get_weather" else {"type": "object", "maxProperties": 0})
     single = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required",
-                                            parallel_tool_calls=False, temperature=1.0, n=4, seed=8, max_tokens=96)
-    assert all(len(c.message.tool_calls) == 1 for c in single.choices)
+                                            parallel_tool_calls=False, temperature=1.0, n=8, seed=8, max_tokens=96)
+    for choice in single.choices:  # one call of bounded arguments: always whole within max_tokens
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        [(name, arguments)] = calls_of(choice)
+        check_call(name, arguments)
+    # Parallel calls: an open array, which a sampled reply may run on until max_tokens cuts it; the calls that
+    # were whole by then still come back, each valid.
+    parallel = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required",
+                                              temperature=1.0, n=8, seed=7, max_tokens=48)
+    for choice in parallel.choices:
+        assert choice.finish_reason in {"tool_calls", "length"}
+        if choice.message.tool_calls:
+            for name, arguments in calls_of(choice):
+                check_call(name, arguments)
+        else:
+            assert choice.finish_reason == "length" and choice.message.content.startswith("[")
     named = client.chat.completions.create(
         model=MODEL, messages=ASK, tools=TOOLS, temperature=1.0, n=8, seed=9, max_tokens=64,
         tool_choice={"type": "function", "function": {"name": "get_weather"}})
@@ -138,7 +149,8 @@ def streamed_calls(chunks) -> dict[int, dict]:
 @pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
 def test_forced_tool_calls_stream_as_deltas(client, tool_choice):
     chunks = list(client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice=tool_choice,
-                                                 temperature=1.0, seed=10, max_tokens=96, stream=True))
+                                                 parallel_tool_calls=False, temperature=1.0, seed=10, max_tokens=96,
+                                                 stream=True))
     calls = streamed_calls(chunks)
     assert calls and all(entry["id"] for entry in calls.values())
     for entry in calls.values():
