@@ -302,7 +302,10 @@ def test_bad_completion_requests_are_400(client, fields, param):
         ({"tools": [{"type": "function", "function": {"name": "f"}}] * 129}, "tools"),
         ({"tool_choice": "auto"}, "tool_choice"),  # without tools
         ({"tool_choice": "sometimes"}, "tool_choice"),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required"}, "tool_choice"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}],
+          "tool_choice": {"type": "function", "function": {"name": "g"}}}, "tool_choice"),  # not among the tools
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}},
+         "response_format"),
         ({"messages": [{"role": "assistant", "tool_calls": [{"type": "function",
                                                              "function": {"name": "f", "arguments": "{oops"}}]}]},
          "messages.0.tool_calls.0.function.arguments"),
