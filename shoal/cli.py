@@ -147,32 +147,35 @@ def _output_json(output, tokenizer) -> dict:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    params = _sampling_params(args)
-    llm = _load(args)
-    messages: list[dict[str, str]] = []
-    if args.system:
-        messages.append({"role": "system", "content": args.system})
+    from shoal.chat_session import HELP, ChatSession
+
+    session = ChatSession(_load(args), _sampling_params(args), args.system)
     interactive = sys.stdin.isatty()
     if interactive:
-        print("shoal chat — an empty line or Ctrl-D ends the conversation.", file=sys.stderr)
+        print(f"shoal chat — {HELP}.", file=sys.stderr)
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
     while True:
         if interactive:
             sys.stderr.write("you> ")
             sys.stderr.flush()
-        line = sys.stdin.readline()
+        try:
+            line = sys.stdin.readline()
+        except KeyboardInterrupt:  # at the prompt, Ctrl-C ends the chat (during a reply it stops the reply)
+            return 0
         if not line or not line.strip():
             return 0
-        messages.append({"role": "user", "content": line.strip()})
-        prompt_ids = llm.chat_prompt_ids(messages)
-        run = llm.generation(prompt_ids, params)
-        reply = []
-        for piece in run:
-            reply.append(piece)
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
-        sys.stdout.flush()
-        messages.append({"role": "assistant", "content": "".join(reply).strip()})
+        said = session.command(line.strip())
+        if said == "":
+            return 0
+        if said is not None:
+            print(said, file=sys.stderr)
+            continue
+        session.reply(line.strip(), write)
+        write("\n")
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:

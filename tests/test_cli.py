@@ -55,3 +55,47 @@ def test_generate_with_an_8bit_kv_cache_and_int8_weights(checkpoint, capsys):
                  "--dtype", "float32", "--kv-cache-dtype", "int8", "--quant", "int8", "--prompt-ids", "5,6,7", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert len(out["token_ids"]) == 6 and out["finish_reason"] == "length"
+
+
+def test_chat_commands_are_not_sent_to_the_model(checkpoint, capsys, monkeypatch):
+    path, _ = checkpoint("llama")
+    monkeypatch.setattr("sys.stdin", io.StringIO("/system Be brief.\nhello there\n/reset\n/help\nagain\n/exit\nnever\n"))
+    assert main(["chat", "--model", str(path), "--max-tokens", "4", "--temperature", "0"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.count("\n") == 2  # two replies: the commands went nowhere, nothing after /exit
+    assert "(system message: Be brief.)" in captured.err and "(conversation forgotten" in captured.err
+    assert "/reset forgets the conversation" in captured.err
+
+
+def test_chat_session_reset_system_and_ctrl_c_stops_only_the_reply(checkpoint):
+    from shoal import LLM, SamplingParams
+    from shoal.chat_session import STOPPED, ChatSession
+
+    path, _ = checkpoint("llama")
+    llm = LLM(str(path), progress=False)
+    session = ChatSession(llm, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), system="S")
+    session.reply("first", lambda text: None)
+    assert [m["role"] for m in session.messages] == ["system", "user", "assistant"]
+    written = []
+    steps = 0
+    step = llm.engine.step
+
+    def interrupted_step():  # Ctrl-C arrives during the fourth decode step
+        nonlocal steps
+        steps += 1
+        if steps == 4:
+            raise KeyboardInterrupt
+        return step()
+
+    llm.engine.step = interrupted_step
+    partial = session.reply("second", written.append)
+    llm.engine.step = step
+    assert written[-1] == STOPPED and "".join(written[:-1]) == partial
+    assert not llm.engine.has_unfinished()  # the stopped reply's request was aborted, its blocks freed
+    assert session.messages[-1] == {"role": "assistant", "content": partial.strip()}
+    assert session.command("/reset").startswith("(conversation forgotten")
+    assert session.messages == [{"role": "system", "content": "S"}]
+    assert session.command("/system") == "(no system message)" and session.messages == []
+    assert session.command("plain text") is None and session.command("/exit") == ""
+    session.reply("third", lambda text: None)  # the chat goes on after a stopped reply and a reset
+    assert [m["role"] for m in session.messages] == ["user", "assistant"]
