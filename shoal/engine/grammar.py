@@ -53,7 +53,8 @@ class GrammarMatcher:
         self._matcher.unsafe_compute_mask_ptr(row.ctypes.data, row.nbytes)
 
     def accept(self, token: int) -> bool:
-        """Advance by a sampled token; False if the grammar refused it (then the matcher stays in error)."""
+        """Advance by a sampled token; False if the grammar refused it (then the matcher stays in error, and its
+        masks allow only the end of sequence)."""
         return self._matcher.consume_token(token)
 
     @property
@@ -103,8 +104,13 @@ class GrammarCompiler:
                 return self._cache[key]
             tokenizer = self._ll_tokenizer()
         llg = _llguidance()
-        grammar = _grammar_text(llg, spec)
-        error = llg.LLMatcher.validate_grammar(grammar, tokenizer)
+        try:
+            grammar = _grammar_text(llg, spec)
+            error = llg.LLMatcher.validate_grammar(grammar, tokenizer)
+        except InvalidRequestError:
+            raise
+        except (ValueError, TypeError, RuntimeError) as exc:  # the library refusing its input is the request's fault
+            raise InvalidRequestError(f"the {_kind(spec)} cannot be compiled: {_short(str(exc))}") from None
         if error:
             raise InvalidRequestError(f"the {_kind(spec)} cannot be compiled: {_short(error)}")
         matcher = llg.LLMatcher(tokenizer, grammar, log_level=0)
