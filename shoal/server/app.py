@@ -10,12 +10,14 @@ import hmac
 import logging
 import time
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shoal.engine.async_engine import DEFAULT_MAX_WAITING, AsyncEngine
@@ -30,6 +32,7 @@ logger = logging.getLogger("shoal.server")
 DEFAULT_MAX_BODY_BYTES = 4 << 20
 DEFAULT_MAX_PROMPT_BYTES = 1 << 20
 DEMO_MODEL_NAME = "shoal-demo"
+STATIC = Path(__file__).parent / "static"  # the chat page served at /
 KEYED_PATHS = frozenset({"/tokenize", "/detokenize", "/tokenizer_info"})  # besides /v1: they read the model too
 
 
@@ -150,6 +153,13 @@ def build_app(
     async def on_bug(request: Request, exc: Exception) -> Response:
         logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
         return JSONResponse(error_body(INTERNAL_ERROR, "server_error"), status_code=500)
+
+    @app.get("/")
+    async def chat_page() -> Response:
+        """The chat page: static files shipped in the package, no build step, nothing fetched from elsewhere."""
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.get("/health")
     async def health() -> Response:

@@ -89,7 +89,7 @@ async function send(text) {
         for (const choice of chunk.choices || []) {
           const delta = choice.delta || {};
           if (delta.reasoning_content) reasoningEl.textContent += delta.reasoning_content;
-          if (delta.content) { reply += delta.content; contentEl.textContent = reply; }
+          if (delta.content) { reply += delta.content; contentEl.textContent = reply.trimStart(); }
         }
         $("log").scrollTop = $("log").scrollHeight;
       }
