@@ -45,6 +45,9 @@ def test_serve_flags_and_their_defaults():
     assert parse().tool_call_parser is None and parse("--tool-call-parser", "hermes").tool_call_parser == "hermes"
     with pytest.raises(SystemExit):
         parse("--tool-call-parser", "unknown")
+    assert parse().reasoning_parser is None and parse("--reasoning-parser", "qwen3").reasoning_parser == "qwen3"
+    with pytest.raises(SystemExit):
+        parse("--reasoning-parser", "unknown")
 
 
 def test_sigterm_ends_requests_in_flight_and_exits_cleanly(checkpoint):
