@@ -114,8 +114,9 @@ def iterate_gguf_weights(
 
 def _check_size(cls: type[CausalLM], config: ModelConfig, backend: Backend, file: GGUFFile) -> None:
     """Refuse a header whose sizes ask for more parameters than the file holds, before allocating any."""
-    with torch.device("meta"):
-        skeleton = cls(config, backend)
+    from shoal.construct import build_on_meta
+
+    skeleton = build_on_meta(cls, config, backend, torch.get_default_dtype())
     needed = sum(p.numel() for p in skeleton.parameters())
     held = 0
     for t in file.tensors.values():

@@ -214,6 +214,10 @@ class MoE(nn.Module):
         # Tokens routed to each expert since start (the /metrics and benchmark per-expert load).
         self.register_buffer("expert_load", torch.zeros(router.num_experts, dtype=torch.long), persistent=False)
 
+    def materialize_buffers(self, device: torch.device) -> None:
+        """A zero count on `device` (the module may have been built on the meta device)."""
+        self.expert_load = torch.zeros(self.expert_load.shape, dtype=torch.long, device=device)
+
     def route(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The router's (weights, expert ids) for flat [tokens, hidden], counted in `expert_load`."""
         return self.gate(flat, self.expert_load)

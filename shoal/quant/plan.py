@@ -11,7 +11,6 @@ absorbed decode reads directly — a quantized checkpoint's kv_b_proj is dequant
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -80,32 +79,10 @@ def plan_quantization(
     return QuantPlan(quant, group, quant in ("int8", "int4"), stored, prepare)
 
 
-@contextlib.contextmanager
-def parameters_on_meta():
-    """Create every nn.Parameter on the meta device while a model is constructed.
-
-    A quantized model must never hold its full-precision weights on the device, not even empty ones
-    (a device's allocator would have to find room for them), and a rank of a split model must never
-    allocate the weights it will not hold. Buffers (rotary tables) stay real. Only used around a
-    model's constructor, in the thread that loads it (shoal.loader and shoal.parallel.build).
-    """
-    original = nn.Module.register_parameter
-
-    def register(self, name, param):
-        if param is not None and param.device.type != "meta":
-            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        original(self, name, param)
-
-    nn.Module.register_parameter = register
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = original
-
-
 def apply_plan(model: nn.Module, plan: QuantPlan, backend: Backend, dtype: torch.dtype, device,
                kernels: str = "auto") -> None:
-    """Swap the model's layers for quantized ones, then give the remaining (meta) parameters real storage.
+    """Swap the layers of a model built on the meta device (shoal.construct.build_on_meta) for quantized
+    ones allocated on `device`; shoal.construct.materialize gives the rest storage afterwards.
     `kernels`: EngineConfig.cpu_kernels, passed to the backend's linear_fn."""
     from shoal.quant.parallel import quantized_parallel
 
@@ -158,11 +135,6 @@ def apply_plan(model: nn.Module, plan: QuantPlan, backend: Backend, dtype: torch
             replaced[id(module)] = new
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-    for module in model.modules():
-        for pname, param in list(module._parameters.items()):
-            if param is not None and param.device.type == "meta":
-                fresh = torch.empty(param.shape, dtype=param.dtype, device=device)
-                module._parameters[pname] = nn.Parameter(fresh, requires_grad=False)
     # LMHead with tied_to keeps a reference to the embedding module: re-point it if that was replaced.
     for module in model.modules():
         if isinstance(module, LMHead) and module.tied_to is not None and id(module.tied_to) in replaced:
