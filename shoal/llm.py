@@ -62,6 +62,7 @@ class LLM:
         else:
             backend, index = parse_device(self.config.device)
             backend.set_device(index)
+            backend.set_isa_level(self.config.cpu_isa)
             self.backend = backend
             self.device = backend.torch_device(index)
             self.model, self.model_config, self.dtype = build_model(

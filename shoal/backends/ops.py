@@ -21,6 +21,9 @@ from torch import nn
 # What EngineConfig.cpu_kernels may say: a backend's own kernels where they are faster on this machine,
 # its own wherever they are built (to test them, or to measure), or PyTorch's alone.
 KERNEL_CHOICES = ("auto", "shoal", "torch")
+# What EngineConfig.cpu_isa may say: the instruction-set cap of the CPU backend's kernels
+# (shoal/backends/cpu/isa.py); other backends ignore it.
+ISA_LEVELS = ("native", "avx512", "avx2", "portable")
 
 
 def default_kernels() -> str:

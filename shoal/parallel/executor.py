@@ -83,6 +83,7 @@ def setup_rank(engine_config, rank: int, world_size: int, local_rank: int, maste
         index = (index or 0) + local_rank if world_size > 1 else index
         index %= max(1, backend.device_count())
     backend.set_device(index)
+    backend.set_isa_level(engine_config.cpu_isa)
     device = backend.torch_device(index)
     state = init_process_groups(parallel, rank, world_size, backend.dist_backend, device, master_addr, master_port)
     speeds = None
