@@ -51,6 +51,7 @@ class LLM:
         if self.config.model is None and not (Path(self.config.model_path) / "config.json").is_file():
             raise ModelNotFoundError("the bundled demo model is missing from this install; pass a model folder")
         path = resolve_model_path(self.config.model_path)
+        gguf_file = None
         self.parallel = None
         if self.config.parallel.enabled:
             if path.is_file():
@@ -60,21 +61,24 @@ class LLM:
                 )
             self._start_parallel()
         else:
+            if path.is_file():  # a GGUF file, opened once: its header holds the config, tensors and tokenizer
+                from shoal.gguf.reader import GGUFFile
+
+                gguf_file = GGUFFile(path)
             backend, index = parse_device(self.config.device)
             backend.set_device(index)
             self.backend = backend
             self.device = backend.torch_device(index)
             self.model, self.model_config, self.dtype = build_model(
-                path, backend, self.device, self.config.torch_dtype, progress=self.config.progress,
+                gguf_file or path, backend, self.device, self.config.torch_dtype, progress=self.config.progress,
                 quant=self.config.quant, quant_group_size=self.config.quant_group_size,
                 kernels=self.config.cpu_kernels,
             )
             self.model.capture_decode = not self.config.enforce_eager
-        if path.is_file():  # a GGUF file: the tokenizer lives in its metadata
-            from shoal.gguf.reader import GGUFFile
+        if gguf_file is not None:  # the tokenizer lives in the GGUF metadata
             from shoal.gguf.tokenizer import gguf_tokenizer
 
-            self.tokenizer = gguf_tokenizer(GGUFFile(path), self.model_config.vocab_size)
+            self.tokenizer = gguf_tokenizer(gguf_file, self.model_config.vocab_size)
         else:
             self.tokenizer = Tokenizer(path, self.model_config.vocab_size)
         eos = read_eos_token_ids(path) or self.model_config.eos_token_ids
