@@ -11,8 +11,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as T
 
-from checkpoints import build_checkpoint
-from conftest import shoal_logits
+from conftest import HEADS, IDS_32 as IDS, KV_HEADS, shoal_logits, transformers_from_gguf
 from hf_to_gguf import convert
 from shoal import LLM
 from shoal.errors import WeightError
@@ -20,45 +19,6 @@ from shoal.gguf import GGUFFile, q4_k_blocks
 from shoal.gguf.loader import _int4, _tensor
 from shoal.quant.layers import QuantizedLinear
 from weights import check_exact, load_recording
-
-# rows of 256 and 512 values, so that llama.cpp's K-quants (256-value super-blocks) apply to every matrix
-LLAMA_256 = dict(hidden_size=256, intermediate_size=512, initializer_range=0.05)
-HEADS, KV_HEADS = 4, 2  # tests/checkpoints.py's llama
-IDS = torch.arange(2, 34)[None]
-
-
-@pytest.fixture(scope="session")
-def llama_256(tmp_path_factory):
-    """(folder, transformers model) of a two-layer random Llama with 256-wide rows."""
-    folder = tmp_path_factory.mktemp("llama-256")
-    return folder, build_checkpoint("llama", folder, **LLAMA_256)
-
-
-@pytest.fixture(scope="session")
-def written(llama_256, tmp_path_factory):
-    """written(ftype) -> the llama-256 checkpoint as a GGUF file of `ftype`, written by gguf's writer."""
-    files: dict[str, object] = {}
-
-    def get(ftype: str):
-        if ftype not in files:
-            files[ftype] = tmp_path_factory.mktemp("written") / f"llama-256-{ftype}.gguf"
-            convert(llama_256[0], files[ftype], ftype, return_weights=False)
-        return files[ftype]
-
-    return get
-
-
-def transformers_from_gguf(path):
-    """transformers' own GGUF reader (gguf.quants underneath) on the same file: an outside reference model."""
-    import transformers
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-
-    config = transformers.AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model)["tensors"]
-    model.load_state_dict(tensors, strict=True)
-    return model
-
 
 @pytest.mark.parametrize("ftype", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "F16", "BF16"])
 def test_gguf_writer_types_load_exactly(written, ftype, monkeypatch):
