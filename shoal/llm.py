@@ -10,6 +10,7 @@ from typing import Generator, Iterator, Sequence
 
 from shoal.backends import parse_device
 from shoal.config import EngineConfig
+from shoal.engine.kv_pool import KVPool, default_kv_pool
 from shoal.engine.llm_engine import LLMEngine
 from shoal.engine.sequence import Sequence as EngineSequence
 from shoal.errors import ConfigError, InvalidRequestError, ModelNotFoundError
@@ -87,7 +88,11 @@ class LLM:
         max_len = self.model_config.max_position_embeddings
         if self.config.max_model_len:
             max_len = min(max_len, self.config.max_model_len)
-        kv_bytes = self.parallel.kv_cache_bytes(max_len) if self.parallel else self._kv_cache_bytes(max_len)
+        if self.parallel:
+            self.kv_pool = self.parallel.kv_pool(max_len)
+            kv_bytes = self.kv_pool.bytes
+        else:
+            kv_bytes = self._kv_cache_bytes(max_len)
         self.engine = LLMEngine(
             self.model,
             self.tokenizer,
@@ -122,17 +127,19 @@ class LLM:
             self.parallel.shutdown()
 
     def _kv_cache_bytes(self, max_len: int) -> int:
-        """--kv-cache-memory if given; else enough for max_num_seqs full contexts, within 80% of free memory."""
+        """--kv-cache-memory if given; else shoal.engine.kv_pool's default (kept in self.kv_pool, with why)."""
         if self.config.kv_cache_memory:
+            self.kv_pool = KVPool(self.config.kv_cache_memory, "--kv-cache-memory")
             return self.config.kv_cache_memory
         from shoal.layers.paged_kv_cache import PagedKVCache
 
         per_token = PagedKVCache.bytes_per_block(
             self.model_config.num_hidden_layers, 1, self.model.cache_entry_shapes(), self.dtype, self.config.kv_quant
         )
-        wanted = per_token * max_len * self.config.max_num_seqs
         free = self.backend.memory_info(self.device.index or 0).free_bytes
-        return max(per_token * max_len, min(wanted, int(0.8 * free)))
+        self.kv_pool = default_kv_pool(per_token, max_len, self.config.max_num_seqs, free,
+                                       self.device.type == "cpu")
+        return self.kv_pool.bytes
 
     def _prompt_ids(self, prompt: Prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):

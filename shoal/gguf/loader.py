@@ -193,6 +193,8 @@ def build_gguf_model(
     from_file = quant is None
     if from_file:
         quant, quant_group_size = file_quantization(file)
+    elif quant == "int4" and quant_group_size is None and file_quantization(file) == ("int4", INT4_GROUP):
+        quant_group_size = INT4_GROUP  # --quant int4 on a 4-bit file: keep its groups of 32 rather than re-round
     quant_plan = plan_quantization(config, backend, quant, quant_group_size, prepare)
     if from_file and quant_plan is not None:
         # keep the file's own embedding values (not an int8 copy) and its non-4-bit layers as they are
