@@ -11,12 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import HEADS, IDS_32 as IDS, KV_HEADS, shoal_logits, transformers_from_gguf
 from hf_to_gguf import convert
 from shoal import LLM, SamplingParams
 from shoal.gguf import GGUFFile
 from shoal.quant.layers import QuantizedLinear
-from weights import check_exact, load_recording
+from gguf_reference import HEADS, IDS, KV_HEADS, check_exact, load_recording, shoal_logits, transformers_from_gguf
 
 llama_cpp = pytest.importorskip("llama_cpp")
 

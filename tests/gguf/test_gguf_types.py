@@ -11,14 +11,13 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as T
 
-from conftest import HEADS, IDS_32 as IDS, KV_HEADS, shoal_logits, transformers_from_gguf
 from hf_to_gguf import convert
 from shoal import LLM
 from shoal.errors import WeightError
 from shoal.gguf import GGUFFile, q4_k_blocks
 from shoal.gguf.loader import _int4, _tensor
 from shoal.quant.layers import QuantizedLinear
-from weights import check_exact, load_recording
+from gguf_reference import HEADS, IDS, KV_HEADS, check_exact, load_recording, shoal_logits, transformers_from_gguf
 
 @pytest.mark.parametrize("ftype", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "F16", "BF16"])
 def test_gguf_writer_types_load_exactly(written, ftype, monkeypatch):

@@ -17,6 +17,30 @@ from shoal.models.base import CausalLM
 from shoal.quant.formats import Int4GroupWeight
 
 
+# rows of 256 and 512 values, so that llama.cpp's K-quants (256-value super-blocks) apply to every matrix
+LLAMA_256 = dict(hidden_size=256, intermediate_size=512, initializer_range=0.05)
+HEADS, KV_HEADS = 4, 2  # tests/checkpoints.py's llama
+IDS = torch.arange(2, 34)[None]
+
+
+def shoal_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    cache = model.make_cache(1, ids.shape[1], torch.float32, "cpu")
+    with torch.no_grad():
+        return model.compute_logits(model(ids, torch.arange(ids.shape[1])[None], cache))[0]
+
+
+def transformers_from_gguf(path):
+    """transformers' own GGUF reader (gguf.quants underneath) on the same file: an outside reference model."""
+    import transformers
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    config = transformers.AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model)["tensors"]
+    model.load_state_dict(tensors, strict=True)
+    return model
+
+
 def reference_tensors(path: Path) -> dict[str, tuple[str, np.ndarray, np.ndarray]]:
     """GGUF name -> (type name, raw data, float32 values [row-major shape]) as the gguf package reads them."""
     out = {}
