@@ -22,7 +22,7 @@ llama_cpp = pytest.importorskip("llama_cpp")
 # preset -> the GGUF types a file of it holds for the 256-wide test model (checked, so a llama.cpp that
 # changes its mixes shows up here rather than as silently untested types)
 PRESETS = {
-    "Q2_K": {"Q2_K", "Q3_K", "Q4_K", "Q6_K"},
+    "Q2_K": {"Q2_K", "Q3_K", "Q6_K"},
     "Q3_K_M": {"Q3_K", "Q4_K", "Q5_K", "Q6_K"},
     "Q4_0": {"Q4_0", "Q6_K"},
     "Q4_1": {"Q4_1", "Q6_K"},
@@ -37,6 +37,10 @@ PRESETS = {
 }
 TEACHER_FORCED = ("Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0")
 POSITIONS = 64
+# llama.cpp logs through a Python callback that chokes on the test vocabulary's bytes; keep it quiet
+# (a module-level reference: ctypes must not free the callback while llama.cpp holds it)
+_QUIET = llama_cpp.llama_log_callback(lambda level, text, user_data: None)
+llama_cpp.llama_log_set(_QUIET, ctypes.c_void_p())
 
 
 @pytest.fixture(scope="session")
