@@ -49,6 +49,7 @@ class QuantPlan:
     quantize_embeddings: bool  # int8 embedding table and output head
     checkpoint: CheckpointFormat | None  # how the files store their weights (None: plain tensors)
     prepare: bool = True  # re-lay weights for the device's kernels (False to export them afterwards)
+    keep_dense: frozenset[str] = frozenset()  # modules left unquantized (a GGUF file's non-4-bit layers)
 
     @property
     def changes_model(self) -> bool:
@@ -95,7 +96,7 @@ def apply_plan(model: nn.Module, plan: QuantPlan, backend: Backend, dtype: torch
     replaced: dict[int, nn.Module] = {}
     for name, module in list(model.named_modules()):
         new = None
-        if name.endswith(DENSE_LINEARS):
+        if name.endswith(DENSE_LINEARS) or name in plan.keep_dense:
             pass
         elif (new := quantized_parallel(module, name, plan, kernel, int8_kernel, dtype, device, replaced)) is not None:
             pass  # a layer of a split model (shoal/parallel), swapped for its quantized split variant

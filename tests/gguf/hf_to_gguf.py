@@ -45,7 +45,8 @@ _LAYER_PARTS = {
     "mlp.shared_experts.down_proj.weight": "ffn_down_shexp.weight",
 }
 _GLOBAL = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"}
-_TYPES = {"F32": T.F32, "F16": T.F16, "BF16": T.BF16, "Q8_0": T.Q8_0, "Q4_0": T.Q4_0}
+# the types gguf.quants can write (the K-quants and IQ4 come from llama.cpp's quantizer: tests/gguf/llama_cpp.py)
+_TYPES = {t: T[t] for t in ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")}
 
 
 def permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -158,15 +159,18 @@ def _load_weights(hf_dir: Path) -> dict[str, np.ndarray]:
 
 
 def convert(
-    hf_dir: Path, out: Path, ftype: str = "F32", split_kv_b: bool = True, return_weights: bool = True
+    hf_dir: Path, out: Path, ftype: str = "F32", split_kv_b: bool = True, return_weights: bool = True,
+    split_max_tensors: int = 0,
 ) -> dict[str, torch.Tensor]:
     """Write hf_dir as a GGUF file at `out`; return the weights it holds, dequantized, under Hugging Face
-    names (an empty dict with return_weights=False, which skips the round trip: benchmarks/compare_cpu.py)."""
+    names (an empty dict with return_weights=False, which skips the round trip: benchmarks/compare_cpu.py).
+    split_max_tensors > 0 writes a split set instead, out-0000K-of-0000N.gguf, as convert_hf_to_gguf's
+    --split-max-tensors does."""
     cfg = json.loads((hf_dir / "config.json").read_text())
     weights = _load_weights(hf_dir)
     deepseek = cfg["model_type"].startswith("deepseek")
     arch = "deepseek2" if deepseek else cfg["model_type"]
-    writer = gguf.GGUFWriter(str(out), arch)
+    writer = gguf.GGUFWriter(str(out), arch, split_max_tensors=split_max_tensors)
     heads, n_layers = cfg["num_attention_heads"], cfg["num_hidden_layers"]
     kv_heads = cfg.get("num_key_value_heads") or heads
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads

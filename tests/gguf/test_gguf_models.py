@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import shoal_logits
+from gguf_reference import shoal_logits
 from hf_to_gguf import save_hf_folder
 from shoal import LLM, SamplingParams
 from shoal.backends import get_backend
