@@ -30,7 +30,7 @@ from shoal.quant.layers import QuantizedEmbedding, QuantizedLinear, QuantizedSta
 from shoal.quant import QUANT_METHODS
 DEFAULT_GROUP_SIZE = 64
 # Linear layers kept in the compute dtype (module name suffixes).
-DENSE_LINEARS = ("kv_b_proj",)
+DENSE_LINEARS = ("kv_b_proj", "shared_expert_gate")  # MLA's absorbed matrix; Qwen2-MoE's one-row gate
 
 
 def check_quant_options(quant: str | None, group_size: int | None) -> None:
