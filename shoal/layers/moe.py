@@ -203,6 +203,16 @@ def tokens_by_expert(weights: torch.Tensor, expert_ids: torch.Tensor, num_expert
             start += count
 
 
+class SharedExpertGate(Linear):
+    """Qwen2-MoE's shared-expert gate: one output per token, so a GGUF file (llama.cpp's
+    ffn_gate_inp_shexp) may hold its weight as a vector [hidden] rather than a matrix [1, hidden]."""
+
+    def load_weight(self, attr: str, loaded: torch.Tensor, name: str) -> None:
+        if attr == "weight" and isinstance(loaded, torch.Tensor) and loaded.dim() == 1:
+            loaded = loaded[None]
+        copy_weight(getattr(self, attr), loaded, name)
+
+
 class MoE(nn.Module):
     """Routed experts plus, where the family has them, always-on shared experts: DeepSeek's added as
     they are, Qwen2-MoE's one shared expert scaled per token by sigmoid(shared_expert_gate(x))."""
@@ -218,7 +228,9 @@ class MoE(nn.Module):
         self.experts = StackedExperts(router.num_experts, hidden_size, moe_intermediate_size)
         self.shared_experts = GatedMLP(hidden_size, shared_intermediate_size) if shared_intermediate_size else None
         # One output: a per-token scalar, so it scales a tensor-parallel rank's partial sum as it does the whole.
-        self.shared_expert_gate = Linear(hidden_size, 1) if shared_gate and self.shared_experts is not None else None
+        self.shared_expert_gate = (
+            SharedExpertGate(hidden_size, 1) if shared_gate and self.shared_experts is not None else None
+        )
         # Tokens routed to each expert since start (the /metrics and benchmark per-expert load).
         self.register_buffer("expert_load", torch.zeros(router.num_experts, dtype=torch.long), persistent=False)
 

@@ -73,12 +73,20 @@ def parse_moe(raw: dict[str, Any], num_layers: int, intermediate_size: int) -> M
         value = raw.get(key)
         return default if value is None else value
 
+    mixtral = raw.get("model_type") == "mixtral" or "MixtralForCausalLM" in (raw.get("architectures") or [])
+    qwen = any(key in raw for key in ("decoder_sparse_step", "mlp_only_layers", "moe_intermediate_size"))
     if field("n_routed_experts"):  # DeepSeek
         experts, inter = int(raw["n_routed_experts"]), int(field("moe_intermediate_size", intermediate_size))
         first, freq = int(field("first_k_dense_replace")), max(1, int(field("moe_layer_freq", 1)))
         layers = tuple(i >= first and i % freq == 0 for i in range(num_layers))
         shared = int(field("n_shared_experts")) * inter
-    elif "decoder_sparse_step" in raw or "mlp_only_layers" in raw or "moe_intermediate_size" in raw:  # Qwen-MoE
+    elif mixtral or (field("num_local_experts") and not qwen):
+        # Mixtral: every layer, experts the size of the dense MLP (whatever else config.json says)
+        experts, inter, shared = int(field("num_local_experts")), intermediate_size, 0
+        if not experts:
+            return None
+        layers = (True,) * num_layers
+    elif qwen:  # Qwen2/3-MoE (transformers 5 writes Qwen3-MoE's num_experts as num_local_experts)
         experts = int(field("num_experts") or field("num_local_experts"))
         if not experts:
             return None
@@ -86,9 +94,6 @@ def parse_moe(raw: dict[str, Any], num_layers: int, intermediate_size: int) -> M
         step, dense = max(1, int(field("decoder_sparse_step", 1))), set(field("mlp_only_layers", []))
         layers = tuple(i not in dense and (i + 1) % step == 0 for i in range(num_layers))
         shared = int(field("shared_expert_intermediate_size"))
-    elif field("num_local_experts"):  # Mixtral: every layer, experts the size of the dense MLP
-        experts, inter, shared = int(raw["num_local_experts"]), intermediate_size, 0
-        layers = (True,) * num_layers
     else:
         return None
     top_k = int(field("num_experts_per_tok"))
