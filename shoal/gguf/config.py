@@ -17,9 +17,9 @@ ARCHITECTURES = {
     "llama": ("LlamaForCausalLM", "llama"),
     "qwen2": ("Qwen2ForCausalLM", "qwen2"),
     "qwen3": ("Qwen3ForCausalLM", "qwen3"),
-    "qwen2moe": ("Qwen2MoeForCausalLM", "qwen2_moe"),
-    "qwen3moe": ("Qwen3MoeForCausalLM", "qwen3_moe"),
     "deepseek2": ("DeepseekV2ForCausalLM", "deepseek_v2"),  # V3 when the router uses sigmoid gating
+    "qwen2moe": ("Qwen2MoeForCausalLM", "qwen2_moe"),
+    "qwen3moe": ("Qwen3MoeForCausalLM", "qwen3_moe"),  # and `llama` with experts: Mixtral
 }
 MAX_CONTEXT = 1 << 24  # a larger context_length is a damaged header, and would size the KV cache
 MAX_COUNT = 1 << 20  # layers, heads, experts: anything larger is a damaged header
