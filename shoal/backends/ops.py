@@ -68,6 +68,10 @@ class Ops:
         gate, up = gate_up.chunk(2, dim=-1)
         return nn.functional.silu(gate) * up
 
+    def sigmoid_gate(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """x [rows, n] scaled by sigmoid(gate [rows, 1]): Qwen2-MoE's gated shared expert."""
+        return torch.sigmoid(gate) * x
+
     # ---- matmuls -------------------------------------------------------------------------------
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                prepared=None) -> torch.Tensor:

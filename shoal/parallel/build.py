@@ -48,7 +48,7 @@ def plan_splits(config: ModelConfig, state: ParallelState, speeds: list[float] |
     check_tensor_split(config, parallel.tp, fmt, quant.group_size if quant is not None else 0)
     check_expert_split(config, parallel.ep)
     state.layer_sizes = layer_split(config, parallel, speeds)
-    experts = int(config.get("n_routed_experts") or 0)
+    experts = config.moe.num_experts if config.moe is not None else 0
     state.expert_sizes = expert_split(experts, parallel, speeds) if parallel.ep > 1 else [experts]
 
 

@@ -21,7 +21,7 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
     plan.add_argument("--model", default="deepseek-v3",
                       help="checkpoint folder or config.json (no weights needed), or a bundled config: "
                            "deepseek-v3, llama-3-70b, llama-3-8b, llama-3.1-8b, llama-3.3-70b, llama-2-13b, "
-                           "qwen3-235b-a22b (default deepseek-v3)")
+                           "qwen3-235b-a22b, qwen3-30b-a3b (default deepseek-v3)")
     plan.add_argument("--chips", default="h200,910c", help="comma-separated catalog chips, 'this' = this machine")
     plan.add_argument("--catalog", action="append", default=[], metavar="FILE", help="extra chips (TOML), repeatable")
     plan.add_argument("--tpot", default=None, help="time-per-output-token limit, e.g. 50ms")

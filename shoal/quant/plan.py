@@ -5,8 +5,9 @@ weights stream in.
 What is quantized: every Linear and MergedLinear of the decoder layers and the routed experts, in the
 chosen format; under int8 and int4 also the embedding table and the output head, int8 per row (the
 head is the widest matmul of a decode step; with tied embeddings both share one int8 table). What is
-not: norms, the MoE router (routing runs in float32), and DeepSeek MLA's kv_b_proj, whose matrix the
-absorbed decode reads directly — a quantized checkpoint's kv_b_proj is dequantized once at load.
+not: norms, the MoE router (routing runs in float32), Qwen2-MoE's one-row shared-expert gate, and
+DeepSeek MLA's kv_b_proj, whose matrix the absorbed decode reads directly — a quantized checkpoint's
+kv_b_proj is dequantized once at load.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from shoal.quant.layers import QuantizedEmbedding, QuantizedLinear, QuantizedSta
 from shoal.quant import QUANT_METHODS
 DEFAULT_GROUP_SIZE = 64
 # Linear layers kept in the compute dtype (module name suffixes).
-DENSE_LINEARS = ("kv_b_proj",)
+DENSE_LINEARS = ("kv_b_proj", "shared_expert_gate")  # MLA's absorbed matrix; Qwen2-MoE's one-row gate
 
 
 def check_quant_options(quant: str | None, group_size: int | None) -> None:
