@@ -25,8 +25,8 @@ from shoal.planner.fitting import golden_section_min
 from shoal.planner.serving import colocated
 
 # Interleaved rounds of trials (one prefill and one decode trial of every shape per round).
-ROUNDS, MIN_ROUNDS, BUDGET_S = 20, 6, 30.0
-SERVING_TRIALS = 3
+ROUNDS, MIN_ROUNDS, BUDGET_S = 20, 3, 20.0
+SERVING_TRIALS = 2
 # Torch threads while calibrating a CPU. On a machine other work shares, a team of threads waits at
 # every op for whichever thread lost its core (2 threads on a shared 2-core box: 10x slower steps);
 # one thread only ever loses its share of the time.

@@ -113,6 +113,16 @@ def _informs(case: Case, name: str) -> bool:
     return True
 
 
+# Where the descent starts a fitted factor other than at its Factors default: matmul_half_tokens = 0
+# would switch the cost model to per-phase efficiencies while the others are fitted first, and lead
+# the descent elsewhere (attention_compute's default 0, "as the matmuls", is a fine start).
+START = {"matmul_half_tokens": 1.0}
+
+
+def _inside(name: str, value: float) -> float:
+    return START.get(name, value)
+
+
 def _fit_factors(cases: list[Case], catalog: dict[str, Chip], rounds: int) -> dict[str, Factors]:
     """Fit FAMILY_FITTED per chip family and SHARED_FITTED across families (coordinate descent,
     golden section) on the cases of role "fit"; the rest keep the ASSUMED values. A family fits its
@@ -126,10 +136,10 @@ def _fit_factors(cases: list[Case], catalog: dict[str, Chip], rounds: int) -> di
         for name in FAMILY_FITTED:
             informing = [c for c in fit if catalog[c.chip].family == family and _informs(c, name)]
             if len(informing) >= MIN_CASES.get(name, 1):
-                values[(family, name)] = getattr(start, name)
+                values[(family, name)] = _inside(name, getattr(start, name))
     for name in SHARED_FITTED:
         if any(_informs(c, name) for c in fit):
-            values[(DEFAULT, name)] = getattr(start, name)
+            values[(DEFAULT, name)] = _inside(name, getattr(start, name))
 
     def build(vals: dict[tuple[str, str], float]) -> dict[str, Factors]:
         shared = {name: v for (fam, name), v in vals.items() if fam == DEFAULT}
