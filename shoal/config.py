@@ -44,6 +44,9 @@ class EngineConfig:
     # machine, "shoal" its own wherever they are built, "torch" PyTorch's only. None: "torch" when the
     # environment says SHOAL_CPU_KERNELS=0, else "auto".
     cpu_kernels: str | None = None
+    # The instruction-set level the CPU kernels are built for (shoal/backends/cpu/isa.py): "native",
+    # "avx512", "avx2" or "portable"; one per process. None: SHOAL_CPU_ISA, else native.
+    cpu_isa: str | None = None
     enforce_eager: bool = False  # never record and replay a decode step (vLLM's flag of the same name)
 
     def __post_init__(self) -> None:
@@ -67,11 +70,13 @@ class EngineConfig:
             from shoal.backends.ops import default_kernels
 
             self.cpu_kernels = default_kernels()
-        from shoal.backends.ops import KERNEL_CHOICES
+        from shoal.backends.ops import ISA_LEVELS, KERNEL_CHOICES
 
         if self.cpu_kernels not in KERNEL_CHOICES:
             raise InvalidRequestError(
                 f"cpu_kernels must be one of {', '.join(KERNEL_CHOICES)}, got {self.cpu_kernels!r}")
+        if self.cpu_isa is not None and self.cpu_isa not in ISA_LEVELS:
+            raise InvalidRequestError(f"cpu_isa must be one of {', '.join(ISA_LEVELS)}, got {self.cpu_isa!r}")
 
     @property
     def model_path(self) -> str:

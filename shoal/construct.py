@@ -41,18 +41,40 @@ def choose_dtype(config: ModelConfig, backend: Backend, requested: torch.dtype |
     return backend.default_dtype()
 
 
+def build_on_meta(cls: type[CausalLM], config: ModelConfig, backend: Backend, dtype: torch.dtype) -> CausalLM:
+    """The model's modules with every parameter and buffer on the meta device: shapes only, nothing
+    allocated. Layers can then be swapped (quantized, split) before `materialize` gives the rest storage."""
+    with _default_dtype(dtype), torch.device("meta"):
+        return cls(config, backend)
+
+
+def materialize(model: torch.nn.Module, device: torch.device) -> None:
+    """Give every parameter still on the meta device empty storage on `device` (the checkpoint fills it:
+    load_weights reports any it lacks), and let each module that derives buffers (rotary tables, expert
+    counters) compute them there."""
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is not None and param.device.type == "meta":
+                fresh = torch.empty(param.shape, dtype=param.dtype, device=device)
+                module._parameters[name] = torch.nn.Parameter(fresh, requires_grad=False)
+        if any(b is not None and b.device.type == "meta" for b in module._buffers.values()):
+            rebuild = getattr(module, "materialize_buffers", None)
+            if rebuild is None:
+                raise TypeError(f"{type(module).__name__} holds buffers but has no materialize_buffers(device) "
+                                "to compute them after a meta-device build: define one")
+            rebuild(device)
+
+
 def construct_model(config: ModelConfig, backend: Backend, device: torch.device, dtype: torch.dtype, plan,
                     kernels: str = "auto") -> CausalLM:
-    """The model's modules on `device`, with quantized layers swapped in when `plan` (a QuantPlan) says
-    so — their full-precision parameters never allocated."""
-    from shoal.quant.plan import apply_plan, parameters_on_meta
+    """The model's modules on `device`, built on the meta device first, so that quantized layers swapped
+    in when `plan` (a QuantPlan) says so never had their full-precision parameters allocated."""
+    from shoal.quant.plan import apply_plan
 
-    cls = model_class(config)
-    on_meta = parameters_on_meta() if plan is not None and plan.changes_model else contextlib.nullcontext()
-    with _default_dtype(dtype), torch.device(device), on_meta:
-        model = cls(config, backend)
+    model = build_on_meta(model_class(config), config, backend, dtype)
     if plan is not None and plan.changes_model:
         apply_plan(model, plan, backend, dtype, device, kernels)
+    materialize(model, device)
     bind_ops(model, backend.ops(kernels))
     return model
 

@@ -10,6 +10,7 @@ from typing import Generator, Iterator, Sequence
 
 from shoal.backends import parse_device
 from shoal.config import EngineConfig
+from shoal.engine.kv_pool import KVPool, default_kv_pool
 from shoal.engine.llm_engine import LLMEngine
 from shoal.engine.sequence import Sequence as EngineSequence
 from shoal.errors import ConfigError, InvalidRequestError, ModelNotFoundError
@@ -51,6 +52,7 @@ class LLM:
         if self.config.model is None and not (Path(self.config.model_path) / "config.json").is_file():
             raise ModelNotFoundError("the bundled demo model is missing from this install; pass a model folder")
         path = resolve_model_path(self.config.model_path)
+        gguf_file = None
         self.parallel = None
         if self.config.parallel.enabled:
             if path.is_file():
@@ -60,21 +62,25 @@ class LLM:
                 )
             self._start_parallel()
         else:
+            if path.is_file():  # a GGUF file, opened once: its header holds the config, tensors and tokenizer
+                from shoal.gguf.reader import GGUFFile
+
+                gguf_file = GGUFFile(path)
             backend, index = parse_device(self.config.device)
             backend.set_device(index)
+            backend.set_isa_level(self.config.cpu_isa)
             self.backend = backend
             self.device = backend.torch_device(index)
             self.model, self.model_config, self.dtype = build_model(
-                path, backend, self.device, self.config.torch_dtype, progress=self.config.progress,
+                gguf_file or path, backend, self.device, self.config.torch_dtype, progress=self.config.progress,
                 quant=self.config.quant, quant_group_size=self.config.quant_group_size,
                 kernels=self.config.cpu_kernels,
             )
             self.model.capture_decode = not self.config.enforce_eager
-        if path.is_file():  # a GGUF file: the tokenizer lives in its metadata
-            from shoal.gguf.reader import GGUFFile
+        if gguf_file is not None:  # the tokenizer lives in the GGUF metadata
             from shoal.gguf.tokenizer import gguf_tokenizer
 
-            self.tokenizer = gguf_tokenizer(GGUFFile(path), self.model_config.vocab_size)
+            self.tokenizer = gguf_tokenizer(gguf_file, self.model_config.vocab_size)
         else:
             self.tokenizer = Tokenizer(path, self.model_config.vocab_size)
         eos = read_eos_token_ids(path) or self.model_config.eos_token_ids
@@ -83,7 +89,11 @@ class LLM:
         max_len = self.model_config.max_position_embeddings
         if self.config.max_model_len:
             max_len = min(max_len, self.config.max_model_len)
-        kv_bytes = self.parallel.kv_cache_bytes(max_len) if self.parallel else self._kv_cache_bytes(max_len)
+        if self.parallel:
+            self.kv_pool = self.parallel.kv_pool(max_len)
+            kv_bytes = self.kv_pool.bytes
+        else:
+            kv_bytes = self._kv_cache_bytes(max_len)
         self.engine = LLMEngine(
             self.model,
             self.tokenizer,
@@ -118,17 +128,19 @@ class LLM:
             self.parallel.shutdown()
 
     def _kv_cache_bytes(self, max_len: int) -> int:
-        """--kv-cache-memory if given; else enough for max_num_seqs full contexts, within 80% of free memory."""
+        """--kv-cache-memory if given; else shoal.engine.kv_pool's default (kept in self.kv_pool, with why)."""
         if self.config.kv_cache_memory:
+            self.kv_pool = KVPool(self.config.kv_cache_memory, "--kv-cache-memory")
             return self.config.kv_cache_memory
         from shoal.layers.paged_kv_cache import PagedKVCache
 
         per_token = PagedKVCache.bytes_per_block(
             self.model_config.num_hidden_layers, 1, self.model.cache_entry_shapes(), self.dtype, self.config.kv_quant
         )
-        wanted = per_token * max_len * self.config.max_num_seqs
         free = self.backend.memory_info(self.device.index or 0).free_bytes
-        return max(per_token * max_len, min(wanted, int(0.8 * free)))
+        self.kv_pool = default_kv_pool(per_token, max_len, self.config.max_num_seqs, free,
+                                       self.device.type == "cpu")
+        return self.kv_pool.bytes
 
     def _prompt_ids(self, prompt: Prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):

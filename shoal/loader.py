@@ -18,6 +18,7 @@ from tqdm import tqdm
 from shoal.backends.base import Backend
 from shoal.construct import choose_dtype, construct_model, load_into
 from shoal.errors import ModelNotFoundError, WeightError
+from shoal.gguf.reader import GGUFFile
 from shoal.models import CausalLM
 from shoal.models.hf_config import ModelConfig, load_model_config
 
@@ -107,7 +108,7 @@ def iterate_weights(files: list[Path], progress: bool = True) -> Iterator[tuple[
 
 
 def build_model(
-    path: Path,
+    path: Path | GGUFFile,
     backend: Backend,
     device: torch.device,
     dtype: torch.dtype | None,
@@ -117,14 +118,15 @@ def build_model(
     prepare: bool = True,
     kernels: str = "auto",
 ) -> tuple[CausalLM, ModelConfig, torch.dtype]:
-    """Read config.json, construct the model on `device` and load its weights (a GGUF file: shoal.gguf).
+    """Read config.json, construct the model on `device` and load its weights (a GGUF file, by path or
+    opened as a GGUFFile: shoal.gguf).
     `kernels`: EngineConfig.cpu_kernels, which of the backend's kernels the model's ops and matmuls take.
 
     `quant` ("int8", "int4", "fp8") stores the weights quantized, each quantized as it streams in; a
     checkpoint that is already quantized (config.json's quantization_config) is read as such. See
     shoal/quant/plan.py. `prepare=False` keeps quantized weights in their canonical layout (for export).
     """
-    if path.is_file():
+    if isinstance(path, GGUFFile) or path.is_file():
         from shoal.gguf import build_gguf_model
 
         return build_gguf_model(path, backend, device, dtype, progress, quant, quant_group_size, prepare, kernels)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from shoal.backends.ops import ISA_LEVELS, KERNEL_CHOICES
+
 
 def positive_int(text: str) -> int:
     try:
@@ -30,10 +32,14 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-model-len", type=positive_int, default=None, help="cap the context length")
     parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8", "fp8"],
                         help="store the KV cache in 8 bits with per-token scales (default auto: the compute dtype)")
-    parser.add_argument("--cpu-kernels", default=None, choices=["auto", "shoal", "torch"],
+    parser.add_argument("--cpu-kernels", default=None, choices=list(KERNEL_CHOICES),
                         help="on the CPU: shoal's C kernels where they are faster here (auto), wherever they are "
                              "built (shoal), or PyTorch's only (torch); default auto, or torch when "
                              "SHOAL_CPU_KERNELS=0")
+    parser.add_argument("--cpu-isa", default=None, choices=list(ISA_LEVELS),
+                        help="on the CPU: cap the instruction set shoal's C kernels are built for (native: every "
+                             "extension this CPU has; avx512 without AMX; avx2; portable C); default "
+                             "SHOAL_CPU_ISA, else native")
     parser.add_argument("--enforce-eager", action="store_true",
                         help="run every decode step layer by layer, never as a recorded and replayed step")
     add_quant_options(parser)
@@ -46,4 +52,4 @@ def llm_options(args: argparse.Namespace) -> dict:
 
     return dict(device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
                 kv_cache_dtype=args.kv_cache_dtype, quant=args.quant, quant_group_size=args.group_size,
-                cpu_kernels=args.cpu_kernels, enforce_eager=args.enforce_eager, **parallel_kwargs(args))
+                cpu_kernels=args.cpu_kernels, cpu_isa=args.cpu_isa, enforce_eager=args.enforce_eager, **parallel_kwargs(args))

@@ -74,6 +74,23 @@ ARCHITECTURES: dict[str, tuple[str, dict]] = {
     "qwen2": ("Qwen2Config", dict(_LLAMA_BASE, tie_word_embeddings=True)),
     "qwen3": ("Qwen3Config", dict(_LLAMA_BASE, head_dim=32, tie_word_embeddings=False)),
     "mistral": ("MistralConfig", dict(_LLAMA_BASE, sliding_window=24, tie_word_embeddings=False)),
+    # Qwen3-MoE: Qwen3's q/k norms, softmax top-2 renormalised; layer 0 dense (mlp_only_layers).
+    "qwen3-moe": (
+        "Qwen3MoeConfig",
+        dict(_LLAMA_BASE, head_dim=32, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+             norm_topk_prob=True, mlp_only_layers=[0], tie_word_embeddings=False),
+    ),
+    # Qwen2-MoE: q/k/v biases, top-2 not renormalised, a shared expert behind its sigmoid gate, every layer sparse.
+    "qwen2-moe": (
+        "Qwen2MoeConfig",
+        dict(_LLAMA_BASE, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+             shared_expert_intermediate_size=64, norm_topk_prob=False, tie_word_embeddings=False),
+    ),
+    # Mixtral: block_sparse_moe with w1 / w2 / w3, top-2 of 4 experts the dense MLP's size, every layer.
+    "mixtral": (
+        "MixtralConfig",
+        dict(_LLAMA_BASE, num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False),
+    ),
     # V2-Lite-like: no q_lora_rank, softmax routing, greedy top-k, first layer dense.
     "deepseek-v2-lite": (
         "DeepseekV2Config",

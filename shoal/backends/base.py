@@ -79,6 +79,10 @@ class Backend:
     def set_device(self, index: int) -> None:
         """Make `index` this process's current device (no-op where devices have no index)."""
 
+    def set_isa_level(self, level: str | None) -> None:
+        """Cap the instruction set this backend's own kernels are built for (EngineConfig.cpu_isa; None:
+        the backend's default), before the first model is built. A backend without levels ignores it."""
+
     def synchronize(self) -> None:
         """Wait for all queued work on the current device to finish."""
 

@@ -61,10 +61,12 @@ def measure_bandwidth(backend: Backend, index: int = 0, quick: bool = False) -> 
 def measure_matmul(backend: Backend, dtype: torch.dtype, index: int = 0, quick: bool = False) -> float:
     """TFLOP/s of an n×n by n×n matmul in `dtype` (2·n³ flops each)."""
     device = backend.torch_device(index)
-    n = 512 if quick else 2048
+    n = 512 if quick else 256
     if not quick:
         # Grow n until one matmul takes ~20 ms: a 2048 matmul is a few hundred microseconds on a
-        # big GPU, far from its peak, while on a CPU it already takes that long.
+        # big GPU, far from its peak, while on a CPU it already takes that long — and where the dtype
+        # has no native kernel (bf16 on an AVX2-only CPU: 0.24 GFLOP/s on one thread, 72 s for one
+        # 2048 matmul) starting small keeps the measurement to seconds.
         free = backend.memory_info(index).free_bytes
         itemsize = torch.empty((), dtype=dtype).element_size()
         while n < 16384 and 3 * (2 * n) ** 2 * itemsize * 2 < free:

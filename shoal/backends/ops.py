@@ -21,6 +21,9 @@ from torch import nn
 # What EngineConfig.cpu_kernels may say: a backend's own kernels where they are faster on this machine,
 # its own wherever they are built (to test them, or to measure), or PyTorch's alone.
 KERNEL_CHOICES = ("auto", "shoal", "torch")
+# What EngineConfig.cpu_isa may say: the instruction-set cap of the CPU backend's kernels
+# (shoal/backends/cpu/isa.py); other backends ignore it.
+ISA_LEVELS = ("native", "avx512", "avx2", "portable")
 
 
 def default_kernels() -> str:
@@ -64,6 +67,10 @@ class Ops:
         """gate_up [..., 2 * inter] (gate then up) -> silu(gate) * up [..., inter]."""
         gate, up = gate_up.chunk(2, dim=-1)
         return nn.functional.silu(gate) * up
+
+    def sigmoid_gate(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """x [rows, n] scaled by sigmoid(gate [rows, 1]): Qwen2-MoE's gated shared expert."""
+        return torch.sigmoid(gate) * x
 
     # ---- matmuls -------------------------------------------------------------------------------
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,

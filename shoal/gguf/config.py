@@ -18,6 +18,8 @@ ARCHITECTURES = {
     "qwen2": ("Qwen2ForCausalLM", "qwen2"),
     "qwen3": ("Qwen3ForCausalLM", "qwen3"),
     "deepseek2": ("DeepseekV2ForCausalLM", "deepseek_v2"),  # V3 when the router uses sigmoid gating
+    "qwen2moe": ("Qwen2MoeForCausalLM", "qwen2_moe"),
+    "qwen3moe": ("Qwen3MoeForCausalLM", "qwen3_moe"),  # and `llama` with experts: Mixtral
 }
 MAX_CONTEXT = 1 << 24  # a larger context_length is a damaged header, and would size the KV cache
 MAX_COUNT = 1 << 20  # layers, heads, experts: anything larger is a damaged header
@@ -138,8 +140,40 @@ def gguf_to_hf_config(file: GGUFFile) -> dict[str, Any]:
         head_dim = meta.int("attention.key_length", required=False, limit=1 << 16)
         if head_dim:
             raw["head_dim"] = head_dim
-        raw["attention_bias"] = "blk.0.attn_q.bias" in file.tensors and arch != "qwen2"
+        raw["attention_bias"] = "blk.0.attn_q.bias" in file.tensors and arch not in ("qwen2", "qwen2moe")
+        if arch == "qwen2moe":
+            raw["qkv_bias"] = "blk.0.attn_q.bias" in file.tensors
+        _llama_experts(meta, raw)
     return raw
+
+
+def _llama_experts(meta: _Meta, raw: dict[str, Any]) -> None:
+    """Routed experts of the Llama family's files: qwen3moe and qwen2moe, and `llama` with experts
+    (Mixtral). llama.cpp fixes the renormalisation per architecture: qwen3moe and Mixtral renormalise the
+    top-k weights, qwen2moe does not. A layer is sparse where the file holds its router (ffn_gate_inp):
+    every layer in llama.cpp's own files."""
+    experts = meta.int("expert_count", required=False)
+    if not experts:
+        if meta.arch in ("qwen2moe", "qwen3moe"):
+            raise ConfigError(f"{meta.file.path} is a {meta.arch} file without {meta.arch}.expert_count")
+        return
+    top_k = meta.int("expert_used_count")
+    if meta.arch == "llama":
+        raw["architectures"], raw["model_type"] = ["MixtralForCausalLM"], "mixtral"
+        raw.update(num_local_experts=experts, num_experts_per_tok=top_k)
+        return
+    raw.update(
+        num_experts=experts,
+        num_experts_per_tok=top_k,
+        moe_intermediate_size=meta.int("expert_feed_forward_length", limit=1 << 24),
+        decoder_sparse_step=1,
+        mlp_only_layers=[i for i in range(raw["num_hidden_layers"]) if f"blk.{i}.ffn_gate_inp.weight" not in meta.file.tensors],
+        norm_topk_prob=meta.arch == "qwen3moe",
+    )
+    if meta.arch == "qwen2moe":
+        raw["shared_expert_intermediate_size"] = meta.int(
+            "expert_shared_feed_forward_length", default=0, required=False, minimum=0, limit=1 << 24
+        )
 
 
 def _deepseek2(meta: _Meta, file: GGUFFile, raw: dict[str, Any]) -> None:

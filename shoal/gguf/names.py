@@ -4,7 +4,8 @@ llama.cpp's converter applied on the way in (and that has to be undone on the wa
 - Llama's q/k rows are permuted from Hugging Face's half-split rope layout to ggml's pairwise one;
   `unpermute_rows` restores it. It only moves whole rows, so it applies unchanged to quantized blocks
   (values and scales) as well as to float weights.
-- DeepSeek's routed experts are stacked into one [experts, out, in] tensor per projection.
+- Routed experts (DeepSeek, Qwen2/3-MoE, Mixtral) are stacked into one [experts, out, in] tensor per
+  projection; Qwen2-MoE's shared-expert gate is a vector, a matrix of one row again.
 - DeepSeek's kv_b_proj is stored (since llama.cpp's MLA change) as attn_k_b (per head, transposed)
   and attn_v_b; older files keep attn_kv_b itself.
 """
@@ -51,6 +52,8 @@ _LAYER = {
     "ffn_gate_shexp": "mlp.shared_experts.gate_proj",
     "ffn_up_shexp": "mlp.shared_experts.up_proj",
     "ffn_down_shexp": "mlp.shared_experts.down_proj",
+    # Qwen2-MoE (qwen2moe): its shared expert's one-row sigmoid gate, stored as a vector [hidden]
+    "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
 }
 _EXPERTS = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
 IGNORED = ("rope_freqs.weight",)  # read into the config (Llama 3 rope scaling), not a weight

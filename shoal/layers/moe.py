@@ -1,15 +1,19 @@
-"""DeepSeekMoE: a router picks top-k routed experts per token; always-on shared experts are added.
+"""Mixture of experts: a router picks top-k routed experts per token; always-on shared experts are added.
 
-Routing follows DeepSeek's own code for each generation:
-  V2  softmax scores, top-k greedy or group-limited greedy (best expert per group picks the groups);
-  V3  sigmoid scores plus a load-balancing bias used only for choosing (`e_score_correction_bias`),
-      groups ranked by the sum of their two best experts (`noaux_tc`).
+One layer for every MoE family; routing follows each one's own code:
+  DeepSeek-V2  softmax scores, top-k greedy or group-limited greedy (best expert per group picks the groups);
+  DeepSeek-V3  sigmoid scores plus a load-balancing bias used only for choosing (`e_score_correction_bias`),
+               groups ranked by the sum of their two best experts (`noaux_tc`);
+  Qwen2/3-MoE  softmax, top-k, renormalised where norm_topk_prob; Qwen2-MoE's one shared expert is
+               scaled by a sigmoid gate;
+  Mixtral      softmax, top-2, always renormalised (norm_topk_prob).
 Routed experts are stored stacked ([experts, out, in]) so tokens can be grouped by expert and each
 expert's weights read once per step.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +21,7 @@ from torch import nn
 
 from shoal.backends.ops import REFERENCE, Ops
 from shoal.errors import WeightError
-from shoal.layers.linear import copy_weight
+from shoal.layers.linear import Linear, copy_weight
 from shoal.layers.mlp import GatedMLP
 
 
@@ -199,30 +203,70 @@ def tokens_by_expert(weights: torch.Tensor, expert_ids: torch.Tensor, num_expert
             start += count
 
 
+class SharedExpertGate(Linear):
+    """Qwen2-MoE's shared-expert gate: one output per token, so a GGUF file (llama.cpp's
+    ffn_gate_inp_shexp) may hold its weight as a vector [hidden] rather than a matrix [1, hidden]."""
+
+    def load_weight(self, attr: str, loaded: torch.Tensor, name: str) -> None:
+        if attr == "weight" and isinstance(loaded, torch.Tensor) and loaded.dim() == 1:
+            loaded = loaded[None]
+        copy_weight(getattr(self, attr), loaded, name)
+
+
 class MoE(nn.Module):
+    """Routed experts plus, where the family has them, always-on shared experts: DeepSeek's added as
+    they are, Qwen2-MoE's one shared expert scaled per token by sigmoid(shared_expert_gate(x))."""
+
     ops: Ops = REFERENCE  # the backend's, once the model is built
 
     def __init__(
-        self, hidden_size: int, moe_intermediate_size: int, num_shared_experts: int, router: RouterConfig
+        self, hidden_size: int, moe_intermediate_size: int, router: RouterConfig, shared_intermediate_size: int = 0,
+        shared_gate: bool = False,
     ) -> None:
         super().__init__()
         self.gate = Router(hidden_size, router)
         self.experts = StackedExperts(router.num_experts, hidden_size, moe_intermediate_size)
-        self.shared_experts = (
-            GatedMLP(hidden_size, moe_intermediate_size * num_shared_experts) if num_shared_experts else None
+        self.shared_experts = GatedMLP(hidden_size, shared_intermediate_size) if shared_intermediate_size else None
+        # One output: a per-token scalar, so it scales a tensor-parallel rank's partial sum as it does the whole.
+        self.shared_expert_gate = (
+            SharedExpertGate(hidden_size, 1) if shared_gate and self.shared_experts is not None else None
         )
         # Tokens routed to each expert since start (the /metrics and benchmark per-expert load).
         self.register_buffer("expert_load", torch.zeros(router.num_experts, dtype=torch.long), persistent=False)
+
+    def materialize_buffers(self, device: torch.device) -> None:
+        """A zero count on `device` (the module may have been built on the meta device)."""
+        self.expert_load = torch.zeros(self.expert_load.shape, dtype=torch.long, device=device)
 
     def route(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The router's (weights, expert ids) for flat [tokens, hidden], counted in `expert_load`."""
         return self.gate(flat, self.expert_load)
 
+    def shared(self, flat: torch.Tensor) -> torch.Tensor | None:
+        """The shared experts' output for flat [tokens, hidden] (gated where the family gates it), or None."""
+        if self.shared_experts is None:
+            return None
+        out = self.shared_experts(flat)
+        if self.shared_expert_gate is not None:
+            out = self.ops.sigmoid_gate(out, self.shared_expert_gate(flat))
+        return out
+
     def mix(self, flat: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         """The routed experts' weighted sum for flat [tokens, hidden], plus the shared experts' output."""
         out = self.experts(flat, weights, expert_ids)
-        return self.ops.add(out, self.shared_experts(flat)) if self.shared_experts is not None else out
+        shared = self.shared(flat)
+        return self.ops.add(out, shared) if shared is not None else out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         return self.mix(flat, *self.route(flat)).view(x.shape)
+
+
+# Per-expert checkpoint names, after the family's renames (CausalLM.checkpoint_renames).
+EXPERT_NAME = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+
+
+def routed_expert_weight(name: str) -> tuple[str, int, str] | None:
+    """model.layers.N.mlp.experts.E.{gate,up,down}_proj.weight -> (module name, E, shard), else None."""
+    match = EXPERT_NAME.match(name)
+    return None if match is None else (match.group(1), int(match.group(2)), match.group(3))

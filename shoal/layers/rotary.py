@@ -81,14 +81,23 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, rope: RopeConfig, dim: int, max_position_embeddings: int, interleaved: bool = False) -> None:
         super().__init__()
-        inv_freq, self.attention_factor = rope_frequencies(rope, dim, max_position_embeddings)
-        if rope.frequency_factors is not None:
-            inv_freq = inv_freq / torch.tensor(rope.frequency_factors, dtype=inv_freq.dtype)
+        self._spec = (rope, dim, max_position_embeddings)
         self.interleaved = interleaved
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
         self._table_len = 0
+        self.register_buffer("inv_freq", torch.empty(0), persistent=False)
         self.register_buffer("cos_table", torch.empty(0), persistent=False)
         self.register_buffer("sin_table", torch.empty(0), persistent=False)
+        self.materialize_buffers(self.inv_freq.device)
+
+    def materialize_buffers(self, device: torch.device) -> None:
+        """Compute the frequencies and a first table on `device` (also after the module was built on the
+        meta device, where every tensor it made is an empty shape: shoal.construct.materialize)."""
+        rope, dim, max_position_embeddings = self._spec
+        with torch.device(device):
+            inv_freq, self.attention_factor = rope_frequencies(rope, dim, max_position_embeddings)
+            if rope.frequency_factors is not None:
+                inv_freq = inv_freq / torch.tensor(rope.frequency_factors, dtype=inv_freq.dtype)
+        self.inv_freq = inv_freq
         # Start small and grow on demand: a 160k-position table would cost tens of MB per model.
         self._grow(min(max(max_position_embeddings, 1), 4096))
 

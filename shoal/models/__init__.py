@@ -6,13 +6,16 @@ from shoal.errors import UnsupportedArchitectureError
 from shoal.models.base import CausalLM
 from shoal.models.deepseek import DeepseekForCausalLM
 from shoal.models.hf_config import ModelConfig
-from shoal.models.llama import LlamaForCausalLM
+from shoal.models.llama import LlamaForCausalLM, MixtralForCausalLM, Qwen2MoeForCausalLM
 
 ARCHITECTURES: dict[str, type[CausalLM]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,
     "Qwen3ForCausalLM": LlamaForCausalLM,
+    "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
+    "Qwen3MoeForCausalLM": LlamaForCausalLM,
+    "MixtralForCausalLM": MixtralForCausalLM,
     "DeepseekV2ForCausalLM": DeepseekForCausalLM,
     "DeepseekV3ForCausalLM": DeepseekForCausalLM,
 }

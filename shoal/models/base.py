@@ -27,6 +27,9 @@ class CausalLM(nn.Module):
 
     # (checkpoint fragment, merged module fragment, shard name), e.g. (".q_proj.", ".qkv_proj.", "q_proj")
     merged_weights: tuple[tuple[str, str, str], ...] = ()
+    # (checkpoint fragment, module fragment): a family whose checkpoints spell a module another way than
+    # the shared layers name it, e.g. Mixtral's (".block_sparse_moe.", ".mlp."); applied before all else.
+    checkpoint_renames: tuple[tuple[str, str], ...] = ()
     # Set by shoal.parallel when the model is split: ranks the attention heads are split over, and a
     # filter for checkpoint tensors that belong to other pipeline stages.
     tp_size: int = 1
@@ -98,6 +101,22 @@ class CausalLM(nn.Module):
         """For MoE families: map a per-expert checkpoint name to (module name, expert index, shard)."""
         return None
 
+    def canonical_name(self, name: str) -> str:
+        """A checkpoint tensor's name as this model's modules spell it (checkpoint_renames applied)."""
+        if not self.checkpoint_renames:
+            return name
+        dotted = f".{name}"
+        for fragment, module_fragment in self.checkpoint_renames:
+            dotted = dotted.replace(fragment, module_fragment)
+        return dotted[1:]
+
+    def checkpoint_spelling(self, name: str) -> str:
+        """canonical_name's inverse: how the checkpoint spells a name of this model's, for messages."""
+        dotted = f".{name}"
+        for fragment, module_fragment in reversed(self.checkpoint_renames):
+            dotted = dotted.replace(module_fragment, fragment)
+        return dotted[1:]
+
     def expected_checkpoint_names(self) -> set[str]:
         """Every checkpoint tensor name this model needs, to report exactly which ones are missing."""
         names: set[str] = set()
@@ -115,6 +134,7 @@ class CausalLM(nn.Module):
 
     def weight_destination(self, name: str) -> tuple[str, str, str | None, int | None]:
         """Where checkpoint tensor `name` loads: (module name, attribute, merged shard or None, expert or None)."""
+        name = self.canonical_name(name)
         expert = self.expert_weight(name)
         if expert is not None:
             module_name, index, shard = expert
@@ -140,6 +160,7 @@ class CausalLM(nn.Module):
         for name, tensor in weights:
             if self.ignore_weight(name):
                 continue
+            name = self.canonical_name(name)
             module_name, attr, shard, expert = self.weight_destination(name)
             module = modules.get(module_name)
             if expert is not None and module is not None:
@@ -154,7 +175,7 @@ class CausalLM(nn.Module):
                 unexpected.append(name)
                 continue
             seen.add(name)
-        missing = sorted(self.expected_checkpoint_names() - seen)
+        missing = sorted(self.checkpoint_spelling(n) for n in self.expected_checkpoint_names() - seen)
         if missing:
             more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
             raise WeightError(

@@ -21,13 +21,12 @@ from shoal.layers.embedding import LMHead, VocabEmbedding
 from shoal.layers.kv_cache import ContiguousKVCache
 from shoal.layers.linear import Linear
 from shoal.layers.mlp import GatedMLP
-from shoal.layers.moe import MoE, RouterConfig
+from shoal.layers.moe import MoE, RouterConfig, routed_expert_weight
 from shoal.layers.norm import RMSNorm
 from shoal.layers.rotary import RotaryEmbedding, yarn_mscale
 from shoal.models.base import CausalLM
 from shoal.models.hf_config import ModelConfig
 
-_EXPERT_NAME = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 _LAYER_INDEX = re.compile(r"^model\.layers\.(\d+)\.")
 
 
@@ -171,12 +170,8 @@ class DeepseekDecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = MultiHeadLatentAttention(config, layer_index, backend, rotary)
         if is_moe_layer(config, layer_index):
-            self.mlp = MoE(
-                config.hidden_size,
-                config.get("moe_intermediate_size"),
-                int(config.get("n_shared_experts", 0)),
-                router_config(config),
-            )
+            moe = config.moe
+            self.mlp = MoE(config.hidden_size, moe.intermediate_size, router_config(config), moe.shared_intermediate_size)
         else:
             self.mlp = GatedMLP(config.hidden_size, config.intermediate_size)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -189,10 +184,9 @@ class DeepseekDecoderLayer(nn.Module):
 
 
 def is_moe_layer(config: ModelConfig, index: int) -> bool:
-    """DeepSeek's rule: dense for the first `first_k_dense_replace` layers, then MoE every `moe_layer_freq`."""
-    if not config.get("n_routed_experts"):
-        return False
-    return index >= int(config.get("first_k_dense_replace", 0)) and index % int(config.get("moe_layer_freq", 1)) == 0
+    """Whether layer `index` holds the MoE block (DeepSeek: dense for the first `first_k_dense_replace`
+    layers, then MoE every `moe_layer_freq`; see hf_config.parse_moe)."""
+    return config.moe is not None and config.moe.layers[index]
 
 
 def router_config(config: ModelConfig) -> RouterConfig:
@@ -200,8 +194,8 @@ def router_config(config: ModelConfig) -> RouterConfig:
     scoring = config.get("scoring_func", "sigmoid" if v3 else "softmax")
     topk_method = config.get("topk_method", "noaux_tc" if v3 else "greedy")
     return RouterConfig(
-        num_experts=int(config.get("n_routed_experts")),
-        top_k=int(config.get("num_experts_per_tok")),
+        num_experts=config.moe.num_experts,
+        top_k=config.moe.experts_per_token,
         scoring=scoring,
         topk_method=topk_method,
         num_groups=int(config.get("n_group", 1)),
@@ -257,7 +251,4 @@ class DeepseekForCausalLM(CausalLM):
         return super().ignore_weight(name)
 
     def expert_weight(self, name: str) -> tuple[str, int, str] | None:
-        match = _EXPERT_NAME.match(name)
-        if match is None:
-            return None
-        return match.group(1), int(match.group(2)), match.group(3)
+        return routed_expert_weight(name)

@@ -49,6 +49,59 @@ class RopeConfig:
     frequency_factors: tuple[float, ...] | None = None
 
 
+@dataclass(frozen=True)
+class MoeConfig:
+    """Routed experts, whichever family's spelling config.json uses: DeepSeek's (n_routed_experts,
+    first_k_dense_replace / moe_layer_freq, n_shared_experts), Qwen2/3-MoE's (num_experts,
+    decoder_sparse_step / mlp_only_layers, shared_expert_intermediate_size) or Mixtral's
+    (num_local_experts, intermediate_size, every layer)."""
+
+    num_experts: int
+    experts_per_token: int
+    intermediate_size: int  # of one routed expert
+    shared_intermediate_size: int  # of the always-on shared expert(s) together; 0: none
+    layers: tuple[bool, ...]  # per decoder layer, whether its MLP is the MoE block
+
+    @property
+    def num_moe_layers(self) -> int:
+        return sum(self.layers)
+
+
+def parse_moe(raw: dict[str, Any], num_layers: int, intermediate_size: int) -> MoeConfig | None:
+    """The routed experts config.json declares, or None for a dense model."""
+    def field(key: str, default: Any = 0) -> Any:
+        value = raw.get(key)
+        return default if value is None else value
+
+    mixtral = raw.get("model_type") == "mixtral" or "MixtralForCausalLM" in (raw.get("architectures") or [])
+    qwen = any(key in raw for key in ("decoder_sparse_step", "mlp_only_layers", "moe_intermediate_size"))
+    if field("n_routed_experts"):  # DeepSeek
+        experts, inter = int(raw["n_routed_experts"]), int(field("moe_intermediate_size", intermediate_size))
+        first, freq = int(field("first_k_dense_replace")), max(1, int(field("moe_layer_freq", 1)))
+        layers = tuple(i >= first and i % freq == 0 for i in range(num_layers))
+        shared = int(field("n_shared_experts")) * inter
+    elif mixtral or (field("num_local_experts") and not qwen):
+        # Mixtral: every layer, experts the size of the dense MLP (whatever else config.json says)
+        experts, inter, shared = int(field("num_local_experts")), intermediate_size, 0
+        if not experts:
+            return None
+        layers = (True,) * num_layers
+    elif qwen:  # Qwen2/3-MoE (transformers 5 writes Qwen3-MoE's num_experts as num_local_experts)
+        experts = int(field("num_experts") or field("num_local_experts"))
+        if not experts:
+            return None
+        inter = int(field("moe_intermediate_size", intermediate_size))
+        step, dense = max(1, int(field("decoder_sparse_step", 1))), set(field("mlp_only_layers", []))
+        layers = tuple(i not in dense and (i + 1) % step == 0 for i in range(num_layers))
+        shared = int(field("shared_expert_intermediate_size"))
+    else:
+        return None
+    top_k = int(field("num_experts_per_tok"))
+    if not 0 < top_k <= experts:
+        raise ConfigError(f"config.json: num_experts_per_tok ({top_k}) must be between 1 and the {experts} experts")
+    return MoeConfig(experts, top_k, inter, shared, layers)
+
+
 @dataclass
 class ModelConfig:
     """The fields every family needs, plus the raw dict for family-specific ones."""
@@ -69,6 +122,7 @@ class ModelConfig:
     checkpoint_dtype: torch.dtype | None
     bos_token_id: int | None
     eos_token_ids: list[int]
+    moe: MoeConfig | None = None  # routed experts, for a mixture-of-experts model
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
 
     def get(self, key: str, default: Any = None) -> Any:
@@ -145,16 +199,18 @@ def parse_model_config(raw: dict[str, Any], path: str = "config.json") -> ModelC
             f"{path}: num_attention_heads ({num_heads}) must be a multiple of num_key_value_heads ({num_kv_heads})"
         )
     dtype_name = raw.get("dtype") or raw.get("torch_dtype")
+    num_layers = int(_require(raw, "num_hidden_layers", path))
+    intermediate_size = int(raw.get("intermediate_size") or 4 * hidden_size)
     return ModelConfig(
         architecture=str(architectures[0]),
         model_type=str(raw.get("model_type", "")),
         vocab_size=int(_require(raw, "vocab_size", path)),
         hidden_size=hidden_size,
-        num_hidden_layers=int(_require(raw, "num_hidden_layers", path)),
+        num_hidden_layers=num_layers,
         num_attention_heads=num_heads,
         num_key_value_heads=num_kv_heads,
         head_dim=int(raw.get("head_dim") or hidden_size // num_heads),
-        intermediate_size=int(raw.get("intermediate_size") or 4 * hidden_size),
+        intermediate_size=intermediate_size,
         rms_norm_eps=float(raw.get("rms_norm_eps") or 1e-6),
         max_position_embeddings=int(raw.get("max_position_embeddings") or 4096),
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
@@ -162,6 +218,7 @@ def parse_model_config(raw: dict[str, Any], path: str = "config.json") -> ModelC
         checkpoint_dtype=_DTYPES.get(str(dtype_name)) if dtype_name else None,
         bos_token_id=raw.get("bos_token_id") if isinstance(raw.get("bos_token_id"), int) else None,
         eos_token_ids=_as_int_list(raw.get("eos_token_id")),
+        moe=parse_moe(raw, num_layers, intermediate_size),
         raw=raw,
     )
 

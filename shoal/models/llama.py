@@ -1,7 +1,9 @@
-"""The Llama family: Llama 2/3, Qwen2 (q/k/v bias), Qwen3 (per-head q/k RMSNorm), Mistral (sliding window).
+"""The Llama family: Llama 2/3, Qwen2 (q/k/v bias), Qwen3 (per-head q/k RMSNorm), Mistral (sliding window),
+and their mixture-of-experts kin: Qwen3-MoE, Qwen2-MoE (a shared expert behind a sigmoid gate), Mixtral.
 
-Pre-norm decoder with grouped-query attention, rotary positions and a SwiGLU MLP; one class covers
-all four, switched by config fields, so a split or a weight format applied to it covers them all.
+Pre-norm decoder with grouped-query attention, rotary positions and a SwiGLU MLP — or, in the MoE
+families' sparse layers, the shared MoE block (layers/moe.py) in its place; one class covers them all,
+switched by config fields, so a split or a weight format applied to it covers them all.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from shoal.layers.embedding import LMHead, VocabEmbedding
 from shoal.layers.kv_cache import ContiguousKVCache
 from shoal.layers.linear import Linear, MergedLinear
 from shoal.layers.mlp import GatedMLP
+from shoal.layers.moe import MoE, RouterConfig, routed_expert_weight
 from shoal.layers.norm import RMSNorm
 from shoal.layers.rotary import RotaryEmbedding
 from shoal.models.base import CausalLM
@@ -35,7 +38,7 @@ class LlamaAttention(nn.Module):
             config.hidden_size, [q_size, kv_size, kv_size], ("q_proj", "k_proj", "v_proj"), bias=qkv_bias
         )
         self.o_proj = Linear(q_size, config.hidden_size, bias=o_bias)
-        self.qk_norm = config.model_type == "qwen3" or config.architecture == "Qwen3ForCausalLM"
+        self.qk_norm = config.model_type in ("qwen3", "qwen3_moe") or config.architecture in QK_NORM_ARCHITECTURES
         if self.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -90,7 +93,7 @@ class LlamaDecoderLayer(nn.Module):
     ):
         super().__init__()
         self.self_attn = LlamaAttention(config, layer_index, backend, rotary, qkv_bias, o_bias)
-        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, bias=bool(config.get("mlp_bias", False)))
+        self.mlp = feed_forward(config, layer_index)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -98,6 +101,24 @@ class LlamaDecoderLayer(nn.Module):
         h = self.self_attn(self.input_layernorm(x), positions, cache)
         h, x = self.post_attention_layernorm(h, residual=x)  # x + attention, and its norm, in one pass
         return self.ops.add(x, self.mlp(h))
+
+
+QK_NORM_ARCHITECTURES = ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
+QKV_BIAS_ARCHITECTURES = ("Qwen2ForCausalLM", "Qwen2MoeForCausalLM")
+
+
+def feed_forward(config: ModelConfig, layer_index: int) -> nn.Module:
+    """Layer `layer_index`'s MLP: the SwiGLU block, or the MoE block where config.json makes the layer
+    sparse (hf_config.parse_moe: Qwen-MoE's decoder_sparse_step / mlp_only_layers, Mixtral's every layer)."""
+    moe = config.moe
+    if moe is None or not moe.layers[layer_index]:
+        return GatedMLP(config.hidden_size, config.intermediate_size, bias=bool(config.get("mlp_bias", False)))
+    # Qwen-MoE and Mixtral: softmax over all experts, top-k, renormalised (Mixtral always, Qwen by norm_topk_prob).
+    mixtral = config.model_type == "mixtral" or config.architecture == "MixtralForCausalLM"
+    router = RouterConfig(moe.num_experts, moe.experts_per_token,
+                          norm_topk_prob=mixtral or bool(config.get("norm_topk_prob", False)))
+    return MoE(config.hidden_size, moe.intermediate_size, router, moe.shared_intermediate_size,
+               shared_gate=moe.shared_intermediate_size > 0)
 
 
 class LlamaModel(nn.Module):
@@ -122,17 +143,40 @@ class LlamaForCausalLM(CausalLM):
 
     def __init__(self, config: ModelConfig, backend: Backend) -> None:
         super().__init__(config)
-        qwen2 = config.architecture == "Qwen2ForCausalLM" or config.model_type == "qwen2"
+        qwen2 = config.architecture in QKV_BIAS_ARCHITECTURES or config.model_type in ("qwen2", "qwen2_moe")
         attention_bias = bool(config.get("attention_bias", False))
-        # Qwen2 always has q/k/v biases and never an o_proj bias; Llama and Qwen3 use `attention_bias` for all four.
-        qkv_bias, o_bias = (True, False) if qwen2 else (attention_bias, attention_bias)
+        # Qwen2 has q/k/v biases (Qwen2-MoE unless qkv_bias says not) and never an o_proj bias; Llama, Qwen3
+        # and Mixtral use `attention_bias` for all four.
+        qkv_bias, o_bias = (bool(config.get("qkv_bias", True)), False) if qwen2 else (attention_bias, attention_bias)
         self.model = LlamaModel(config, backend, qkv_bias, o_bias)
         self.lm_head = LMHead(
             config.vocab_size, config.hidden_size, self.model.embed_tokens if config.tie_word_embeddings else None
         )
-        uses_window = config.model_type == "mistral" or bool(config.get("use_sliding_window", False))
+        uses_window = config.model_type in ("mistral", "mixtral") or bool(config.get("use_sliding_window", False))
         self.sliding_window = config.get("sliding_window") if uses_window else None
 
     def cache_entry_shapes(self) -> list[tuple[int, ...]]:
         shape = (self.config.num_key_value_heads // self.tp_size, self.config.head_dim)
         return [shape, shape]
+
+    def expert_weight(self, name: str) -> tuple[str, int, str] | None:
+        return routed_expert_weight(name)
+
+
+class MixtralForCausalLM(LlamaForCausalLM):
+    """Mistral with a MoE block in every layer; only its checkpoint names differ (block_sparse_moe, and the
+    experts' w1 / w3 / w2 for gate / up / down)."""
+
+    checkpoint_renames = (
+        (".block_sparse_moe.", ".mlp."),
+        (".w1.", ".gate_proj."),
+        (".w3.", ".up_proj."),
+        (".w2.", ".down_proj."),
+    )
+
+
+class Qwen2MoeForCausalLM(LlamaForCausalLM):
+    """Qwen2 with MoE blocks; its one shared expert is checkpointed as `shared_expert` (DeepSeek's plural
+    `shared_experts` in the shared MoE layer)."""
+
+    checkpoint_renames = ((".shared_expert.", ".shared_experts."),)

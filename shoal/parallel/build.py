@@ -17,7 +17,7 @@ from shoal.backends.ops import bind_ops
 from shoal.layers.linear import Linear
 from shoal.layers.mlp import GatedMLP
 from shoal.layers.moe import MoE
-from shoal.construct import _default_dtype, choose_dtype
+from shoal.construct import _default_dtype, build_on_meta, choose_dtype, materialize
 from shoal.loader import iterate_weights, safetensors_files
 from shoal.models import CausalLM, model_class
 from shoal.models.deepseek import MultiHeadLatentAttention
@@ -27,7 +27,7 @@ from shoal.parallel.layers import ColumnParallelLinear, ParallelLMHead, RowParal
 from shoal.parallel.moe import ExpertParallelMoE, PartitionedExperts, TensorParallelExperts, TensorParallelMoE
 from shoal.parallel.split import check_expert_split, check_tensor_split, expert_split, layer_split
 from shoal.parallel.state import ParallelState
-from shoal.quant.plan import QuantPlan, apply_plan, parameters_on_meta, plan_quantization, prepare_for_kernels
+from shoal.quant.plan import QuantPlan, apply_plan, plan_quantization, prepare_for_kernels
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
@@ -48,17 +48,8 @@ def plan_splits(config: ModelConfig, state: ParallelState, speeds: list[float] |
     check_tensor_split(config, parallel.tp, fmt, quant.group_size if quant is not None else 0)
     check_expert_split(config, parallel.ep)
     state.layer_sizes = layer_split(config, parallel, speeds)
-    experts = int(config.get("n_routed_experts") or 0)
+    experts = config.moe.num_experts if config.moe is not None else 0
     state.expert_sizes = expert_split(experts, parallel, speeds) if parallel.ep > 1 else [experts]
-
-
-def _materialize(model: nn.Module, device) -> None:
-    for module in model.modules():
-        for name, param in list(module._parameters.items()):
-            if param is not None and param.device.type == "meta":
-                module._parameters[name] = nn.Parameter(
-                    torch.empty(param.shape, dtype=param.dtype, device=device), requires_grad=False
-                )
 
 
 def _split_tensor(model: CausalLM, state: ParallelState) -> None:
@@ -156,14 +147,13 @@ def build_model_shard(path: Path, backend: Backend, device: torch.device, dtype:
     cls = model_class(config)
     dtype = choose_dtype(config, backend, dtype)
     plan = plan_quantization(config, backend, quant, quant_group_size)
-    with _default_dtype(dtype), torch.device(device):
-        with parameters_on_meta():
-            model = cls(config, backend)
+    model = build_on_meta(cls, config, backend, dtype)
+    with _default_dtype(dtype), torch.device("meta"):  # split layers are shapes too until materialize
         _split_pipeline(model, state)
         _split_tensor(model, state)
-        if plan is not None and plan.changes_model:
-            apply_plan(model, plan, backend, dtype, device, kernels)
-    _materialize(model, device)
+    if plan is not None and plan.changes_model:
+        apply_plan(model, plan, backend, dtype, device, kernels)
+    materialize(model, device)
     bind_ops(model, backend.ops(kernels))
     model.capture_decode = False  # a split step's collectives are not kernels a replay could run
     weights = iterate_weights(safetensors_files(path), progress=progress)

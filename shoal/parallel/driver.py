@@ -6,7 +6,7 @@ from __future__ import annotations
 import atexit
 import logging
 
-from shoal.parallel.executor import RankSetup, kv_cache_bytes, make_executor, setup_rank
+from shoal.parallel.executor import RankSetup, kv_pool, make_executor, setup_rank
 from shoal.parallel.runtime import ParallelRunner, local_cache
 from shoal.parallel.state import ParallelState, shutdown_process_groups
 
@@ -47,8 +47,9 @@ class Driver:
     def failure(self):
         return self.executor.failure
 
-    def kv_cache_bytes(self, max_len: int) -> int:
-        return kv_cache_bytes(self.engine_config, self.setup, max_len)
+    def kv_pool(self, max_len: int):
+        """Rank 0's KV pool (every rank sizes its own by the same rule)."""
+        return kv_pool(self.engine_config, self.setup, max_len)
 
     def make_runner(self, kv_bytes: int, block_size: int, kv_quant: str | None):
         s = self.setup

@@ -83,6 +83,7 @@ def setup_rank(engine_config, rank: int, world_size: int, local_rank: int, maste
         index = (index or 0) + local_rank if world_size > 1 else index
         index %= max(1, backend.device_count())
     backend.set_device(index)
+    backend.set_isa_level(engine_config.cpu_isa)
     device = backend.torch_device(index)
     state = init_process_groups(parallel, rank, world_size, backend.dist_backend, device, master_addr, master_port)
     speeds = None
@@ -110,18 +111,23 @@ def setup_rank(engine_config, rank: int, world_size: int, local_rank: int, maste
     return RankSetup(state, model, model_config, dtype, backend, device, path)
 
 
-def kv_cache_bytes(engine_config, setup: RankSetup, max_len: int) -> int:
-    """--kv-cache-memory if given; else max_num_seqs full contexts within 80% of free device memory."""
-    if engine_config.kv_cache_memory:
-        return engine_config.kv_cache_memory
+def kv_pool(engine_config, setup: RankSetup, max_len: int):
+    """This rank's KV pool (shoal.engine.kv_pool.KVPool): --kv-cache-memory if given, else the default rule
+    over its share of the layers."""
+    from shoal.engine.kv_pool import KVPool, default_kv_pool
     from shoal.layers.paged_kv_cache import PagedKVCache
 
+    if engine_config.kv_cache_memory:
+        return KVPool(engine_config.kv_cache_memory, "--kv-cache-memory")
     first, end = setup.state.layer_range()
     per_token = PagedKVCache.bytes_per_block(end - first, 1, setup.model.cache_entry_shapes(), setup.dtype,
                                              engine_config.kv_quant)
-    wanted = per_token * max_len * engine_config.max_num_seqs
     free = setup.backend.memory_info(setup.device.index or 0).free_bytes
-    return max(per_token * max_len, min(wanted, int(0.8 * free)))
+    return default_kv_pool(per_token, max_len, engine_config.max_num_seqs, free, setup.device.type == "cpu")
+
+
+def kv_cache_bytes(engine_config, setup: RankSetup, max_len: int) -> int:
+    return kv_pool(engine_config, setup, max_len).bytes
 
 
 def max_model_len(engine_config, model_config) -> int:

@@ -78,7 +78,7 @@ class PartitionedExperts(ExpertRange, StackedExperts):
 
 
 def _copy_into(new: nn.Module, old: MoE) -> None:
-    new.gate = old.gate
+    new.gate, new.shared_expert_gate = old.gate, old.shared_expert_gate
     new.register_buffer("expert_load", old.expert_load, persistent=False)
 
 
@@ -135,8 +135,9 @@ class ExpertParallelMoE(MoE):
         COLLECTIVE_BYTES["all_to_all"] += (send.numel() + outputs.numel()) * send.element_size()
         out = torch.zeros_like(mine)
         out.index_add_(0, token_of, (back * weight_of[:, None]).to(mine.dtype))
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(mine)
+        shared = self.shared(mine)
+        if shared is not None:
+            out = out + shared
         padded = out.new_zeros(per, flat.shape[1])
         padded[: out.shape[0]] = out
         return all_gather_cat(padded, self.group, size, dim=0)[:tokens].view(shape)

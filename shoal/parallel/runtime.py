@@ -67,7 +67,7 @@ def payload_size(header: torch.Tensor) -> int:
 def expert_load_table(model: CausalLM, state: ParallelState | None) -> torch.Tensor:
     """[layers, experts] tokens routed so far by the MoE layers this rank reports (a stage's first rank)."""
     config = model.config
-    experts = int(config.get("n_routed_experts") or 0)
+    experts = config.moe.num_experts if config.moe is not None else 0
     table = torch.zeros(config.num_hidden_layers, max(experts, 1), dtype=torch.long)
     if state is not None and state.local_rank != 0:
         return table

@@ -73,11 +73,10 @@ def check_tensor_split(config: ModelConfig, tp: int, quant: str | None = None, g
     if not config.get("kv_lora_rank"):
         checks.append(("key/value heads (num_key_value_heads)", config.num_key_value_heads))
     checks.append(("intermediate_size", config.intermediate_size))
-    if config.get("n_routed_experts"):
-        checks.append(("moe_intermediate_size", int(config.get("moe_intermediate_size"))))
-        shared = int(config.get("n_shared_experts", 0) or 0)
-        if shared:
-            checks.append(("shared experts' intermediate size", shared * int(config.get("moe_intermediate_size"))))
+    if config.moe is not None:
+        checks.append(("experts' intermediate size", config.moe.intermediate_size))
+        if config.moe.shared_intermediate_size:
+            checks.append(("shared experts' intermediate size", config.moe.shared_intermediate_size))
     for what, value in checks:
         if value % tp:
             raise ConfigError(f"--tp {tp} must divide the model's {what} ({value}); choose a tp that divides it")
@@ -88,14 +87,14 @@ def check_tensor_split(config: ModelConfig, tp: int, quant: str | None = None, g
 def _check_quantized_split(config: ModelConfig, tp: int, quant: str, group_size: int) -> None:
     heads = config.num_attention_heads
     mla = bool(config.get("kv_lora_rank"))
-    moe = int(config.get("moe_intermediate_size") or 0) if config.get("n_routed_experts") else 0
-    shared = int(config.get("n_shared_experts", 0) or 0) * moe
+    moe = config.moe.intermediate_size if config.moe is not None else 0
+    shared = config.moe.shared_intermediate_size if config.moe is not None else 0
     # Inputs cut by a row split (o_proj, down projections): int4 groups and fp8 blocks run along them.
     inputs = [("attention output (o_proj inputs)",
                heads * (int(config.get("v_head_dim")) if mla else config.head_dim)),
               ("intermediate_size", config.intermediate_size)]
     if moe:
-        inputs.append(("moe_intermediate_size", moe))
+        inputs.append(("experts' intermediate size", moe))
     if shared:
         inputs.append(("shared experts' intermediate size", shared))
     # Outputs cut by a column split: fp8 blocks also span 128 rows.
@@ -125,5 +124,5 @@ def _check_quantized_split(config: ModelConfig, tp: int, quant: str, group_size:
 
 
 def check_expert_split(config: ModelConfig, ep: int) -> None:
-    if ep > 1 and not config.get("n_routed_experts"):
+    if ep > 1 and config.moe is None:
         raise ConfigError(f"--ep {ep} splits routed experts, but {config.architecture} has none; use --tp or --pp")

@@ -22,9 +22,11 @@ from shoal.planner.cost import Deployment, Factors, Layout, decode_step_time, pr
 from shoal.planner.errors import PlanError
 from shoal.planner.shapes import ModelShape, load_shape
 from shoal.planner.fitting import golden_section_min
+from shoal.planner.serving import colocated
 
 # Interleaved rounds of trials (one prefill and one decode trial of every shape per round).
-ROUNDS, MIN_ROUNDS, BUDGET_S = 20, 6, 30.0
+ROUNDS, MIN_ROUNDS, BUDGET_S = 20, 3, 20.0
+SERVING_TRIALS = 2
 # Torch threads while calibrating a CPU. On a machine other work shares, a team of threads waits at
 # every op for whichever thread lost its core (2 threads on a shared 2-core box: 10x slower steps);
 # one thread only ever loses its share of the time.
@@ -48,6 +50,10 @@ class Run:
     batch: int
     decode_tokens: int
     held_back: bool = False
+    # Serving check (held-back shapes): `serving` requests kept in flight at once, each prefilling
+    # prompt_len tokens and generating serving_tokens, until twice as many have finished; 0: none.
+    serving: int = 0
+    serving_tokens: int = 24
 
 
 RUNS = [
@@ -55,7 +61,7 @@ RUNS = [
     Run("llama 512x4", "llama:512,4,8,4,1408", prompts=8, prompt_len=128, batch=8, decode_tokens=16),
     Run("llama 1024x4", "llama:1024,4,16,4,2816", prompts=4, prompt_len=256, batch=16, decode_tokens=16),
     Run("llama 768x6 (held back)", "llama:768,6,12,4,2048", prompts=8, prompt_len=192, batch=12, decode_tokens=16,
-        held_back=True),
+        held_back=True, serving=32),
 ]
 
 
@@ -105,10 +111,11 @@ class EngineProbe:
         from shoal.llm import LLM
 
         self.run = run
+        self.chunk_tokens = max(2048, run.prompts * run.prompt_len, run.batch * run.prompt_len)
         self.llm = LLM(path, device=device, dtype="bfloat16", progress=False, enable_prefix_caching=False,
-                       max_num_seqs=max(run.batch, run.prompts),
-                       max_model_len=run.prompt_len + run.decode_tokens + 8,
-                       max_num_batched_tokens=max(2048, run.prompts * run.prompt_len, run.batch * run.prompt_len))
+                       max_num_seqs=max(run.batch, run.prompts, run.serving),
+                       max_model_len=run.prompt_len + max(run.decode_tokens, run.serving_tokens) + 8,
+                       max_num_batched_tokens=self.chunk_tokens)
         self.rng = random.Random(0)
         self.vocab = self.llm.model_config.vocab_size
 
@@ -147,6 +154,25 @@ class EngineProbe:
             steps.append(time.perf_counter() - start)
         return statistics.median(steps) if steps else 0.0
 
+    def serving_trial(self) -> float:
+        """Output tokens/s of a closed loop: run.serving requests in flight, each finished one replaced
+        at once by a new one, until 2 x run.serving have finished (prefill chunks ride in decode steps
+        within the engine's token budget, as serving.colocated models it)."""
+        engine, sync = self.llm.engine, self.llm.backend.synchronize
+        total, tokens = 2 * self.run.serving, 0
+        self._add(self.run.serving, self.run.serving_tokens)
+        started = self.run.serving
+        sync()
+        start = time.perf_counter()
+        while engine.has_unfinished():
+            for seq in engine.step():
+                tokens += 1
+                if seq.is_finished and started < total:
+                    self._add(1, self.run.serving_tokens)
+                    started += 1
+        sync()
+        return tokens / (time.perf_counter() - start)
+
 
 def measure_interleaved(probes: list[EngineProbe], rounds: int = ROUNDS, budget_s: float = BUDGET_S,
                         progress: bool = False) -> list[dict]:
@@ -171,8 +197,14 @@ def measure_interleaved(probes: list[EngineProbe], rounds: int = ROUNDS, budget_
             got["decode_step_s"].append(probe.decode_trial())
         if r + 1 >= MIN_ROUNDS and time.perf_counter() - start > budget_s:
             break
-    return [{"prefill_s": min(t["prefill_s"]), "decode_step_s": min(t["decode_step_s"]), "trials": t}
-            for t in trials]
+    results = [{"prefill_s": min(t["prefill_s"]), "decode_step_s": min(t["decode_step_s"]), "trials": t}
+               for t in trials]
+    for probe, got in zip(probes, results):
+        if getattr(getattr(probe, "run", None), "serving", 0):  # a few trials only (each is many steps); the best
+            got["trials"]["serving_tps"] = [probe.serving_trial() for _ in range(SERVING_TRIALS)]
+            got["serving_tps"] = max(got["trials"]["serving_tps"])
+            got["chunk_tokens"] = probe.chunk_tokens
+    return results
 
 
 def measure_engine(path: str, run: Run, device: str | None) -> dict:
@@ -267,6 +299,13 @@ def _calibrate(device, path, progress, runs, measure, chip) -> dict:
             rows.append({"run": run.name, "held_back": run.held_back, "metric": label,
                          "measured": tokens / measured[key], "predicted": tokens / got[key],
                          "error": measured[key] / got[key] - 1})
+        if run.serving and "serving_tps" in measured:
+            dep = Deployment(chip, Layout(1), quant="bf16", kv_dtype="bf16", overlap=False)
+            served = colocated(shape, dep, factors, run.serving, run.prompt_len, run.serving_tokens,
+                               chunk_tokens=measured.get("chunk_tokens", 2048))
+            rows.append({"run": run.name, "held_back": run.held_back, "metric": f"serving {run.serving} tok/s",
+                         "measured": measured["serving_tps"], "predicted": served.output_tps,
+                         "error": served.output_tps / measured["serving_tps"] - 1})
     report = {
         "chip": {"name": chip.name, "bf16_tflops": chip.bf16_tflops, "memory_bw_gbps": chip.memory_bw_gbps},
         "factors": {k: v for k, v in asdict(factors).items() if k in FIT},

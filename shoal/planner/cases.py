@@ -39,7 +39,9 @@ INTEGERS = ("chips", "tp", "ep", "pp", "dp", "redundant_experts", "input_len", "
             "chunk_tokens")
 NUMBERS = ("batch_per_chip", "tokens_per_chip", "concurrency", "tpot_limit_ms", "mtp_acceptance",
            "expert_imbalance", "cache_hit_rate", "memory_util", "kv_free_fraction")
-TEXTS = ("name", "source", "model", "chip", "phase", "weights", "kv_dtype", "role", "assumptions", "measured_text")
+TEXTS = ("name", "source", "model", "chip", "phase", "weights", "kv_dtype", "role", "assumptions", "measured_text",
+         "kv_reads")
+KV_READS = ("per_kv_head", "per_query_head")
 DISAGGREGATED_KEYS = ("chips", "tp", "ep", "pp", "dp", "redundant_experts", "chip")
 
 
@@ -75,6 +77,7 @@ class Case:
     # or: the share of the memory left after the weights that the KV cache takes (TensorRT-LLM's
     # kv_cache_free_gpu_mem_fraction); replaces memory_util when given
     kv_free_fraction: float | None = None
+    kv_reads: str = "per_kv_head"  # the decode attention kernel: see cost.Deployment.kv_reads
     chunk_tokens: int = 8192  # phase both: the scheduler's token budget per step (chunked prefill)
     # phase both, disaggregated: {"prefill": {chips, tp, ep, ..., chip?}, "decode": {...}}; `chips` is their
     # sum; the prefill instance may name another chip kind (prefill on one kind, decode on another)
@@ -135,13 +138,15 @@ def parse_case(entry: object, origin: str = "<cases>", index: int = 0) -> Case:
         elif key in TEXTS:
             if not isinstance(value, str) or (key in REQUIRED and not value.strip()):
                 raise PlanError(f"{where}: {key} must be a non-empty string, got {value!r}")
-            values[key] = value.strip().lower() if key in ("chip", "phase", "weights", "kv_dtype", "role") \
+            values[key] = value.strip().lower() if key in ("chip", "phase", "weights", "kv_dtype", "role", "kv_reads") \
                 else value
         else:
             values[key] = value
     phase = values["phase"]
     if phase not in PHASES:
         raise PlanError(f"{where}: phase must be one of {', '.join(PHASES)}, got {phase!r}")
+    if values.get("kv_reads", KV_READS[0]) not in KV_READS:
+        raise PlanError(f"{where}: kv_reads must be one of {', '.join(KV_READS)}, got {values['kv_reads']!r}")
     if values.get("role", "holdout") not in ("fit", "holdout"):
         raise PlanError(f"{where}: role must be fit or holdout, got {values['role']!r}")
     for key in ("chips", "input_len", "tp", "ep", "pp", "dp"):

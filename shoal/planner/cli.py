@@ -21,7 +21,7 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
     plan.add_argument("--model", default="deepseek-v3",
                       help="checkpoint folder or config.json (no weights needed), or a bundled config: "
                            "deepseek-v3, llama-3-70b, llama-3-8b, llama-3.1-8b, llama-3.3-70b, llama-2-13b, "
-                           "qwen3-235b-a22b (default deepseek-v3)")
+                           "llama-2-70b, qwen3-32b, qwen3-235b-a22b, qwen3-30b-a3b (default deepseek-v3)")
     plan.add_argument("--chips", default="h200,910c", help="comma-separated catalog chips, 'this' = this machine")
     plan.add_argument("--catalog", action="append", default=[], metavar="FILE", help="extra chips (TOML), repeatable")
     plan.add_argument("--tpot", default=None, help="time-per-output-token limit, e.g. 50ms")
@@ -30,7 +30,7 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
     plan.add_argument("--out", dest="output_len", type=int, default=512, help="output tokens (default 512)")
     plan.add_argument("--quant", default=None, help="formats to try, e.g. fp8,int8 (default bf16,fp8,int8,int4)")
     plan.add_argument("--kv-dtype", default="bf16", help="KV cache dtype: bf16, fp8, int8")
-    plan.add_argument("--mode", default="both", choices=["colocated", "disaggregated", "both", "mixed", "all"],
+    plan.add_argument("--mode", default="both", choices=["colocated", "disaggregated", "both", "mixed", "split", "all"],
                       help="prefill and decode on the same chips, on separate chips, or try both; mixed: prefill "
                            "on one chip kind and decode on another; all: every one of these")
     plan.add_argument("--fleet", default=None, metavar="CHIP:N,...",
@@ -92,7 +92,8 @@ def _table(rows: list[list[str]]) -> list[str]:
 
 def _plan_row(plan) -> list[str]:
     cost = plan.usd_per_mtok
-    return [plan.chip.key, plan.describe(), f"{plan.chips:.1f}", str(plan.seqs), f"{plan.ttft_s * 1e3:.0f}",
+    kinds = getattr(plan, "kinds", None)  # a plan split over several kinds
+    return ["+".join(kinds) if kinds else plan.chip.key, plan.describe(), f"{plan.chips:.1f}", str(plan.seqs), f"{plan.ttft_s * 1e3:.0f}",
             f"{plan.tpot_s * 1e3:.1f}", f"{plan.output_tps:,.0f}", f"{plan.tps_per_chip:,.0f}",
             f"{plan.kwh_per_mtok:.3f}", "-" if cost is None else f"{cost:.2f}"]
 
@@ -187,11 +188,22 @@ def _plan(args) -> int:
         fleet = parse_fleet(args.fleet, [c.key for c in chips])
         if len(fleet) > 1 and "mixed" not in modes:
             modes = (*modes, "mixed")
+    split_plans = []
+    if "split" in modes or (fleet and len(fleet) > 1):
+        if not fleet or len(fleet) < 2:
+            raise PlanError("--mode split splits one model over several chip kinds: give them with "
+                            "--fleet CHIP:N,CHIP:N (e.g. --fleet h20:8,910b:16)")
+        from shoal.planner.split import search_split
+
+        by_key = {c.key: c for c in chips}
+        split_plans = search_split(shape, fleet, by_key, work, factors_of,
+                                   [q for q in (quants or QUANTS)])
+    modes = tuple(m for m in modes if m != "split")
     plans = search(shape, chips, work, factors_of, max_chips=args.max_chips, quants=quants, modes=modes,
-                   progress=not args.no_progress and not args.json)
+                   progress=not args.no_progress and not args.json) if modes else []
     infeasible = {c.key: explain_infeasible(shape, c, work, factors_of(c), args.max_chips, quants)
                   for c in chips if not any(p.chip.key == c.key or p.prefill_kind.key == c.key for p in plans)}
-    if not plans:
+    if not plans and not split_plans:
         raise PlanError("no plan meets the limits. " + " | ".join(infeasible.values()))
 
     objective = OBJECTIVES[args.objective]
@@ -203,7 +215,7 @@ def _plan(args) -> int:
     if fleet:
         from shoal.planner.fleet import best_in_fleet
 
-        fleet_answer = best_in_fleet(plans, fleet)
+        fleet_answer = best_in_fleet(plans + split_plans, fleet)
     match_key, match_n = _match_spec(args.match, keys)
     reference = None
     matches = {}
@@ -244,6 +256,7 @@ def _plan(args) -> int:
                 "equivalents": {k: {"chips": n, **p.as_dict()} for k, (n, p) in matches.items()}},
             "infeasible": infeasible, "plots": plot_paths, "plots_note": plot_note,
             "mixed": [p.as_dict() for p in mixed],
+            "split": [p.as_dict() for p in sorted(split_plans, key=objective, reverse=True)[:args.top]],
             "fleet": None if fleet_answer is None else {
                 "fleet": fleet, "options": {k: o.as_dict() for k, o in fleet_answer.items()}},
         }, indent=2))
@@ -272,6 +285,10 @@ def _plan(args) -> int:
     if mixed:
         print("\nmixed fleets (prefill on one kind, decode on another):")
         print("\n".join(_table([HEADER] + [_plan_row(p) for p in mixed])))
+    if split_plans:
+        print("\none model split over chip kinds (layers by memory bandwidth, as the engine's --pp-layers auto):")
+        print("\n".join(_table([HEADER] + [_plan_row(p) for p in
+                                          sorted(split_plans, key=objective, reverse=True)[:args.top]])))
     print("\nPareto front (throughput per chip, per watt, per dollar):")
     print("\n".join(_table([HEADER] + [_plan_row(p) for p in front[:8]])))
     if reference is not None:

@@ -57,6 +57,10 @@ class Factors:
     # residual adds, rotary, the gated activation, cache writes), each a read or a write at the memory
     # roofline; 0 where kernels are fused or the matmuls hide them.
     activation_passes: float = 0.0
+    # Share of the bf16 peak the attention kernels reach on the scores and weighted sums (flash / MLA
+    # kernels are tuned apart from the GEMMs, and at long context they are most of a decode step);
+    # 0: the matmuls' efficiency.
+    attention_compute: float = 0.0
 
     def replaced(self, **changes: float) -> "Factors":
         values = asdict(self)
@@ -105,6 +109,11 @@ class Deployment:
     expert_imbalance: float = 1.0  # busiest chip's routed-expert load over the mean
     overlap: bool = True  # two-microbatch overlap of communication with compute
     memory_util: float = 0.9  # fraction of chip memory shoal may plan to fill
+    # How the decode attention kernel reads a grouped-query (GQA) cache: "per_kv_head", each cached key and
+    # value read once for its group of query heads (GQA-aware kernels: FlashAttention, FlashInfer,
+    # TensorRT-LLM's XQA from v0.8), or "per_query_head", read again for every query head of the group
+    # (the generic masked multi-head kernels before those: heads / kv_heads times the bytes).
+    kv_reads: str = "per_kv_head"
 
     @property
     def tokens_per_step(self) -> float:
@@ -205,14 +214,17 @@ def _link_time(chip: Chip, factors: Factors, group: int, nbytes_remote: float,
 
 def forward_cost(shape: ModelShape, dep: Deployment, factors: Factors, tokens: float, keys: float,
                  kv_read_tokens: float, logits_tokens: float, phase: str, prefill_tokens: float = 0.0,
-                 prefill_keys: float = 0.0) -> StepCost:
+                 prefill_keys: float = 0.0, prefill_chunk: float = 0.0) -> StepCost:
     """One forward pass of one pipeline stage, on one chip, for the whole instance's batch.
 
     tokens: tokens processed across the instance (all DP groups); keys: query-key pairs attended
     (sum over tokens of keys seen); kv_read_tokens: cached tokens read from memory (decode); logits_tokens:
     tokens that need the LM head; phase: "prefill", "decode" or "mixed" (a chunked-prefill step: of
     `tokens`, `prefill_tokens` are prompt tokens and of `keys`, `prefill_keys` are theirs; the matmuls
-    run at the two phases' efficiencies weighted by their share of the tokens)."""
+    run at the two phases' efficiencies weighted by their share of the tokens; `prefill_chunk`: the
+    tokens of one prompt's chunk — with attention data-parallel groups (dp > 1) a chunk runs on one
+    group, so the busiest group carries at least one whole chunk, and the step waits for it at the
+    next collective: its attention and dense parts are timed for the busiest group, not the mean)."""
     chip, lay = dep.chip, dep.layout
     share = 1.0 if phase == "prefill" else 0.0
     if phase == "mixed":
@@ -220,7 +232,9 @@ def forward_cost(shape: ModelShape, dep: Deployment, factors: Factors, tokens: f
         prefill_keys = min(prefill_keys, keys)
     else:
         prefill_keys = keys if phase == "prefill" else 0.0
-    compute_eff = share * factors.prefill_compute + (1 - share) * factors.decode_compute
+    # a decode step's matmuls (few rows) reach at most the share of peak a prefill's (many rows) do; a
+    # memory-bound decode leaves decode_compute unmeasured, and it must not speed up a chunked step
+    compute_eff = share * factors.prefill_compute + (1 - share) * min(factors.decode_compute, factors.prefill_compute)
     wb = weight_bytes(dep.quant)
     peak = chip.matmul_tflops(dep.compute)
     bf16 = chip.bf16_tflops
@@ -230,7 +244,12 @@ def forward_cost(shape: ModelShape, dep: Deployment, factors: Factors, tokens: f
     dense_layers = shape.dense_layers / pp
     moe_layers = shape.moe_layers / pp
     cost = StepCost(overlap=factors.overlap if dep.overlap else 0.0)
-    t_dp = tokens / dp  # tokens of one attention data-parallel group
+    t_dp = tokens / dp  # tokens of one attention data-parallel group (the busiest one)
+    if phase == "mixed" and dp > 1 and prefill_tokens > 0 and prefill_chunk > 0:
+        busiest = max(prefill_tokens / dp, min(prefill_tokens, prefill_chunk))
+        t_dp = (tokens - prefill_tokens) / dp + busiest
+        scaled = prefill_keys * busiest / (prefill_tokens / dp)  # core_flops below is per mean group (/ dp)
+        keys, prefill_keys = keys + scaled - prefill_keys, scaled
     kv_split = 1 if shape.mla else min(tp, shape.kv_heads)
 
     half = factors.matmul_half_tokens
@@ -245,10 +264,12 @@ def forward_cost(shape: ModelShape, dep: Deployment, factors: Factors, tokens: f
     roof("attention projections", t_dp * 2 * shape.attention_params / tp, shape.attention_params * wb / tp, peak,
          stage_layers)
     kv_layer_bytes = shape.kv_values_per_token_layer * kv_bytes(dep.kv_dtype)
+    if dep.kv_reads == "per_query_head" and not shape.mla:
+        kv_layer_bytes *= shape.heads / shape.kv_heads
     core_flops = (prefill_keys * shape.attention_core_flops_per_key(absorbed=False)
                   + (keys - prefill_keys) * shape.attention_core_flops_per_key(absorbed=True))
-    roof("attention core", core_flops / dp / tp,
-         kv_read_tokens / dp * kv_layer_bytes / kv_split, bf16, stage_layers)
+    _roofline(cost, "attention core", core_flops / dp / tp, kv_read_tokens / dp * kv_layer_bytes / kv_split, bf16, bw,
+              factors.attention_compute or eff(t_dp), factors.memory, stage_layers)
     if dense_layers:
         roof("dense MLP", t_dp * 2 * shape.dense_mlp_params / tp, shape.dense_mlp_params * wb / tp, peak,
              dense_layers)

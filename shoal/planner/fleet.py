@@ -50,7 +50,10 @@ def parse_fleet(text: str, keys: list[str]) -> dict[str, int]:
 
 def chips_for(plan: Plan, replicas: int) -> dict[str, int]:
     """Whole chips of each kind `replicas` copies take: decode instances, and prefill instances
-    (shared between decode instances) rounded up to whole prefill instances."""
+    (shared between decode instances) rounded up to whole prefill instances; a split plan's stages."""
+    kinds = getattr(plan, "kinds", None)  # a SplitPlan: one instance over several kinds
+    if kinds is not None:
+        return {key: replicas * n for key, n in kinds.items()}
     used = {plan.chip.key: replicas * plan.layout.chips}
     if plan.prefill_layout is not None and plan.prefill_chips > 0:
         size = plan.prefill_layout.chips
@@ -101,7 +104,8 @@ def best_in_fleet(plans: list[Plan], fleet: dict[str, int]) -> dict[str, FleetOp
     """The options, best first: "best" (the highest throughput of all below), "one plan" (the best
     single plan replicated, a mixed one included), each kind "alone", every kind "side by side" (each
     its own best, on its own chips), and "mixed + the rest" (a plan over several kinds, the chips it
-    leaves serving each kind's best plan)."""
+    leaves serving each kind's best plan), and "split + the rest" (one model split over several kinds,
+    split.py, likewise)."""
     uses = [u for u in (most_replicas(p, fleet) for p in plans) if u is not None]
     options: dict[str, FleetOption] = {}
     if uses:
@@ -115,15 +119,21 @@ def best_in_fleet(plans: list[Plan], fleet: dict[str, int]) -> dict[str, FleetOp
         options["side by side"] = FleetOption("side by side", alone)
     # a plan over several kinds (a mixed one), with the chips it leaves serving on their own
     filled = [_with_the_rest(u, plans, fleet) for u in sorted(uses, key=lambda u: -u.output_tps)[:20]
-              if len(u.used) > 1]
+              if len(u.used) > 1 and not hasattr(u.plan, "kinds")]
     if filled:
         options["mixed + the rest"] = max(filled, key=lambda o: o.output_tps)
+    # one model split over several kinds (split.py), the chips it leaves serving on their own
+    split = [_with_the_rest(u, plans, fleet, "split + the rest")
+             for u in sorted(uses, key=lambda u: -u.output_tps) if hasattr(u.plan, "kinds")][:20]
+    if split:
+        options["split + the rest"] = max(split, key=lambda o: o.output_tps)
     if options:
         options = {"best": max(options.values(), key=lambda o: o.output_tps), **options}
     return options
 
 
-def _with_the_rest(use: FleetUse, plans: list[Plan], fleet: dict[str, int]) -> FleetOption:
+def _with_the_rest(use: FleetUse, plans: list[Plan], fleet: dict[str, int],
+                   name: str = "mixed + the rest") -> FleetOption:
     uses = [use]
     for key, total in fleet.items():
         left = total - use.used.get(key, 0)
@@ -132,4 +142,4 @@ def _with_the_rest(use: FleetUse, plans: list[Plan], fleet: dict[str, int]) -> F
         own = [u for u in (most_replicas(p, {key: left}) for p in plans) if u is not None]
         if own:
             uses.append(max(own, key=lambda u: u.output_tps))
-    return FleetOption("mixed + the rest", uses)
+    return FleetOption(name, uses)

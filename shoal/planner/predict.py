@@ -38,7 +38,7 @@ def deployments_for(case: Case, chip: Chip, prefill_chip: Chip | None = None,
                                redundant_experts=case.redundant_experts))]
     deps = [Deployment(chip=kind, layout=lay, quant=case.weights, kv_dtype=case.kv_dtype, mtp_tokens=case.mtp_tokens,
                        mtp_acceptance=case.mtp_acceptance, expert_imbalance=case.expert_imbalance,
-                       memory_util=case.memory_util) for kind, lay in pairs]
+                       memory_util=case.memory_util, kv_reads=case.kv_reads) for kind, lay in pairs]
     if case.kv_free_fraction is not None and shape is not None:
         for dep in deps:
             total = dep.chip.memory_gb * 1e9

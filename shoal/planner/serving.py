@@ -53,7 +53,7 @@ def _solve(fill, low: float, high: float, iters: int = 24) -> float:
 
 
 def mixed_step_time(shape: ModelShape, dep: Deployment, factors: Factors, decoding: float, prompt_tokens: float,
-                    input_len: int, cached: int, context: float) -> float:
+                    input_len: int, cached: int, context: float, chunk_tokens: int = 8192) -> float:
     """Seconds of one chunked-prefill step: `decoding` sequences' tokens (and drafts) at `context`
     cached tokens, plus `prompt_tokens` prompt tokens of prompts of `input_len` (`cached` already cached)."""
     pp = dep.layout.pp
@@ -65,8 +65,11 @@ def mixed_step_time(shape: ModelShape, dep: Deployment, factors: Factors, decodi
     # a prompt token attends, on average, over its cached prefix and half of its own new part
     prefill_keys = p * (cached + new / 2)
     kv_read = d * context + max(prompts, min(p, 1.0)) * (cached + new / 2)
+    # a prompt is chunked to what one data-parallel group's share of the budget leaves beside its decoders
+    chunk = min(new, max(chunk_tokens / dep.layout.dp - decode_tokens / dep.layout.dp, 1.0))
     stage = forward_cost(shape, dep, factors, decode_tokens + p, decode_tokens * context + prefill_keys, kv_read,
-                         decode_tokens + prompts, "mixed", prefill_tokens=p, prefill_keys=prefill_keys)
+                         decode_tokens + prompts, "mixed", prefill_tokens=p, prefill_keys=prefill_keys,
+                         prefill_chunk=chunk)
     total = stage.total_s
     if dep.mtp_tokens and d > 0:
         draft = forward_cost(shape, dep, factors, d, d * context, d * context, d, "decode")
@@ -111,7 +114,7 @@ def colocated(shape: ModelShape, dep: Deployment, factors: Factors, concurrency:
     if not math.isfinite(in_prefill):
         in_prefill = concurrency - d
     in_prefill = max(in_prefill, concurrency - d)
-    step = mixed_step_time(shape, dep, factors, d, prompt, input_len, cached, context)
+    step = mixed_step_time(shape, dep, factors, d, prompt, input_len, cached, context, chunk_tokens)
     requests_per_s = d / steps_out / step
     return Serving(d, step, requests_per_s * output_len, requests_per_s * input_len, step / tps,
                    in_prefill / requests_per_s, bound)

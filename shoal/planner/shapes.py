@@ -217,33 +217,16 @@ class ModelShape:
         }
 
 
-# Families the planner can size from their config.json although shoal's engine does not run them yet:
-# plans for them are paper plans (Qwen3-MoE: Qwen3's attention, routed experts without a shared one).
-PLANNED_ONLY = {"Qwen3MoeForCausalLM"}
-
-
-def _moe_layers(config: ModelConfig, layers: int) -> int:
-    """How many layers hold routed experts: DeepSeek's first_k_dense_replace / moe_layer_freq, or
-    Qwen-MoE's decoder_sparse_step / mlp_only_layers."""
-    if "decoder_sparse_step" in config.raw or "mlp_only_layers" in config.raw:
-        step = max(1, int(config.get("decoder_sparse_step", 1)))
-        dense = set(config.get("mlp_only_layers", None) or [])
-        return sum(1 for i in range(layers) if i not in dense and (i + 1) % step == 0)
-    first_dense = int(config.get("first_k_dense_replace", 0))
-    freq = int(config.get("moe_layer_freq", 1))
-    return sum(1 for i in range(layers) if i >= first_dense and i % freq == 0)
-
-
 def shape_from_config(config: ModelConfig, name: str = "") -> ModelShape:
     """The planner's view of a parsed config.json; raises UnsupportedArchitectureError for a family
-    shoal does not run (unless PLANNED_ONLY lists it)."""
-    if config.architecture not in PLANNED_ONLY:
-        model_class(config)  # the same check, and the same message, as loading the model would give
+    shoal does not run."""
+    model_class(config)  # the same check, and the same message, as loading the model would give
     raw = config.raw
     mla = "kv_lora_rank" in raw and raw.get("kv_lora_rank") is not None
-    routed = int(config.get("n_routed_experts", 0) or config.get("num_experts", 0) or 0)
+    moe = config.moe
+    routed = moe.num_experts if moe is not None else 0
     layers = config.num_hidden_layers
-    moe_layers = _moe_layers(config, layers) if routed else 0
+    moe_layers = moe.num_moe_layers if moe is not None else 0
     return ModelShape(
         name=name or config.model_type or config.architecture,
         architecture=config.architecture,
@@ -263,9 +246,9 @@ def shape_from_config(config: ModelConfig, name: str = "") -> ModelShape:
         dense_layers=layers - moe_layers,
         moe_layers=moe_layers,
         routed_experts=routed,
-        shared_experts=int(config.get("n_shared_experts", 0)) if routed else 0,
-        experts_per_token=int(config.get("num_experts_per_tok", 0)) if routed else 0,
-        moe_intermediate=int(config.get("moe_intermediate_size", 0)) if routed else 0,
+        shared_experts=-(-moe.shared_intermediate_size // moe.intermediate_size) if routed else 0,
+        experts_per_token=moe.experts_per_token if routed else 0,
+        moe_intermediate=moe.intermediate_size if routed else 0,
         mtp_layers=int(config.get("num_nextn_predict_layers", 0)),
         tied_embeddings=config.tie_word_embeddings,
     )

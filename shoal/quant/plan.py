@@ -5,13 +5,13 @@ weights stream in.
 What is quantized: every Linear and MergedLinear of the decoder layers and the routed experts, in the
 chosen format; under int8 and int4 also the embedding table and the output head, int8 per row (the
 head is the widest matmul of a decode step; with tied embeddings both share one int8 table). What is
-not: norms, the MoE router (routing runs in float32), and DeepSeek MLA's kv_b_proj, whose matrix the
-absorbed decode reads directly — a quantized checkpoint's kv_b_proj is dequantized once at load.
+not: norms, the MoE router (routing runs in float32), Qwen2-MoE's one-row shared-expert gate, and
+DeepSeek MLA's kv_b_proj, whose matrix the absorbed decode reads directly — a quantized checkpoint's
+kv_b_proj is dequantized once at load.
 """
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -30,7 +30,7 @@ from shoal.quant.layers import QuantizedEmbedding, QuantizedLinear, QuantizedSta
 from shoal.quant import QUANT_METHODS
 DEFAULT_GROUP_SIZE = 64
 # Linear layers kept in the compute dtype (module name suffixes).
-DENSE_LINEARS = ("kv_b_proj",)
+DENSE_LINEARS = ("kv_b_proj", "shared_expert_gate")  # MLA's absorbed matrix; Qwen2-MoE's one-row gate
 
 
 def check_quant_options(quant: str | None, group_size: int | None) -> None:
@@ -50,6 +50,7 @@ class QuantPlan:
     quantize_embeddings: bool  # int8 embedding table and output head
     checkpoint: CheckpointFormat | None  # how the files store their weights (None: plain tensors)
     prepare: bool = True  # re-lay weights for the device's kernels (False to export them afterwards)
+    keep_dense: frozenset[str] = frozenset()  # modules left unquantized (a GGUF file's non-4-bit layers)
 
     @property
     def changes_model(self) -> bool:
@@ -80,32 +81,10 @@ def plan_quantization(
     return QuantPlan(quant, group, quant in ("int8", "int4"), stored, prepare)
 
 
-@contextlib.contextmanager
-def parameters_on_meta():
-    """Create every nn.Parameter on the meta device while a model is constructed.
-
-    A quantized model must never hold its full-precision weights on the device, not even empty ones
-    (a device's allocator would have to find room for them), and a rank of a split model must never
-    allocate the weights it will not hold. Buffers (rotary tables) stay real. Only used around a
-    model's constructor, in the thread that loads it (shoal.loader and shoal.parallel.build).
-    """
-    original = nn.Module.register_parameter
-
-    def register(self, name, param):
-        if param is not None and param.device.type != "meta":
-            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        original(self, name, param)
-
-    nn.Module.register_parameter = register
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = original
-
-
 def apply_plan(model: nn.Module, plan: QuantPlan, backend: Backend, dtype: torch.dtype, device,
                kernels: str = "auto") -> None:
-    """Swap the model's layers for quantized ones, then give the remaining (meta) parameters real storage.
+    """Swap the layers of a model built on the meta device (shoal.construct.build_on_meta) for quantized
+    ones allocated on `device`; shoal.construct.materialize gives the rest storage afterwards.
     `kernels`: EngineConfig.cpu_kernels, passed to the backend's linear_fn."""
     from shoal.quant.parallel import quantized_parallel
 
@@ -118,7 +97,7 @@ def apply_plan(model: nn.Module, plan: QuantPlan, backend: Backend, dtype: torch
     replaced: dict[int, nn.Module] = {}
     for name, module in list(model.named_modules()):
         new = None
-        if name.endswith(DENSE_LINEARS):
+        if name.endswith(DENSE_LINEARS) or name in plan.keep_dense:
             pass
         elif (new := quantized_parallel(module, name, plan, kernel, int8_kernel, dtype, device, replaced)) is not None:
             pass  # a layer of a split model (shoal/parallel), swapped for its quantized split variant
@@ -158,11 +137,6 @@ def apply_plan(model: nn.Module, plan: QuantPlan, backend: Backend, dtype: torch
             replaced[id(module)] = new
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-    for module in model.modules():
-        for pname, param in list(module._parameters.items()):
-            if param is not None and param.device.type == "meta":
-                fresh = torch.empty(param.shape, dtype=param.dtype, device=device)
-                module._parameters[pname] = nn.Parameter(fresh, requires_grad=False)
     # LMHead with tied_to keeps a reference to the embedding module: re-point it if that was replaced.
     for module in model.modules():
         if isinstance(module, LMHead) and module.tied_to is not None and id(module.tied_to) in replaced:

@@ -80,6 +80,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         kv_cache_memory=args.kv_cache_memory,
         **llm_options(args),
     )
+    print(f"shoal: {llm.kv_pool.describe()}", file=sys.stderr, flush=True)
     app = build_app(llm, served_model_name=args.served_model_name, api_key=args.api_key,
                     max_waiting=args.max_waiting or DEFAULT_MAX_WAITING, tool_call_parser=args.tool_call_parser,
                     reasoning_parser=args.reasoning_parser)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
+from checkpoints import build_checkpoint
 from hf_to_gguf import convert
+from gguf_reference import LLAMA_256
 
 
 @pytest.fixture(scope="session")
@@ -25,7 +26,22 @@ def gguf_model(checkpoint, tmp_path_factory):
     return get
 
 
-def shoal_logits(model, ids: torch.Tensor) -> torch.Tensor:
-    cache = model.make_cache(1, ids.shape[1], torch.float32, "cpu")
-    with torch.no_grad():
-        return model.compute_logits(model(ids, torch.arange(ids.shape[1])[None], cache))[0]
+@pytest.fixture(scope="session")
+def llama_256(tmp_path_factory):
+    """(folder, transformers model) of a two-layer random Llama with 256-wide rows."""
+    folder = tmp_path_factory.mktemp("llama-256")
+    return folder, build_checkpoint("llama", folder, **LLAMA_256)
+
+
+@pytest.fixture(scope="session")
+def written(llama_256, tmp_path_factory):
+    """written(ftype) -> the llama-256 checkpoint as a GGUF file of `ftype`, written by gguf's writer."""
+    files: dict[str, object] = {}
+
+    def get(ftype: str):
+        if ftype not in files:
+            files[ftype] = tmp_path_factory.mktemp("written") / f"llama-256-{ftype}.gguf"
+            convert(llama_256[0], files[ftype], ftype, return_weights=False)
+        return files[ftype]
+
+    return get

@@ -43,9 +43,18 @@ _LAYER_PARTS = {
     "mlp.shared_experts.gate_proj.weight": "ffn_gate_shexp.weight",
     "mlp.shared_experts.up_proj.weight": "ffn_up_shexp.weight",
     "mlp.shared_experts.down_proj.weight": "ffn_down_shexp.weight",
+    # Qwen2-MoE's one shared expert and its gate (a vector [hidden] in llama.cpp's files)
+    "mlp.shared_expert.gate_proj.weight": "ffn_gate_shexp.weight",
+    "mlp.shared_expert.up_proj.weight": "ffn_up_shexp.weight",
+    "mlp.shared_expert.down_proj.weight": "ffn_down_shexp.weight",
+    "mlp.shared_expert_gate.weight": "ffn_gate_inp_shexp.weight",
 }
+# Hugging Face model_type -> GGUF architecture where they differ (Mixtral is `llama` with experts)
+_ARCH = {"qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "mixtral": "llama"}
+_MIXTRAL = {"w1": "gate", "w3": "up", "w2": "down"}
 _GLOBAL = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"}
-_TYPES = {"F32": T.F32, "F16": T.F16, "BF16": T.BF16, "Q8_0": T.Q8_0, "Q4_0": T.Q4_0}
+# the types gguf.quants can write (the K-quants and IQ4 come from llama.cpp's quantizer: tests/gguf/llama_cpp.py)
+_TYPES = {t: T[t] for t in ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")}
 
 
 def permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -158,15 +167,18 @@ def _load_weights(hf_dir: Path) -> dict[str, np.ndarray]:
 
 
 def convert(
-    hf_dir: Path, out: Path, ftype: str = "F32", split_kv_b: bool = True, return_weights: bool = True
+    hf_dir: Path, out: Path, ftype: str = "F32", split_kv_b: bool = True, return_weights: bool = True,
+    split_max_tensors: int = 0,
 ) -> dict[str, torch.Tensor]:
     """Write hf_dir as a GGUF file at `out`; return the weights it holds, dequantized, under Hugging Face
-    names (an empty dict with return_weights=False, which skips the round trip: benchmarks/compare_cpu.py)."""
+    names (an empty dict with return_weights=False, which skips the round trip: benchmarks/compare_cpu.py).
+    split_max_tensors > 0 writes a split set instead, out-0000K-of-0000N.gguf, as convert_hf_to_gguf's
+    --split-max-tensors does."""
     cfg = json.loads((hf_dir / "config.json").read_text())
     weights = _load_weights(hf_dir)
     deepseek = cfg["model_type"].startswith("deepseek")
-    arch = "deepseek2" if deepseek else cfg["model_type"]
-    writer = gguf.GGUFWriter(str(out), arch)
+    arch = "deepseek2" if deepseek else _ARCH.get(cfg["model_type"], cfg["model_type"])
+    writer = gguf.GGUFWriter(str(out), arch, split_max_tensors=split_max_tensors)
     heads, n_layers = cfg["num_attention_heads"], cfg["num_hidden_layers"]
     kv_heads = cfg.get("num_key_value_heads") or heads
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
@@ -208,6 +220,14 @@ def convert(
         if cfg.get("head_dim"):
             writer.add_key_length(head_dim)
             writer.add_value_length(head_dim)
+        experts = cfg.get("num_experts") or cfg.get("num_local_experts")
+        if experts:  # Qwen2/3-MoE, Mixtral: every layer sparse
+            writer.add_expert_count(experts)
+            writer.add_expert_used_count(cfg["num_experts_per_tok"])
+            if cfg.get("moe_intermediate_size"):
+                writer.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
+            if cfg.get("shared_expert_intermediate_size"):
+                writer.add_expert_shared_feed_forward_length(cfg["shared_expert_intermediate_size"])
     _tokenizer(writer, hf_dir, cfg["vocab_size"])
 
     held: dict[str, torch.Tensor] = {}
@@ -221,8 +241,10 @@ def convert(
         layer, rest = re.match(r"model\.layers\.(\d+)\.(.+)$", name).groups()
         layer = int(layer)
         expert = re.match(r"mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$", rest)
-        if expert:
-            experts.setdefault((layer, expert.group(2)), {})[int(expert.group(1))] = arr
+        mixtral = re.match(r"block_sparse_moe\.experts\.(\d+)\.(w1|w2|w3)\.weight$", rest)
+        if expert or mixtral:
+            index, which = (int(expert.group(1)), expert.group(2)) if expert else (int(mixtral.group(1)), _MIXTRAL[mixtral.group(2)])
+            experts.setdefault((layer, which), {})[index] = arr
             held[name] = _held(return_weights, arr, _type_for("ffn_exps", arr, ftype))
             continue
         if rest == "self_attn.kv_b_proj.weight":
@@ -234,8 +256,10 @@ def convert(
             else:
                 tensors.append((f"blk.{layer}.attn_kv_b.weight", arr))
             continue
-        part = _LAYER_PARTS[rest]
+        part = _LAYER_PARTS[rest.replace("block_sparse_moe.gate.", "mlp.gate.")]
         held[name] = _held(return_weights, arr, _type_for(part, arr, ftype))
+        if part == "ffn_gate_inp_shexp.weight":
+            arr = arr.reshape(-1)
         if arch == "llama" and part.startswith("attn_q."):
             arr = permute(arr, heads)
         elif arch == "llama" and part.startswith("attn_k."):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import shoal_logits
+from gguf_reference import shoal_logits
 from hf_to_gguf import save_hf_folder
 from shoal import LLM, SamplingParams
 from shoal.backends import get_backend
@@ -23,7 +23,8 @@ def _load(path):
 
 
 @pytest.mark.parametrize(
-    "name", ["llama", "llama-tied-llama3-rope", "qwen3", "deepseek-v2-lite", "deepseek-v2-grouped", "deepseek-v3"]
+    "name", ["llama", "llama-tied-llama3-rope", "qwen3", "deepseek-v2-lite", "deepseek-v2-grouped", "deepseek-v3",
+             "qwen3-moe", "qwen2-moe", "mixtral"]  # GGUF qwen3moe, qwen2moe, and llama with experts
 )
 def test_f32_gguf_matches_transformers_on_the_original_checkpoint(gguf_model, name):
     path, _, reference, _ = gguf_model(name, "F32")
@@ -37,7 +38,8 @@ def test_f32_gguf_matches_transformers_on_the_original_checkpoint(gguf_model, na
 @pytest.mark.parametrize(
     "name,ftype",
     [("llama", "F16"), ("llama", "BF16"), ("llama", "Q8_0"), ("llama", "Q4_0"), ("qwen2", "Q8_0"),
-     ("deepseek-v3", "Q8_0"), ("deepseek-v3", "Q4_0"), ("deepseek-v2-lite", "BF16")],
+     ("deepseek-v3", "Q8_0"), ("deepseek-v3", "Q4_0"), ("deepseek-v2-lite", "BF16"), ("qwen2-moe", "Q8_0"),
+     ("mixtral", "Q4_0")],
 )
 def test_quantized_gguf_matches_transformers_on_the_weights_it_holds(gguf_model, name, ftype, tmp_path):
     import transformers

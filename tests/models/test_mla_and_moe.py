@@ -10,7 +10,7 @@ from shoal.backends import get_backend
 from shoal.layers.moe import MoE
 from shoal.loader import build_model
 from shoal.models.deepseek import is_moe_layer
-from shoal.models.hf_config import load_model_config
+from shoal.models.hf_config import load_model_config, parse_model_config
 
 
 def load(path):
@@ -50,8 +50,8 @@ def test_absorbed_decode_equals_expanded_attention(checkpoint, fused):
 
 def test_dense_and_moe_layer_layout(checkpoint, tmp_path):
     path, _ = checkpoint("deepseek-v3")
-    config = load_model_config(path)
-    config.raw.update(num_hidden_layers=6, first_k_dense_replace=1, moe_layer_freq=2)
+    raw = dict(load_model_config(path).raw, num_hidden_layers=6, first_k_dense_replace=1, moe_layer_freq=2)
+    config = parse_model_config(raw)
     assert [is_moe_layer(config, i) for i in range(6)] == [False, False, True, False, True, False]
     model, _ = load(path)  # first_k_dense_replace=1, moe_layer_freq=1 in the checkpoint
     kinds = [isinstance(layer.mlp, MoE) for layer in model.model.layers]

@@ -27,6 +27,10 @@ CASES = [
     ("deepseek-v3", {"ep": 2, "quant": "int8"}),
     ("deepseek-v3", {"pp": 2, "quant": "int8"}),
     ("llama", {"tp": 2, "quant": "int4", "quant_group_size": 32}),  # o_proj's 32 inputs per rank: one group
+    # The Llama family's MoE kin: routed experts cut (tp), whole experts per rank (ep), layers per stage (pp).
+    *[(name, split) for name in ("qwen3-moe", "qwen2-moe", "mixtral") for split in ({"tp": 2}, {"ep": 2}, {"pp": 2})],
+    ("qwen2-moe", {"ep": 2, "quant": "int8"}),  # the gated shared expert replicated, int8 experts partitioned
+    ("mixtral", {"tp": 2, "quant": "int4", "quant_group_size": 32}),  # experts' 128 intermediate: 2 groups a rank
 ]
 QUANT_KEYS = ("quant", "quant_group_size")
 

@@ -19,15 +19,15 @@ README = Path(__file__).resolve().parents[2] / "README.md"
 
 @pytest.mark.parametrize("model, total_b, active_b, layers", [
     ("llama-3.1-8b", 8.03, 8.03, 32), ("llama-3.3-70b", 70.55, 70.55, 80), ("llama-2-13b", 13.02, 13.02, 40),
-    ("qwen3-235b-a22b", 235.09, 22.19, 94),
+    ("qwen3-235b-a22b", 235.09, 22.19, 94), ("qwen3-30b-a3b", 30.53, 3.35, 48),
 ])
 def test_bundled_configs_have_the_published_sizes(model, total_b, active_b, layers):
     shape = load_shape(model)
     assert (round(shape.total_params / 1e9, 2), round(shape.active_params / 1e9, 2), shape.layers) == \
         (total_b, active_b, layers)
-    if model == "qwen3-235b-a22b":  # 128 experts, 8 per token, no shared expert, 4 KV heads of 128
+    if model.startswith("qwen3-"):  # 128 experts, 8 per token, no shared expert, 4 KV heads of 128
         assert (shape.routed_experts, shape.experts_per_token, shape.shared_experts) == (128, 8, 0)
-        assert shape.kv_bytes_per_token("bf16") == 94 * 2 * 4 * 128 * 2
+        assert shape.kv_bytes_per_token("bf16") == layers * 2 * 4 * 128 * 2
 
 
 def test_shipped_cases_name_their_sources_and_cover_every_phase():

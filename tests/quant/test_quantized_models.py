@@ -21,6 +21,8 @@ from shoal.quant.offline import quantize_checkpoint
         ("deepseek-v3", "int8", None, torch.float32),
         ("deepseek-v3", "int4", 32, torch.float32),
         ("deepseek-v3", "fp8", None, torch.bfloat16),
+        ("mixtral", "int4", 32, torch.float32),  # written under Mixtral's own names (block_sparse_moe, w1 / w2 / w3)
+        ("qwen2-moe", "int8", None, torch.float32),  # the shared expert's one-row gate stays dense
     ],
 )
 def test_offline_checkpoint_gives_the_same_logits_as_quantizing_on_load(checkpoint, logits, tmp_path, arch, quant, group, dtype):

@@ -110,6 +110,11 @@ class CpuBackend(Backend):
     def memory_info(self, index: int = 0) -> MemoryInfo:
         return system_memory()
 
+    def set_isa_level(self, level: str | None) -> None:
+        from shoal.backends.cpu import isa
+
+        isa.choose(level)
+
     def native_dtypes(self) -> list[torch.dtype]:
         flags = _cpuinfo()[1]
         native = [torch.float32]
@@ -157,6 +162,7 @@ class CpuBackend(Backend):
             "features": " ".join(shown) or "unknown",
             "cores": str(os.cpu_count() or 1),
             "threads": str(torch.get_num_threads()),
+            "kernel ISA level": _isa_level(),
             "decode kernels": _decode_kernels(),
             "float32 matmuls": _float32_matmuls(),
         }
@@ -170,6 +176,15 @@ def _float32_matmuls() -> str:
         return (f"weights packed once at load for MKL's sgemm (while the copies fit in "
                 f"{cpu_packed_f32.MEMORY_SHARE:.0%} of free memory)")
     return f"aten (MKL's packed sgemm absent from this torch, or {cpu_packed_f32.ENV_SWITCH}=0)"
+
+
+def _isa_level() -> str:
+    from shoal.backends.cpu import isa
+
+    level = isa.chosen()
+    why = f"{isa.ENV}={level}" if isa.default_level() == level and level != "native" else (
+        "the default: every extension this CPU has" if level == "native" else "--cpu-isa")
+    return f"{level} ({why}; this CPU runs {', '.join(isa.runnable_levels())})"
 
 
 def _decode_kernels() -> str:

@@ -1,8 +1,8 @@
-"""Build and load shoal's C kernels for the CPU (csrc/gemv.c, csrc/fused.c) at first use.
+"""Build and load shoal's C kernels for the CPU (csrc/*.c, as one library) at first use.
 
-Each C file is compiled with the system's C compiler (`-O3 -march=native -fopenmp`, under a second),
-cached per source, flags and CPU model in ~/.cache/shoal/kernels, and loaded through ctypes, which
-releases the GIL during a call. Its OpenMP runtime is the one torch already loaded, so the kernels
+The C files are compiled with the system's C compiler (`-O3 -march=native -fopenmp`, or the ISA level
+that isa.py caps them at; a few seconds), cached per source, flags and CPU model in
+~/.cache/shoal/kernels, and loaded through ctypes, which releases the GIL during a call. Its OpenMP runtime is the one torch already loaded, so the kernels
 share torch's threads. SHOAL_CPU_KERNELS=0 switches all of them off; callers then keep torch's code.
 """
 
@@ -20,11 +20,14 @@ from pathlib import Path
 
 import torch
 
+from shoal.backends.cpu import isa
+
 log = logging.getLogger(__name__)
 
 ALL_KERNELS_SWITCH = "SHOAL_CPU_KERNELS"
 # -ffp-contract=off: scalar code rounds a multiply and an add separately, as torch's operators do.
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC", "-std=c11"]
+# The -march / -m flags come from the ISA level (isa.py): -march=native unless capped.
+FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC", "-std=c11"]
 
 
 def switched_off(*names: str) -> bool:
@@ -56,13 +59,15 @@ def _cpu_signature() -> str:
         return platform.processor() + platform.machine()
 
 
-def _build(sources: tuple[Path, ...], compiler: str) -> Path:
-    headers = sorted({h for source in sources for h in source.parent.glob("*.h")})  # what the sources include
+def _build(sources: tuple[Path, ...], compiler: str, level: str) -> Path:
+    folders = {source.parent for source in sources} | {source.parent.parent for source in sources}
+    headers = sorted({h for folder in folders for h in folder.glob("*.h")})  # what the sources include
+    flags = [*FLAGS, *isa.compiler_flags(level)]
     key = hashlib.sha256(
         b"".join(path.read_bytes() for path in (*sources, *headers))
-        + " ".join([compiler, *FLAGS]).encode() + _cpu_signature().encode()
+        + " ".join([compiler, *flags]).encode() + _cpu_signature().encode()
     ).hexdigest()[:16]
-    target = _cache_dir() / f"{sources[-1].stem}-{key}.so"
+    target = _cache_dir() / f"shoal_cpu-{level}-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -70,7 +75,7 @@ def _build(sources: tuple[Path, ...], compiler: str) -> Path:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
         result = subprocess.run(
-            [compiler, *FLAGS, "-o", str(built), *map(str, sources), "-lm"], capture_output=True, text=True, timeout=120
+            [compiler, *flags, "-o", str(built), *map(str, sources), "-lm"], capture_output=True, text=True, timeout=120
         )
         if result.returncode != 0:
             names = ", ".join(source.name for source in sources)
@@ -93,7 +98,7 @@ def load(source: Path | tuple[Path, ...], what: str) -> ctypes.CDLL | None:
         return None
     try:
         torch.get_num_threads()  # make sure torch (and its OpenMP runtime) is loaded before ours binds to it
-        return ctypes.CDLL(str(_build(sources, compiler)))
+        return ctypes.CDLL(str(_build(sources, compiler, isa.chosen())))
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         log.warning("shoal's CPU %s could not be built (%s); using torch's operators instead", what, exc)
         return None

@@ -1,4 +1,4 @@
-"""shoal's CPU kernels as one library: every C source under csrc/ built together (build.py) and every
+"""shoal's CPU kernels as one library: the C sources under csrc/ built together (build.py) and every
 exported function typed for ctypes here, once, as shoal_cpu.h declares it.
 
 The modules that call the kernels (gemv.py, fused.py, experts.py, capture.py) each ask `kernels()` for the
@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import platform
 from pathlib import Path
 
 from shoal.backends.cpu.build import load, switched_off
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = tuple(CSRC / name for name in ("gemv.c", "fused.c", "experts.c", "replay.c"))
+# Portable C (with ISA-specific inner loops under #ifdef) and the kernels written for one architecture:
+# x86/ on x86-64; generic/ (entry points that answer "not on this CPU") elsewhere, until an arm/ exists.
+ISA_DIR = "x86" if platform.machine().lower() in ("x86_64", "amd64") else "generic"
+SOURCES = (*(CSRC / name for name in ("gemv.c", "fused.c", "experts.c", "replay.c")), CSRC / ISA_DIR / "matmul_rows.c")
 
 _i64, _p, _i32, _f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
 
@@ -29,6 +33,7 @@ SIGNATURES: dict[str, list] = {
     "shoal_matmul_rows_int8": [_p, _i64, _i64, _p, _p, _i64, _p, _i32, _i32],
     "shoal_matmul_rows_int4": [_p, _i64, _i64, _p, _p, _p, _i32, _i64, _i64, _p, _i32, _i32],
     "shoal_kernel_features": [],
+    "shoal_rows_features": [],
     # fused.c
     "shoal_rms_norm": [_p, _p, _p, _p, _p, _i64, _i64, _f32, _i32, _i32],
     "shoal_silu_mul": [_p, _p, _i64, _i64, _i32, _i32],
