@@ -12,7 +12,7 @@ from shoal.backends import parse_device
 from shoal.config import EngineConfig
 from shoal.engine.llm_engine import LLMEngine
 from shoal.engine.sequence import Sequence as EngineSequence
-from shoal.errors import ConfigError, InvalidRequestError, ModelNotFoundError
+from shoal.errors import ConfigError, GenerationError, InvalidRequestError, ModelNotFoundError
 from shoal.loader import build_model, resolve_model_path
 from shoal.outputs import RequestOutput
 from shoal.sampling_params import SamplingParams
@@ -183,6 +183,9 @@ class LLM:
                 else:
                     waiting.append((first, ids, text, group, copies))
             pending = waiting
+        failed = next((seq for group in groups for seq in group if seq.error is not None), None)
+        if failed is not None:
+            raise GenerationError(failed.error)
         return [
             RequestOutput(
                 prompt=group[0].prompt,
@@ -228,6 +231,8 @@ class LLM:
         finally:
             if not seq.is_finished:  # the caller stopped early: free its blocks
                 self.engine.abort(seq.request_id)
+        if seq.error is not None:
+            raise GenerationError(seq.error)
         return seq.to_output()
 
 

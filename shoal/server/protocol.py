@@ -15,8 +15,10 @@ from shoal.sampling_params import (
     MAX_LOGIT_BIAS,
     MAX_LOGIT_BIAS_ENTRIES,
     MAX_LOGPROBS,
+    MAX_REPETITION_PENALTY,
     MAX_STOP_LENGTH,
     MAX_STOP_STRINGS,
+    MIN_REPETITION_PENALTY,
     SamplingParams,
 )
 
@@ -65,7 +67,7 @@ class _Sampling(_Strict):
     # vLLM extras
     top_k: Annotated[int | None, Field(ge=-1, le=1 << 20)] = None
     min_p: Annotated[float | None, Field(ge=0.0, le=1.0)] = None
-    repetition_penalty: Annotated[float | None, Field(gt=0.0, le=10.0)] = None
+    repetition_penalty: Annotated[float | None, Field(ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY)] = None
     ignore_eos: bool | None = None
     stop_token_ids: Annotated[list[int] | None, Field(max_length=MAX_STOP_TOKEN_IDS)] = None
     skip_special_tokens: bool | None = None
