@@ -25,7 +25,15 @@ from shoal.engine.async_engine import DEFAULT_MAX_WAITING, AsyncEngine
 from shoal.errors import ShoalError
 from shoal.server.metrics import CONTENT_TYPE, ServerMetrics
 from shoal.server.limits import ServerLimits, TokenizerPool
-from shoal.server.protocol import RequestError, error_body
+from shoal.server.openapi import install_openapi
+from shoal.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    RequestError,
+    TokenizeRequest,
+    error_body,
+)
 from shoal.server.security import LOOPBACK_NAMES, HostCheckMiddleware
 from shoal.server.serving import INTERNAL_ERROR, OpenAIServing, request_error
 from shoal.server.tokenization import TokenizationServing
@@ -142,7 +150,7 @@ def build_app(
             tokenizer_pool.shutdown()
             await asyncio.to_thread(engine.shutdown)
 
-    app = FastAPI(title="shoal", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="shoal", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.state.engine, app.state.serving, app.state.metrics, app.state.limits = engine, serving, metrics, limits
 
     @app.exception_handler(RequestError)
@@ -211,6 +219,8 @@ def build_app(
     async def tokenizer_info() -> Response:
         return JSONResponse(tokenization.info())
 
+    install_openapi(app, {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest,
+                          "/tokenize": TokenizeRequest, "/detokenize": DetokenizeRequest})
     app.add_middleware(GuardMiddleware, api_key=api_key, max_body_bytes=max_body_bytes,
                        body_timeout=limits.body_timeout)
     if allowed_hosts is not None:
