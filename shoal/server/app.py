@@ -2,8 +2,8 @@
 model, plus /health and /metrics. Every error leaves in the OpenAI format; a bug is a 500 whose
 text stays in the server's log.
 
-Outermost first, a request meets: the Host / Origin check (security.py), then GuardMiddleware (API key,
-body size and read time), then the routes. Connection-level limits live in limits.py.
+Outermost first, a request meets: the Host / Origin check (security.py), the per-client cap when set
+(limits.py), then GuardMiddleware (API key, body size and read time), then the routes. Connection-level limits live in limits.py.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from shoal.engine.async_engine import DEFAULT_MAX_WAITING, AsyncEngine
 from shoal.errors import ShoalError
 from shoal.server.metrics import CONTENT_TYPE, ServerMetrics
-from shoal.server.limits import ServerLimits, TokenizerPool
+from shoal.server.limits import ClientConcurrencyMiddleware, ServerLimits, TokenizerPool
 from shoal.server.openapi import install_openapi
 from shoal.server.protocol import (
     ChatCompletionRequest,
@@ -223,6 +223,8 @@ def build_app(
                           "/tokenize": TokenizeRequest, "/detokenize": DetokenizeRequest})
     app.add_middleware(GuardMiddleware, api_key=api_key, max_body_bytes=max_body_bytes,
                        body_timeout=limits.body_timeout)
+    if limits.max_requests_per_client is not None:
+        app.add_middleware(ClientConcurrencyMiddleware, limit=limits.max_requests_per_client)
     if allowed_hosts is not None:
         app.add_middleware(HostCheckMiddleware, allowed=frozenset(allowed_hosts))  # added last: runs first
     return app

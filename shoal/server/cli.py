@@ -82,6 +82,8 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
                         help="open connections at most (default: 1024); more are answered 503 and closed")
     limits.add_argument("--max-header-bytes", type=parse_bytes, default=64 << 10,
                         help="size of a request's line and headers at most (default: 64KiB); larger get 431")
+    limits.add_argument("--max-requests-per-client", type=positive_int, default=None,
+                        help="/v1 requests in flight from one client address at most (default: no cap); more get 429")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                        help="uvicorn's log level")
     return serve
@@ -106,7 +108,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     limits = ServerLimits(header_timeout=args.header_timeout, body_timeout=args.body_timeout,
                           keep_alive_timeout=args.keep_alive_timeout, max_connections=args.max_connections,
-                          max_header_bytes=args.max_header_bytes)
+                          max_header_bytes=args.max_header_bytes, max_requests_per_client=args.max_requests_per_client)
     extra_hosts = [h for h in (args.allowed_hosts or "").split(",") if h.strip()]
     app = build_app(llm, served_model_name=args.served_model_name, api_key=args.api_key,
                     max_waiting=args.max_waiting or DEFAULT_MAX_WAITING, tool_call_parser=args.tool_call_parser,

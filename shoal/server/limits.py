@@ -4,6 +4,8 @@
   open (more are answered 503 and closed), a request head must arrive whole within `header_timeout`
   (a slowloris connection is answered 408 and closed) and stay under `max_header_bytes` (431).
 - Bodies: GuardMiddleware (app.py) reads each within `body_timeout` (408) and `max_body_bytes` (413).
+- Clients (`ClientConcurrencyMiddleware`): at most `max_requests_per_client` requests in flight from
+  one address (off by default: every local client shares 127.0.0.1); more get 429.
 - Tokenizing (`TokenizerPool`): its own threads, apart from asyncio's default pool; prompts over
   `SMALL_PROMPT_BYTES` queue in a lane of their own, so a flood of long prompts never delays a short one.
 """
@@ -33,11 +35,15 @@ class ServerLimits:
     max_connections: int = 1024  # open connections at once; a file descriptor each
     max_header_bytes: int = 64 << 10  # request line and headers together
     tokenizer_threads: int = 2  # threads for long prompts (short ones have a thread of their own)
+    max_requests_per_client: int | None = None  # requests in flight from one client address; None: no cap
 
     def __post_init__(self) -> None:
         for name in ("header_timeout", "body_timeout", "keep_alive_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0 seconds, got {getattr(self, name)!r}")
+        if self.max_requests_per_client is not None and not (
+                isinstance(self.max_requests_per_client, int) and self.max_requests_per_client >= 1):
+            raise ValueError(f"max_requests_per_client must be a positive integer, got {self.max_requests_per_client!r}")
         for name in ("max_connections", "max_header_bytes", "tokenizer_threads"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
@@ -122,6 +128,37 @@ def uvicorn_config(app, host: str, port: int, limits: ServerLimits, **options):
     # h11's own buffer limit answers a bare 400; ours (checked first) answers 431.
     return uvicorn.Config(app, host=host, port=port, http=protocol, timeout_keep_alive=limits.keep_alive_timeout,
                           h11_max_incomplete_event_size=limits.max_header_bytes + (64 << 10), **options)
+
+
+class ClientConcurrencyMiddleware:
+    """Answers 429 to a client address that already has `limit` requests in flight (the /v1 ones)."""
+
+    def __init__(self, app, limit: int) -> None:
+        self.app, self.limit = app, limit
+        self.in_flight: dict[str, int] = {}
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            await self.app(scope, receive, send)
+            return
+        client = (scope.get("client") or ("?", 0))[0]
+        if self.in_flight.get(client, 0) >= self.limit:
+            body = json.dumps({"error": {"message": f"this client already has {self.limit} requests in flight, "
+                                         "the server's limit per client; wait for one to finish",
+                                         "type": "server_overloaded", "param": None,
+                                         "code": "too_many_requests_from_client"}}).encode()
+            await send({"type": "http.response.start", "status": 429, "headers": [
+                (b"content-type", b"application/json"), (b"retry-after", b"1"),
+                (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        self.in_flight[client] = self.in_flight.get(client, 0) + 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight[client] -= 1
+            if not self.in_flight[client]:
+                del self.in_flight[client]
 
 
 class TokenizerPool:

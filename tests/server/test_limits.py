@@ -138,6 +138,27 @@ def test_connections_beyond_the_cap_get_503(server):
             time.sleep(0.05)
 
 
+def test_a_client_beyond_its_cap_of_requests_in_flight_gets_429(llm, serve):
+    capped = serve(llm, limits=ServerLimits(max_requests_per_client=2))
+    client = capped.client()
+    streams = [client.completions.create(model=MODEL, prompt="go", max_tokens=200, stream=True,
+                                         extra_body={"ignore_eos": True}) for _ in range(2)]
+    for stream in streams:
+        next(iter(stream))
+    response = httpx.post(f"{capped.url}/v1/completions", headers=AUTH, json={"model": MODEL, "prompt": "hi"})
+    assert response.status_code == 429 and response.json()["error"]["code"] == "too_many_requests_from_client"
+    for stream in streams:
+        stream.close()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        response = httpx.post(f"{capped.url}/v1/completions", headers=AUTH,
+                              json={"model": MODEL, "prompt": "hi", "max_tokens": 2})
+        if response.status_code == 200:
+            break
+        time.sleep(0.05)
+    assert response.status_code == 200
+
+
 # 8 clients in a process of their own (as real clients are), each posting a prompt just under the 1 MiB
 # limit again and again; it prints how many answers of each status it got.
 FLOOD = """
