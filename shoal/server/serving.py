@@ -131,15 +131,17 @@ class OpenAIServing:
         if name is not None and name != self.model_name:
             raise RequestError(f"The model `{name}` does not exist.", 404, param="model", code="model_not_found")
 
-    def _check_prompt_bytes(self, size: int, within_context: bool = True) -> None:
-        """Refuse a prompt by its size in bytes, before paying to tokenize it: over the byte limit, or (for a
-        prompt to run) so long that even at the longest token's bytes per token it cannot fit the context."""
+    def _check_prompt_bytes(self, size: int) -> None:
         if size > self.max_prompt_bytes:
             raise RequestError(
                 f"the prompt is {size} bytes; this server takes at most {self.max_prompt_bytes}", param="prompt"
             )
+
+    def _check_fits_context(self, size: int) -> None:
+        """Refuse a text of `size` bytes before paying to tokenize it when even at the longest token's bytes
+        per token it would not fit the context."""
         at_least = -(-size // self.max_token_bytes)
-        if within_context and at_least >= self.max_model_len:
+        if at_least >= self.max_model_len:
             raise RequestError(
                 f"the prompt is {size} bytes, so at least {at_least} tokens, but the model's context is "
                 f"{self.max_model_len}; shorten it", param="prompt"
@@ -289,6 +291,9 @@ class OpenAIServing:
 
         size = sum(len(t.encode("utf-8")) for t, _ in prompts if t is not None)
         self._check_prompt_bytes(size)
+        for text, _ in prompts:
+            if text is not None:
+                self._check_fits_context(len(text.encode("utf-8")))
 
         def prepare() -> _Prepared:
             ready = []
@@ -410,7 +415,9 @@ class OpenAIServing:
         self._check_prompt_bytes(size)
 
         def prepare() -> _Prepared:
-            ids = self.tokenizer.apply_chat_template(chat.messages, chat.add_generation_prompt, **chat.render_options())
+            text = self.tokenizer.render_chat(chat.messages, chat.add_generation_prompt, **chat.render_options())
+            self._check_fits_context(len(text.encode("utf-8")))  # the rendered text: a template may drop parts
+            ids = self.tokenizer.encode(text, add_special_tokens=False)  # the template places BOS itself
             self._check_ids(ids, explicit)
             return _Prepared([(None, ids)], params)
 

@@ -32,7 +32,7 @@ class TokenizationServing:
                                 req.chat_template_kwargs, req.documents)
 
         size = len(req.prompt.encode("utf-8")) if chat is None else chat.text_bytes()
-        self.serving._check_prompt_bytes(size, within_context=False)  # counting a long text is what it is for
+        self.serving._check_prompt_bytes(size)
 
         def run() -> list[int]:
             if chat is None:
