@@ -34,7 +34,7 @@ class ServerLimits:
     keep_alive_timeout: float = 5.0  # seconds an idle keep-alive connection stays open
     max_connections: int = 1024  # open connections at once; a file descriptor each
     max_header_bytes: int = 64 << 10  # request line and headers together
-    tokenizer_threads: int = 2  # threads for long prompts (short ones have a thread of their own)
+    tokenizer_threads: int = 2  # threads for long prompts (short ones have two of their own)
     max_requests_per_client: int | None = None  # requests in flight from one client address; None: no cap
 
     def __post_init__(self) -> None:
@@ -167,7 +167,8 @@ class TokenizerPool:
     long prompts queue behind each other and never in front of everyone's short ones."""
 
     def __init__(self, threads: int = 2) -> None:
-        self._small = ThreadPoolExecutor(1, thread_name_prefix="shoal-tokenize")
+        # Two short-prompt threads: one chat template slow to render (up to its 2 s limit) leaves the other.
+        self._small = ThreadPoolExecutor(2, thread_name_prefix="shoal-tokenize")
         self._large = ThreadPoolExecutor(threads, thread_name_prefix="shoal-tokenize-long")
 
     async def run(self, size: int, fn: Callable[[], T]) -> T:
