@@ -3,11 +3,18 @@ sandboxed jinja environment (loop controls, the `generation` tag, `raise_excepti
 `tojson` with its options, the guarded `dict` and `namespace`), the same preparation of messages (keys
 whose value is null dropped, reasoning aliased under the names templates read) and the same
 `continue_final_message` cut. The Tokenizer calls it; the server hands it tools and template kwargs.
+
+A checkpoint's template is untrusted code: besides the sandbox (no attribute escapes), rendering is
+bounded in time (RENDER_TIMEOUT_S: a watchdog interrupts the rendering thread) and in size
+(RENDER_MAX_CHARS, checked as the output streams and before `*` builds a string or list), so a
+template bomb is a 400 naming the template, never a hung or killed server.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
+import threading
 from collections.abc import Mapping
 from datetime import datetime
 from functools import lru_cache
@@ -24,6 +31,19 @@ SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_
 
 class ChatTemplateError(TokenizerError):
     """The template refused the conversation (raise_exception) or failed while rendering it."""
+
+
+RENDER_TIMEOUT_S = 2.0
+RENDER_MAX_CHARS = 4 << 20
+_MAX_POWER_DIGITS = 4096  # `**` in a template may make an int of at most this many bits
+
+
+class _RenderTimeout(BaseException):
+    """Raised inside a rendering thread by the watchdog (BaseException: no template except-clause eats it)."""
+
+
+class _TooLarge(Exception):
+    pass
 
 
 @lru_cache(maxsize=16)
@@ -82,7 +102,22 @@ def compile_template(source: str):
             if isinstance(name, str) and name.startswith("_"):
                 raise jinja2.exceptions.SecurityError(f"a chat template cannot set {name!r} on a namespace")
 
-    env = ImmutableSandboxedEnvironment(
+    class BoundedEnvironment(ImmutableSandboxedEnvironment):
+        # `'x' * 100000000` is one C call the watchdog cannot interrupt: refuse it before it allocates.
+        intercepted_binops = frozenset({"*", "**"})
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "*":
+                for seq, times in ((left, right), (right, left)):
+                    if isinstance(seq, (str, list, tuple)) and isinstance(times, int) \
+                            and len(seq) * times > RENDER_MAX_CHARS:
+                        raise _TooLarge(f"repeats a {type(seq).__name__} of {len(seq)} {times} times")
+            elif operator == "**" and isinstance(left, int) and isinstance(right, int) \
+                    and abs(left) > 1 and right * max(1, abs(left).bit_length()) > _MAX_POWER_DIGITS:
+                raise _TooLarge(f"raises {left} to the power {right}")
+            return super().call_binop(context, operator, left, right)
+
+    env = BoundedEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=[GenerationTag, jinja2.ext.loopcontrols]
     )
     env.filters["tojson"] = tojson
@@ -176,8 +211,16 @@ def render(
             raise ChatTemplateError("continue_final_message needs the last message's content to be text")
     variables = {**(special_tokens or {}), **plain_data(dict(template_kwargs or {}))}
     try:
-        text = template.render(messages=chat, tools=plain_data(tools), documents=plain_data(documents),
-                               add_generation_prompt=add_generation_prompt, **variables)
+        text = _bounded_render(template, dict(messages=chat, tools=plain_data(tools), documents=plain_data(documents),
+                                              add_generation_prompt=add_generation_prompt, **variables))
+    except _RenderTimeout:
+        raise ChatTemplateError(f"the checkpoint's chat template took more than {RENDER_TIMEOUT_S:g} s to render "
+                                "this conversation; the template is broken or hostile — fix or replace it "
+                                "(tokenizer_config.json's chat_template)") from None
+    except _TooLarge as exc:
+        raise ChatTemplateError(f"the checkpoint's chat template renders more than {RENDER_MAX_CHARS} characters "
+                                f"({exc}); the template is broken or hostile — fix or replace it "
+                                "(tokenizer_config.json's chat_template)") from None
     except jinja2.TemplateError as exc:
         raise ChatTemplateError(f"the chat template rejected the conversation: {exc}") from None
     except (TypeError, ValueError, KeyError, IndexError, AttributeError, ZeroDivisionError, OverflowError,
@@ -192,3 +235,41 @@ def render(
         at = text.rindex(tag)
         text = text[:at] if text[at : at + len(_CONTINUE_TAG)] == _CONTINUE_TAG else text[:at].rstrip()
     return text
+
+
+def _bounded_render(template, variables: dict) -> str:
+    """template.render(**variables), cut off after RENDER_TIMEOUT_S (_RenderTimeout) or RENDER_MAX_CHARS (_TooLarge).
+
+    The watchdog raises _RenderTimeout in this thread asynchronously (PyThreadState_SetAsyncExc), which
+    stops a pure-Python loop at its next instruction; the lock keeps it from firing once rendering is over."""
+    thread_id = threading.get_ident()
+    lock = threading.Lock()
+    state = {"rendering": True, "fired": False}
+
+    def interrupt() -> None:
+        with lock:
+            if state["rendering"]:
+                state["fired"] = True
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), ctypes.py_object(_RenderTimeout))
+
+    watchdog = threading.Timer(RENDER_TIMEOUT_S, interrupt)
+    watchdog.daemon = True
+    pieces, size = [], 0
+    try:
+        watchdog.start()
+        for piece in template.generate(**variables):
+            size += len(piece)
+            if size > RENDER_MAX_CHARS:
+                raise _TooLarge(f"{size} characters so far")
+            pieces.append(piece)
+    except _RenderTimeout:
+        pass
+    finally:
+        watchdog.cancel()
+        with lock:
+            state["rendering"] = False
+            if state["fired"]:  # a pending interrupt that has not been raised yet must not fire later
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), None)
+    if state["fired"]:
+        raise _RenderTimeout()
+    return "".join(pieces)

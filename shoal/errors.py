@@ -46,5 +46,10 @@ class QueueFullError(ShoalError):
         self.retry_after = retry_after
 
 
+class GenerationError(ShoalError):
+    """One request's step failed inside the engine (its logits were not finite, or the forward pass raised for
+    it alone); that request ends with this error while the engine keeps serving the others."""
+
+
 class EngineUnavailableError(ShoalError):
     """The engine failed or is shutting down; requests cannot be served."""

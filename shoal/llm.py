@@ -13,7 +13,7 @@ from shoal.config import EngineConfig
 from shoal.engine.kv_pool import KVPool, default_kv_pool
 from shoal.engine.llm_engine import LLMEngine
 from shoal.engine.sequence import Sequence as EngineSequence
-from shoal.errors import ConfigError, InvalidRequestError, ModelNotFoundError
+from shoal.errors import ConfigError, GenerationError, InvalidRequestError, ModelNotFoundError
 from shoal.loader import build_model, resolve_model_path
 from shoal.outputs import RequestOutput
 from shoal.sampling_params import SamplingParams
@@ -195,6 +195,9 @@ class LLM:
                 else:
                     waiting.append((first, ids, text, group, copies))
             pending = waiting
+        failed = next((seq for group in groups for seq in group if seq.error is not None), None)
+        if failed is not None:
+            raise GenerationError(failed.error)
         return [
             RequestOutput(
                 prompt=group[0].prompt,
@@ -240,6 +243,8 @@ class LLM:
         finally:
             if not seq.is_finished:  # the caller stopped early: free its blocks
                 self.engine.abort(seq.request_id)
+        if seq.error is not None:
+            raise GenerationError(seq.error)
         return seq.to_output()
 
 

@@ -17,10 +17,10 @@ from tqdm import tqdm
 
 from shoal.backends.base import Backend
 from shoal.construct import choose_dtype, construct_model, load_into
-from shoal.errors import ModelNotFoundError, WeightError
+from shoal.errors import ConfigError, ModelNotFoundError, WeightError
 from shoal.gguf.reader import GGUFFile
 from shoal.models import CausalLM
-from shoal.models.hf_config import ModelConfig, load_model_config
+from shoal.models.hf_config import ModelConfig, estimated_parameters, load_model_config
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -107,6 +107,26 @@ def iterate_weights(files: list[Path], progress: bool = True) -> Iterator[tuple[
                 yield name, tensor
 
 
+_QUANT_BYTES = {"int8": 1.0, "fp8": 1.0, "int4": 0.5}
+
+
+def check_fits(config: ModelConfig, backend: Backend, device: torch.device, dtype: torch.dtype,
+               quant: str | None) -> None:
+    """Refuse, before allocating anything, a model whose weights alone exceed the device's whole memory."""
+    try:
+        total = backend.memory_info(device.index or 0).total_bytes
+    except Exception:  # a backend that cannot tell: the allocation itself will say
+        return
+    bytes_per = _QUANT_BYTES.get(quant or "", torch.empty((), dtype=dtype).element_size())
+    need = estimated_parameters(config) * bytes_per
+    if total and need > total:
+        raise ConfigError(
+            f"the model needs about {need / 2**30:,.1f} GiB for its weights ({quant or str(dtype).removeprefix('torch.')})"
+            f" but the {device.type} device has {total / 2**30:,.1f} GiB; quantize it (--quant int4), split it over "
+            "several devices (--tp, --pp), or check its config.json"
+        )
+
+
 def build_model(
     path: Path | GGUFFile,
     backend: Backend,
@@ -134,6 +154,7 @@ def build_model(
 
     config = load_model_config(path)
     dtype = choose_dtype(config, backend, dtype)
+    check_fits(config, backend, device, dtype, quant)
     plan = plan_quantization(config, backend, quant, quant_group_size, prepare)
     model = construct_model(config, backend, device, dtype, plan, kernels)
     weights = iterate_weights(safetensors_files(path), progress=progress)

@@ -14,10 +14,14 @@ MAX_STOP_LENGTH = 256
 MAX_N = 16
 MAX_PENALTY = 2.0  # presence and frequency penalties lie in [-MAX_PENALTY, MAX_PENALTY], as in the OpenAI API
 MAX_REPETITION_PENALTY = 10.0
+# Below these the float32 logits overflow (x / 1e-46 is Inf, and Inf - Inf is NaN): a temperature in
+# (0, MIN_TEMPERATURE) samples at MIN_TEMPERATURE (as vLLM does), a smaller repetition penalty is refused.
+MIN_TEMPERATURE = 0.01
+MIN_REPETITION_PENALTY = 0.01
 MAX_LOGIT_BIAS = 100.0  # each bias lies in [-MAX_LOGIT_BIAS, MAX_LOGIT_BIAS], as in the OpenAI API
 MAX_LOGIT_BIAS_ENTRIES = 1024
 MAX_GRAMMAR_BYTES = 64 * 1024  # a JSON schema, regex or grammar, as text
-MAX_CHOICES = 256
+MAX_GUIDED_CHOICES = 256  # strings a guided_choice may list
 MAX_CHOICE_CHARS = 1024
 
 
@@ -48,10 +52,10 @@ class StructuredOutputsParams:
                 + (f"; got {', '.join(given)}" if given else "")
             )
         if self.choice is not None and not (
-            0 < len(self.choice) <= MAX_CHOICES
+            0 < len(self.choice) <= MAX_GUIDED_CHOICES
             and all(isinstance(c, str) and 0 < len(c) <= MAX_CHOICE_CHARS for c in self.choice)
         ):
-            raise InvalidRequestError(f"choice takes 1 to {MAX_CHOICES} strings of 1 to {MAX_CHOICE_CHARS} characters")
+            raise InvalidRequestError(f"choice takes 1 to {MAX_GUIDED_CHOICES} strings of 1 to {MAX_CHOICE_CHARS} characters")
         for name in ("regex", "grammar"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
@@ -81,8 +85,9 @@ class StructuredOutputsParams:
 class SamplingParams:
     """Field names and defaults follow vLLM and the OpenAI API.
 
-    temperature 0 means greedy; top_k 0 (or -1), top_p 1.0 and min_p 0 disable those filters; seed makes
-    sampling reproducible per request; logprobs=K returns each generated token's logprob and the top K
+    temperature 0 means greedy, one in (0, 0.01) samples at 0.01; top_k 0 (or -1), top_p 1.0 and min_p 0
+    disable those filters; seed makes sampling reproducible per request (the same tokens for the same
+    batch; see shoal.layers.sampler for why a different batch may differ); logprobs=K returns each generated token's logprob and the top K
     alternatives, under the raw model distribution (before penalties, temperature and filters).
 
     Penalties change the logits before temperature: repetition_penalty (HF and vLLM; 1.0 is off) divides
@@ -124,9 +129,12 @@ class SamplingParams:
             self.top_k = 0
         if self.logit_bias is not None:
             self.logit_bias = dict(self.logit_bias) or None
+        if _number(self.temperature) and 0 < self.temperature < MIN_TEMPERATURE:
+            self.temperature = MIN_TEMPERATURE
         checks = [
             (isinstance(self.max_tokens, int) and self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}"),
-            (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
+            (_number(self.temperature) and self.temperature >= 0,
+             f"temperature must be a finite number >= 0, got {self.temperature!r}"),
             (isinstance(self.top_k, int) and self.top_k >= 0, f"top_k must be 0 or -1 (off) or a positive integer, got {self.top_k}"),
             (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
             (self.seed is None or isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}"),
@@ -139,8 +147,10 @@ class SamplingParams:
              f"presence_penalty must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], got {self.presence_penalty!r}"),
             (_number(self.frequency_penalty) and -MAX_PENALTY <= self.frequency_penalty <= MAX_PENALTY,
              f"frequency_penalty must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], got {self.frequency_penalty!r}"),
-            (_number(self.repetition_penalty) and 0 < self.repetition_penalty <= MAX_REPETITION_PENALTY,
-             f"repetition_penalty must be in (0, {MAX_REPETITION_PENALTY:g}], got {self.repetition_penalty!r}"),
+            (_number(self.repetition_penalty)
+             and MIN_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY,
+             f"repetition_penalty must be in [{MIN_REPETITION_PENALTY:g}, {MAX_REPETITION_PENALTY:g}], "
+             f"got {self.repetition_penalty!r}"),
             (_integer(self.n) and 1 <= self.n <= MAX_N, f"n must be an integer from 1 to {MAX_N}, got {self.n!r}"),
             (self.prompt_logprobs is None or (_integer(self.prompt_logprobs) and 0 <= self.prompt_logprobs <= MAX_LOGPROBS),
              f"prompt_logprobs must be between 0 and {MAX_LOGPROBS}"),

@@ -120,6 +120,16 @@ class Tokenizer:
         """Render the chat template (options as render_chat's) and tokenize it; the template places BOS itself."""
         return self.encode(self.render_chat(messages, add_generation_prompt, **options), add_special_tokens=False)
 
+    @property
+    def max_token_bytes(self) -> int:
+        """The most UTF-8 bytes any token's text spans: a text of B bytes needs at least B / this many tokens
+        (a token's text, byte-level or SentencePiece, is never shorter in bytes than what it stands for), so
+        the server refuses a prompt too long for the context before paying to tokenize it."""
+        if getattr(self, "_max_token_bytes", None) is None:
+            vocab = self._tok.get_vocab(with_added_tokens=True)
+            self._max_token_bytes = max((len(t.encode("utf-8")) for t in vocab), default=1) or 1
+        return self._max_token_bytes
+
     # ---- decoding ----------------------------------------------------------------------
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)

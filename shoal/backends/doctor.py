@@ -78,8 +78,11 @@ def doctor_report(device: str | None = None, quick: bool = False) -> dict[str, A
     ("auto"/None = the one shoal would pick). Raises DeviceError if `device` cannot be used."""
     backend, index = parse_device(device)  # first, so a bad --device fails before any slow work
     profile = backend.measure_throughput(index=index, quick=quick)
+    from shoal.torch_extensions import failed_extensions
+
     return {
         "torch_version": torch.__version__,
+        "failed_extensions": [{"name": f.name, "target": f.target, "error": f.error} for f in failed_extensions],
         "python_version": platform.python_version(),
         "platform": platform.platform(),
         "threads": torch.get_num_threads(),
@@ -152,6 +155,10 @@ def format_doctor_report(report: dict[str, Any]) -> str:
     if absent:
         lines += ["", "not present:"]
         lines += [f"  {entry['name']}: {entry['absence_reason']}" for entry in absent]
+
+    if report.get("failed_extensions"):
+        lines += ["", "torch device extensions that failed to load (shoal runs without them):"]
+        lines += [f"  {f['name']} ({f['target']}): {f['error']}" for f in report["failed_extensions"]]
 
     selected, throughput = report["selected"], report["throughput"]
     lines += ["", f"measured on {selected['backend']}:{selected['index']} ({selected['name']})"

@@ -24,17 +24,22 @@ def _load_torch_npu() -> types.ModuleType | None:
             import torch_npu  # noqa: PLC0415 — deliberately lazy, see module docstring
 
             _torch_npu = torch_npu
-        except ImportError as exc:
-            _import_error = (
-                f"torch_npu is not installed ({exc.msg}); "
-                f"pip install the torch-npu release that matches torch {torch.__version__}"
-            )
-        except Exception as exc:  # a half-installed CANN toolkit raises OSError/RuntimeError on import
-            _import_error = (
-                f"torch_npu failed to import ({exc!r}); check that the CANN toolkit is installed "
-                "and its set_env.sh was sourced"
-            )
+        except ModuleNotFoundError as exc:
+            if exc.name != "torch_npu":  # installed, but something it needs is not
+                _import_error = _cann_missing(exc)
+            else:
+                _import_error = (f"torch_npu is not installed; pip install the torch-npu release that matches "
+                                 f"torch {torch.__version__}")
+        except Exception as exc:  # a half-installed CANN toolkit: ImportError (libhccl.so), OSError, RuntimeError
+            _import_error = _cann_missing(exc)
     return _torch_npu
+
+
+def _cann_missing(exc: BaseException) -> str:
+    message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return (f"torch_npu is installed but fails to load ({message}): the Ascend CANN toolkit is missing or not on "
+            "the library path; install CANN and run `source /usr/local/Ascend/ascend-toolkit/set_env.sh` (or "
+            "your install's set_env.sh) before starting shoal")
 
 
 class NpuBackend(AcceleratorBackend):

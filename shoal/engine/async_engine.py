@@ -2,8 +2,14 @@
 
 The server calls `add_request` on its event loop and iterates the returned stream; one thread owns
 the LLMEngine (nothing else touches it), applies new requests and aborts between steps, runs
-`step()`, and hands each step's deltas back to the event loop with `call_soon_threadsafe`. When the
-step loop raises, the engine is failed: every request in flight gets an error, new ones are refused.
+`step()`, and hands each step's deltas back to the event loop with `call_soon_threadsafe`.
+
+A step that fails for some sequences (LLMEngine isolates them) ends only their requests, with
+GenerationError. When the step loop itself raises, the engine is failed: every request in flight gets
+an error, new ones are refused, and `healthy` turns False (`shoal serve` then exits non-zero).
+
+Admission: only sequences that will really wait for a slot count against `max_waiting` — those beyond
+the free sequence slots (`max_num_seqs` minus the running ones) — so a burst into an idle engine is taken.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from dataclasses import dataclass, field
 
 from shoal.engine.llm_engine import LLMEngine
 from shoal.engine.sequence import Sequence
-from shoal.errors import EngineUnavailableError, InvalidRequestError, QueueFullError, ShoalError
+from shoal.errors import EngineUnavailableError, GenerationError, InvalidRequestError, QueueFullError, ShoalError
 from shoal.outputs import TokenLogprob
 from shoal.sampling_params import SamplingParams
 
@@ -151,6 +157,7 @@ class AsyncEngine:
         self._stats = EngineStats()
         self._waiting_in_engine = 0  # the scheduler's waiting queue, as of the last published stats
         self._admitting = 0  # taken from the inbox but not yet counted in _waiting_in_engine
+        self._running = 0  # the scheduler's running sequences, as of the last published stats
         # Engine thread only.
         self._tracked: dict[str, _Tracked] = {}  # sequence id -> its stream state
         self._seq_ids: dict[str, list[str]] = {}  # request id -> its sequence ids
@@ -232,9 +239,11 @@ class AsyncEngine:
                 raise EngineUnavailableError(self._closed_reason)
             if request_id in self._streams:
                 raise InvalidRequestError(f"request id {request_id!r} is already in use")
-            waiting = self._waiting_in_engine + self._admitting + len(self._inbox)
+            queued = self._waiting_in_engine + self._admitting + len(self._inbox)
+            free_slots = max(0, self.engine.scheduler.max_num_seqs - self._running)
+            waiting = max(0, queued - free_slots)  # those that wait for a slot now
             # An empty queue always takes one request, however many completions it asks for.
-            if waiting and waiting + len(items) > self.max_waiting:
+            if waiting and max(0, queued + len(items) - free_slots) > self.max_waiting:
                 self._stats.requests_rejected += 1
                 raise QueueFullError(
                     f"the server is at capacity ({waiting} sequences waiting, at most {self.max_waiting}); retry later"
@@ -357,6 +366,9 @@ class AsyncEngine:
         tracked = self._tracked.get(seq.request_id)
         if tracked is None:
             return
+        if seq.error is not None:
+            self._fail_request(tracked, seq, outgoing)
+            return
         prompt_logprobs = None
         if tracked.first_token is None:
             tracked.first_token = now
@@ -400,12 +412,24 @@ class AsyncEngine:
                 except Exception:  # metrics must never take the engine down
                     logger.exception("the on_finished observer failed")
 
+    def _fail_request(self, tracked: _Tracked, seq: Sequence, outgoing: list) -> None:
+        """One sequence's step failed: its whole request ends with that error (its other completions aborted)."""
+        rid = tracked.stream.request_id
+        for sid in self._seq_ids.pop(rid, []):
+            self._tracked.pop(sid, None)
+            if sid != seq.request_id:
+                self.engine.abort(sid)
+        with self._cond:
+            self._streams.pop(rid, None)
+            self._stats.requests_finished["error"] = self._stats.requests_finished.get("error", 0) + 1
+        outgoing.append((tracked.stream, GenerationError(seq.error)))
+
     def _publish_stats(self) -> None:
         engine = self.engine
         blocks = engine.block_manager
         with self._cond:
             s = self._stats
-            s.running = len(engine.scheduler.running)
+            s.running = self._running = len(engine.scheduler.running)
             s.waiting = self._waiting_in_engine = len(engine.scheduler.waiting)
             self._admitting = 0
             s.num_blocks, s.free_blocks = blocks.num_blocks, blocks.num_free_blocks

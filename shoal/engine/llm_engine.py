@@ -1,11 +1,17 @@
 """LLMEngine: the step loop. Requests are added at any time; each `step()` schedules a batch, runs it,
 appends sampled tokens, and returns the sequences that advanced. `LLM.generate` drains it offline;
 a server drives it request by request.
+
+Failures stay with the request that caused them: a sampled id outside the vocabulary (non-finite logits)
+fails that sequence alone, and when the forward pass raises, each chunk of the step is run again on its
+own so that only the sequences that still fail end (finish reason "error", `Sequence.error` says why).
+Anything that raises outside the forward pass leaves the engine's state unknown, so it propagates.
 """
 
 from __future__ import annotations
 
 import gc
+import logging
 import time
 from collections import deque
 
@@ -23,6 +29,14 @@ from shoal.sampling_params import SamplingParams
 from shoal.tokenizer import Tokenizer
 
 DEFAULT_BLOCK_SIZE = 16
+logger = logging.getLogger("shoal.engine")
+
+
+class StepFailed:
+    """A chunk's result when its step failed for it alone: the sequence ends with `reason`."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
 
 
 class LLMEngine:
@@ -119,7 +133,25 @@ class LLMEngine:
         chunks = self.scheduler.schedule()
         if not chunks:
             return []
-        return self._apply(chunks, self.runner.step(chunks))
+        try:
+            results = self.runner.step(chunks)
+        except Exception:
+            if self.failure() is not None:  # a worker of a split model is gone: nothing can run
+                raise
+            logger.exception("a step of %d sequences failed; running each on its own to find the failing ones",
+                             len(chunks))
+            results = [self._step_alone(chunk) for chunk in chunks]
+        return self._apply(chunks, results)
+
+    def _step_alone(self, chunk):
+        try:
+            return self.runner.step([chunk])[0]
+        except Exception as exc:
+            if self.failure() is not None:
+                raise
+            logger.exception("request %s fails on its own; it ends with an error", chunk.seq.request_id)
+            return StepFailed(f"the engine could not run this request ({type(exc).__name__}); the server goes on "
+                              "serving others — retry, and report it if it persists")
 
     def _pipelined_step(self) -> list[Sequence]:
         while len(self.in_flight) < self.depth:
@@ -140,10 +172,23 @@ class LLMEngine:
         return self._apply(launched.chunks, results)
 
     def _apply(self, chunks, results) -> list[Sequence]:
+        """Apply a step's results; the returned sequences got a token, or failed (`seq.error`)."""
         advanced = []
+        vocab = self.model.config.vocab_size
         for chunk, result in zip(chunks, results):
             seq = chunk.seq
             if seq.is_finished:  # aborted while its step was in flight
+                continue
+            if result is not None and not isinstance(result, StepFailed) and not 0 <= result[0] < vocab:
+                # The sampler marks a row whose probabilities were not finite with -1; any id outside the
+                # vocabulary would break the next step's embedding for the whole batch.
+                result = StepFailed("the model's scores for this request were not finite numbers, so no token "
+                                    "could be sampled; retry with other sampling parameters")
+            if isinstance(result, StepFailed):
+                seq.fail(result.reason)
+                self.scheduler.finish(seq)
+                self.sequences.pop(seq.request_id, None)
+                advanced.append(seq)
                 continue
             seq.num_computed += chunk.num_tokens
             self.block_manager.register_full_blocks(seq.block_table, seq.all_ids[: seq.num_computed], seq.block_hashes)

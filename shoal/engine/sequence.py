@@ -55,6 +55,7 @@ class Sequence:
         self.prompt_logprobs: list[TokenLogprob | None] | None = [None] if params.prompt_logprobs is not None else None
         self.finish_reason: str | None = None
         self.guide = None  # its grammar's matcher (shoal.engine.grammar) under structured outputs
+        self.error: str | None = None  # why the engine could not generate for it (see `fail`)
         self.text = ""
         self.emitted = 0  # characters of text already handed to a streaming caller
         self._holdback = max((len(s) for s in params.stop), default=1) - 1
@@ -100,6 +101,12 @@ class Sequence:
                 self.finish_reason = "length"
         if self.finish_reason is not None:
             self.status = Status.FINISHED
+
+    def fail(self, reason: str) -> None:
+        """End the sequence because its step failed (finish reason "error"); the engine goes on with the rest."""
+        self.error = reason
+        self.finish_reason = "error"
+        self.status = Status.FINISHED
 
     def _find_stop(self) -> int | None:
         found = [i for s in self.params.stop if (i := self.text.find(s, max(0, self.emitted - len(s) + 1))) != -1]

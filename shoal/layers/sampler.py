@@ -7,8 +7,10 @@ A TokenMask (structured outputs, built by shoal.engine.grammar) then sets the lo
 grammar does not allow to -inf, greedy rows too; the tokens it allows keep their scores.
 
 The whole batch goes through one set of tensor operations (one softmax per step). Each row draws its
-uniform number from its own generator, so a seeded request samples the same tokens whatever else
-shares its batch.
+uniform number from its own generator, so a seeded request's draws do not depend on what else shares
+its batch. Its tokens match a lone run only as far as its logits do: the forward pass is not
+batch-invariant (a matmul over 64 rows may round differently from one over 1), so a token near a tie
+can flip, and the rest of the completion follows it. Same seed, same batch: same tokens.
 """
 
 from __future__ import annotations
@@ -225,6 +227,8 @@ def sample_batch(
 ) -> tuple[list[int], list[TokenLogprob | None]]:
     """logits [batch, vocab] -> (one token id per row, its TokenLogprob where params.logprobs is set).
 
+    A sampled row whose probabilities are not finite gets token id -1 (the caller fails that request).
+
     prompt_ids and output_ids (one list per row) feed the penalties; they may be omitted when no row
     has one. Logprobs are always those of the raw logits, before penalties, temperature and filters.
     `ops`: the model's (its argmax picks the greedy rows' tokens); `mask`: the rows' allowed tokens, if any.
@@ -257,6 +261,10 @@ def sample_batch(
         temperature = torch.tensor([p.temperature for p in sub_params], dtype=scores.dtype, device=scores.device)
         probs = filtered_probs(sub_scores / temperature[:, None], sub_params)
         chosen = inverse_cdf(probs, draw_uniforms([generators[r] for r in sampled]))
+        # A row without a finite, positive mass has no distribution to draw from (its logits held NaN or
+        # Inf): it gets -1, which the engine turns into that request's error instead of a bad embedding index.
+        mass = probs.sum(dim=-1)
+        chosen = chosen.masked_fill(~(torch.isfinite(mass) & (mass > 0)), -1)
         if rows is None:
             tokens = chosen
         else:
@@ -281,7 +289,7 @@ def batch_logprobs(
         return result
     rows = torch.tensor(wanted, device=logits.device)
     logprobs = torch.log_softmax(logits.index_select(0, rows).float(), dim=-1)
-    chosen = logprobs.gather(1, torch.tensor([[tokens[r]] for r in wanted], device=logits.device)).squeeze(1)
+    chosen = logprobs.gather(1, torch.tensor([[max(tokens[r], 0)] for r in wanted], device=logits.device)).squeeze(1)
     top_n = max(params[r].logprobs for r in wanted)
     top_values, top_ids = (torch.topk(logprobs, top_n) if top_n else (logprobs[:, :0], logprobs[:, :0].long()))
     chosen, top_values, top_ids = chosen.tolist(), top_values.tolist(), top_ids.tolist()

@@ -174,6 +174,46 @@ def parse_rope(raw: dict[str, Any]) -> RopeConfig:
     )
 
 
+# Sane bounds on a config.json's sizes, checked before anything is allocated: an untrusted checkpoint with
+# "num_hidden_layers": 1000000 would otherwise allocate until the kernel kills the process. Each is well
+# beyond every published model (DeepSeek-V3: 61 layers, 7168 hidden, 256 experts; Llama 4: 202048 vocab).
+SIZE_BOUNDS = {
+    "vocab_size": 1 << 22,
+    "hidden_size": 1 << 16,
+    "num_hidden_layers": 1024,
+    "num_attention_heads": 1024,
+    "num_key_value_heads": 1024,
+    "head_dim": 4096,
+    "intermediate_size": 1 << 20,
+    "max_position_embeddings": 1 << 24,
+    "moe_intermediate_size": 1 << 20,
+    "n_routed_experts": 4096,
+    "num_local_experts": 4096,
+    "num_experts": 4096,
+    "num_experts_per_tok": 4096,
+    "n_shared_experts": 64,
+    "kv_lora_rank": 1 << 16,
+    "q_lora_rank": 1 << 16,
+    "qk_nope_head_dim": 4096,
+    "qk_rope_head_dim": 4096,
+    "v_head_dim": 4096,
+    "first_k_dense_replace": 1024,
+    "sliding_window": 1 << 24,
+}
+
+
+def check_sizes(raw: dict[str, Any], path: str = "config.json") -> None:
+    """Refuse a size that is not a positive integer within SIZE_BOUNDS (null and absent fields pass)."""
+    for key, bound in SIZE_BOUNDS.items():
+        value = raw.get(key)
+        if value is None:
+            continue
+        minimum = 0 if key in ("first_k_dense_replace", "n_shared_experts") else 1
+        if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= bound:
+            raise ConfigError(f"{path}: {key} is {str(value)[:40]}, outside {minimum} to {bound}; the checkpoint's "
+                              "config.json is damaged or not meant for shoal")
+
+
 def _require(raw: dict[str, Any], key: str, path: str) -> Any:
     value = raw.get(key)
     if value is None:
@@ -191,6 +231,11 @@ def parse_model_config(raw: dict[str, Any], path: str = "config.json") -> ModelC
             f"{path} has no 'architectures' list, so shoal cannot tell which model it is; "
             "add e.g. \"architectures\": [\"LlamaForCausalLM\"]"
         )
+    check_sizes(raw, path)
+    for key in ("rms_norm_eps", "rope_theta"):
+        value = raw.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
+            raise ConfigError(f"{path}: {key} must be a positive number, got {str(value)[:40]}")
     hidden_size = int(_require(raw, "hidden_size", path))
     num_heads = int(_require(raw, "num_attention_heads", path))
     num_kv_heads = int(raw.get("num_key_value_heads") or num_heads)
@@ -221,6 +266,21 @@ def parse_model_config(raw: dict[str, Any], path: str = "config.json") -> ModelC
         moe=parse_moe(raw, num_layers, intermediate_size),
         raw=raw,
     )
+
+
+def estimated_parameters(config: ModelConfig) -> int:
+    """About how many weights the model stores (attention as if unfactored, every expert counted): enough to
+    tell, before allocating, whether a checkpoint can fit a device at all."""
+    h, layers = config.hidden_size, config.num_hidden_layers
+    embeddings = config.vocab_size * h * (1 if config.tie_word_embeddings else 2)
+    attention = h * config.head_dim * (2 * config.num_attention_heads + 2 * config.num_key_value_heads)
+    experts = config.get("n_routed_experts") or config.get("num_local_experts") or config.get("num_experts") or 0
+    if experts:
+        moe = config.get("moe_intermediate_size", config.intermediate_size)
+        mlp = 3 * h * moe * (experts + config.get("n_shared_experts", 0)) + h * experts
+    else:
+        mlp = 3 * h * config.intermediate_size
+    return embeddings + layers * (attention + mlp)
 
 
 def load_model_config(path: str | Path) -> ModelConfig:

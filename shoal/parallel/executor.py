@@ -13,8 +13,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import socket
 import sys
+import tempfile
 import threading
 from dataclasses import dataclass
 
@@ -182,8 +184,12 @@ class MultiprocExecutor(Executor):
 
         parallel = engine_config.parallel
         world = parallel.world_size
-        addr = parallel.master_addr
-        port = parallel.master_port or free_port(addr)
+        addr, port = parallel.master_addr, parallel.master_port
+        if port is None:
+            # Every rank is on this host: rendezvous through a file, never a TCP store (torch's listens on
+            # all interfaces, unauthenticated, whatever address it is given).
+            self._rendezvous_dir = tempfile.mkdtemp(prefix="shoal-rendezvous-")
+            addr, port = f"file://{os.path.join(self._rendezvous_dir, 'store')}", 0
         spec = json.dumps({**_engine_spec(engine_config), "_threads": torch.get_num_threads()})
         context = mp.get_context("spawn")
         self.processes = []
@@ -218,6 +224,8 @@ class MultiprocExecutor(Executor):
         for _, process in self.processes:
             if process.is_alive():
                 process.terminate()
+        if getattr(self, "_rendezvous_dir", None):
+            shutil.rmtree(self._rendezvous_dir, ignore_errors=True)
 
 
 class TorchrunExecutor(Executor):

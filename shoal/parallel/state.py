@@ -92,7 +92,8 @@ class ParallelState:
 
 def init_process_groups(config: ParallelConfig, rank: int, world_size: int, dist_backend: str,
                         device: torch.device, master_addr: str, master_port: int) -> ParallelState:
-    """Join the job (every rank calls this with the same config) and create the groups."""
+    """Join the job (every rank calls this with the same config) and create the groups. `master_addr` is rank 0's
+    host (a TCP rendezvous on master_port), or a file:// URL (a file store, for ranks on one host)."""
     if world_size != config.world_size:
         from shoal.errors import ConfigError
 
@@ -100,11 +101,14 @@ def init_process_groups(config: ParallelConfig, rank: int, world_size: int, dist
             f"the launch has {world_size} processes but tp x pp (x ep) asks for {config.world_size}; "
             "start one process per device of the split"
         )
-    os.environ.setdefault("MASTER_ADDR", master_addr)
-    os.environ.setdefault("MASTER_PORT", str(master_port))
     timeout = datetime.timedelta(seconds=config.collective_timeout)
-    dist.init_process_group(dist_backend, init_method=f"tcp://{master_addr}:{master_port}", rank=rank,
-                            world_size=world_size, timeout=timeout)
+    if master_addr.startswith("file://"):  # one host: a file store, no TCP listener (see MultiprocExecutor)
+        init_method = master_addr
+    else:
+        os.environ.setdefault("MASTER_ADDR", master_addr)
+        os.environ.setdefault("MASTER_PORT", str(master_port))
+        init_method = f"tcp://{master_addr}:{master_port}"
+    dist.init_process_group(dist_backend, init_method=init_method, rank=rank, world_size=world_size, timeout=timeout)
     state = ParallelState(config, rank, world_size, device)
     size = config.stage_size
     for stage in range(config.pp):  # every rank creates every group, in the same order

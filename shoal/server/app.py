@@ -1,6 +1,9 @@
 """The HTTP application: `build_app(llm, ...)` returns a FastAPI app serving the OpenAI API for one
 model, plus /health and /metrics. Every error leaves in the OpenAI format; a bug is a 500 whose
 text stays in the server's log.
+
+Outermost first, a request meets: the Host / Origin check (security.py), the per-client cap when set
+(limits.py), then GuardMiddleware (API key, body size and read time), then the routes. Connection-level limits live in limits.py.
 """
 
 from __future__ import annotations
@@ -23,7 +26,17 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from shoal.engine.async_engine import DEFAULT_MAX_WAITING, AsyncEngine
 from shoal.errors import ShoalError
 from shoal.server.metrics import CONTENT_TYPE, ServerMetrics
-from shoal.server.protocol import RequestError, error_body
+from shoal.server.limits import ClientConcurrencyMiddleware, ServerLimits, TokenizerPool
+from shoal.server.openapi import install_openapi
+from shoal.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    RequestError,
+    TokenizeRequest,
+    error_body,
+)
+from shoal.server.security import LOOPBACK_NAMES, HostCheckMiddleware
 from shoal.server.serving import INTERNAL_ERROR, OpenAIServing, request_error
 from shoal.server.tokenization import TokenizationServing
 
@@ -45,10 +58,11 @@ def _error_response(error: RequestError) -> JSONResponse:
 
 
 class GuardMiddleware:
-    """Checks the API key of /v1 requests and reads bodies up to a size limit before anything else runs."""
+    """Checks the API key of /v1 requests and reads bodies up to a size limit, within a time limit, before
+    anything else runs."""
 
-    def __init__(self, app: ASGIApp, api_key: str | None, max_body_bytes: int) -> None:
-        self.app, self.max_body_bytes = app, max_body_bytes
+    def __init__(self, app: ASGIApp, api_key: str | None, max_body_bytes: int, body_timeout: float = 60.0) -> None:
+        self.app, self.max_body_bytes, self.body_timeout = app, max_body_bytes, body_timeout
         self.api_key = api_key.encode("utf-8") if api_key else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -74,8 +88,15 @@ class GuardMiddleware:
             await self.app(scope, receive, send)
             return
         chunks, size = [], 0
+        deadline = asyncio.get_running_loop().time() + self.body_timeout
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - asyncio.get_running_loop().time()))
+            except asyncio.TimeoutError:
+                slow = RequestError(f"the request body did not arrive within {self.body_timeout:g} s", 408,
+                                    code="request_timeout", headers={"Connection": "close"})
+                await _error_response(slow)(scope, receive, send)
+                return
             if message["type"] == "http.disconnect":
                 return
             chunk = message.get("body", b"")
@@ -107,12 +128,20 @@ def build_app(
     max_prompt_bytes: int = DEFAULT_MAX_PROMPT_BYTES,
     tool_call_parser: str | None = None,
     reasoning_parser: str | None = None,
+    allowed_hosts: frozenset[str] | None = LOOPBACK_NAMES,
+    limits: ServerLimits | None = None,
 ) -> FastAPI:
-    """An app serving `llm` (a shoal.LLM) under `served_model_name`; its engine thread runs while the app does."""
+    """An app serving `llm` (a shoal.LLM) under `served_model_name`; its engine thread runs while the app does.
+
+    `allowed_hosts`: the Host (and Origin) names it answers (security.allowed_hosts_for; None: any), by
+    default those of a loopback bind."""
+    limits = limits or ServerLimits()
     model_name = served_model_name or default_model_name(llm)
     metrics = ServerMetrics(model_name)
     engine = AsyncEngine(llm.engine, max_waiting=max_waiting, on_finished=metrics.observe)
-    serving = OpenAIServing(llm, engine, model_name, max_prompt_bytes, tool_call_parser, reasoning_parser)
+    tokenizer_pool = TokenizerPool(limits.tokenizer_threads)
+    serving = OpenAIServing(llm, engine, model_name, max_prompt_bytes, tool_call_parser, reasoning_parser,
+                            tokenizer_pool)
     tokenization = TokenizationServing(serving)
     started = int(time.time())
 
@@ -123,10 +152,11 @@ def build_app(
         try:
             yield
         finally:
+            tokenizer_pool.shutdown()
             await asyncio.to_thread(engine.shutdown)
 
-    app = FastAPI(title="shoal", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.engine, app.state.serving, app.state.metrics = engine, serving, metrics
+    app = FastAPI(title="shoal", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url="/openapi.json")
+    app.state.engine, app.state.serving, app.state.metrics, app.state.limits = engine, serving, metrics, limits
 
     @app.exception_handler(RequestError)
     async def on_request_error(request: Request, exc: RequestError) -> Response:
@@ -201,6 +231,13 @@ def build_app(
     async def tokenizer_info() -> Response:
         return JSONResponse(tokenization.info())
 
-    app.add_middleware(GuardMiddleware, api_key=api_key, max_body_bytes=max_body_bytes)
+    install_openapi(app, {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest,
+                          "/tokenize": TokenizeRequest, "/detokenize": DetokenizeRequest})
+    app.add_middleware(GuardMiddleware, api_key=api_key, max_body_bytes=max_body_bytes,
+                       body_timeout=limits.body_timeout)
+    if limits.max_requests_per_client is not None:
+        app.add_middleware(ClientConcurrencyMiddleware, limit=limits.max_requests_per_client)
+    if allowed_hosts is not None:
+        app.add_middleware(HostCheckMiddleware, allowed=frozenset(allowed_hosts))  # added last: runs first
     return app
 

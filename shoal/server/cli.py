@@ -41,6 +41,16 @@ def _port(text: str) -> int:
     return value
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not 0 < value < 1e6:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds above 0, got {text!r}")
+    return value
+
+
 def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     from shoal.server.tool_parsers import PARSERS
     from shoal.server.reasoning import REASONING_PARSERS
@@ -61,18 +71,37 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
                        help="how the model's tool calls are read (default: chosen from the chat template's markers)")
     serve.add_argument("--reasoning-parser", default=None, choices=REASONING_PARSERS,
                        help="split a thinking model's <think>...</think> into reasoning_content (vLLM's names)")
+    serve.add_argument("--allowed-hosts", default=None, metavar="NAMES",
+                       help="comma-separated Host names the server answers besides the loopback ones (a reverse "
+                            "proxy's), '*' for any; on a loopback bind every other Host and Origin gets 403")
+    limits = serve.add_argument_group("connection limits")
+    limits.add_argument("--header-timeout", type=_seconds, default=10.0,
+                        help="seconds for a request's headers to arrive (default: 10); slower ones get 408")
+    limits.add_argument("--body-timeout", type=_seconds, default=60.0,
+                        help="seconds for a request's body to arrive once its headers are in (default: 60)")
+    limits.add_argument("--keep-alive-timeout", type=_seconds, default=5.0,
+                        help="seconds an idle keep-alive connection stays open (default: 5)")
+    limits.add_argument("--max-connections", type=positive_int, default=1024,
+                        help="open connections at most (default: 1024); more are answered 503 and closed")
+    limits.add_argument("--max-header-bytes", type=parse_bytes, default=64 << 10,
+                        help="size of a request's line and headers at most (default: 64KiB); larger get 431")
+    limits.add_argument("--max-requests-per-client", type=positive_int, default=None,
+                        help="/v1 requests in flight from one client address at most (default: no cap); more get 429")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                        help="uvicorn's log level")
     return serve
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from shoal.engine.async_engine import DEFAULT_MAX_WAITING
     from shoal.llm import LLM
     from shoal.server.app import build_app
+    from shoal.server.limits import ServerLimits, uvicorn_config
+    from shoal.server.security import allowed_hosts_for
 
+    warning = bind_warning(args.host, args.api_key)
+    if warning:
+        print(f"shoal: warning: {warning}", file=sys.stderr, flush=True)
     llm = LLM(
         args.model,
         max_num_seqs=args.max_num_seqs,
@@ -81,15 +110,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
         **llm_options(args),
     )
     print(f"shoal: {llm.kv_pool.describe()}", file=sys.stderr, flush=True)
+    limits = ServerLimits(header_timeout=args.header_timeout, body_timeout=args.body_timeout,
+                          keep_alive_timeout=args.keep_alive_timeout, max_connections=args.max_connections,
+                          max_header_bytes=args.max_header_bytes, max_requests_per_client=args.max_requests_per_client)
+    extra_hosts = [h for h in (args.allowed_hosts or "").split(",") if h.strip()]
     app = build_app(llm, served_model_name=args.served_model_name, api_key=args.api_key,
                     max_waiting=args.max_waiting or DEFAULT_MAX_WAITING, tool_call_parser=args.tool_call_parser,
-                    reasoning_parser=args.reasoning_parser)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                    reasoning_parser=args.reasoning_parser, allowed_hosts=allowed_hosts_for(args.host, extra_hosts),
+                    limits=limits)
+    config = uvicorn_config(app, args.host, args.port, limits, log_level=args.log_level,
                             timeout_graceful_shutdown=10, lifespan="on")
     server = _aborting_server(config, app)
     failed: list[str] = []
-    if llm.parallel is not None:
-        threading.Thread(target=_exit_on_failure, args=(server, app.state.engine, failed), daemon=True).start()
+    threading.Thread(target=_exit_on_failure, args=(server, app.state.engine, failed), daemon=True).start()
     try:
         server.run()
     finally:
@@ -100,12 +133,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def bind_warning(host: str, api_key: str | None) -> str | None:
+    """What to tell the user who serves beyond this machine with no API key (None when bound to loopback, or keyed)."""
+    from shoal.server.security import is_loopback
+
+    if is_loopback(host) or api_key:
+        return None
+    return (f"serving on {host}, beyond this machine, without --api-key: anyone who can reach the port can use "
+            "the model; pass --api-key KEY, or bind 127.0.0.1")
+
+
 FAILED_EXIT_DELAY_S = 5.0  # /health answers 503 this long after a failure, then the process exits
 
 
 def _exit_on_failure(server, engine, failed: list[str]) -> None:
-    """A split model cannot run without every rank: once the engine has failed (a worker died, or a
-    collective timed out), report which rank, keep answering 503 for a moment, then stop the server."""
+    """Once the engine cannot continue (its step loop raised; a worker of a split model died, or a
+    collective timed out), say why, keep answering 503 for a moment, then stop the server: it exits 1,
+    so a supervisor restarts it (a process that stays up serving only 503s would never be restarted)."""
     while not server.should_exit:
         reason = (engine.failure_reason or "the engine failed") if not engine.healthy else None
         if reason is not None:

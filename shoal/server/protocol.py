@@ -13,13 +13,15 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from shoal.sampling_params import (
     MAX_CHOICE_CHARS,
-    MAX_CHOICES,
+    MAX_GUIDED_CHOICES,
     MAX_GRAMMAR_BYTES,
     MAX_LOGIT_BIAS,
     MAX_LOGIT_BIAS_ENTRIES,
     MAX_LOGPROBS,
+    MAX_REPETITION_PENALTY,
     MAX_STOP_LENGTH,
     MAX_STOP_STRINGS,
+    MIN_REPETITION_PENALTY,
     SamplingParams,
 )
 
@@ -61,7 +63,7 @@ class StructuredOutputs(_Strict):
     json_schema: dict[str, Any] | GrammarText | None = Field(None, alias="json")
     regex: GrammarText | None = None
     choice: Annotated[list[Annotated[str, StringConstraints(min_length=1, max_length=MAX_CHOICE_CHARS)]] | None,
-                      Field(min_length=1, max_length=MAX_CHOICES)] = None
+                      Field(min_length=1, max_length=MAX_GUIDED_CHOICES)] = None
     grammar: GrammarText | None = None
     json_object: bool | None = None
 
@@ -84,7 +86,7 @@ class _Sampling(_Strict):
     # vLLM extras
     top_k: Annotated[int | None, Field(ge=-1, le=1 << 20)] = None
     min_p: Annotated[float | None, Field(ge=0.0, le=1.0)] = None
-    repetition_penalty: Annotated[float | None, Field(gt=0.0, le=10.0)] = None
+    repetition_penalty: Annotated[float | None, Field(ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY)] = None
     ignore_eos: bool | None = None
     stop_token_ids: Annotated[list[int] | None, Field(max_length=MAX_STOP_TOKEN_IDS)] = None
     skip_special_tokens: bool | None = None
@@ -94,7 +96,7 @@ class _Sampling(_Strict):
     guided_json: dict[str, Any] | GrammarText | None = None
     guided_regex: GrammarText | None = None
     guided_choice: Annotated[list[Annotated[str, StringConstraints(min_length=1, max_length=MAX_CHOICE_CHARS)]] | None,
-                             Field(min_length=1, max_length=MAX_CHOICES)] = None
+                             Field(min_length=1, max_length=MAX_GUIDED_CHOICES)] = None
     guided_grammar: GrammarText | None = None
     guided_decoding_backend: ShortStr | None = None  # accepted and ignored: shoal has one backend (llguidance)
 

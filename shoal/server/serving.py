@@ -23,9 +23,17 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from shoal.engine.async_engine import AsyncEngine, RequestStream
-from shoal.errors import EngineUnavailableError, InvalidRequestError, QueueFullError, ShoalError, TokenizerError
+from shoal.errors import (
+    EngineUnavailableError,
+    GenerationError,
+    InvalidRequestError,
+    QueueFullError,
+    ShoalError,
+    TokenizerError,
+)
 from shoal.outputs import TokenLogprob
 from shoal.server.conversation import conversation
+from shoal.server.limits import TokenizerPool
 from shoal.server.logprobs import LogprobFormatter
 from shoal.server.protocol import (
     MAX_CHOICES,
@@ -65,6 +73,8 @@ def request_error(exc: BaseException) -> RequestError:
                             headers={"Retry-After": str(exc.retry_after)})
     if isinstance(exc, EngineUnavailableError):
         return RequestError(str(exc), 503, "server_error", code="engine_unavailable")
+    if isinstance(exc, GenerationError):  # this request alone failed; its message names no internals
+        return RequestError(str(exc), 500, "server_error", code="generation_failed")
     return RequestError(INTERNAL_ERROR, 500, "server_error")
 
 
@@ -102,12 +112,15 @@ class _Prepared:
 
 class OpenAIServing:
     def __init__(self, llm, engine: AsyncEngine, model_name: str, max_prompt_bytes: int,
-                 tool_call_parser: str | None = None, reasoning_parser: str | None = None) -> None:
+                 tool_call_parser: str | None = None, reasoning_parser: str | None = None,
+                 tokenizer_pool: TokenizerPool | None = None) -> None:
         self.llm, self.engine, self.model_name = llm, engine, model_name
         self.tokenizer = llm.tokenizer
         self.max_model_len = llm.engine.max_model_len
         self.vocab_size = llm.engine.model.config.vocab_size
         self.max_prompt_bytes = max_prompt_bytes
+        self.tokenizer_pool = tokenizer_pool or TokenizerPool()
+        self.max_token_bytes = self.tokenizer.max_token_bytes
         self._token_text: dict[int, str] = {}
         self.logprobs = LogprobFormatter(self._token)
         if tool_call_parser is not None and tool_call_parser not in PARSERS:
@@ -127,6 +140,16 @@ class OpenAIServing:
         if size > self.max_prompt_bytes:
             raise RequestError(
                 f"the prompt is {size} bytes; this server takes at most {self.max_prompt_bytes}", param="prompt"
+            )
+
+    def _check_fits_context(self, size: int) -> None:
+        """Refuse a text of `size` bytes before paying to tokenize it when even at the longest token's bytes
+        per token it would not fit the context."""
+        at_least = -(-size // self.max_token_bytes)
+        if at_least >= self.max_model_len:
+            raise RequestError(
+                f"the prompt is {size} bytes, so at least {at_least} tokens, but the model's context is "
+                f"{self.max_model_len}; shorten it", param="prompt"
             )
 
     def _check_ids(self, ids: list[int], max_tokens: int | None) -> None:
@@ -214,7 +237,7 @@ class OpenAIServing:
                     choice.logprobs.extend(delta.logprobs)
                 if delta.finish_reason is not None:
                     choice.finish_reason = delta.finish_reason
-        except EngineUnavailableError as exc:
+        except (EngineUnavailableError, GenerationError) as exc:
             raise request_error(exc) from None
         return choices
 
@@ -224,7 +247,7 @@ class OpenAIServing:
                 try:
                     async for chunk in chunks:
                         yield chunk
-                except EngineUnavailableError as exc:
+                except (EngineUnavailableError, GenerationError) as exc:
                     yield sse(request_error(exc).body())
                 except Exception:  # a bug: say so without its text
                     logger.exception("error while streaming %s", request_id)
@@ -275,8 +298,13 @@ class OpenAIServing:
         constraint, constraint_param = requested(req)
         params = self._params(req, max_tokens, req.logprobs, prompt_logprobs, constraint)
 
+        size = sum(len(t.encode("utf-8")) for t, _ in prompts if t is not None)
+        self._check_prompt_bytes(size)
+        for text, _ in prompts:
+            if text is not None:
+                self._check_fits_context(len(text.encode("utf-8")))
+
         def prepare() -> _Prepared:
-            self._check_prompt_bytes(sum(len(t.encode("utf-8")) for t, _ in prompts if t is not None))
             if constraint is not None:
                 compile_or_400(self.llm.engine.grammars, constraint, constraint_param)
             ready = []
@@ -289,7 +317,7 @@ class OpenAIServing:
                 ready.append((text, ids))
             return _Prepared(ready, params)
 
-        prepared = await asyncio.to_thread(prepare)
+        prepared = await self.tokenizer_pool.run(size, prepare)
         request_id, stream = self._submit("cmpl", prepared)
         created = int(time.time())
         if req.stream:
@@ -380,16 +408,20 @@ class OpenAIServing:
             params = [dataclasses.replace(p, skip_special_tokens=False) for p in params]
             reader.stop_texts = tuple(self._token(t) for t in self.llm.engine.eos_token_ids)
 
+        size = chat.text_bytes()
+        self._check_prompt_bytes(size)
+
         def prepare() -> _Prepared:
-            self._check_prompt_bytes(chat.text_bytes())
             if plan.constraint is not None:
                 compile_or_400(self.llm.engine.grammars, plan.constraint, plan.constraint_param)
-            ids = self.tokenizer.apply_chat_template(chat.messages, chat.add_generation_prompt, **chat.render_options())
+            text = self.tokenizer.render_chat(chat.messages, chat.add_generation_prompt, **chat.render_options())
+            self._check_fits_context(len(text.encode("utf-8")))  # the rendered text: a template may drop parts
+            ids = self.tokenizer.encode(text, add_special_tokens=False)  # the template places BOS itself
             self._check_ids(ids, explicit)
             return _Prepared([(None, ids)], params)
 
         try:
-            prepared = await asyncio.to_thread(prepare)
+            prepared = await self.tokenizer_pool.run(size, prepare)
         except TokenizerError as exc:
             raise RequestError(str(exc), param="messages") from None
         request_id, stream = self._submit("chatcmpl", prepared)

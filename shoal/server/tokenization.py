@@ -31,16 +31,17 @@ class TokenizationServing:
             chat = conversation(req.messages, req.tools, req.add_generation_prompt, req.continue_final_message,
                                 req.chat_template_kwargs, req.documents)
 
+        size = len(req.prompt.encode("utf-8")) if chat is None else chat.text_bytes()
+        self.serving._check_prompt_bytes(size)
+
         def run() -> list[int]:
             if chat is None:
-                self.serving._check_prompt_bytes(len(req.prompt.encode("utf-8")))
                 return self.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens is not False)
-            self.serving._check_prompt_bytes(chat.text_bytes())
             text = self.tokenizer.render_chat(chat.messages, chat.add_generation_prompt, **chat.render_options())
             return self.tokenizer.encode(text, add_special_tokens=bool(req.add_special_tokens))
 
         try:
-            ids = await asyncio.to_thread(run)
+            ids = await self.serving.tokenizer_pool.run(size, run)
         except TokenizerError as exc:
             raise RequestError(str(exc), param="messages") from None
         strs = [self.tokenizer.id_to_token(i) for i in ids] if req.return_token_strs else None

@@ -69,6 +69,25 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+def _listening(pid: int) -> list[str]:
+    """The local addresses (hex, as /proc/net lists them) of the TCP sockets process `pid` listens on."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    found = []
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[9] in inodes and fields[3] == "0A":  # 0A: LISTEN
+                found.append(fields[1])
+    return found
+
+
 def _stop(*processes: subprocess.Popen) -> None:
     for process in processes:
         if process.poll() is None:
@@ -121,6 +140,12 @@ def test_killed_worker_fails_the_server_within_a_bound(checkpoint):
         assert re.search(r'shoal_expert_tokens_total\{model_name="tiny",layer="1",expert="0"\} \d+', metrics)
         workers = _children(server.pid)
         assert len(workers) == 1, workers
+        # A single-host launch listens on loopback only: its rendezvous is a file store, not torch's TCPStore
+        # (which listens on every interface, unauthenticated).
+        for pid in (server.pid, *workers):
+            listening = _listening(pid)
+            assert listening and all(a.split(":")[0] in ("0100007F", "00000000000000000000000001000000")
+                                     for a in listening), listening
         stream = client.completions.create(model="tiny", prompt=[5, 6, 7], max_tokens=240, stream=True,
                                            extra_body={"ignore_eos": True})
         next(iter(stream))

@@ -11,6 +11,8 @@ import httpx
 import openai
 import uvicorn
 
+from shoal.server.limits import uvicorn_config
+
 API_KEY = "test-key"
 MODEL = "tiny"
 
@@ -22,7 +24,9 @@ class RunningServer:
         sock.bind(("127.0.0.1", 0))
         self.port = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+        # As `shoal serve` serves: through the guarded protocol, under the app's limits.
+        config = uvicorn_config(app, "127.0.0.1", self.port, app.state.limits, log_level="warning", lifespan="on")
+        self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30

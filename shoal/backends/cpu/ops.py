@@ -85,8 +85,12 @@ class CpuOps(Ops):
         return nn.functional.linear(x, weight, bias)
 
     def prepare_weights(self, model):
+        """Pack float32 weights for MKL's sgemm (called through ctypes, not a torch operator), except under
+        kernels "torch", which runs PyTorch's operators only (and so can be traced by torch.compile)."""
         from shoal.backends.cpu import system_memory
 
+        if self.kernels == "torch":
+            return 0
         return packed_f32.pack_model(model, system_memory().free_bytes)
 
     # ---- decode attention over the cache ------------------------------------------------------------
