@@ -208,7 +208,9 @@ def check_sizes(raw: dict[str, Any], path: str = "config.json") -> None:
         value = raw.get(key)
         if value is None:
             continue
-        minimum = 0 if key in ("first_k_dense_replace", "n_shared_experts") else 1
+        # 0 is a real value of these: no dense first layers, no shared expert, no sliding window (Qwen2-MoE
+        # writes sliding_window 0 beside use_sliding_window false), no non-rotary part of an MLA head
+        minimum = 0 if key in ("first_k_dense_replace", "n_shared_experts", "sliding_window", "qk_nope_head_dim") else 1
         if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= bound:
             raise ConfigError(f"{path}: {key} is {str(value)[:40]}, outside {minimum} to {bound}; the checkpoint's "
                               "config.json is damaged or not meant for shoal")

@@ -104,7 +104,8 @@ def test_huge_array_length_does_not_hang(good):
 
 def test_metadata_larger_than_the_tensors_is_refused_before_allocating(good):
     field = gguf.GGUFReader(str(good)).fields["llama.feed_forward_length"]
-    _patch(good, field.offset + 8 + len("llama.feed_forward_length") + 4, "I", 10_000_000)
+    # within config.json's sane bounds (hf_config.SIZE_BOUNDS, which refuse 10M outright), above the tensors
+    _patch(good, field.offset + 8 + len("llama.feed_forward_length") + 4, "I", 1_000_000)
     with pytest.raises(WeightError, match="metadata describes a model of"):
         _opens(good)
 
