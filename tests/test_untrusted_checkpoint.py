@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -18,6 +17,7 @@ import httpx
 import pytest
 
 from shoal.chat_template import RENDER_TIMEOUT_S, ChatTemplateError, render
+from serve_process import listening_port
 
 NESTED_RANGES = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}done"
 NESTED_LISTS = ("{% for a in messages * 1000 %}{% for b in messages * 1000 %}{% for c in messages * 1000 %}"
@@ -100,17 +100,7 @@ def test_a_template_bomb_gets_400_and_sigterm_still_stops_the_server(checkpoint,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     try:
-        lines, port = [], None
-        deadline = time.monotonic() + 60
-        while port is None and time.monotonic() < deadline:
-            line = process.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            found = re.search(r"Uvicorn running on http://127\.0\.0\.1:(\d+)", line)
-            port = int(found.group(1)) if found else None
-        assert port is not None, "".join(lines)
-        threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True).start()
+        port, lines = listening_port(process)
         url = f"http://127.0.0.1:{port}"
         start = time.monotonic()
         response = httpx.post(f"{url}/v1/chat/completions", json={"model": "tiny", "messages": MESSAGES}, timeout=30)

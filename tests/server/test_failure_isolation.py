@@ -5,7 +5,6 @@ sequences that really wait, and an engine that cannot continue makes `shoal serv
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 import threading
@@ -18,6 +17,7 @@ import torch
 from server_harness import MODEL
 
 from shoal import LLM
+from serve_process import listening_port
 
 NO_EOS = {"ignore_eos": True}
 POISON = 277
@@ -163,17 +163,7 @@ def test_an_engine_that_cannot_continue_answers_503_and_the_process_exits_non_ze
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     try:
-        lines, port = [], None
-        deadline = time.monotonic() + 60
-        while port is None and time.monotonic() < deadline:
-            line = process.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            found = re.search(r"Uvicorn running on http://127\.0\.0\.1:(\d+)", line)
-            port = int(found.group(1)) if found else None
-        assert port is not None, "".join(lines)
-        threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True).start()
+        port, lines = listening_port(process)
         url = f"http://127.0.0.1:{port}"
         assert httpx.get(f"{url}/health").status_code == 200
         response = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": [5, POISON], "max_tokens": 2},

@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import signal
 import subprocess
 import sys
-import threading
-import time
 
 import openai
 import pytest
 
 from shoal.server.cli import add_serve_parser, parse_bytes
+from serve_process import listening_port
 
 # The lead wires `serve` into shoal/cli.py; until then the subcommand is driven through its own parser.
 SERVE = (
@@ -59,18 +57,7 @@ def test_sigterm_ends_requests_in_flight_and_exits_cleanly(checkpoint):
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
     )
     try:
-        lines: list[str] = []
-        port = None
-        deadline = time.monotonic() + 60
-        while port is None and time.monotonic() < deadline:
-            line = process.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            found = re.search(r"Uvicorn running on http://127\.0\.0\.1:(\d+)", line)
-            port = int(found.group(1)) if found else None
-        assert port is not None, "".join(lines)
-        threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True).start()
+        port, lines = listening_port(process)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=30)
         assert client.completions.create(model="tiny", prompt="hi", max_tokens=3,
                                          extra_body={"ignore_eos": True}).usage.completion_tokens == 3
