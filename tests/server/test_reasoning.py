@@ -9,6 +9,7 @@ import json
 import pytest
 
 from shoal.server.reasoning import REASONING_PARSERS, ReasoningParser, reasoning_parser
+from scripted_engine import script_engine
 
 CASES = [
     # (model text, reasoning, content)
@@ -63,28 +64,7 @@ def server(serve, tmp_path_factory):
 
 @pytest.fixture
 def scripted(server, monkeypatch):
-    import asyncio
-
-    from shoal.engine.async_engine import Delta, RequestStream
-
-    class Script:
-        text = "<think>Paris is in France.</think>It is sunny.</s>"
-        params = []
-
-    def add_request(request_id, items, prompt=None):
-        Script.params = [p for _, p in items]
-        loop = asyncio.get_running_loop()
-        stream = RequestStream(request_id, len(items), loop)
-        body, eos = (Script.text[:-4], ["</s>"]) if Script.text.endswith("</s>") else (Script.text, [])
-        pieces = [body[i : i + 3] for i in range(0, len(body), 3)] + eos
-        for index, (ids, _) in enumerate(items):
-            for step, piece in enumerate(pieces):
-                last = step == len(pieces) - 1
-                loop.call_soon(stream._put, Delta(index, [5], piece, None, "stop" if last else None, len(ids), step + 1))
-        return stream
-
-    monkeypatch.setattr(server.app.state.engine, "add_request", add_request)
-    return Script
+    return script_engine(server, monkeypatch, "<think>Paris is in France.</think>It is sunny.</s>")
 
 
 ASK = [{"role": "user", "content": "Weather in Paris?"}]

@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from scripted_engine import script_engine
 from shoal.server.tool_parsers import (
     PARSERS,
     DeepSeekToolParser,
@@ -149,29 +150,8 @@ def server(serve, tmp_path_factory):
 @pytest.fixture
 def scripted(server, monkeypatch):
     """The engine answers every completion with `text`, three characters a step (set scripted.text to change it)."""
-    import asyncio
-
-    from shoal.engine.async_engine import Delta, RequestStream
-
-    class Script:
-        text = QWEN_ANSWER + "</s>"  # special tokens are kept for this tokenizer (its <tool_call> is special)
-        params = []
-
-    def add_request(request_id, items, prompt=None):
-        Script.params = [p for _, p in items]
-        loop = asyncio.get_running_loop()
-        stream = RequestStream(request_id, len(items), loop)
-        # The end-of-sequence token's text comes whole in the last delta, as the engine's detokenizer gives it.
-        body, eos = (Script.text[:-4], ["</s>"]) if Script.text.endswith("</s>") else (Script.text, [])
-        pieces = [body[i : i + 3] for i in range(0, len(body), 3)] + eos
-        for index, (ids, _) in enumerate(items):
-            for step, piece in enumerate(pieces):
-                last = step == len(pieces) - 1
-                loop.call_soon(stream._put, Delta(index, [5], piece, None, "stop" if last else None, len(ids), step + 1))
-        return stream
-
-    monkeypatch.setattr(server.app.state.engine, "add_request", add_request)
-    return Script
+    # special tokens are kept for this tokenizer (its <tool_call> is special)
+    return script_engine(server, monkeypatch, QWEN_ANSWER + "</s>")
 
 
 def test_chat_returns_parsed_tool_calls(server, scripted):
