@@ -25,6 +25,7 @@ from shoal.errors import ConfigError
 
 ENV = "SHOAL_CPU_ISA"
 _NO_AMX = ["-mno-amx-tile", "-mno-amx-int8", "-mno-amx-bf16"]
+_NEEDS = {"avx512": "avx512f", "avx2": "avx2"}  # the /proc/cpuinfo flag an x86 level cannot run without
 
 _chosen: str | None = None  # the level of this process, fixed when the kernels load
 
@@ -62,7 +63,7 @@ def runnable_levels() -> list[str]:
     flags = _host_flags()
     if not _x86():
         return ["native", "portable"]
-    return [lvl for lvl in LEVELS if lvl in ("native", "portable") or {"avx512": "avx512f", "avx2": "avx2"}[lvl] in flags]
+    return [lvl for lvl in LEVELS if lvl not in _NEEDS or _NEEDS[lvl] in flags]
 
 
 def host_levels() -> list[str]:
@@ -85,7 +86,7 @@ def check(level: str) -> str:
     if level not in LEVELS:
         raise ConfigError(f"unknown CPU ISA level {level!r}; choose one of {', '.join(LEVELS)}")
     flags = _host_flags()
-    needs = {"avx512": "avx512f", "avx2": "avx2"}.get(level)
+    needs = _NEEDS.get(level)
     if _x86() and needs and flags and needs not in flags:
         raise ConfigError(f"this CPU has no {needs.upper()}, so kernels capped at {level} cannot run here; "
                           f"choose one of {', '.join(runnable_levels())}")
