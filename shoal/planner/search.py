@@ -149,6 +149,21 @@ def _largest(ok, top: int) -> int:
     return low
 
 
+def _most_sequences(timing, ttft_one: float, work: Workload, top: int) -> tuple[int, float, float] | None:
+    """The most concurrent sequences (up to `top`) whose step cycle and TPOT, from timing(seqs), keep
+    within the workload's TPOT and TTFT limits (TTFT: one prompt's prefill `ttft_one` plus a cycle), with
+    that cycle and TPOT; None if not even one fits."""
+
+    def ok(seqs: int) -> bool:
+        cycle, tpot = timing(seqs)
+        return (work.tpot_s is None or tpot <= work.tpot_s) and (work.ttft_s is None or ttft_one + cycle <= work.ttft_s)
+
+    seqs = _largest(ok, top)
+    if seqs == 0:
+        return None
+    return (seqs, *timing(seqs))
+
+
 def best_prefill(shape: ModelShape, dep: Deployment, factors: Factors, work: Workload) -> tuple[float, int, float]:
     """(input tokens/s per chip, prompts per batch, TTFT) of the largest prefill batch within the TTFT
     limit (TTFT = the batch's prefill time) and memory; (0, 0, TTFT of one prompt) when none fits."""
@@ -207,14 +222,10 @@ def evaluate(shape: ModelShape, chip: Chip, layout: Layout, quant: str, work: Wo
 
     ttft_one = prefill_time(shape, dep, factors, 1, work.input_len)[0]
 
-    def ok_coloc(seqs: int) -> bool:
-        cycle, tpot = timing(seqs)
-        return (work.tpot_s is None or tpot <= work.tpot_s) and (work.ttft_s is None or ttft_one + cycle <= work.ttft_s)
-
-    seqs = _largest(ok_coloc, top)
-    if seqs == 0:
+    found = _most_sequences(timing, ttft_one, work, top)
+    if found is None:
         return None
-    cycle, tpot = timing(seqs)
+    seqs, cycle, tpot = found
     return Plan(chip, quant, mode, layout, None, seqs, float(layout.chips), ttft_one + cycle, tpot,
                 seqs * tps / cycle, 0.0,
                 memory_per_chip(shape, dep, seqs, work.input_len + work.output_len, seqs * tps).total / 1e9)

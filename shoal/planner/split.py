@@ -18,7 +18,7 @@ from shoal.parallel.split import proportional_split
 from shoal.planner.catalog import Chip
 from shoal.planner.cost import Deployment, Layout, check_layout, decode_step_time, memory_per_chip, prefill_time
 from shoal.planner.errors import PlanError
-from shoal.planner.search import Plan, Workload, _largest
+from shoal.planner.search import Plan, Workload, _most_sequences
 from shoal.planner.shapes import ModelShape
 
 
@@ -122,14 +122,10 @@ def evaluate_split(shape: ModelShape, kinds: list[Chip], tp: int, quant: str, wo
     ttft_one = sum(prefill_time(part, dep, factors, 1, work.input_len)[0] + send_s(work.input_len)
                    for part, dep, factors in parts)
 
-    def ok(seqs: int) -> bool:
-        cycle, tpot = timing(seqs)
-        return (work.tpot_s is None or tpot <= work.tpot_s) and (work.ttft_s is None or ttft_one + cycle <= work.ttft_s)
-
-    seqs = _largest(ok, top)
-    if seqs == 0:
+    found = _most_sequences(timing, ttft_one, work, top)
+    if found is None:
         return None
-    cycle, tpot = timing(seqs)
+    seqs, cycle, tpot = found
     memory = max(memory_per_chip(part, dep, seqs, total, seqs).total for part, dep, _ in parts) / 1e9
     stages = tuple(Stage(chip, count, tp) for chip, count in zip(kinds, layers))
     chips = tp * pp
