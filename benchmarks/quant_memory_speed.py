@@ -149,7 +149,7 @@ def kernel_table(threads: int) -> None:
     t4gemv = gemv.int4_relayout(q4.packed, q4.scales, q4.zeros) if gemv.available() else None
     wb = w.to(torch.bfloat16)
     print(f"one [{k} -> {n}] matmul, bf16 activations, {threads} thread(s), median ms; shoal gemv "
-          f"{'vectorized (AVX-512)' if gemv.vectorized() else 'portable loops (no AVX-512)' if gemv.available() else 'not built'}")
+          f"{gemv.lanes()} lanes")
     print("| tokens | bf16 F.linear | bf16 shoal gemv | int8pack | int8 shoal gemv | int8 dequant+matmul "
           "| int4pack | int4 shoal gemv | int4 dequant+matmul |")
     print("|---|---|---|---|---|---|---|---|---|")

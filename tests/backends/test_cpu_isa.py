@@ -78,6 +78,8 @@ def test_a_capped_level_passes_the_kernel_and_replay_tests(level, tmp_path):
     assert chosen == level
     if level in ("avx2", "portable"):
         assert not int(features) & 16, "a level below AVX-512 built AVX-512 kernels"
+    if level == "portable":
+        assert not int(features) & 48, "the portable level built vector lanes"
     done = _run(["-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *FORCED], {isa.ENV: level})
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     assert " passed" in done.stdout

@@ -195,13 +195,13 @@ def _decode_kernels() -> str:
         return "aten (shoal's C kernels not built: no C compiler, or SHOAL_CPU_KERNELS=0)"
     fused = "fused norm / SiLU / attention" if cpu_ops.available() else "aten norm / attention (SHOAL_CPU_OPS=0)"
     if not cpu_gemv.vectorized():
-        return (f"aten matmuls (shoal gemv built without AVX-512: its scalar loops are slower than aten's "
-                f"kernels here), {fused}; decode steps replayed in one call where every op is shoal's (float32)")
-    int_path = "int8 activations (VNNI)" if cpu_gemv.quantizes_activations() else "float activations"
+        return (f"aten matmuls (shoal gemv built without vector lanes: its portable loops are slower than "
+                f"aten's kernels here), {fused}; decode steps replayed in one call where every op is shoal's (float32)")
+    int_path = "int8 activations" if cpu_gemv.quantizes_activations() else "float activations"
     rows = ""
     if cpu_gemv.rows_kernels_available():
         rows = (f"; batched decode ({cpu_gemv.MAX_ROWS + 1}-{cpu_gemv.ROWS_MAX} rows) on AMX tiles" if cpu_gemv.rows_use_amx()
                 else f"; batched int8 / int4 decode ({cpu_gemv.MAX_ROWS + 1}-{cpu_gemv.ROWS_MAX_WITHOUT_AMX} rows) "
                 "with AVX512-BF16")
-    return (f"shoal gemv (int8 / int4 weights x {int_path}), {fused}; each decode step recorded once and "
+    return (f"shoal gemv ({cpu_gemv.lanes().upper()} lanes; int8 / int4 weights x {int_path}), {fused}; each decode step recorded once and "
             f"replayed in one call{rows}")

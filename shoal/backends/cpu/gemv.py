@@ -61,20 +61,29 @@ def available() -> bool:
 
 def quantizes_activations() -> bool:
     """Whether int8 / int4 weights multiply bf16 activations quantized to int8 (one scale per 32 inputs,
-    with VNNI, as llama.cpp does) rather than as given. float32 activations are always used as given."""
+    as llama.cpp does) rather than as given: wherever the kernels are built, on every ISA. float32
+    activations are always used as given."""
     lib = library()
     return lib is not None and bool(lib.features & 1)
 
 
-def vectorized() -> bool:
-    """Whether the matrix-vector kernels run vectorized here (AVX-512). Without it they are the portable
-    scalar loops, several times slower than aten's kernels (`python benchmarks/quant_memory_speed.py
-    --kernels --threads 2` on an AVX2-only AMD EPYC, one [1024 -> 5632] matmul of one bf16 row: bf16 5.12 ms
-    against F.linear's 0.84, int8 3.29 against aten._weight_int8pack_mm's 0.73, int4 2.74 against
-    _weight_int4pack_mm_for_cpu's 0.54), so the CPU backend multiplies with aten's there (cpu/ops.py,
-    quantized.py) and keeps these for testing."""
+def lanes() -> str:
+    """The registers the dot products' 16 lanes (csrc/lanes.h) live in here: "avx512", "avx2" or
+    "portable" (plain C), or "none" where the kernels are not built."""
     lib = library()
-    return lib is not None and bool(lib.features & 16)
+    if lib is None:
+        return "none"
+    return "avx512" if lib.features & 16 else "avx2" if lib.features & 32 else "portable"
+
+
+def vectorized() -> bool:
+    """Whether the matrix-vector kernels run vectorized here (AVX-512 or AVX2 lanes). Without it they are
+    the portable C loops, several times slower than aten's kernels (`python benchmarks/quant_memory_speed.py
+    --kernels --threads 2` on an AVX2-only AMD EPYC before the AVX2 lanes existed, one [1024 -> 5632]
+    matmul of one bf16 row: bf16 5.12 ms against F.linear's 0.84, int8 3.29 against
+    aten._weight_int8pack_mm's 0.73, int4 2.74 against _weight_int4pack_mm_for_cpu's 0.54), so the CPU
+    backend multiplies with aten's there (cpu/ops.py, quantized.py) and keeps these for testing."""
+    return lanes() in ("avx512", "avx2")
 
 
 def chosen(kernels: str = "auto") -> bool:

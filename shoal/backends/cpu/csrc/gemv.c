@@ -7,17 +7,17 @@
  * speed: each thread takes a contiguous range of output rows and reads each weight row exactly once,
  * multiplying it against every activation row (which stay in cache).
  *
- *   bf16 weights: float32 (or, with AVX512-BF16 and bf16 activations, bf16 pair) dot products; the
- *                 activations are used as given.
- *   int8 / int4:  with AVX512-VNNI and bf16 activations, as llama.cpp does, the activations are
- *                 quantized to int8 with one scale per block of 32 and the weights are multiplied in integers (vpdpbusd, 64
- *                 products per instruction); the blocks' partial sums are then scaled in float32.
- *                 Otherwise (float32 activations, or no VNNI) the weights are widened to float32 and
- *                 the activations used as given.
+ *   bf16 weights: float32 dot products (or, with AVX512-BF16 and bf16 activations, bf16 pair products);
+ *                 the activations are used as given.
+ *   int8 / int4:  with bf16 activations, as llama.cpp does, the activations are quantized to int8 with
+ *                 one scale per block of 32 and the weights are multiplied in integers (vpdpbusd with
+ *                 AVX512-VNNI, vpmaddubsw elsewhere: exact either way); the partial sums are then scaled
+ *                 in float32. float32 activations are used as given, the weights widened to float32.
  *
- * Portable C: the AVX-512 / VNNI inner loops are taken where the compiler targets them (-march=native,
- * or the level shoal/backends/cpu/isa.py caps it at); elsewhere the same loops in plain C. Built at first
- * use by shoal/backends/cpu/build.py and linked into the process's OpenMP runtime (torch's own).
+ * Every dot product is written once against the 16 lanes of lanes.h, which each ISA (AVX-512, AVX2,
+ * portable C) implements with the same operations lane for lane: every level shoal/backends/cpu/isa.py
+ * builds gives the portable code's bits (the one exception, bf16 pair products, says so below). Built at
+ * first use by shoal/backends/cpu/build.py and linked into the process's OpenMP runtime (torch's own).
  *
  * Layouts (row-major, contiguous):
  *   x      [M, K], float32 (act_bf16 = 0) or bf16 (act_bf16 = 1); y [M, N] in the same dtype
@@ -34,6 +34,7 @@
 #include <omp.h>
 
 #include "kernel_common.h"
+#include "lanes.h"
 #include "shoal_cpu.h"
 
 #define MAX_ROWS 8   /* activation rows per call; the Python side uses a matmul above this */
@@ -111,7 +112,9 @@ static int quantize_rows(const float *xf, int64_t M, int64_t K, QuantizedRows *q
 INLINE void dot_bf16_impl(const uint16_t *w, const float *xf, const uint16_t *xb, int64_t K, const int mb,
                           float *dots) {
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
-    if (xb && K % 32 == 0) { /* bf16 pairs: 32 products per instruction, exact, float32 sums */
+    /* bf16 pairs, 32 products per instruction, float32 sums: the one path whose bits are the hardware's
+     * (vdpbf16ps flushes denormals and rounds its pairs as it does), not the portable code's */
+    if (xb && K % 32 == 0) {
         __m512 acc[ROW_BLOCK][2];
         for (int m = 0; m < mb; m++) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
         int64_t k = 0;
@@ -129,31 +132,29 @@ INLINE void dot_bf16_impl(const uint16_t *w, const float *xf, const uint16_t *xb
             for (int m = 0; m < mb; m++)
                 acc[m][0] = _mm512_dpbf16_ps(acc[m][0], w0, (__m512bh)_mm512_loadu_si512(xb + m * K + k));
         }
-        for (int m = 0; m < mb; m++) dots[m] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]));
+        for (int m = 0; m < mb; m++) dots[m] = f16_sum((F16){_mm512_add_ps(acc[m][0], acc[m][1])});
         return;
     }
 #endif
-#ifdef __AVX512F__
-    if (K % 16 == 0) {
-        __m512 acc[ROW_BLOCK][2];
-        for (int m = 0; m < mb; m++) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+    if (K % 16 == 0) { /* 32 lanes: inputs k + [0, 16) in the first accumulator, k + [16, 32) in the second */
+        F16 acc[ROW_BLOCK][2];
+        for (int m = 0; m < mb; m++) acc[m][0] = acc[m][1] = f16_zero();
         int64_t k = 0;
         for (; k + 32 <= K; k += 32) {
-            __m512 w0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(w + k))), 16));
-            __m512 w1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(w + k + 16))), 16));
+            SHOAL_PREFETCH((const char *)(w + k) + PREFETCH);
+            const F16 w0 = f16_from_bf16(w + k), w1 = f16_from_bf16(w + k + 16);
             for (int m = 0; m < mb; m++) {
-                acc[m][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xf + m * K + k), acc[m][0]);
-                acc[m][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xf + m * K + k + 16), acc[m][1]);
+                acc[m][0] = f16_fma(w0, f16_load(xf + m * K + k), acc[m][0]);
+                acc[m][1] = f16_fma(w1, f16_load(xf + m * K + k + 16), acc[m][1]);
             }
         }
-        for (; k < K; k += 16) {
-            __m512 w0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(w + k))), 16));
-            for (int m = 0; m < mb; m++) acc[m][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xf + m * K + k), acc[m][0]);
+        if (k < K) {
+            const F16 w0 = f16_from_bf16(w + k);
+            for (int m = 0; m < mb; m++) acc[m][0] = f16_fma(w0, f16_load(xf + m * K + k), acc[m][0]);
         }
-        for (int m = 0; m < mb; m++) dots[m] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]));
+        for (int m = 0; m < mb; m++) dots[m] = f16_sum(f16_add(acc[m][0], acc[m][1]));
         return;
     }
-#endif
     for (int m = 0; m < mb; m++) {
         float s = 0.0f;
         for (int64_t k = 0; k < K; k++) s += bf16_to_float(w[k]) * xf[m * K + k];
@@ -193,44 +194,23 @@ int shoal_gemv_bf16(const void *x, int act_bf16, int64_t M, int64_t K, const uin
 
 INLINE void dot_int8_impl(const int8_t *w, const float *xf, const QuantizedRows *q, int64_t K, const int mb,
                           float *dots) {
-#ifdef SHOAL_VNNI
-    if (q->xq) {
-        /* sum (xq + 128) w - sum 128 w = sum xq w: vpdpbusd wants its first operand unsigned. */
-        const __m512i flip = _mm512_set1_epi8((char)0x80), zero = _mm512_setzero_si512();
-        const __m512i c128 = _mm512_set1_epi8((char)0x80); /* 128 as an unsigned byte */
-        __m512 acc[ROW_BLOCK];
-        for (int m = 0; m < mb; m++) acc[m] = _mm512_setzero_ps();
+    F16 acc[ROW_BLOCK];
+    for (int m = 0; m < mb; m++) acc[m] = f16_zero();
+    if (q->xq) { /* per 64 inputs: 16 exact integer sums of 4 products, each times its block's scale */
         for (int64_t k = 0; k < K; k += 64) {
-            _mm_prefetch((const char *)(w + k) + PREFETCH, _MM_HINT_T0);
-            const __m512i wv = _mm512_loadu_si512(w + k);
-            const __m512i bias = _mm512_dpbusd_epi32(zero, c128, wv);
+            SHOAL_PREFETCH((const char *)(w + k) + PREFETCH);
             for (int m = 0; m < mb; m++) {
-                __m512i xu = _mm512_xor_si512(_mm512_loadu_si512(q->xq + m * K + k), flip);
-                __m512i d = _mm512_sub_epi32(_mm512_dpbusd_epi32(zero, xu, wv), bias);
-                acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_loadu_ps(q->lane_scale + m * (K / 4) + k / 4), acc[m]);
+                const I16 d = i16_dot_s8s8(q->xq + m * K + k, w + k);
+                acc[m] = f16_fma(f16_from_i16(d), f16_load(q->lane_scale + m * (K / 4) + k / 4), acc[m]);
             }
         }
-        for (int m = 0; m < mb; m++) dots[m] = _mm512_reduce_add_ps(acc[m]);
-        return;
-    }
-#endif
-#ifdef __AVX512F__
-    {
-        __m512 acc[ROW_BLOCK];
-        for (int m = 0; m < mb; m++) acc[m] = _mm512_setzero_ps();
+    } else {
         for (int64_t k = 0; k < K; k += 16) {
-            __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + k))));
-            for (int m = 0; m < mb; m++) acc[m] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xf + m * K + k), acc[m]);
+            const F16 wv = f16_from_i8(w + k);
+            for (int m = 0; m < mb; m++) acc[m] = f16_fma(wv, f16_load(xf + m * K + k), acc[m]);
         }
-        for (int m = 0; m < mb; m++) dots[m] = _mm512_reduce_add_ps(acc[m]);
-        return;
     }
-#endif
-    for (int m = 0; m < mb; m++) {
-        float s = 0.0f;
-        for (int64_t k = 0; k < K; k++) s += (float)w[k] * xf[m * K + k];
-        dots[m] = s;
-    }
+    for (int m = 0; m < mb; m++) dots[m] = f16_sum(acc[m]);
 }
 
 static void dot_int8(const int8_t *w, const float *xf, const QuantizedRows *q, int64_t K, int mb, float *dots) {
@@ -248,13 +228,11 @@ int shoal_gemv_int8(const void *x, int act_bf16, int64_t M, int64_t K, const int
     float *xf = activations(x, act_bf16, M, K);
     if (!xf) return 2;
     QuantizedRows q = {NULL, NULL};
-#ifdef SHOAL_VNNI
     /* bf16 activations are quantized (speed); float32 ones are multiplied as given (exact). */
     if (act_bf16 && K % 64 == 0 && quantize_rows(xf, M, K, &q)) {
         free(xf);
         return 2;
     }
-#endif
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = 0; n < N; n++) {
         for (int64_t m0 = 0; m0 < M; m0 += ROW_BLOCK) {
@@ -273,66 +251,78 @@ int shoal_gemv_int8(const void *x, int act_bf16, int64_t M, int64_t K, const int
 
 /* ---- int4 weights, a scale and a zero per group ---------------------------------------------- */
 
-
-#ifdef __AVX512F__
 /* t[m] = lanes whose sum is sum_g (zero - 8 * scale)[g] * xsum[m, g], for one weight row. */
 INLINE void zero_terms(const Int4Groups *g, int64_t r, const float *xsum, int64_t G, const int mb, const int sb,
-                       __m512 *t) {
-    for (int m = 0; m < mb; m++) t[m] = _mm512_setzero_ps();
+                       F16 *t) {
+    for (int m = 0; m < mb; m++) t[m] = f16_zero();
     for (int64_t gi = 0; gi < G; gi += 16) {
-        const __mmask16 lanes = G - gi >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (G - gi)) - 1);
-        __m512 sv, zv;
+        const int n = G - gi >= 16 ? 16 : (int)(G - gi);
+        F16 sv, zv;
         if (sb) {
-            sv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, (const uint16_t *)g->scale + r + gi)), 16));
-            zv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, (const uint16_t *)g->zero + r + gi)), 16));
+            sv = f16_from_bf16_n((const uint16_t *)g->scale + r + gi, n);
+            zv = f16_from_bf16_n((const uint16_t *)g->zero + r + gi, n);
         } else {
-            sv = _mm512_maskz_loadu_ps(lanes, (const float *)g->scale + r + gi);
-            zv = _mm512_maskz_loadu_ps(lanes, (const float *)g->zero + r + gi);
+            sv = f16_load_n((const float *)g->scale + r + gi, n);
+            zv = f16_load_n((const float *)g->zero + r + gi, n);
         }
-        const __m512 offset = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), sv, zv);
-        for (int m = 0; m < mb; m++) t[m] = _mm512_fmadd_ps(offset, _mm512_maskz_loadu_ps(lanes, xsum + m * G + gi), t[m]);
+        const F16 offset = f16_fma(f16_set1(-8.0f), sv, zv);
+        for (int m = 0; m < mb; m++) t[m] = f16_fma(offset, f16_load_n(xsum + m * G + gi, n), t[m]);
     }
 }
-#endif
 
-#ifdef SHOAL_VNNI
-/* s[h] = the scales of inputs k + 64 h + [0, 64) of weight row r (its scales at row offset r), one per
- * 32-bit lane as the lanes of a vpdpbusd result cover the inputs (4 each). */
-INLINE void int4_block_scales(const Int4Groups *g, int64_t r, int64_t k, const int sb, const int g32, __m512 *s) {
+/* s[h] = the scales of inputs k + 64 h + [0, 64) of weight row r (its scales at row offset r), one per lane
+ * as the lanes of an integer dot product cover the inputs (4 each). */
+INLINE void int4_block_scales(const Int4Groups *g, int64_t r, int64_t k, const int sb, const int g32, F16 *s) {
     const int gs = g->group_shift;
-    /* bf16 scales of groups >= 64: the block's one or two scales in one 32-bit broadcast; bf16 -> float32
-     * is then a shift (or a mask) per half, instead of a scalar load, shift and broadcast */
-    __m512i scale_bits = _mm512_setzero_si512();
-    if (sb && !g32) {
-        const uint16_t *sp = (const uint16_t *)g->scale + r + (k >> gs);
-        uint32_t word = sp[0];
-        if (gs == 6) word |= (uint32_t)sp[1] << 16; /* group 64: one scale per half */
-        else word |= word << 16;                    /* larger: both halves in one group */
-        scale_bits = _mm512_set1_epi32((int)word);
-    } else if (sb) { /* group 32: the block's four scales, 16 bits each, in every 64-bit lane */
-        uint64_t four;
-        memcpy(&four, (const uint16_t *)g->scale + r + k / 32, 8);
-        scale_bits = _mm512_set1_epi64((long long)four);
+#ifdef SHOAL_LANES_AVX512
+    if (sb) {
+        /* bf16 scales of groups >= 64: the block's one or two scales in one 32-bit broadcast; bf16 -> float32
+         * is then a shift (or a mask) per half, instead of a scalar load, shift and broadcast */
+        __m512i scale_bits;
+        if (!g32) {
+            const uint16_t *sp = (const uint16_t *)g->scale + r + (k >> gs);
+            uint32_t word = sp[0];
+            if (gs == 6) word |= (uint32_t)sp[1] << 16; /* group 64: one scale per half */
+            else word |= word << 16;                    /* larger: both halves in one group */
+            scale_bits = _mm512_set1_epi32((int)word);
+        } else { /* group 32: the block's four scales, 16 bits each, in every 64-bit lane */
+            uint64_t four;
+            memcpy(&four, (const uint16_t *)g->scale + r + k / 32, 8);
+            scale_bits = _mm512_set1_epi64((long long)four);
+        }
+        for (int h = 0; h < 2; h++) {
+            if (!g32) {
+                s[h].v = _mm512_castsi512_ps(h ? _mm512_and_si512(scale_bits, _mm512_set1_epi32((int)0xFFFF0000u))
+                                               : _mm512_slli_epi32(scale_bits, 16));
+            } else {
+                /* lanes 0-7 take scale 2h, lanes 8-15 scale 2h + 1, each in the upper 16 bits of its lane
+                 * (the lower 16 zeroed): bf16 as float32 */
+                const __m512i pick = h ? _mm512_set_epi16(7, 0, 7, 0, 7, 0, 7, 0, 7, 0, 7, 0, 7, 0, 7, 0,
+                                                          6, 0, 6, 0, 6, 0, 6, 0, 6, 0, 6, 0, 6, 0, 6, 0)
+                                       : _mm512_set_epi16(5, 0, 5, 0, 5, 0, 5, 0, 5, 0, 5, 0, 5, 0, 5, 0,
+                                                          4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0);
+                s[h].v = _mm512_castsi512_ps(_mm512_maskz_permutexvar_epi16((__mmask32)0xAAAAAAAAu, pick, scale_bits));
+            }
+        }
+        return;
     }
+#endif
     for (int h = 0; h < 2; h++) {
         const int64_t k0 = k + 64 * h;
-        if (sb && !g32) {
-            s[h] = _mm512_castsi512_ps(h ? _mm512_and_si512(scale_bits, _mm512_set1_epi32((int)0xFFFF0000u))
-                                         : _mm512_slli_epi32(scale_bits, 16));
-        } else if (sb) {
-            /* lanes 0-7 take scale 2h, lanes 8-15 scale 2h + 1, each in the upper 16 bits of its lane
-             * (the lower 16 zeroed): bf16 as float32 */
-            const __m512i pick = h ? _mm512_set_epi16(7, 0, 7, 0, 7, 0, 7, 0, 7, 0, 7, 0, 7, 0, 7, 0,
-                                                      6, 0, 6, 0, 6, 0, 6, 0, 6, 0, 6, 0, 6, 0, 6, 0)
-                                   : _mm512_set_epi16(5, 0, 5, 0, 5, 0, 5, 0, 5, 0, 5, 0, 5, 0, 5, 0,
-                                                      4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0);
-            s[h] = _mm512_castsi512_ps(_mm512_maskz_permutexvar_epi16((__mmask32)0xAAAAAAAAu, pick, scale_bits));
-        } else if (!g32) {
-            s[h] = _mm512_set1_ps(load_value(g->scale, r + (k0 >> gs), sb));
-        } else { /* group 32: lanes 0-7 in one group, 8-15 in the next */
-            s[h] = _mm512_insertf32x8(_mm512_set1_ps(load_value(g->scale, r + k0 / 32, sb)),
-                                      _mm256_set1_ps(load_value(g->scale, r + k0 / 32 + 1, sb)), 1);
-        }
+        s[h] = g32 ? f16_set2(load_value(g->scale, r + k0 / 32, sb), load_value(g->scale, r + k0 / 32 + 1, sb))
+                   : f16_set1(load_value(g->scale, r + (k0 >> gs), sb));
+    }
+}
+
+/* Per 128 inputs of quantized activations: for each 64-input half h, 16 exact integer sums of 4 products,
+ * times their activation block's scale, times their weight group's scale, added to acc[h]. */
+INLINE void int4_block(const uint8_t *wb, const Int4Groups *g, int64_t r, const int8_t *xq, const float *ls,
+                       int64_t k, const int sb, const int g32, F16 *acc) {
+    F16 s[2];
+    int4_block_scales(g, r, k, sb, g32, s);
+    for (int h = 0; h < 2; h++) {
+        const I16 d = i16_dot_u4s8(wb, h, xq + k + 64 * h);
+        acc[h] = f16_fma(f16_mul(f16_from_i16(d), f16_load(ls + (k + 64 * h) / 4)), s[h], acc[h]);
     }
 }
 
@@ -345,29 +335,19 @@ INLINE void int4_block_scales(const Int4Groups *g, int64_t r, int64_t k, const i
 INLINE void dot_int4_x4_impl(const uint8_t *w, int64_t row_bytes, const Int4Groups *g, int64_t r, int64_t G,
                              const QuantizedRows *q, const float *xsum, int64_t K, const int sb, const int g32,
                              float *dots) {
-    const __m512i low = _mm512_set1_epi8(0x0F), zero = _mm512_setzero_si512();
-    __m512 acc[4][2];
+    F16 acc[4][2];
     for (int j = 0; j < 4; j++) {
         zero_terms(g, r + j * G, xsum, G, 1, sb, &acc[j][1]);
-        acc[j][0] = _mm512_setzero_ps();
+        acc[j][0] = f16_zero();
     }
-    for (int64_t k = 0; k < K; k += 128) {
-        const __m512i x0 = _mm512_loadu_si512(q->xq + k), x1 = _mm512_loadu_si512(q->xq + k + 64);
-        const __m512 ls0 = _mm512_loadu_ps(q->lane_scale + k / 4), ls1 = _mm512_loadu_ps(q->lane_scale + k / 4 + 16);
+    for (int64_t k = 0; k < K; k += 128)
         for (int j = 0; j < 4; j++) {
             const uint8_t *wj = w + j * row_bytes + k / 2;
-            _mm_prefetch((const char *)wj + X4_AHEAD * row_bytes, _MM_HINT_T0); /* X4_AHEAD rows on */
-            const __m512i b = _mm512_loadu_si512(wj);
-            __m512 s[2];
-            int4_block_scales(g, r + j * G, k, sb, g32, s);
-            const __m512i d0 = _mm512_dpbusd_epi32(zero, _mm512_and_si512(b, low), x0);
-            const __m512i d1 = _mm512_dpbusd_epi32(zero, _mm512_and_si512(_mm512_srli_epi16(b, 4), low), x1);
-            acc[j][0] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(d0), ls0), s[0], acc[j][0]);
-            acc[j][1] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(d1), ls1), s[1], acc[j][1]);
+            SHOAL_PREFETCH((const char *)wj + X4_AHEAD * row_bytes); /* X4_AHEAD rows on */
+            int4_block(wj, g, r + j * G, q->xq, q->lane_scale, k, sb, g32, acc[j]);
         }
-    }
-    _mm_storeu_ps(dots, reduce4(_mm512_add_ps(acc[0][0], acc[0][1]), _mm512_add_ps(acc[1][0], acc[1][1]),
-                                _mm512_add_ps(acc[2][0], acc[2][1]), _mm512_add_ps(acc[3][0], acc[3][1])));
+    f16_sum4(f16_add(acc[0][0], acc[0][1]), f16_add(acc[1][0], acc[1][1]), f16_add(acc[2][0], acc[2][1]),
+             f16_add(acc[3][0], acc[3][1]), dots);
 }
 
 static void dot_int4_x4(const uint8_t *w, int64_t row_bytes, const Int4Groups *g, int64_t r, int64_t G,
@@ -379,7 +359,6 @@ static void dot_int4_x4(const uint8_t *w, int64_t row_bytes, const Int4Groups *g
     default: dot_int4_x4_impl(w, row_bytes, g, r, G, q, xsum, K, 1, 1, dots); break;
     }
 }
-#endif
 
 /* One int4 weight row (its scales and zeros at row offset `r`) against rows [0, mb); xsum [M, K / group]
  * holds each group's sum of the activations, for the (zero - 8 * scale) term. */
@@ -387,80 +366,48 @@ INLINE void dot_int4_impl(const uint8_t *w, const Int4Groups *g, int64_t r, cons
                           const float *xsum, int64_t K, const int mb, const int sb, const int g32, float *dots) {
     const int64_t G = K >> g->group_shift;
     const int gs = g->group_shift;
-    float out[ROW_BLOCK];
-#ifdef SHOAL_VNNI
+    F16 t[ROW_BLOCK]; /* the zero terms */
+    zero_terms(g, r, xsum, G, mb, sb, t);
     if (q->xq) {
-        const __m512i low = _mm512_set1_epi8(0x0F), zero = _mm512_setzero_si512();
-        __m512 acc[ROW_BLOCK][2]; /* one per half, so consecutive FMAs do not wait on each other */
-        __m512 t[ROW_BLOCK]; /* the zero terms start the second accumulator: one reduction per row */
-        zero_terms(g, r, xsum, G, mb, sb, t);
-        for (int m = 0; m < mb; m++) acc[m][0] = _mm512_setzero_ps(), acc[m][1] = t[m];
+        F16 acc[ROW_BLOCK][2]; /* one per half, so consecutive FMAs do not wait on each other; the zero terms
+                                * start the second: one reduction per row */
+        for (int m = 0; m < mb; m++) acc[m][0] = f16_zero(), acc[m][1] = t[m];
         for (int64_t k = 0; k < K; k += 128) {
             /* The weight rows of a thread are one stream: ask for the bytes PREFETCH ahead now, so that
              * the loads overlap this compute-heavy loop (the hardware prefetcher alone leaves the
              * 0.5B Llama's int4 decode at ~9 GB/s in an ad-hoc timing). */
-            _mm_prefetch((const char *)(w + k / 2) + PREFETCH, _MM_HINT_T0);
-            const __m512i b = _mm512_loadu_si512(w + k / 2);
-            const __m512i halves[2] = {_mm512_and_si512(b, low), _mm512_and_si512(_mm512_srli_epi16(b, 4), low)};
-            __m512 s[2];
-            int4_block_scales(g, r, k, sb, g32, s);
-            for (int h = 0; h < 2; h++) {
-                const int64_t k0 = k + 64 * h;
-                for (int m = 0; m < mb; m++) {
-                    __m512i d = _mm512_dpbusd_epi32(zero, halves[h], _mm512_loadu_si512(q->xq + m * K + k0));
-                    __m512 part = _mm512_mul_ps(_mm512_cvtepi32_ps(d), _mm512_loadu_ps(q->lane_scale + m * (K / 4) + k0 / 4));
-                    acc[m][h] = _mm512_fmadd_ps(part, s[h], acc[m][h]);
-                }
-            }
+            SHOAL_PREFETCH((const char *)(w + k / 2) + PREFETCH);
+            for (int m = 0; m < mb; m++)
+                int4_block(w + k / 2, g, r, q->xq + m * K, q->lane_scale + m * (K / 4), k, sb, g32, acc[m]);
         }
-        for (int m = 0; m < mb; m++) dots[m] = reduce_lanes(_mm512_add_ps(acc[m][0], acc[m][1]));
+        for (int m = 0; m < mb; m++) dots[m] = f16_sum(f16_add(acc[m][0], acc[m][1]));
         return;
-    } else
-#endif
-    {
-        for (int m = 0; m < mb; m++) {
-            const float *xm = xf + m * K;
-            float d = 0.0f;
-            for (int64_t k = 0; k < K; k += 128) {
-                const uint8_t *bytes = w + k / 2;
+    }
+    for (int m = 0; m < mb; m++) { /* float32 activations, as given: plain C, the same on every ISA */
+        const float *xm = xf + m * K;
+        float d = 0.0f;
+        for (int64_t k = 0; k < K; k += 128) {
+            const uint8_t *bytes = w + k / 2;
+            if (!g32) {
                 float lo = 0.0f, hi = 0.0f;
-                /* groups of 32 or more never straddle the two 64-input halves of a 128 block */
+                /* groups of 64 or more never straddle the two 64-input halves of a 128 block */
                 for (int i = 0; i < 64; i++) {
                     lo += (float)(bytes[i] & 0x0F) * xm[k + i];
                     hi += (float)(bytes[i] >> 4) * xm[k + 64 + i];
                 }
-                if (!g32) {
-                    d += lo * load_value(g->scale, r + (k >> gs), sb) + hi * load_value(g->scale, r + ((k + 64) >> gs), sb);
-                } else {
-                    for (int part = 0; part < 4; part++) {
-                        float s = 0.0f;
-                        for (int i = 0; i < 32; i++) {
-                            int j = (part % 2) * 32 + i;
-                            s += (float)(part < 2 ? bytes[j] & 0x0F : bytes[j] >> 4) * xm[k + part * 32 + i];
-                        }
-                        d += s * load_value(g->scale, r + (k + part * 32) / 32, sb);
+                d += lo * load_value(g->scale, r + (k >> gs), sb) + hi * load_value(g->scale, r + ((k + 64) >> gs), sb);
+            } else {
+                for (int part = 0; part < 4; part++) {
+                    float s = 0.0f;
+                    for (int i = 0; i < 32; i++) {
+                        int j = (part % 2) * 32 + i;
+                        s += (float)(part < 2 ? bytes[j] & 0x0F : bytes[j] >> 4) * xm[k + part * 32 + i];
                     }
-                    (void)lo;
-                    (void)hi;
+                    d += s * load_value(g->scale, r + (k + part * 32) / 32, sb);
                 }
             }
-            out[m] = d;
         }
-    }
-    /* + sum_g (zero - 8 * scale) * xsum */
-#ifdef __AVX512F__
-    {
-        __m512 t[ROW_BLOCK];
-        zero_terms(g, r, xsum, G, mb, sb, t);
-        for (int m = 0; m < mb; m++) dots[m] = out[m] + _mm512_reduce_add_ps(t[m]);
-        return;
-    }
-#endif
-    for (int m = 0; m < mb; m++) {
-        float t = 0.0f;
-        for (int64_t gi = 0; gi < G; gi++)
-            t += (load_value(g->zero, r + gi, sb) - 8.0f * load_value(g->scale, r + gi, sb)) * xsum[m * G + gi];
-        dots[m] = out[m] + t;
+        dots[m] = d + f16_sum(t[m]); /* + sum_g (zero - 8 * scale) * xsum */
     }
 }
 
@@ -507,10 +454,7 @@ int shoal_gemv_int4(const void *x, int act_bf16, int64_t M, int64_t K, const uin
     const int64_t G = K / group;
     float *xsum = (float *)alloc((size_t)(M * G) * 4);
     QuantizedRows q = {NULL, NULL};
-    int failed = !xsum;
-#ifdef SHOAL_VNNI
-    failed = failed || (act_bf16 && quantize_rows(xf, M, K, &q));
-#endif
+    int failed = !xsum || (act_bf16 && quantize_rows(xf, M, K, &q));
     if (failed) {
         free(xsum), free(q.xq), free(q.lane_scale), free(xf);
         return 2;
@@ -520,7 +464,6 @@ int shoal_gemv_int4(const void *x, int act_bf16, int64_t M, int64_t K, const uin
         group_sums(xf + m * K, &qm, K, group, xsum + m * G);
     }
     const Int4Groups groups = {scale, zero, scale_bf16, group, shift};
-#ifdef SHOAL_VNNI
     if (M == 1 && q.xq) { /* batch-1 decode: four weight rows at a time (the same bits as one at a time) */
 #pragma omp parallel for schedule(static) num_threads(threads)
         for (int64_t n = 0; n < N; n += 4) {
@@ -538,7 +481,6 @@ int shoal_gemv_int4(const void *x, int act_bf16, int64_t M, int64_t K, const uin
         free(xsum), free(q.xq), free(q.lane_scale), free(xf);
         return 0;
     }
-#endif
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = 0; n < N; n++) {
         for (int64_t m0 = 0; m0 < M; m0 += ROW_BLOCK) {
@@ -607,11 +549,9 @@ int shoal_gemv_many(const GemvWeight *const *weights, const void *const *xs, voi
             src->xf = activations(xs[j], act_bf16, 1, w->k);
             if (!src->xf) code = 2;
         }
-#ifdef SHOAL_VNNI
         /* as shoal_gemv_int8 / _int4 decide: bf16 activations quantized for int8 (K % 64 == 0) and int4 */
         if (!code && act_bf16 && w->kind != 0 && w->k % 64 == 0 && !src->q.xq && quantize_rows(src->xf, 1, w->k, &src->q))
             code = 2;
-#endif
         if (!code && w->kind == 2) { /* group sums as shoal_gemv_int4 computes them */
             const int64_t G = w->k / w->group;
             in[j].xsum = (float *)alloc((size_t)G * 4);
@@ -642,14 +582,12 @@ int shoal_gemv_many(const GemvWeight *const *weights, const void *const *xs, voi
                 const uint16_t *xb = act_bf16 ? (const uint16_t *)xs[j] : NULL;
                 const Int4Groups groups = {w->scale, w->zero, (int)w->scale_bf16, w->group, group_shift(w->group)};
                 int64_t r = r0;
-#ifdef SHOAL_VNNI
                 if (w->kind == 2 && src->q.xq) /* four rows at a time where they fit (the same bits) */
                     for (float dots[4]; r + 4 <= r1; r += 4) {
                         dot_int4_x4((const uint8_t *)w->weight + (size_t)r * (size_t)(K / 2), K / 2, &groups,
                                     r * (K >> groups.group_shift), K >> groups.group_shift, &src->q, in[j].xsum, K, dots);
                         for (int i = 0; i < 4; i++) store_value(ys[j], r + i, dots[i], act_bf16);
                     }
-#endif
                 for (; r < r1; r++) {
                     float dot;
                     if (w->kind == 0) {
@@ -716,19 +654,20 @@ int shoal_dequant_int4(const uint8_t *w, const void *scale, const void *zero, in
     return 0;
 }
 
-/* What this build uses: 1 = int8 activations with VNNI for int8 / int4 weights, 2 = bf16 pair products,
- * 4 = the shoal_matmul_rows_* kernels (AVX512-BF16), 8 = AMX for them (built in, and granted by the OS). */
+/* What this build uses: 1 = bf16 activations quantized to int8 for int8 / int4 weights (on every ISA),
+ * 2 = bf16 pair products, 4 = the shoal_matmul_rows_* kernels (AVX512-BF16), 8 = AMX for them (built in,
+ * and granted by the OS), 16 = the dot products' lanes are AVX-512 registers, 32 = AVX2 registers (without
+ * 16 or 32 they are the portable C loops). */
 int shoal_kernel_features(void) {
-    int features = 0;
+    int features = 1;
     features |= shoal_rows_features(); /* 4 and 8, from the batched kernels of this ISA */
-#ifdef SHOAL_VNNI
-    features |= 1;
-#endif
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
     features |= 2;
 #endif
-#ifdef __AVX512F__
-    features |= 16; /* the dot products are vectorized: without AVX-512 they are scalar loops */
+#if defined(SHOAL_LANES_AVX512)
+    features |= 16;
+#elif defined(SHOAL_LANES_AVX2)
+    features |= 32;
 #endif
     return features;
 }
