@@ -301,8 +301,8 @@ def forward_cost(shape: ModelShape, dep: Deployment, factors: Factors, tokens: f
     head_tp = tp  # vocabulary-parallel head over the tensor-parallel group
     cost.pieces.setdefault("LM head", 0.0)
     _roofline(cost, "LM head", logits_tokens / dp * 2 * shape.head_params / head_tp,
-              shape.head_params * unquantized_bytes(dep.quant) / head_tp, bf16, bw, eff(logits_tokens / dp), factors.memory,
-              1.0)
+              shape.head_params * unquantized_bytes(dep.quant) / head_tp, bf16, bw, eff(logits_tokens / dp),
+              factors.memory, 1.0)
 
     # ---- communication ----
     act = 2.0  # bf16 activations
@@ -387,8 +387,8 @@ def weights_per_chip(shape: ModelShape, dep: Deployment) -> float:
     if shape.moe_layers:
         slots = shape.routed_experts + lay.redundant_experts
         routed = slots / lay.ep * dep.expert_share * shape.expert_params * wb / (lay.stage_chips / lay.ep)
-        shared = (shape.shared_experts * shape.expert_params * wb + shape.router_params * unquantized_bytes(dep.quant)) \
-            / lay.tp
+        router = shape.router_params * unquantized_bytes(dep.quant)
+        shared = (shape.shared_experts * shape.expert_params * wb + router) / lay.tp
         total += shape.moe_layers * stage * (routed + shared)
     embeddings = shape.embedding_params * unquantized_bytes(dep.quant) / lay.tp
     total += embeddings * (1 if shape.tied_embeddings or lay.pp > 1 else 2)
