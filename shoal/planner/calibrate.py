@@ -1,6 +1,10 @@
 """`shoal plan --calibrate`: run shoal's own engine on this machine over a few shapes, fit this
 machine's efficiency factors, and check them on a shape held back from the fit.
 
+The engine runs in the dtype it computes in here (`--dtype auto`: bf16 where the chip has bf16
+arithmetic, float32 on a CPU without it, where bf16 is emulated and many times slower), and the
+factors are ratios to the matmul peak measured in that same dtype.
+
 The same code calibrates any device the engine runs on (`--device cuda`, `--device npu`): the
 chip's peaks come from `shoal doctor`'s measurement, the factors from timing the engine.
 """
@@ -17,7 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from shoal.planner.catalog import Chip, this_machine
+from shoal.planner.catalog import DTYPE_FORMATS, Chip, native_format, this_machine
 from shoal.planner.cost import Deployment, Factors, Layout, decode_step_time, prefill_time
 from shoal.planner.errors import PlanError
 from shoal.planner.shapes import ModelShape, load_shape
@@ -105,14 +109,15 @@ class EngineProbe:
     """One shape's engine, kept open so that trials of different shapes can take turns (interleaved, a
     burst of load from other processes slows all shapes alike instead of whichever was being timed)."""
 
-    def __init__(self, path: str, run: Run, device: str | None) -> None:
+    def __init__(self, path: str, run: Run, device: str | None, fmt: str = "bf16") -> None:
         import random
 
         from shoal.llm import LLM
 
         self.run = run
         self.chunk_tokens = max(2048, run.prompts * run.prompt_len, run.batch * run.prompt_len)
-        self.llm = LLM(path, device=device, dtype="bfloat16", progress=False, enable_prefix_caching=False,
+        dtype = next(name for name, f in DTYPE_FORMATS.items() if f == fmt)
+        self.llm = LLM(path, device=device, dtype=dtype, progress=False, enable_prefix_caching=False,
                        max_num_seqs=max(run.batch, run.prompts, run.serving),
                        max_model_len=run.prompt_len + max(run.decode_tokens, run.serving_tokens) + 8,
                        max_num_batched_tokens=self.chunk_tokens)
@@ -208,26 +213,31 @@ def measure_interleaved(probes: list[EngineProbe], rounds: int = ROUNDS, budget_
 
 
 def measure_engine(path: str, run: Run, device: str | None) -> dict:
-    """Time shoal's engine on one shape alone: its best prefill and decode trials."""
-    return measure_interleaved([EngineProbe(path, run, device)])[0]
+    """Time shoal's engine on one shape alone (in the device's own dtype): its best prefill and decode trials."""
+    return measure_interleaved([EngineProbe(path, run, device, native_format(device))])[0]
 
 
-def predict_run(shape: ModelShape, chip: Chip, factors: Factors, run: Run) -> dict:
-    dep = Deployment(chip, Layout(1), quant="bf16", kv_dtype="bf16", overlap=False)
+def one_device(chip: Chip, fmt: str = "bf16") -> Deployment:
+    """The engine as calibration runs it: one device, weights and KV cache in `fmt`, nothing to overlap."""
+    return Deployment(chip, Layout(1), quant=fmt, kv_dtype=fmt, overlap=False)
+
+
+def predict_run(shape: ModelShape, chip: Chip, factors: Factors, run: Run, fmt: str = "bf16") -> dict:
+    dep = one_device(chip, fmt)
     prefill = prefill_time(shape, dep, factors, run.prompts, run.prompt_len)[0]
     context = run.prompt_len + run.decode_tokens / 2
     step = decode_step_time(shape, dep, factors, run.batch, context)[0]
     return {"prefill_s": prefill, "decode_step_s": step}
 
 
-def fit(chip: Chip, data: list[tuple[ModelShape, Run, dict]], rounds: int = 12) -> Factors:
+def fit(chip: Chip, data: list[tuple[ModelShape, Run, dict]], rounds: int = 12, fmt: str = "bf16") -> Factors:
     """Factors minimising squared log error of prefill time and decode step time over `data`."""
     factors = Factors(memory=0.8, overlap=0.0)
 
     def loss(trial: Factors) -> float:
         total = 0.0
         for shape, run, measured in data:
-            got = predict_run(shape, chip, trial, run)
+            got = predict_run(shape, chip, trial, run, fmt)
             total += sum(math.log(got[k] / measured[k]) ** 2 for k in ("prefill_s", "decode_step_s"))
         return total
 
@@ -268,6 +278,8 @@ def _calibrate(device, path, progress, runs, measure, chip) -> dict:
     from shoal.config import DEMO_MODEL_PATH
 
     runs = runs or RUNS
+    # an injected chip (tests) is one the cost model measures in bf16; a real device in its own dtype
+    fmt = "bf16" if chip is not None else native_format(device)
     chip = chip or this_machine(quick=False, device=device)
     data = []
     with tempfile.TemporaryDirectory(prefix="shoal-calibrate-") as tmp:
@@ -283,31 +295,31 @@ def _calibrate(device, path, progress, runs, measure, chip) -> dict:
             measured = [measure(folder, run, device) for folder, run in
                         zip(folders, tqdm(runs, desc="calibrate", disable=not progress))]
         else:
-            probes = [EngineProbe(folder, run, device) for folder, run in
+            probes = [EngineProbe(folder, run, device, fmt) for folder, run in
                       zip(folders, tqdm(runs, desc="calibrate: loading", disable=not progress))]
             measured = measure_interleaved(probes, progress=progress)
         data = [(load_shape(folder), run, m) for folder, run, m in zip(folders, runs, measured)]
     train = [d for d in data if not d[1].held_back]
     if not train:
         raise PlanError("calibration needs at least one shape that is not held back")
-    factors = fit(chip, train)
+    factors = fit(chip, train, fmt=fmt)
     rows = []
     for shape, run, measured in data:
-        got = predict_run(shape, chip, factors, run)
+        got = predict_run(shape, chip, factors, run, fmt)
         for key, label, tokens in (("prefill_s", "prefill tok/s", run.prompts * run.prompt_len),
                                    ("decode_step_s", "decode tok/s", run.batch)):
             rows.append({"run": run.name, "held_back": run.held_back, "metric": label,
                          "measured": tokens / measured[key], "predicted": tokens / got[key],
                          "error": measured[key] / got[key] - 1})
         if run.serving and "serving_tps" in measured:
-            dep = Deployment(chip, Layout(1), quant="bf16", kv_dtype="bf16", overlap=False)
-            served = colocated(shape, dep, factors, run.serving, run.prompt_len, run.serving_tokens,
+            served = colocated(shape, one_device(chip, fmt), factors, run.serving, run.prompt_len, run.serving_tokens,
                                chunk_tokens=measured.get("chunk_tokens", 2048))
             rows.append({"run": run.name, "held_back": run.held_back, "metric": f"serving {run.serving} tok/s",
                          "measured": measured["serving_tps"], "predicted": served.output_tps,
                          "error": served.output_tps / measured["serving_tps"] - 1})
     report = {
         "chip": {"name": chip.name, "bf16_tflops": chip.bf16_tflops, "memory_bw_gbps": chip.memory_bw_gbps},
+        "dtype": fmt,
         "factors": {k: v for k, v in asdict(factors).items() if k in FIT},
         "fitted_on": [r.name for r in runs if not r.held_back],
         "held_back": [r.name for r in runs if r.held_back],
@@ -334,7 +346,7 @@ def _threads() -> int | None:
 
 def format_calibration(report: dict) -> str:
     chip = report["chip"]
-    lines = [f"{chip['name']}: measured peak {chip['bf16_tflops']:.3f} TFLOP/s bf16 matmul, "
+    lines = [f"{chip['name']}: measured peak {chip['bf16_tflops']:.3f} TFLOP/s {report.get('dtype', 'bf16')} matmul, "
              f"{chip['memory_bw_gbps']:.1f} GB/s memory",
              f"measured with {report.get('threads')} torch thread(s); each figure the best of "
              f"{report.get('rounds')} interleaved trials",

@@ -114,17 +114,32 @@ def load_catalog(extra: list[str | Path] | None = None) -> dict[str, Chip]:
     return chips
 
 
+def native_format(device: str | None = "cpu") -> str:
+    """The planner's weight format for the dtype shoal computes in on `device` (its `--dtype auto`):
+    "bf16" where the device has bf16 arithmetic, "fp32" on a CPU without it (bf16 there is emulated)."""
+    from shoal.backends.registry import parse_device
+
+    backend, _ = parse_device(device)
+    return DTYPE_FORMATS[str(backend.default_dtype()).removeprefix("torch.")]
+
+
+DTYPE_FORMATS = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+
+
 def this_machine(quick: bool = True, device: str | None = "cpu", calibration: dict | None = None) -> Chip:
-    """"This machine" as `shoal doctor` measures it: matmul peak and memory bandwidth measured here,
-    memory from the backend, and the efficiency factors of a saved calibration when there is one."""
+    """"This machine" as `shoal doctor` measures it: the matmul peak in the dtype shoal computes in here
+    (bf16, or float32 on a CPU without bf16 arithmetic: `bf16_tflops` is then float32's peak, the rate the
+    engine's matmuls can reach), memory bandwidth measured here, memory from the backend, and the
+    efficiency factors of a saved calibration when there is one."""
     from shoal.backends.registry import parse_device
 
     backend, index = parse_device(device)
     profile = backend.measure_throughput(index=index, quick=quick)
     memory = backend.memory_info(index)
-    bf16 = profile.matmul_tflops.get("bfloat16") or profile.matmul_tflops.get("float16") \
-        or profile.matmul_tflops["float32"]
-    measured = ("measured", f"shoal doctor on {backend.device_name(index)}" + (" (quick)" if quick else ""))
+    native = str(backend.default_dtype()).removeprefix("torch.")
+    bf16 = profile.matmul_tflops.get(native) or profile.matmul_tflops["float32"]
+    measured = ("measured", f"shoal doctor on {backend.device_name(index)}" + (" (quick)" if quick else "")
+                + f", matmul peak in {native}")
     sources = {name: measured for name in ("bf16_tflops", "memory_bw_gbps", "memory_gb")}
     assumed = ("estimate", "no link measured: a single device")
     sources.update({name: assumed for name in ("scaleup_gbps", "scaleup_domain", "scaleout_gbps")})

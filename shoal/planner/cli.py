@@ -286,7 +286,8 @@ def _plan(args) -> int:
         print("\nmixed fleets (prefill on one kind, decode on another):")
         print("\n".join(_table([HEADER] + [_plan_row(p) for p in mixed])))
     if split_plans:
-        print("\none model split over chip kinds (layers by memory bandwidth, as the engine's --pp-layers auto):")
+        print("\none model split over chip kinds (layers, or a MoE model's experts, by memory bandwidth, as the "
+              "engine's --pp-layers auto and --ep-weights auto):")
         print("\n".join(_table([HEADER] + [_plan_row(p) for p in
                                           sorted(split_plans, key=objective, reverse=True)[:args.top]])))
     print("\nPareto front (throughput per chip, per watt, per dollar):")

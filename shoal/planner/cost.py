@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 
 from shoal.planner.catalog import Chip
 from shoal.planner.errors import PlanError
-from shoal.planner.shapes import LOW_PRECISION_COMPUTE, UNQUANTIZED_BYTES, ModelShape, kv_bytes, weight_bytes
+from shoal.planner.shapes import LOW_PRECISION_COMPUTE, ModelShape, kv_bytes, unquantized_bytes, weight_bytes
 
 # Fixed start-up latency of one collective (estimates: NVLink/UB-class fabrics, IB/RoCE-class networks).
 SCALEUP_LATENCY_S = 5e-6
@@ -114,6 +114,10 @@ class Deployment:
     # TensorRT-LLM's XQA from v0.8), or "per_query_head", read again for every query head of the group
     # (the generic masked multi-head kernels before those: heads / kv_heads times the bytes).
     kv_reads: str = "per_kv_head"
+    # The routed experts this chip holds over an even share of them: 1.0 for an even split; above or below
+    # it where experts are split by speed over unequal chips (the engine's --ep-weights auto), so that a
+    # faster chip holds, reads and computes more of them.
+    expert_share: float = 1.0
 
     @property
     def tokens_per_step(self) -> float:
@@ -276,18 +280,20 @@ def forward_cost(shape: ModelShape, dep: Deployment, factors: Factors, tokens: f
     if moe_layers:
         shared = shape.shared_experts * shape.expert_params
         roof("shared experts + router", t_dp * 2 * (shared + shape.router_params) / tp,
-             (shared * wb + shape.router_params * UNQUANTIZED_BYTES) / tp, peak, moe_layers)
+             (shared * wb + shape.router_params * unquantized_bytes(dep.quant)) / tp, peak, moe_layers)
         slots = shape.routed_experts + lay.redundant_experts
         per_chip = slots / lay.ep
         expert_split = lay.stage_chips / lay.ep
         # Only experts that receive a token are read: each token picks k of E experts.
         touched = 1.0 - (1.0 - shape.experts_per_token / shape.routed_experts) ** max(tokens, 0.0)
-        flops = tokens * shape.experts_per_token * 2 * shape.expert_params / lay.stage_chips * dep.expert_imbalance
+        flops = (tokens * shape.experts_per_token * 2 * shape.expert_params / lay.stage_chips * dep.expert_imbalance
+                 * dep.expert_share)
         # grouped expert matmuls (many small ones, each of a few tokens) reach a lower share of peak
         rows = tokens * shape.experts_per_token / shape.routed_experts  # tokens one expert receives
-        _roofline(cost, "routed experts", flops, per_chip * touched * shape.expert_params * wb / expert_split, peak,
+        _roofline(cost, "routed experts", flops,
+                  per_chip * dep.expert_share * touched * shape.expert_params * wb / expert_split, peak,
                   bw, eff(rows) * factors.expert_efficiency, factors.memory, moe_layers)
-        active_experts = moe_layers * per_chip * touched
+        active_experts = moe_layers * per_chip * dep.expert_share * touched
     else:
         active_experts = 0.0
     if factors.activation_passes:
@@ -295,7 +301,8 @@ def forward_cost(shape: ModelShape, dep: Deployment, factors: Factors, tokens: f
     head_tp = tp  # vocabulary-parallel head over the tensor-parallel group
     cost.pieces.setdefault("LM head", 0.0)
     _roofline(cost, "LM head", logits_tokens / dp * 2 * shape.head_params / head_tp,
-              shape.head_params * UNQUANTIZED_BYTES / head_tp, bf16, bw, eff(logits_tokens / dp), factors.memory, 1.0)
+              shape.head_params * unquantized_bytes(dep.quant) / head_tp, bf16, bw, eff(logits_tokens / dp),
+              factors.memory, 1.0)
 
     # ---- communication ----
     act = 2.0  # bf16 activations
@@ -379,10 +386,11 @@ def weights_per_chip(shape: ModelShape, dep: Deployment) -> float:
     total += shape.dense_layers * stage * shape.dense_mlp_params * wb / lay.tp
     if shape.moe_layers:
         slots = shape.routed_experts + lay.redundant_experts
-        routed = slots / lay.ep * shape.expert_params * wb / (lay.stage_chips / lay.ep)
-        shared = (shape.shared_experts * shape.expert_params * wb + shape.router_params * UNQUANTIZED_BYTES) / lay.tp
+        routed = slots / lay.ep * dep.expert_share * shape.expert_params * wb / (lay.stage_chips / lay.ep)
+        router = shape.router_params * unquantized_bytes(dep.quant)
+        shared = (shape.shared_experts * shape.expert_params * wb + router) / lay.tp
         total += shape.moe_layers * stage * (routed + shared)
-    embeddings = shape.embedding_params * UNQUANTIZED_BYTES / lay.tp
+    embeddings = shape.embedding_params * unquantized_bytes(dep.quant) / lay.tp
     total += embeddings * (1 if shape.tied_embeddings or lay.pp > 1 else 2)
     if dep.mtp_tokens and shape.mtp_layers:
         total += shape.mtp_params * wb / lay.stage_chips

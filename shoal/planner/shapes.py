@@ -18,6 +18,7 @@ from shoal.models.hf_config import ModelConfig, load_model_config
 # fp8 with 128x128 blocks carries one fp32 scale per block; int8 one scale per output channel
 # (negligible); int4 one bf16 scale per group of 128 inputs.
 WEIGHT_BYTES = {
+    "fp32": 4.0,  # a model run in float32 (a CPU without bf16 arithmetic computes in it)
     "bf16": 2.0,
     "fp16": 2.0,
     "fp8": 1.0 + 4.0 / (128 * 128),
@@ -27,9 +28,15 @@ WEIGHT_BYTES = {
 }
 # Formats whose matmuls run on the chip's low-precision units when the chip has them.
 LOW_PRECISION_COMPUTE = {"fp8": "fp8", "int8": "int8", "fp4": "fp4"}
-KV_BYTES = {"bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "int8": 1.0}
-# Embeddings, the LM head and the router stay in bf16 in every format (as DeepSeek's fp8 checkpoints do).
+KV_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "int8": 1.0}
+# Embeddings, the LM head and the router stay in bf16 in every quantized format (as DeepSeek's fp8
+# checkpoints do); in a float32 model they are float32 too.
 UNQUANTIZED_BYTES = 2.0
+
+
+def unquantized_bytes(quant: str) -> float:
+    """Bytes per weight of the layers no format quantizes (embeddings, LM head, router)."""
+    return max(UNQUANTIZED_BYTES, weight_bytes(quant))
 
 
 def weight_bytes(quant: str) -> float:
@@ -150,7 +157,7 @@ class ModelShape:
         b = weight_bytes(quant)
         embeddings = self.embedding_params * (1 if self.tied_embeddings else 2)
         linear = self.total_params - embeddings - self.moe_layers * self.router_params
-        return linear * b + (embeddings + self.moe_layers * self.router_params) * UNQUANTIZED_BYTES
+        return linear * b + (embeddings + self.moe_layers * self.router_params) * unquantized_bytes(quant)
 
     # ---- KV cache -----------------------------------------------------------------------------
 
@@ -200,7 +207,7 @@ class ModelShape:
         if self.tied_embeddings:
             active_linear += self.embedding_params
         unquantized = self.head_params + self.moe_layers * self.router_params
-        return (active_linear * weight_bytes(quant) + unquantized * UNQUANTIZED_BYTES
+        return (active_linear * weight_bytes(quant) + unquantized * unquantized_bytes(quant)
                 + context * self.kv_bytes_per_token(kv_dtype))
 
     def summary(self, quant: str = "bf16", kv_dtype: str = "bf16") -> dict:

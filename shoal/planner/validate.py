@@ -46,7 +46,10 @@ FAMILY_FITTED = {"prefill_compute": ("prefill", "decode", "both"), "ep_layer_us"
 # step at long context) is one value for all families: fitted per family it followed each family's
 # GEMM efficiency and left a family's only prefill case out of sample by +54% (cm384-prefill).
 SHARED_FITTED = {"matmul_half_tokens": ("prefill", "decode", "both"), "attention_compute": ("prefill", "decode", "both")}
-MIN_CASES = {"ep_layer_us": 2}  # a fixed cost and an efficiency cannot both be fitted on one case
+# A family fits as many of its own factors as it has cases that inform them: one case cannot tell a
+# fixed cost from an efficiency, so with fewer cases the fixed costs are the ones borrowed (the other
+# families' mean). Two cases of different loads (a prefill and a decode, or two TPOT limits) can.
+FIXED_COSTS = ("ep_layer_us",)
 BOUNDS = {"prefill_compute": (0.02, 1.0), "ep_layer_us": (0.0, 2000.0), "matmul_half_tokens": (1.0, 4000.0),
           "attention_compute": (0.02, 1.0)}
 DEFAULT = "*"  # factor-set key for chips of a family without fit cases
@@ -102,6 +105,16 @@ def fit_factors(cases: list[Case], catalog: dict[str, Chip], rounds: int = 3) ->
     return _FITS[key]
 
 
+def family_fitted(family: str, fit: list[Case], catalog: dict[str, Chip]) -> list[str]:
+    """The FAMILY_FITTED factors a family fits its own value of, on its cases of role "fit"."""
+    own = [c for c in fit if catalog[c.chip].family == family]
+    informed = [name for name in FAMILY_FITTED if any(_informs(c, name) for c in own)]
+    cases = [c for c in own if any(_informs(c, name) for name in informed)]
+    while len(informed) > len(cases) and any(name in FIXED_COSTS for name in informed):
+        informed.remove(next(name for name in reversed(informed) if name in FIXED_COSTS))
+    return informed
+
+
 def _informs(case: Case, name: str) -> bool:
     """Whether a fit case says anything about factor `name` (an expert-parallel cost needs ep > 1)."""
     phases = {**FAMILY_FITTED, **SHARED_FITTED}[name]
@@ -126,17 +139,15 @@ def _inside(name: str, value: float) -> float:
 def _fit_factors(cases: list[Case], catalog: dict[str, Chip], rounds: int) -> dict[str, Factors]:
     """Fit FAMILY_FITTED per chip family and SHARED_FITTED across families (coordinate descent,
     golden section) on the cases of role "fit"; the rest keep the ASSUMED values. A family fits its
-    own value of a factor only with MIN_CASES cases that inform it, and otherwise takes the mean of
-    the families that do (DEFAULT, also the set for chips of families without fit cases)."""
+    own value of the factors `family_fitted` gives it, and otherwise takes the mean of the families
+    that do (DEFAULT, also the set for chips of families without fit cases)."""
     start = Factors(**{k: v for k, (v, _) in ASSUMED.items()})
     fit = [c for c in cases if c.role == "fit"]
     families = sorted({catalog[c.chip].family for c in fit})
     values: dict[tuple[str, str], float] = {}
     for family in families:
-        for name in FAMILY_FITTED:
-            informing = [c for c in fit if catalog[c.chip].family == family and _informs(c, name)]
-            if len(informing) >= MIN_CASES.get(name, 1):
-                values[(family, name)] = _inside(name, getattr(start, name))
+        for name in family_fitted(family, fit, catalog):
+            values[(family, name)] = _inside(name, getattr(start, name))
     for name in SHARED_FITTED:
         if any(_informs(c, name) for c in fit):
             values[(DEFAULT, name)] = _inside(name, getattr(start, name))
@@ -177,6 +188,7 @@ def published_fit() -> dict[str, Factors]:
 def provenance(cases: list[Case], catalog: dict[str, Chip], sets: dict[str, Factors]) -> list[dict]:
     """One row per factor and family: its value and either the cases it was fitted on or why it is assumed."""
     rows = []
+    fit = [c for c in cases if c.role == "fit"]
     for family, factors in sets.items():
         for name, phases in {**FAMILY_FITTED, **SHARED_FITTED}.items():
             if name in SHARED_FITTED and family != DEFAULT:
@@ -186,8 +198,8 @@ def provenance(cases: list[Case], catalog: dict[str, Chip], sets: dict[str, Fact
             how = f"on {', '.join(on)}" if on else "not fitted"
             if family == DEFAULT and name in FAMILY_FITTED:
                 how = "mean of the families' own values (for chips of other families)"
-            elif name in FAMILY_FITTED and 0 < len(on) < MIN_CASES.get(name, 1):
-                how = f"mean of the other families' values (only {', '.join(on)} of its own)"
+            elif name in FAMILY_FITTED and on and name not in family_fitted(family, fit, catalog):
+                how = f"mean of the other families' values (only {', '.join(on)} of its own: too few cases)"
                 on = []
             rows.append({"family": family, "factor": name, "value": getattr(factors, name), "how": how,
                          "fitted": bool(on)})

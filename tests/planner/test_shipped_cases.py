@@ -11,6 +11,7 @@ import pytest
 
 from shoal.cli import main
 from shoal.planner.cases import SHIPPED_CASES, load_cases
+from shoal.planner.catalog import load_catalog
 from shoal.planner.shapes import load_shape
 from shoal.planner.validate import validate
 
@@ -80,3 +81,19 @@ def test_readme_example_file_validates(tmp_path, capsys):
     assert main(["plan", "--validate", str(path), "--json"]) == 0
     case = json.loads(capsys.readouterr().out)["cases"][0]
     assert set(case["predicted"]) == {"output_tok_s_per_chip", "tpot_ms", "ttft_ms"}
+
+
+def test_a_family_fits_as_many_of_its_own_factors_as_it_has_cases():
+    """One expert-parallel case cannot tell the fixed per-layer cost from the matmul efficiency: the
+    family then fits the efficiency and borrows the fixed cost; with a second case (a prefill) it fits both."""
+    from shoal.planner.validate import family_fitted
+
+    cases = {c.name: c for c in load_cases()}
+    catalog = load_catalog()
+    one = [cases["cm384-decode-50ms"]]
+    assert family_fitted("ascend", one, catalog) == ["prefill_compute"]
+    two = [cases["cm384-prefill"], cases["cm384-decode-50ms"]]
+    assert family_fitted("ascend", two, catalog) == ["prefill_compute", "ep_layer_us"]
+    # a dense-only family has no expert-parallel case to fit the fixed cost on
+    dense = [cases["trtllm-h100-llama-3.1-8b-1k-1k"], cases["trtllm-h200-llama-3.3-70b-1k-1k"]]
+    assert family_fitted("nvidia", dense, catalog) == ["prefill_compute"]

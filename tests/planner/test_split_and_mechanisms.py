@@ -1,6 +1,7 @@
-"""One model split over unequal chips (split.py), and the mechanisms the roofline alone misses: the
-busiest attention data-parallel group in a chunked step, grouped-query KV read per query head, the
-attention kernels' own efficiency, and calibration's serving check."""
+"""One model split over unequal chips (split.py: layers and experts by speed), and the mechanisms the
+roofline alone misses: the busiest attention data-parallel group in a chunked step, grouped-query KV
+read per query head, the attention kernels' own efficiency, and calibration's serving check and its
+native dtype."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from shoal.planner.errors import PlanError
 from shoal.planner.fleet import best_in_fleet, chips_for
 from shoal.planner.search import Workload
 from shoal.planner.shapes import load_shape
-from shoal.planner.split import evaluate_split, split_layers, stage_shape
+from shoal.planner.split import evaluate_expert_split, evaluate_split, expert_shares, split_layers, stage_shape
 
 
 def chip(**kw) -> Chip:
@@ -55,6 +56,77 @@ def test_a_split_plan_charges_each_stage_and_is_slower_than_its_fast_part_alone(
     # the fleet answer lists it beside the other options, with the chips it leaves
     option = best_in_fleet([plan], {"h20": 8, "910b": 12})["split + the rest"]
     assert option.uses[0].replicas == 2 and option.output_tps == pytest.approx(2 * plan.output_tps)
+
+
+def test_experts_are_split_by_memory_bandwidth_as_the_engine_splits_them():
+    from shoal.parallel.config import ParallelConfig
+    from shoal.parallel.split import expert_split
+
+    catalog = load_catalog()
+    shape = load_shape("qwen3-235b-a22b")
+    counts = [(catalog["h20"], 8), (catalog["910b"], 8)]
+    # the engine's --ep-weights auto on the same ranks' bandwidths: 128 experts in parts 4000:1600
+    engine = expert_split(128, ParallelConfig(tp=16, ep=16, ep_weights="auto"),
+                          [catalog["h20"].memory_bw_gbps] * 8 + [catalog["910b"].memory_bw_gbps] * 8)
+    assert expert_shares(shape, counts) == [max(engine[:8]), max(engine[8:])] == [11, 5]
+
+
+def test_a_chip_holding_fewer_experts_reads_and_computes_fewer():
+    shape = load_shape("qwen3-30b-a3b")
+    slow = chip(memory_bw_gbps=1600.0)
+    factors = Factors(prefill_compute=0.5, memory=0.8)
+    even = Deployment(slow, Layout(8, tp=8, ep=8), quant="int8")
+    light = dataclasses.replace(even, expert_share=0.5)
+    for tokens in (16, 8192):  # memory-bound decode, compute-bound prefill
+        a = forward_cost(shape, even, factors, tokens, tokens * 512, tokens * 512, tokens, "decode")
+        b = forward_cost(shape, light, factors, tokens, tokens * 512, tokens * 512, tokens, "decode")
+        assert b.pieces["routed experts"] == pytest.approx(a.pieces["routed experts"] / 2)
+        assert b.pieces["attention core"] == pytest.approx(a.pieces["attention core"])
+
+
+def test_an_expert_split_runs_its_chips_in_lockstep_with_experts_weighted_by_speed():
+    catalog = load_catalog()
+    shape = load_shape("qwen3-235b-a22b")
+    work = Workload(1024, 256, tpot_s=0.2)
+    factors = Factors(prefill_compute=0.4, memory=0.8, link=0.8)
+    plan = evaluate_expert_split(shape, [(catalog["h20"], 8), (catalog["910b"], 8)], "int8", work, lambda c: factors)
+    assert plan is not None and plan.tpot_s <= 0.2
+    assert [(s.chip.key, s.tp, s.experts) for s in plan.stages] == [("h20", 8, 11), ("910b", 8, 5)]
+    assert plan.kinds == {"h20": 8, "910b": 8} and "11 experts each" in plan.describe()
+    assert plan.as_dict()["stages"][1]["experts"] == 5
+    # a stage whose chips cannot split the heads is refused (12 chips, 64 heads)
+    assert evaluate_expert_split(shape, [(catalog["h20"], 8), (catalog["910b"], 4)], "int8", work,
+                                 lambda c: factors) is None
+    # a dense model has no experts to split
+    assert evaluate_expert_split(load_shape("llama-3.3-70b"), [(catalog["h20"], 4), (catalog["910b"], 4)], "int8",
+                                 work, lambda c: factors) is None
+
+
+def test_float32_weights_and_cache_move_twice_the_bytes_of_bf16():
+    """A CPU without bf16 arithmetic runs the engine in float32 (calibration does too): its format is fp32."""
+    from shoal.planner.cost import weights_per_chip
+    from shoal.planner.shapes import kv_bytes, weight_bytes
+
+    shape = load_shape("llama-3.1-8b")
+    bf16 = Deployment(chip(), Layout(1), quant="bf16", kv_dtype="bf16", overlap=False)
+    fp32 = Deployment(chip(), Layout(1), quant="fp32", kv_dtype="fp32", overlap=False)
+    assert weights_per_chip(shape, fp32) == pytest.approx(2 * weights_per_chip(shape, bf16))
+    assert weight_bytes("fp32") == kv_bytes("fp32") == 4.0
+    factors = Factors(memory=0.8)
+    # one sequence's decode step is all memory: twice the bytes, twice the time
+    assert decode_step_time(shape, fp32, factors, 1, 1024)[0] == pytest.approx(
+        2 * decode_step_time(shape, bf16, factors, 1, 1024)[0], rel=1e-6)
+
+
+def test_calibration_runs_the_engine_in_the_dtype_this_cpu_computes_in():
+    import torch
+
+    from shoal.backends.registry import parse_device
+    from shoal.planner.catalog import native_format
+
+    backend, _ = parse_device("cpu")
+    assert native_format("cpu") == ("bf16" if torch.bfloat16 in backend.native_dtypes() else "fp32")
+    assert backend.default_dtype() in backend.native_dtypes()
 
 
 def test_split_mode_needs_a_fleet(capsys):
