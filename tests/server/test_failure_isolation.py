@@ -1,6 +1,7 @@
 """One bad request never takes the server down: sampling parameters that would overflow float32 are
 clamped or refused, a step that fails for one sequence ends only that request, a full queue means
-sequences that really wait, and an engine that cannot continue makes `shoal serve` exit non-zero."""
+sequences that really wait, and an engine that cannot continue answers every request in flight, then
+makes `shoal serve` exit non-zero."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import torch
 from server_harness import MODEL
 
 from shoal import LLM
+from shoal.server import cli
 from serve_process import listening_port
 
 NO_EOS = {"ignore_eos": True}
@@ -172,6 +174,62 @@ def test_an_engine_that_cannot_continue_answers_503_and_the_process_exits_non_ze
         assert httpx.get(f"{url}/health").status_code == 503
         assert process.wait(timeout=30) == 1
         assert any("the server stops in" in line for line in lines), "".join(lines)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+# A split model whose worker is gone while rank 0 waits in a step (as it does until the collective
+# timeout when a worker's host vanishes): the step never returns, the engine reports the lost rank.
+HUNG_SERVE = (
+    "import argparse, sys, threading; from shoal.server.cli import add_serve_parser, cmd_serve; "
+    "import shoal.engine.runner as r, shoal.engine.llm_engine as e; gone = threading.Event(); step = r.ModelRunner.step\n"
+    "def hung(self, chunks):\n"
+    "    if any(277 in c.seq.prompt_ids for c in chunks): gone.set(); threading.Event().wait()\n"
+    "    return step(self, chunks)\n"
+    "r.ModelRunner.step = hung\n"
+    "e.LLMEngine.failure = lambda self: 'worker rank 1 (pid 1) was killed by signal 9' if gone.is_set() else None\n"
+    "p = argparse.ArgumentParser(); add_serve_parser(p.add_subparsers(dest='command')); "
+    "sys.exit(cmd_serve(p.parse_args(sys.argv[1:])))"
+)
+
+
+def test_requests_in_flight_are_answered_before_a_failed_engine_exits(path):
+    process = subprocess.Popen(
+        [sys.executable, "-c", HUNG_SERVE, "serve", "--model", str(path), "--port", "0", "--dtype", "float32",
+         "--served-model-name", MODEL],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        port, lines = listening_port(process)
+        url = f"http://127.0.0.1:{port}"
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
+        stream = client.completions.create(model=MODEL, prompt=[5, 6, 7], max_tokens=200, stream=True,
+                                           extra_body=NO_EOS)
+        next(iter(stream))
+        replies = []
+        poisoned = threading.Thread(target=lambda: replies.append(httpx.post(
+            f"{url}/v1/completions", json={"model": MODEL, "prompt": POISONED, "max_tokens": 2}, timeout=60)))
+        poisoned.start()
+        failed_at = time.monotonic()
+        error = None
+        try:
+            for _ in stream:
+                pass
+        except openai.APIError as exc:
+            error = exc
+        # The stream in flight gets the error as an event (not a dropped connection), naming the lost rank ...
+        assert error is not None and "worker rank 1" in str(error), repr(error)
+        poisoned.join(30)
+        # ... and so does the request whose step is stuck, as a 503 in the OpenAI format ...
+        assert replies and replies[0].status_code == 503, replies and replies[0].text
+        assert replies[0].json()["error"]["code"] == "engine_unavailable"
+        answered_in = time.monotonic() - failed_at
+        assert httpx.get(f"{url}/health").status_code == 503
+        # ... before the process exits 1 (a supervisor restarts it), though the engine thread never returns.
+        assert process.wait(timeout=30) == 1, "".join(lines)
+        assert answered_in < cli.FAILED_EXIT_DELAY_S, answered_in
     finally:
         if process.poll() is None:
             process.kill()
