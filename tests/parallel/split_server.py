@@ -3,6 +3,8 @@ test_serve_ray): start it, gather what it prints, wait until it is healthy, stop
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -10,6 +12,7 @@ import time
 from pathlib import Path
 
 import httpx
+import openai
 
 from conftest import subprocess_env
 
@@ -72,6 +75,20 @@ def descendants(pid: int, marker: bytes) -> list[int]:
             except OSError:
                 continue
     return found
+
+
+def error_after_killing(stream, pid: int) -> tuple[str | None, float]:
+    """Kill process `pid` (SIGKILL) once the openai `stream` has given its first chunk, then read the stream
+    to its end: (the text of the error it raised, or None; when the kill was sent, time.monotonic())."""
+    next(iter(stream))
+    killed_at = time.monotonic()
+    os.kill(pid, signal.SIGKILL)
+    try:
+        for _ in stream:
+            pass
+    except openai.APIError as exc:
+        return str(exc), killed_at
+    return None, killed_at
 
 
 def stop(*processes: subprocess.Popen) -> None:

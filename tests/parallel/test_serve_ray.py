@@ -6,7 +6,6 @@ within the collective timeout, the process exits 1. Skipped only where ray canno
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import shutil
 import signal
@@ -21,7 +20,7 @@ import openai
 import pytest
 
 from conftest import subprocess_env
-from split_server import collect, descendants, free_port, serve, stop, wait_healthy
+from split_server import collect, descendants, error_after_killing, free_port, serve, stop, wait_healthy
 
 pytest.importorskip("ray", reason="the Ray tests need ray: pip install -e '.[ray]'")
 
@@ -126,15 +125,7 @@ def test_pp_2_through_ray_then_a_killed_worker_fails_the_server(ray_head, path, 
         assert len(actors) == 1, (actors, "".join(lines))
         stream = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=200, stream=True,
                                            extra_body={"ignore_eos": True})
-        next(iter(stream))
-        killed_at = time.monotonic()
-        os.kill(actors[0], signal.SIGKILL)
-        error = None
-        try:
-            for _ in stream:
-                pass
-        except openai.APIError as exc:
-            error = str(exc)
+        error, killed_at = error_after_killing(stream, actors[0])
         assert error is not None and "worker rank 1" in error, error
         while httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code != 503:
             assert time.monotonic() - killed_at < COLLECTIVE_TIMEOUT_S, "/health still 200:\n" + "".join(lines)

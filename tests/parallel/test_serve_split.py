@@ -14,7 +14,7 @@ import httpx
 import openai
 
 from conftest import subprocess_env
-from split_server import BOUND_S, collect, descendants, free_port, serve, stop, wait_healthy
+from split_server import BOUND_S, collect, descendants, error_after_killing, free_port, serve, stop, wait_healthy
 
 
 def _listening(pid: int) -> list[str]:
@@ -89,15 +89,7 @@ def test_killed_worker_fails_the_server_within_a_bound(checkpoint):
                                      for a in listening), listening
         stream = client.completions.create(model="tiny", prompt=[5, 6, 7], max_tokens=240, stream=True,
                                            extra_body={"ignore_eos": True})
-        next(iter(stream))
-        killed_at = time.monotonic()
-        os.kill(workers[0], signal.SIGKILL)
-        error = None
-        try:
-            for _ in stream:
-                pass
-        except openai.APIError as exc:
-            error = str(exc)
+        error, killed_at = error_after_killing(stream, workers[0])
         assert error is not None and "worker rank 1" in error, error
         assert time.monotonic() - killed_at < BOUND_S
         health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
