@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -25,7 +26,7 @@ from split_server import collect, descendants, error_after_killing, free_port, s
 pytest.importorskip("ray", reason="the Ray tests need ray: pip install -e '.[ray]'")
 
 HERE = Path(__file__).parent
-CLUSTER_CPUS = 2  # one actor per worker rank; the servers here have one worker each
+CLUSTER_CPUS = 2  # a worker actor takes one: the two servers here run at once, one worker each
 COLLECTIVE_TIMEOUT_S = 10
 PROMPT = [5, 6, 7, 8]
 MAX_TOKENS = 6
@@ -90,14 +91,36 @@ def one_process_text(path):
     return out[0].outputs[0].text
 
 
-def _serve_on_ray(path: Path, env: dict, *split: str):
-    port = free_port()
-    server = serve(path, port, *split, "--distributed-executor", "ray", env=env,
-                   collective_timeout=COLLECTIVE_TIMEOUT_S)
-    lines = collect(server)
-    wait_healthy(port, server, lines, timeout=120)
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60)
-    return server, lines, port, client
+@dataclass
+class RayServer:
+    process: subprocess.Popen
+    lines: list[str]
+    port: int
+
+    @property
+    def client(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key="none", max_retries=0, timeout=60)
+
+    def output(self) -> str:
+        return "".join(self.lines)
+
+
+@pytest.fixture(scope="module")
+def ray_servers(ray_head, path):
+    """{"tp": the --tp 2 server, "pp": the --pp 2 one}, through Ray, started together (a start mostly waits on
+    imports and on Ray starting the worker actor)."""
+    servers = {}
+    try:
+        for split in ("tp", "pp"):
+            port = free_port()
+            process = serve(path, port, f"--{split}", "2", "--distributed-executor", "ray", env=ray_head.env,
+                            collective_timeout=COLLECTIVE_TIMEOUT_S)
+            servers[split] = RayServer(process, collect(process), port)
+        for server in servers.values():
+            wait_healthy(server.port, server.process, server.lines, timeout=180)
+        yield servers
+    finally:
+        stop(*(server.process for server in servers.values()))
 
 
 def _greedy_text(client: openai.OpenAI) -> str:
@@ -107,30 +130,26 @@ def _greedy_text(client: openai.OpenAI) -> str:
     return reply.choices[0].text
 
 
-def test_tp_2_through_ray_gives_one_process_greedy_tokens(ray_head, path, one_process_text):
-    server, lines, _, client = _serve_on_ray(path, ray_head.env, "--tp", "2")
-    try:
-        assert _greedy_text(client) == one_process_text, "".join(lines)
-        server.send_signal(signal.SIGTERM)
-        assert server.wait(timeout=30) == 0, "".join(lines)
-    finally:
-        stop(server)
+def test_tp_2_through_ray_gives_one_process_greedy_tokens(ray_head, path, one_process_text, ray_servers):
+    server = ray_servers["tp"]
+    assert _greedy_text(server.client) == one_process_text, server.output()
+    server.process.send_signal(signal.SIGTERM)
+    assert server.process.wait(timeout=30) == 0, server.output()
 
 
-def test_pp_2_through_ray_then_a_killed_worker_fails_the_server(ray_head, path, one_process_text):
-    server, lines, port, client = _serve_on_ray(path, ray_head.env, "--pp", "2")
-    try:
-        assert _greedy_text(client) == one_process_text, "".join(lines)
-        actors = descendants(ray_head.process.pid, ACTOR)
-        assert len(actors) == 1, (actors, "".join(lines))
-        stream = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=200, stream=True,
-                                           extra_body={"ignore_eos": True})
-        error, killed_at = error_after_killing(stream, actors[0])
-        assert error is not None and "worker rank 1" in error, error
-        while httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code != 503:
-            assert time.monotonic() - killed_at < COLLECTIVE_TIMEOUT_S, "/health still 200:\n" + "".join(lines)
-            time.sleep(0.1)
-        assert time.monotonic() - killed_at < COLLECTIVE_TIMEOUT_S
-        assert server.wait(timeout=COLLECTIVE_TIMEOUT_S + 15) == 1, "".join(lines)
-    finally:
-        stop(server)
+def test_pp_2_through_ray_then_a_killed_worker_fails_the_server(ray_head, path, one_process_text, ray_servers):
+    server, client = ray_servers["pp"], ray_servers["pp"].client
+    assert _greedy_text(client) == one_process_text, server.output()
+    stop(ray_servers["tp"].process)  # done already when the test above ran: then the one actor left is ours
+    deadline = time.monotonic() + 15
+    while len(actors := descendants(ray_head.process.pid, ACTOR)) > 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(actors) == 1, (actors, server.output())
+    stream = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=200, stream=True,
+                                       extra_body={"ignore_eos": True})
+    error, killed_at = error_after_killing(stream, actors[0])
+    assert error is not None and "worker rank 1" in error, error
+    while httpx.get(f"http://127.0.0.1:{server.port}/health", timeout=5).status_code != 503:
+        assert time.monotonic() - killed_at < COLLECTIVE_TIMEOUT_S, "/health still 200:\n" + server.output()
+        time.sleep(0.1)
+    assert server.process.wait(timeout=COLLECTIVE_TIMEOUT_S + 15) == 1, server.output()
