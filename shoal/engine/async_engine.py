@@ -5,8 +5,9 @@ the LLMEngine (nothing else touches it), applies new requests and aborts between
 `step()`, and hands each step's deltas back to the event loop with `call_soon_threadsafe`.
 
 A step that fails for some sequences (LLMEngine isolates them) ends only their requests, with
-GenerationError. When the step loop itself raises, the engine is failed: every request in flight gets
-an error, new ones are refused, and `healthy` turns False (`shoal serve` then exits non-zero).
+GenerationError. When the step loop itself raises, or a split model loses a worker, the engine is
+failed: every request in flight gets an error (`answer_failure`, from any thread, even while a step is
+stuck), new ones are refused, and `healthy` turns False (`shoal serve` then exits non-zero).
 
 Admission: only sequences that will really wait for a slot count against `max_waiting` — those beyond
 the free sequence slots (`max_num_seqs` minus the running ones) — so a burst into an idle engine is taken.
@@ -177,7 +178,8 @@ class AsyncEngine:
             self._closed_reason = self._closed_reason or "the server is shutting down"
             self._cond.notify_all()
         if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout)
+            # A failed engine's thread may be stuck in a collective until it times out: do not wait for it.
+            self._thread.join(timeout if self.healthy else min(timeout, 1.0))
 
     def abort_all(self, reason: str = "the server is shutting down") -> None:
         """Refuse new requests and end every request in flight with EngineUnavailableError(reason)."""
@@ -185,6 +187,19 @@ class AsyncEngine:
             self._closed_reason = self._closed_reason or reason
             self._abort_all_reason = reason
             self._cond.notify_all()
+
+    def answer_failure(self) -> None:
+        """The engine cannot continue: end every request in flight with EngineUnavailableError and refuse new
+        ones. Safe from any thread — the engine thread may be stuck in a step of a split model whose worker is
+        gone (until the collective timeout), and its clients must be answered before the process exits."""
+        with self._cond:
+            message = self.failed_message()
+            self._closed_reason = message
+            streams = list(self._streams.values())
+            self._streams.clear()
+            self._inbox.clear()
+            self._cond.notify_all()
+        self._deliver([(s, EngineUnavailableError(message)) for s in streams])
 
     @property
     def closed_reason(self) -> str | None:
@@ -277,12 +292,7 @@ class AsyncEngine:
             logger.exception("the engine step loop failed; every request in flight gets an error")
             with self._cond:
                 self._failed = exc
-                message = self.failed_message()
-                self._closed_reason = message
-                streams = list(self._streams.values())
-                self._streams.clear()
-                self._inbox.clear()
-            self._deliver([(s, EngineUnavailableError(message)) for s in streams])
+            self.answer_failure()
             self._publish_stats()
 
     def _loop(self) -> None:

@@ -87,7 +87,8 @@ def add_parallel_arguments(parser) -> None:
     group.add_argument("--distributed-executor", default="mp", choices=list(EXECUTORS),
                        help="mp: spawn workers on this host; torchrun: started by torchrun; ray: on a Ray cluster")
     group.add_argument("--collective-timeout", type=float, default=120.0,
-                       help="seconds a worker may stay silent before the engine fails (default 120)")
+                       help="seconds a worker may stay silent before the engine fails (default 120); joining "
+                            "at start may take up to this or 120 s, whichever is longer")
 
 
 def parallel_kwargs(args) -> dict:

@@ -247,8 +247,9 @@ class RayExecutor(Executor):
         try:
             import ray
         except ImportError:
-            raise ConfigError("--distributed-executor ray needs Ray: pip install 'ray[default]', then start a "
-                              "cluster (ray start --head) and run this command on one of its hosts") from None
+            raise ConfigError("--distributed-executor ray needs Ray: pip install 'ray>=2.52' (shoal's extra: "
+                              "'.[ray]'), then start a cluster (ray start --head) and run this command on one of "
+                              "its hosts") from None
         parallel = engine_config.parallel
         ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), ignore_reinit_error=True)
         addr = ray.util.get_node_ip_address()

@@ -21,6 +21,7 @@ from shoal.parallel.config import ParallelConfig
 from shoal.parallel.split import ranges
 
 _IDLE_TIMEOUT = datetime.timedelta(days=365)
+MIN_JOIN_TIMEOUT_S = 120.0  # seconds every rank has to join at start, whatever the collective timeout
 
 
 @dataclass
@@ -108,7 +109,11 @@ def init_process_groups(config: ParallelConfig, rank: int, world_size: int, dist
         os.environ.setdefault("MASTER_ADDR", master_addr)
         os.environ.setdefault("MASTER_PORT", str(master_port))
         init_method = f"tcp://{master_addr}:{master_port}"
-    dist.init_process_group(dist_backend, init_method=init_method, rank=rank, world_size=world_size, timeout=timeout)
+    # Joining waits for every rank to start (import torch, read the config), which on a loaded host can
+    # take longer than a collective may: a short --collective-timeout must not fail the start.
+    join = datetime.timedelta(seconds=max(config.collective_timeout, MIN_JOIN_TIMEOUT_S))
+    store, rank, world_size = next(dist.rendezvous(init_method, rank, world_size, timeout=join))
+    dist.init_process_group(dist_backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
     state = ParallelState(config, rank, world_size, device)
     size = config.stage_size
     for stage in range(config.pp):  # every rank creates every group, in the same order

@@ -148,11 +148,13 @@ FAILED_EXIT_DELAY_S = 5.0  # /health answers 503 this long after a failure, then
 
 def _exit_on_failure(server, engine, failed: list[str]) -> None:
     """Once the engine cannot continue (its step loop raised; a worker of a split model died, or a
-    collective timed out), say why, keep answering 503 for a moment, then stop the server: it exits 1,
-    so a supervisor restarts it (a process that stays up serving only 503s would never be restarted)."""
+    collective timed out), answer every request in flight with the error, say why, keep answering 503
+    for a moment, then stop the server: it exits 1, so a supervisor restarts it (a process that stays up
+    serving only 503s would never be restarted)."""
     while not server.should_exit:
         reason = (engine.failure_reason or "the engine failed") if not engine.healthy else None
         if reason is not None:
+            engine.answer_failure()  # the engine thread may be stuck in a step: answer from here
             failed.append(reason)
             print(f"shoal: error: {reason}; the server stops in {FAILED_EXIT_DELAY_S:g} s", file=sys.stderr,
                   flush=True)

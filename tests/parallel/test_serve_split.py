@@ -7,9 +7,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
@@ -17,56 +14,7 @@ import httpx
 import openai
 
 from conftest import subprocess_env
-
-SERVE = "import sys; from shoal.cli import main; sys.exit(main(sys.argv[1:]))"
-BOUND_S = 15  # a failure must reach the client, /health and the exit code within this
-
-
-def _free_port() -> int:
-    from shoal.parallel.executor import free_port
-
-    return free_port()
-
-
-def _serve(path: Path, port: int, *extra: str, env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-c", SERVE, "serve", "--model", str(path), "--port", str(port), "--dtype", "float32",
-         "--served-model-name", "tiny", "--kv-cache-memory", "1MiB", "--device", "cpu", "--log-level", "warning",
-         "--collective-timeout", "20", *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env or subprocess_env(),
-    )
-
-
-def _collect(process: subprocess.Popen) -> list[str]:
-    lines: list[str] = []
-    threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True).start()
-    return lines
-
-
-def _wait_healthy(port: int, process: subprocess.Popen, lines: list[str], timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert process.poll() is None, "".join(lines)
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError("the server did not become healthy:\n" + "".join(lines))
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            cmdline = (stat.parent / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if int(fields[1]) == pid and b"spawn_main" in cmdline:
-            found.append(int(stat.parent.name))
-    return found
+from split_server import BOUND_S, collect, descendants, error_after_killing, free_port, serve, stop, wait_healthy
 
 
 def _listening(pid: int) -> list[str]:
@@ -88,25 +36,18 @@ def _listening(pid: int) -> list[str]:
     return found
 
 
-def _stop(*processes: subprocess.Popen) -> None:
-    for process in processes:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-
-
 def test_two_launches_with_their_own_ranks_serve_a_request(checkpoint):
     path, _ = checkpoint("llama")
-    port, master = _free_port(), _free_port()
+    port, master = free_port(), free_port()
     launches = []
     for rank in (0, 1):
         env = {**subprocess_env(), "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": "0",
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(master)}
-        launches.append(_serve(path, port, "--tp", "2", "--distributed-executor", "torchrun", env=env))
+        launches.append(serve(path, port, "--tp", "2", "--distributed-executor", "torchrun", env=env))
     server, worker = launches
-    logs = [_collect(p) for p in launches]
+    logs = [collect(p) for p in launches]
     try:
-        _wait_healthy(port, server, logs[0])
+        wait_healthy(port, server, logs[0])
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=30)
         reply = client.completions.create(model="tiny", prompt=[5, 6, 7, 8], max_tokens=5, temperature=0,
                                           extra_body={"ignore_eos": True})
@@ -122,23 +63,23 @@ def test_two_launches_with_their_own_ranks_serve_a_request(checkpoint):
         assert server.wait(timeout=BOUND_S) == 0, "".join(logs[0])
         assert worker.wait(timeout=BOUND_S) == 0, "".join(logs[1])  # rank 0 told it to stop
     finally:
-        _stop(*launches)
+        stop(*launches)
 
 
 def test_killed_worker_fails_the_server_within_a_bound(checkpoint):
     path, _ = checkpoint("deepseek-v3")
-    port = _free_port()
-    server = _serve(path, port, "--ep", "2")
-    lines = _collect(server)
+    port = free_port()
+    server = serve(path, port, "--ep", "2")
+    lines = collect(server)
     try:
-        _wait_healthy(port, server, lines)
+        wait_healthy(port, server, lines)
         metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=30)
         client.completions.create(model="tiny", prompt=[5, 6, 7], max_tokens=3, extra_body={"ignore_eos": True})
         time.sleep(1.2)  # expert load is refreshed at most once a second
         metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
         assert re.search(r'shoal_expert_tokens_total\{model_name="tiny",layer="1",expert="0"\} \d+', metrics)
-        workers = _children(server.pid)
+        workers = descendants(server.pid, b"spawn_main")
         assert len(workers) == 1, workers
         # A single-host launch listens on loopback only: its rendezvous is a file store, not torch's TCPStore
         # (which listens on every interface, unauthenticated).
@@ -148,15 +89,7 @@ def test_killed_worker_fails_the_server_within_a_bound(checkpoint):
                                      for a in listening), listening
         stream = client.completions.create(model="tiny", prompt=[5, 6, 7], max_tokens=240, stream=True,
                                            extra_body={"ignore_eos": True})
-        next(iter(stream))
-        killed_at = time.monotonic()
-        os.kill(workers[0], signal.SIGKILL)
-        error = None
-        try:
-            for _ in stream:
-                pass
-        except openai.APIError as exc:
-            error = str(exc)
+        error, killed_at = error_after_killing(stream, workers[0])
         assert error is not None and "worker rank 1" in error, error
         assert time.monotonic() - killed_at < BOUND_S
         health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
@@ -168,4 +101,4 @@ def test_killed_worker_fails_the_server_within_a_bound(checkpoint):
         time.sleep(0.2)
         assert "worker rank 1" in "".join(lines)
     finally:
-        _stop(server)
+        stop(server)

@@ -1,9 +1,11 @@
 """One bad request never takes the server down: sampling parameters that would overflow float32 are
 clamped or refused, a step that fails for one sequence ends only that request, a full queue means
-sequences that really wait, and an engine that cannot continue makes `shoal serve` exit non-zero."""
+sequences that really wait, and an engine that cannot continue answers every request in flight, then
+makes `shoal serve` exit non-zero."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -17,6 +19,7 @@ import torch
 from server_harness import MODEL
 
 from shoal import LLM
+from shoal.server import cli
 from serve_process import listening_port
 
 NO_EOS = {"ignore_eos": True}
@@ -143,28 +146,39 @@ def test_max_waiting_counts_only_sequences_that_wait_for_a_slot(path, serve):
     assert asyncio.run(burst()) == [2] * 64
 
 
-# An engine whose own step loop breaks (here: the scheduler, outside any one request's forward pass).
-BROKEN_SERVE = (
-    "import argparse, sys; from shoal.server.cli import add_serve_parser, cmd_serve; "
-    "import shoal.engine.scheduler as s; schedule = s.Scheduler.schedule\n"
-    "def broken(self, *a, **k):\n"
-    "    if any(277 in q.prompt_ids for q in self.waiting): raise RuntimeError('scheduler bug')\n"
-    "    return schedule(self, *a, **k)\n"
-    "s.Scheduler.schedule = broken\n"
-    "p = argparse.ArgumentParser(); add_serve_parser(p.add_subparsers(dest='command')); "
-    "sys.exit(cmd_serve(p.parse_args(sys.argv[1:])))"
-)
-
-
-def test_an_engine_that_cannot_continue_answers_503_and_the_process_exits_non_zero(path):
+@contextlib.contextmanager
+def serving_patched(patch: str, path):
+    """`shoal serve` in a subprocess after running `patch` (Python that breaks the engine somewhere);
+    yields (url, process, its output lines) and kills it if it is still up at the end."""
+    script = (f"import argparse, sys\n{patch}\nfrom shoal.server.cli import add_serve_parser, cmd_serve\n"
+              "p = argparse.ArgumentParser(); add_serve_parser(p.add_subparsers(dest='command'))\n"
+              "sys.exit(cmd_serve(p.parse_args(sys.argv[1:])))")
     process = subprocess.Popen(
-        [sys.executable, "-c", BROKEN_SERVE, "serve", "--model", str(path), "--port", "0", "--dtype", "float32",
+        [sys.executable, "-c", script, "serve", "--model", str(path), "--port", "0", "--dtype", "float32",
          "--served-model-name", MODEL],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     try:
         port, lines = listening_port(process)
-        url = f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{port}", process, lines
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+# An engine whose own step loop breaks (here: the scheduler, outside any one request's forward pass).
+BROKEN_SCHEDULER = (
+    "import shoal.engine.scheduler as s; schedule = s.Scheduler.schedule\n"
+    "def broken(self, *a, **k):\n"
+    "    if any(277 in q.prompt_ids for q in self.waiting): raise RuntimeError('scheduler bug')\n"
+    "    return schedule(self, *a, **k)\n"
+    "s.Scheduler.schedule = broken"
+)
+
+
+def test_an_engine_that_cannot_continue_answers_503_and_the_process_exits_non_zero(path):
+    with serving_patched(BROKEN_SCHEDULER, path) as (url, process, lines):
         assert httpx.get(f"{url}/health").status_code == 200
         response = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": [5, POISON], "max_tokens": 2},
                               timeout=30)
@@ -172,7 +186,46 @@ def test_an_engine_that_cannot_continue_answers_503_and_the_process_exits_non_ze
         assert httpx.get(f"{url}/health").status_code == 503
         assert process.wait(timeout=30) == 1
         assert any("the server stops in" in line for line in lines), "".join(lines)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+
+
+# A split model whose worker is gone while rank 0 waits in a step (as it does until the collective
+# timeout when a worker's host vanishes): the step never returns, the engine reports the lost rank.
+STEP_NEVER_RETURNS = (
+    "import threading, shoal.engine.runner as r, shoal.engine.llm_engine as e\n"
+    "gone = threading.Event(); step = r.ModelRunner.step\n"
+    "def hung(self, chunks):\n"
+    "    if any(277 in c.seq.prompt_ids for c in chunks): gone.set(); threading.Event().wait()\n"
+    "    return step(self, chunks)\n"
+    "r.ModelRunner.step = hung\n"
+    "e.LLMEngine.failure = lambda self: 'worker rank 1 (pid 1) was killed by signal 9' if gone.is_set() else None"
+)
+
+
+def test_requests_in_flight_are_answered_before_a_failed_engine_exits(path):
+    with serving_patched(STEP_NEVER_RETURNS, path) as (url, process, lines):
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
+        stream = client.completions.create(model=MODEL, prompt=[5, 6, 7], max_tokens=200, stream=True,
+                                           extra_body=NO_EOS)
+        next(iter(stream))
+        replies = []
+        poisoned = threading.Thread(target=lambda: replies.append(httpx.post(
+            f"{url}/v1/completions", json={"model": MODEL, "prompt": POISONED, "max_tokens": 2}, timeout=60)))
+        poisoned.start()
+        failed_at = time.monotonic()
+        error = None
+        try:
+            for _ in stream:
+                pass
+        except openai.APIError as exc:
+            error = exc
+        # The stream in flight gets the error as an event (not a dropped connection), naming the lost rank ...
+        assert error is not None and "worker rank 1" in str(error), repr(error)
+        poisoned.join(30)
+        # ... and so does the request whose step is stuck, as a 503 in the OpenAI format ...
+        assert replies and replies[0].status_code == 503, replies and replies[0].text
+        assert replies[0].json()["error"]["code"] == "engine_unavailable"
+        answered_in = time.monotonic() - failed_at
+        assert httpx.get(f"{url}/health").status_code == 503
+        # ... before the process exits 1 (a supervisor restarts it), though the engine thread never returns.
+        assert process.wait(timeout=30) == 1, "".join(lines)
+        assert answered_in < cli.FAILED_EXIT_DELAY_S, answered_in
