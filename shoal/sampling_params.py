@@ -23,6 +23,7 @@ MAX_LOGIT_BIAS_ENTRIES = 1024
 MAX_GRAMMAR_BYTES = 64 * 1024  # a JSON schema, regex or grammar, as text
 MAX_GUIDED_CHOICES = 256  # strings a guided_choice may list
 MAX_CHOICE_CHARS = 1024
+MAX_START_AFTER_CHARS = 64
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,9 @@ class StructuredOutputsParams:
     `json` (a JSON schema, as a dict or its text), `json_object` (any JSON object), `regex`, `choice` (one of
     these strings) or `grammar` (a Lark grammar, llguidance's dialect). `whitespace_flexible` lets JSON hold
     any whitespace between tokens; off by default, so a sampled reply cannot wander into endless blanks.
+    `start_after` leaves the reply free until it has written this text, and constrains only what follows:
+    a reasoning model's "</think>", so that it thinks first and then answers in the grammar (vLLM's
+    structured outputs with a reasoning parser); None constrains from the first token.
     Compiled by shoal.engine.grammar when the request is added; a schema or grammar it cannot compile is an
     InvalidRequestError then."""
 
@@ -40,6 +44,7 @@ class StructuredOutputsParams:
     choice: tuple[str, ...] | None = None
     grammar: str | None = None
     whitespace_flexible: bool = False
+    start_after: str | None = None
 
     def __post_init__(self) -> None:
         if self.choice is not None:
@@ -62,6 +67,11 @@ class StructuredOutputsParams:
                 raise InvalidRequestError(f"{name} must be a string")
         if self.json is not None and not isinstance(self.json, (dict, str)):
             raise InvalidRequestError("json must be a JSON schema: an object, or its text")
+        if self.start_after is not None and not (
+            isinstance(self.start_after, str) and 0 < len(self.start_after) <= MAX_START_AFTER_CHARS
+        ):
+            raise InvalidRequestError(f"start_after takes a text of 1 to {MAX_START_AFTER_CHARS} characters (the "
+                                      "marker the constraint waits for, such as '</think>'), or None")
         if self.size() > MAX_GRAMMAR_BYTES:
             kind = {"json": "JSON schema", "choice": "list of choices"}.get(given[0], given[0])
             raise InvalidRequestError(
@@ -76,7 +86,7 @@ class StructuredOutputsParams:
         return len(text.encode()) + sum(len(c.encode()) for c in self.choice or ())
 
     def key(self) -> tuple:
-        """A hashable identity (the cache key of its compiled grammar)."""
+        """A hashable identity (the cache key of its compiled grammar, which start_after does not change)."""
         schema = json.dumps(self.json, sort_keys=True) if isinstance(self.json, dict) else self.json
         return (schema, self.json_object, self.regex, self.choice, self.grammar, self.whitespace_flexible)
 
