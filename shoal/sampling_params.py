@@ -24,6 +24,7 @@ MAX_GRAMMAR_BYTES = 64 * 1024  # a JSON schema, regex or grammar, as text
 MAX_GUIDED_CHOICES = 256  # strings a guided_choice may list
 MAX_CHOICE_CHARS = 1024
 MAX_START_AFTER_CHARS = 64
+POOLINGS = (None, "last", "mean")  # SamplingParams.pooling: the prompt's hidden states pooled into an embedding
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,8 @@ class SamplingParams:
     logit_bias (OpenAI) adds a bias to chosen token ids' logits before sampling (greedy too); logprobs
     stay those of the raw model. prompt_logprobs=K (vLLM) returns, for every prompt token but the first,
     its logprob given the tokens before it and the top K alternatives (evaluation harnesses' loglikelihood).
+    pooling ("last" or "mean") pools the prompt's final hidden states (after the last norm) into
+    RequestOutput.embedding: the last token's, or the mean over every prompt token (/v1/embeddings).
     """
 
     max_tokens: int = 16
@@ -129,6 +132,7 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     prompt_logprobs: int | None = None
     structured_outputs: StructuredOutputsParams | None = None
+    pooling: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -164,6 +168,7 @@ class SamplingParams:
             (_integer(self.n) and 1 <= self.n <= MAX_N, f"n must be an integer from 1 to {MAX_N}, got {self.n!r}"),
             (self.prompt_logprobs is None or (_integer(self.prompt_logprobs) and 0 <= self.prompt_logprobs <= MAX_LOGPROBS),
              f"prompt_logprobs must be between 0 and {MAX_LOGPROBS}"),
+            (self.pooling in POOLINGS, f"pooling must be one of {', '.join(map(str, POOLINGS))}, got {self.pooling!r}"),
             (_logit_bias_ok(self.logit_bias),
              f"logit_bias maps at most {MAX_LOGIT_BIAS_ENTRIES} token ids (integers >= 0) to numbers in "
              f"[-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]"),

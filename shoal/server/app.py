@@ -25,6 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shoal.engine.async_engine import DEFAULT_MAX_WAITING, AsyncEngine
 from shoal.errors import ShoalError
+from shoal.server.embeddings import EmbeddingRequest, EmbeddingServing
 from shoal.server.metrics import CONTENT_TYPE, ServerMetrics
 from shoal.server.limits import ClientConcurrencyMiddleware, ServerLimits, TokenizerPool
 from shoal.server.openapi import install_openapi
@@ -143,6 +144,7 @@ def build_app(
     serving = OpenAIServing(llm, engine, model_name, max_prompt_bytes, tool_call_parser, reasoning_parser,
                             tokenizer_pool)
     tokenization = TokenizationServing(serving)
+    embeddings = EmbeddingServing(serving)
     started = int(time.time())
 
     @asynccontextmanager
@@ -219,6 +221,10 @@ def build_app(
     async def chat_completions(request: Request) -> Response:
         return await serving.chat(request)
 
+    @app.post("/v1/embeddings")
+    async def create_embeddings(request: Request) -> Response:
+        return await embeddings.embeddings(request)
+
     @app.post("/tokenize")
     async def tokenize(request: Request) -> Response:
         return await tokenization.tokenize(request)
@@ -232,7 +238,7 @@ def build_app(
         return JSONResponse(tokenization.info())
 
     install_openapi(app, {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest,
-                          "/tokenize": TokenizeRequest, "/detokenize": DetokenizeRequest})
+                          "/v1/embeddings": EmbeddingRequest, "/tokenize": TokenizeRequest, "/detokenize": DetokenizeRequest})
     app.add_middleware(GuardMiddleware, api_key=api_key, max_body_bytes=max_body_bytes,
                        body_timeout=limits.body_timeout)
     if limits.max_requests_per_client is not None:

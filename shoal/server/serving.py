@@ -88,8 +88,8 @@ async def parse(model: type[M], body: bytes) -> M:
             raise RequestError(f"the request body is not valid JSON: {first.get('msg')}") from None
         # pydantic names the union member it tried ("str", "list[int]", ...): not a field, leave it out.
         loc = [str(p) for p in first.get("loc", ()) if not (isinstance(p, str) and _UNION_TAG.fullmatch(p))]
-        if loc == ["prompt"] and len(errors) > 1:
-            message = "prompt must be a string, a list of strings, a list of token ids or a list of such lists"
+        if len(loc) == 1 and loc[0] in model.union_messages and len(errors) > 1:
+            message = model.union_messages[loc[0]]
         else:
             message = f"{'.'.join(loc)}: {first.get('msg')}" if loc else str(first.get("msg"))
         raise RequestError(message, param=loc[0] if loc else None) from None
