@@ -37,6 +37,7 @@ from shoal.server.protocol import (
     TokenizeRequest,
     error_body,
 )
+from shoal.server.responses import ResponsesRequest, ResponsesServing
 from shoal.server.security import LOOPBACK_NAMES, HostCheckMiddleware
 from shoal.server.serving import INTERNAL_ERROR, OpenAIServing, request_error
 from shoal.server.tokenization import TokenizationServing
@@ -145,6 +146,7 @@ def build_app(
                             tokenizer_pool)
     tokenization = TokenizationServing(serving)
     embeddings = EmbeddingServing(serving)
+    responses = ResponsesServing(serving)
     started = int(time.time())
 
     @asynccontextmanager
@@ -221,6 +223,10 @@ def build_app(
     async def chat_completions(request: Request) -> Response:
         return await serving.chat(request)
 
+    @app.post("/v1/responses")
+    async def create_response(request: Request) -> Response:
+        return await responses.create(request)
+
     @app.post("/v1/embeddings")
     async def create_embeddings(request: Request) -> Response:
         return await embeddings.embeddings(request)
@@ -238,7 +244,8 @@ def build_app(
         return JSONResponse(tokenization.info())
 
     install_openapi(app, {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest,
-                          "/v1/embeddings": EmbeddingRequest, "/tokenize": TokenizeRequest, "/detokenize": DetokenizeRequest})
+                          "/v1/embeddings": EmbeddingRequest, "/v1/responses": ResponsesRequest,
+                          "/tokenize": TokenizeRequest, "/detokenize": DetokenizeRequest})
     app.add_middleware(GuardMiddleware, api_key=api_key, max_body_bytes=max_body_bytes,
                        body_timeout=limits.body_timeout)
     if limits.max_requests_per_client is not None:
