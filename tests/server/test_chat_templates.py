@@ -23,11 +23,6 @@ from shoal.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")
-def llama(checkpoint):
-    return checkpoint("llama")
-
-
-@pytest.fixture(scope="module")
 def tokenizers(llama, tmp_path_factory):
     """template name -> (shoal Tokenizer, transformers tokenizer), both from the same files."""
     from transformers import PreTrainedTokenizerFast

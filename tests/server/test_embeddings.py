@@ -12,21 +12,10 @@ import pytest
 import torch
 from server_harness import API_KEY, MODEL
 
-from shoal import LLM
 from shoal.server.embeddings import MAX_INPUTS
 from shoal.tokenizer import Tokenizer
 
 TEXTS = ["The quick brown fox.", "A much longer sentence, about a lazy dog that sleeps all day in the sun."]
-
-
-@pytest.fixture(scope="module")
-def llama(checkpoint):
-    return checkpoint("llama")
-
-
-@pytest.fixture(scope="module")
-def server(llama, serve):
-    return serve(LLM(str(llama[0]), dtype="float32", progress=False))
 
 
 def reference(model, ids: list[int], pooling: str) -> np.ndarray:
@@ -36,10 +25,10 @@ def reference(model, ids: list[int], pooling: str) -> np.ndarray:
     return (pooled / pooled.norm()).numpy()
 
 
-def test_embeddings_equal_transformers_hidden_states(server, llama):
+def test_embeddings_equal_transformers_hidden_states(llama_server, llama):
     path, model = llama
     tokenizer = Tokenizer(path)
-    client = server.client()
+    client = llama_server.client()
     ids = [tokenizer.encode(t) for t in TEXTS]
     for pooling in ("last", "mean"):
         expected = [reference(model, i, pooling) for i in ids]
@@ -68,14 +57,14 @@ def test_embeddings_equal_transformers_hidden_states(server, llama):
     ({"input": "x", "encoding_format": "int8"}, "encoding_format", "'float' or 'base64'"),
     ({"input": "x", "pooling": "cls"}, "pooling", "'last' or 'mean'"),
 ])
-def test_bad_embedding_requests_are_400s_naming_their_field(server, body, param, words):
-    response = httpx.post(f"{server.url}/v1/embeddings", json={"model": MODEL, **body},
+def test_bad_embedding_requests_are_400s_naming_their_field(llama_server, body, param, words):
+    response = httpx.post(f"{llama_server.url}/v1/embeddings", json={"model": MODEL, **body},
                           headers={"Authorization": f"Bearer {API_KEY}"})
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["param"] == param and words in error["message"], error
 
 
-def test_the_official_client_sees_a_refusal_as_bad_request(server):
+def test_the_official_client_sees_a_refusal_as_bad_request(llama_server):
     with pytest.raises(openai.BadRequestError, match="dimensions"):
-        server.client().embeddings.create(model=MODEL, input="x", dimensions=2)
+        llama_server.client().embeddings.create(model=MODEL, input="x", dimensions=2)
