@@ -58,7 +58,9 @@ def extract_templates(sdist: Path, target: Path) -> None:
 
 
 def download_sdist(folder: Path) -> Path:
-    command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+    # Fail fast without a network (no retries, a short socket timeout): the test then skips, saying why.
+    command = [sys.executable, "-m", "pip", "download", "--quiet", "--retries", "0", "--timeout", "20",
+               "--no-deps", "--no-binary", ":all:",
                f"llama-cpp-python=={VERSION}", "-d", str(folder)]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=DOWNLOAD_TIMEOUT_S)
@@ -67,7 +69,7 @@ def download_sdist(folder: Path) -> Path:
                                 "llama-cpp-python sdist or a folder of llama.cpp's models/templates") from None
     found = sorted(folder.glob("llama_cpp_python-*.tar.gz"))
     if done.returncode != 0 or not found:
-        raise CorpusUnavailable(f"`{' '.join(command[2:])}` failed ({done.stderr.strip()[-300:]}); set {ENV} to a "
+        raise CorpusUnavailable(f"`{' '.join(command[2:])}` failed ({' '.join(done.stderr.strip().splitlines()[-2:])[-300:]}); set {ENV} to a "
                                 "local llama-cpp-python sdist or a folder of llama.cpp's models/templates")
     return found[0]
 
