@@ -69,8 +69,9 @@ def download_sdist(folder: Path) -> Path:
                                 "llama-cpp-python sdist or a folder of llama.cpp's models/templates") from None
     found = sorted(folder.glob("llama_cpp_python-*.tar.gz"))
     if done.returncode != 0 or not found:
-        raise CorpusUnavailable(f"`{' '.join(command[2:])}` failed ({' '.join(done.stderr.strip().splitlines()[-2:])[-300:]}); set {ENV} to a "
-                                "local llama-cpp-python sdist or a folder of llama.cpp's models/templates")
+        said = " ".join(done.stderr.strip().splitlines()[-2:])[-300:]
+        raise CorpusUnavailable(f"`{' '.join(command[2:])}` failed ({said}); set {ENV} to a local "
+                                "llama-cpp-python sdist or a folder of llama.cpp's models/templates")
     return found[0]
 
 
