@@ -204,6 +204,7 @@ class LLM:
                 prompt_token_ids=list(group[0].prompt_ids),
                 outputs=[seq.to_completion(index) for index, seq in enumerate(group)],
                 prompt_logprobs=group[0].prompt_logprobs,
+                embedding=group[0].embedding,
             )
             for group in groups
         ]

@@ -32,6 +32,8 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     # With SamplingParams.prompt_logprobs: one entry per prompt token, None for the first (nothing predicts it).
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    # With SamplingParams.pooling: the prompt's pooled final hidden state (float32, not normalized).
+    embedding: list[float] | None = None
 
     @property
     def token_ids(self) -> list[int]:

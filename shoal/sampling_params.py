@@ -23,6 +23,8 @@ MAX_LOGIT_BIAS_ENTRIES = 1024
 MAX_GRAMMAR_BYTES = 64 * 1024  # a JSON schema, regex or grammar, as text
 MAX_GUIDED_CHOICES = 256  # strings a guided_choice may list
 MAX_CHOICE_CHARS = 1024
+MAX_START_AFTER_CHARS = 64
+POOLINGS = (None, "last", "mean")  # SamplingParams.pooling: the prompt's hidden states pooled into an embedding
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,9 @@ class StructuredOutputsParams:
     `json` (a JSON schema, as a dict or its text), `json_object` (any JSON object), `regex`, `choice` (one of
     these strings) or `grammar` (a Lark grammar, llguidance's dialect). `whitespace_flexible` lets JSON hold
     any whitespace between tokens; off by default, so a sampled reply cannot wander into endless blanks.
+    `start_after` leaves the reply free until it has written this text, and constrains only what follows:
+    a reasoning model's "</think>", so that it thinks first and then answers in the grammar (vLLM's
+    structured outputs with a reasoning parser); None constrains from the first token.
     Compiled by shoal.engine.grammar when the request is added; a schema or grammar it cannot compile is an
     InvalidRequestError then."""
 
@@ -40,6 +45,7 @@ class StructuredOutputsParams:
     choice: tuple[str, ...] | None = None
     grammar: str | None = None
     whitespace_flexible: bool = False
+    start_after: str | None = None
 
     def __post_init__(self) -> None:
         if self.choice is not None:
@@ -62,6 +68,11 @@ class StructuredOutputsParams:
                 raise InvalidRequestError(f"{name} must be a string")
         if self.json is not None and not isinstance(self.json, (dict, str)):
             raise InvalidRequestError("json must be a JSON schema: an object, or its text")
+        if self.start_after is not None and not (
+            isinstance(self.start_after, str) and 0 < len(self.start_after) <= MAX_START_AFTER_CHARS
+        ):
+            raise InvalidRequestError(f"start_after takes a text of 1 to {MAX_START_AFTER_CHARS} characters (the "
+                                      "marker the constraint waits for, such as '</think>'), or None")
         if self.size() > MAX_GRAMMAR_BYTES:
             kind = {"json": "JSON schema", "choice": "list of choices"}.get(given[0], given[0])
             raise InvalidRequestError(
@@ -76,7 +87,7 @@ class StructuredOutputsParams:
         return len(text.encode()) + sum(len(c.encode()) for c in self.choice or ())
 
     def key(self) -> tuple:
-        """A hashable identity (the cache key of its compiled grammar)."""
+        """A hashable identity (the cache key of its compiled grammar, which start_after does not change)."""
         schema = json.dumps(self.json, sort_keys=True) if isinstance(self.json, dict) else self.json
         return (schema, self.json_object, self.regex, self.choice, self.grammar, self.whitespace_flexible)
 
@@ -99,6 +110,8 @@ class SamplingParams:
     logit_bias (OpenAI) adds a bias to chosen token ids' logits before sampling (greedy too); logprobs
     stay those of the raw model. prompt_logprobs=K (vLLM) returns, for every prompt token but the first,
     its logprob given the tokens before it and the top K alternatives (evaluation harnesses' loglikelihood).
+    pooling ("last" or "mean") pools the prompt's final hidden states (after the last norm) into
+    RequestOutput.embedding: the last token's, or the mean over every prompt token (/v1/embeddings).
     """
 
     max_tokens: int = 16
@@ -119,6 +132,7 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     prompt_logprobs: int | None = None
     structured_outputs: StructuredOutputsParams | None = None
+    pooling: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -154,6 +168,7 @@ class SamplingParams:
             (_integer(self.n) and 1 <= self.n <= MAX_N, f"n must be an integer from 1 to {MAX_N}, got {self.n!r}"),
             (self.prompt_logprobs is None or (_integer(self.prompt_logprobs) and 0 <= self.prompt_logprobs <= MAX_LOGPROBS),
              f"prompt_logprobs must be between 0 and {MAX_LOGPROBS}"),
+            (self.pooling in POOLINGS, f"pooling must be one of {', '.join(map(str, POOLINGS))}, got {self.pooling!r}"),
             (_logit_bias_ok(self.logit_bias),
              f"logit_bias maps at most {MAX_LOGIT_BIAS_ENTRIES} token ids (integers >= 0) to numbers in "
              f"[-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]"),

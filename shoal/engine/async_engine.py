@@ -48,6 +48,7 @@ class Delta:
     num_prompt_tokens: int
     num_output_tokens: int  # so far, including token_ids
     prompt_logprobs: list[TokenLogprob | None] | None = None  # on a completion's first delta, when asked for
+    embedding: list[float] | None = None  # likewise, with SamplingParams.pooling
 
 
 @dataclass
@@ -379,10 +380,10 @@ class AsyncEngine:
         if seq.error is not None:
             self._fail_request(tracked, seq, outgoing)
             return
-        prompt_logprobs = None
+        prompt_logprobs = embedding = None
         if tracked.first_token is None:
             tracked.first_token = now
-            prompt_logprobs = seq.prompt_logprobs
+            prompt_logprobs, embedding = seq.prompt_logprobs, seq.embedding
         new_ids = seq.output_ids[tracked.sent_tokens :]
         tracked.sent_tokens = len(seq.output_ids)
         logprobs = None
@@ -391,7 +392,7 @@ class AsyncEngine:
             tracked.sent_logprobs = len(seq.logprobs)
         finish = seq.finish_reason if seq.is_finished else None
         delta = Delta(tracked.index, new_ids, seq.take_new_text(), logprobs, finish,
-                      len(seq.prompt_ids), len(seq.output_ids), prompt_logprobs)
+                      len(seq.prompt_ids), len(seq.output_ids), prompt_logprobs, embedding)
         outgoing.append((tracked.stream, delta))
         with self._cond:
             self._stats.generation_tokens += len(new_ids)

@@ -7,7 +7,9 @@ project's CPUs: see benchmarks/structured_mask.py and BENCHMARKS.md. It computes
 tokenizer's trie, so a grammar compiles in about a millisecond and nothing is precomputed per schema.
 
 A grammar is compiled once per distinct constraint (an LRU cache) into a prototype matcher; each sequence
-takes a copy, advanced by its own sampled tokens. Compiling happens off the engine's step loop where the
+takes a copy, advanced by its own sampled tokens. Under `start_after` (a reasoning model's "</think>") the
+copy waits: its row is left unmasked, and its tokens are only watched, until the reply's text holds the
+marker; the grammar then takes the tokens that follow it. Compiling happens off the engine's step loop where the
 server can arrange it (`GrammarCompiler.compile` from its request thread); the engine copies the cached
 prototype when the sequence is added.
 """
@@ -18,7 +20,7 @@ import json
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -42,11 +44,28 @@ def _llguidance():
 
 
 class GrammarMatcher:
-    """One sequence's position in its grammar: the tokens allowed next, advanced by each sampled token."""
+    """One sequence's position in its grammar: the tokens allowed next, advanced by each sampled token; with
+    start_after, first the wait for that marker (`decode` turns the last few token ids into text)."""
 
-    def __init__(self, matcher, vocab_size: int) -> None:
+    def __init__(self, matcher, vocab_size: int, start_after: str | None = None,
+                 decode: Callable[[list[int]], str] | None = None) -> None:
         self._matcher = matcher
         self.vocab_size = vocab_size  # the ids its masks cover
+        self._start_after = start_after
+        self._decode = decode
+        self._recent: list[int] = []
+
+    @property
+    def active(self) -> bool:
+        """The grammar constrains the next token (False while it waits for its start_after marker)."""
+        return self._start_after is None
+
+    def _watch(self, token: int) -> None:
+        # Text, not token ids: the marker is found however the model spelled it in tokens. Every token that
+        # writes part of it writes at least one of its characters, so the last len(marker) + 1 tokens hold it.
+        self._recent = (self._recent + [token])[-len(self._start_after) - 1:]
+        if self._start_after in self._decode(self._recent):
+            self._start_after, self._recent = None, []
 
     def fill(self, row: np.ndarray) -> None:
         """Write the allowed-token bitmask (one bit per token id, int32 words, little-endian) into `row`."""
@@ -54,13 +73,16 @@ class GrammarMatcher:
 
     def accept(self, token: int) -> bool:
         """Advance by a sampled token; False if the grammar refused it (then the matcher stays in error, and its
-        masks allow only the end of sequence)."""
+        masks allow only the end of sequence). While waiting for start_after, the token is only watched."""
+        if not self.active:
+            self._watch(token)
+            return True
         return self._matcher.consume_token(token)
 
     @property
     def finished(self) -> bool:
         """The grammar is complete and can take nothing more (only end of sequence)."""
-        return self._matcher.is_stopped()
+        return self.active and self._matcher.is_stopped()
 
     @property
     def error(self) -> str:
@@ -94,7 +116,11 @@ class GrammarCompiler:
         self._prototype(spec)
 
     def matcher(self, spec: StructuredOutputsParams) -> GrammarMatcher:
-        return GrammarMatcher(self._prototype(spec).deep_copy(), self._tokenizer.vocab_size)
+        return GrammarMatcher(self._prototype(spec).deep_copy(), self._tokenizer.vocab_size, spec.start_after,
+                              self._decode_with_special_tokens)
+
+    def _decode_with_special_tokens(self, ids: list[int]) -> str:
+        return self._hf.decode(ids, skip_special_tokens=False)  # a marker may be a special token ("</think>")
 
     def _prototype(self, spec: StructuredOutputsParams):
         key = spec.key()
@@ -159,8 +185,9 @@ def _grammar_text(llg, spec: StructuredOutputsParams) -> str:
 
 def token_mask(matchers: Sequence[GrammarMatcher | None], vocab_size: int) -> TokenMask | None:
     """The allowed tokens of each row that has a matcher, over logits `vocab_size` wide, as the sampler applies
-    them (None: no row has one). Ids past the matchers' vocabulary (logits padded wider) are never allowed."""
-    rows = [row for row, m in enumerate(matchers) if m is not None]
+    them (None: no row has an active one). Ids past the matchers' vocabulary (logits padded wider) are never
+    allowed."""
+    rows = [row for row, m in enumerate(matchers) if m is not None and m.active]
     if not rows:
         return None
     covered = matchers[rows[0]].vocab_size  # one engine, one tokenizer: every matcher covers the same ids

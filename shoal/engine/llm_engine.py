@@ -103,6 +103,8 @@ class LLMEngine:
         self.check_prompt(prompt_ids)
         if params.prompt_logprobs is not None and not self.scores_prompts:
             raise InvalidRequestError("prompt_logprobs are not supported on a model split over several devices yet")
+        if params.pooling is not None and not self.scores_prompts:
+            raise InvalidRequestError("embeddings (pooling) are not supported on a model split over several devices yet")
         if params.logit_bias and max(params.logit_bias) >= self.model.config.vocab_size:
             raise InvalidRequestError(
                 f"logit_bias names token id {max(params.logit_bias)}, outside the vocabulary "

@@ -69,6 +69,8 @@ class ModelRunner:
             for row, chunk in enumerate(chunks):
                 if chunk.seq.needs_prompt_logprobs:
                     self._prompt_logprobs(chunk, hidden, offsets[row])
+                if chunk.seq.params.pooling is not None and chunk.seq.embedding is None:
+                    self._pool(chunk, hidden, offsets[row])
             done = [row for row, c in enumerate(chunks) if c.completes]
             if not done:
                 return [None] * len(chunks)
@@ -89,6 +91,23 @@ class ModelRunner:
         for row, token, logprob in zip(done, tokens, logprobs):
             results[row] = (token, logprob)
         return results
+
+    def _pool(self, chunk: ScheduledChunk, hidden: torch.Tensor, offset: int) -> None:
+        """Add this chunk's prompt hidden states to its sequence's pool; once the prompt is done, set the
+        embedding (the mean, or the last token's). A chunk computed again after preemption adds nothing twice."""
+        seq = chunk.seq
+        start = seq.num_computed
+        first, end = max(start, seq.pooled_upto), min(start + chunk.num_tokens, len(seq.prompt_ids))
+        if end <= first:
+            return
+        rows = hidden[offset + first - start : offset + end - start].float()
+        if seq.params.pooling == "mean":
+            total = rows.sum(0)
+            seq.pooled_sum = total if seq.pooled_sum is None else seq.pooled_sum + total
+        seq.pooled_upto = end
+        if end == len(seq.prompt_ids):
+            pooled = seq.pooled_sum / end if seq.params.pooling == "mean" else rows[-1]
+            seq.embedding, seq.pooled_sum = pooled.cpu().tolist(), None
 
     def _prompt_logprobs(self, chunk: ScheduledChunk, hidden: torch.Tensor, offset: int) -> None:
         """Append the logprobs of the prompt tokens this chunk's positions predict (each position's logits

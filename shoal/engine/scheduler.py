@@ -93,9 +93,9 @@ class Scheduler:
         while (self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted
                and len(chunks) < limit):
             seq = self.waiting[0]
-            if seq.num_computed == 0 and not seq.block_table and not seq.needs_prompt_logprobs:
+            if seq.num_computed == 0 and not seq.block_table and not seq.needs_prompt_states:
                 # Reuse cached blocks of a shared prefix; always leave the last token to compute for its logits
-                # (a sequence that wants prompt logprobs computes every token: each one's logits are asked for).
+                # (a sequence that wants prompt logprobs or an embedding computes every token).
                 blocks, hashes = self.blocks.match_prefix(seq.all_ids, seq.num_tokens - 1)
                 seq.block_table.extend(blocks)
                 seq.block_hashes.extend(hashes)

@@ -53,6 +53,11 @@ class Sequence:
         self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
         # Filled by the runner as prefill chunks run; the first prompt token has nothing before it.
         self.prompt_logprobs: list[TokenLogprob | None] | None = [None] if params.prompt_logprobs is not None else None
+        # With params.pooling: the sum of the prompt's hidden states so far and the positions it covers, then the
+        # pooled vector once the whole prompt has run (shoal.engine.runner._pool).
+        self.pooled_sum: torch.Tensor | None = None
+        self.pooled_upto = 0
+        self.embedding: list[float] | None = None
         self.finish_reason: str | None = None
         self.guide = None  # its grammar's matcher (shoal.engine.grammar) under structured outputs
         self.error: str | None = None  # why the engine could not generate for it (see `fail`)
@@ -71,6 +76,12 @@ class Sequence:
     @property
     def needs_prompt_logprobs(self) -> bool:
         return self.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.prompt_ids)
+
+    @property
+    def needs_prompt_states(self) -> bool:
+        """Every prompt token must run through the model (its logits or hidden state is asked for), so no cached
+        prefix may stand in for it."""
+        return self.needs_prompt_logprobs or (self.params.pooling is not None and self.embedding is None)
 
     @property
     def is_finished(self) -> bool:
@@ -135,4 +146,4 @@ class Sequence:
 
     def to_output(self) -> RequestOutput:
         return RequestOutput(prompt=self.prompt, prompt_token_ids=list(self.prompt_ids), outputs=[self.to_completion()],
-                             prompt_logprobs=self.prompt_logprobs)
+                             prompt_logprobs=self.prompt_logprobs, embedding=self.embedding)

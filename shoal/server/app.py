@@ -25,6 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shoal.engine.async_engine import DEFAULT_MAX_WAITING, AsyncEngine
 from shoal.errors import ShoalError
+from shoal.server.embeddings import EmbeddingRequest, EmbeddingServing
 from shoal.server.metrics import CONTENT_TYPE, ServerMetrics
 from shoal.server.limits import ClientConcurrencyMiddleware, ServerLimits, TokenizerPool
 from shoal.server.openapi import install_openapi
@@ -36,6 +37,7 @@ from shoal.server.protocol import (
     TokenizeRequest,
     error_body,
 )
+from shoal.server.responses import ResponsesRequest, ResponsesServing
 from shoal.server.security import LOOPBACK_NAMES, HostCheckMiddleware
 from shoal.server.serving import INTERNAL_ERROR, OpenAIServing, request_error
 from shoal.server.tokenization import TokenizationServing
@@ -143,6 +145,8 @@ def build_app(
     serving = OpenAIServing(llm, engine, model_name, max_prompt_bytes, tool_call_parser, reasoning_parser,
                             tokenizer_pool)
     tokenization = TokenizationServing(serving)
+    embeddings = EmbeddingServing(serving)
+    responses = ResponsesServing(serving)
     started = int(time.time())
 
     @asynccontextmanager
@@ -211,28 +215,22 @@ def build_app(
         serving.check_model(name)
         return JSONResponse(serving.model_card(started))
 
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> Response:
-        return await serving.completions(request)
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Response:
-        return await serving.chat(request)
-
-    @app.post("/tokenize")
-    async def tokenize(request: Request) -> Response:
-        return await tokenization.tokenize(request)
-
-    @app.post("/detokenize")
-    async def detokenize(request: Request) -> Response:
-        return await tokenization.detokenize(request)
+    # Each reads its own body (serving.parse: a validation error in the OpenAI format); /openapi.json gets the
+    # models from install_openapi below.
+    bodies = {"/v1/completions": (serving.completions, CompletionRequest),
+              "/v1/chat/completions": (serving.chat, ChatCompletionRequest),
+              "/v1/responses": (responses.create, ResponsesRequest),
+              "/v1/embeddings": (embeddings.embeddings, EmbeddingRequest),
+              "/tokenize": (tokenization.tokenize, TokenizeRequest),
+              "/detokenize": (tokenization.detokenize, DetokenizeRequest)}
+    for path, (handler, _) in bodies.items():
+        app.add_api_route(path, handler, methods=["POST"], response_class=Response)
 
     @app.get("/tokenizer_info")
     async def tokenizer_info() -> Response:
         return JSONResponse(tokenization.info())
 
-    install_openapi(app, {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest,
-                          "/tokenize": TokenizeRequest, "/detokenize": DetokenizeRequest})
+    install_openapi(app, {path: model for path, (_, model) in bodies.items()})
     app.add_middleware(GuardMiddleware, api_key=api_key, max_body_bytes=max_body_bytes,
                        body_timeout=limits.body_timeout)
     if limits.max_requests_per_client is not None:

@@ -7,7 +7,7 @@ as the OpenAI API does. `sampling_params` turns a request into one SamplingParam
 from __future__ import annotations
 
 import dataclasses
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
@@ -46,6 +46,8 @@ TokenIds = Annotated[list[int], Field(max_length=1 << 20)]
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
+    # field -> the message for a value none of its union's forms accepts (pydantic's names one form at random)
+    union_messages: ClassVar[dict[str, str]] = {}
 
 
 class StreamOptions(_Strict):
@@ -102,6 +104,8 @@ class _Sampling(_Strict):
 
 
 class CompletionRequest(_Sampling):
+    union_messages: ClassVar[dict[str, str]] = {
+        "prompt": "prompt must be a string, a list of strings, a list of token ids or a list of such lists"}
     prompt: str | Annotated[list[str], Field(min_length=1, max_length=MAX_BATCH_PROMPTS)] | TokenIds | Annotated[
         list[TokenIds], Field(min_length=1, max_length=MAX_BATCH_PROMPTS)
     ]

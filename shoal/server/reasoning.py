@@ -71,7 +71,8 @@ class ReasoningParser:
         return (reasoning + more_reasoning) or None, (content + more_content) or None
 
 
-def _thinking(kind: str, template_kwargs: dict[str, Any] | None) -> bool:
+def thinks(kind: str, template_kwargs: dict[str, Any] | None) -> bool:
+    """Whether a reply under this reasoning parser starts in its reasoning (the request did not turn thinking off)."""
     kwargs = template_kwargs or {}
     if kind == "qwen3":
         return kwargs.get("enable_thinking", True) is not False
@@ -86,4 +87,4 @@ REASONING_PARSERS = ("deepseek_r1", "deepseek_v3", "qwen3")
 def reasoning_parser(kind: str, template_kwargs: dict[str, Any] | None) -> ReasoningParser:
     if kind not in REASONING_PARSERS:
         raise ValueError(f"unknown reasoning parser {kind!r}; known: {', '.join(REASONING_PARSERS)}")
-    return ReasoningParser(_thinking(kind, template_kwargs))
+    return ReasoningParser(thinks(kind, template_kwargs))

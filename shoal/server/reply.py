@@ -1,6 +1,7 @@
 """How one chat request's reply is read before it is sent: reasoning split off into `reasoning_content`
 (shoal.server.reasoning), then tool calls parsed from what is left (shoal.server.tool_calls), whole or as
-streamed deltas.
+streamed deltas. A constraint (structured outputs, a forced tool call) on a reply that starts in its reasoning
+waits for the reasoning's end marker, so it holds the answer and never the thinking.
 
 Markers that the tokenizer calls special (a tool-call or think tag) would be skipped when the reply is
 decoded, so the server keeps special tokens for such a reply; the end-of-sequence text that then comes
@@ -10,12 +11,12 @@ with a stopped reply is cut again here (`stop_texts`).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from shoal.sampling_params import StructuredOutputsParams
 from shoal.server.protocol import ChatCompletionRequest, NamedToolChoice, RequestError
-from shoal.server.reasoning import ReasoningParser, reasoning_parser
+from shoal.server.reasoning import END, ReasoningParser, reasoning_parser, thinks
 from shoal.server.structured import requested
 from shoal.server.tool_calls import ForcedToolCalling, ToolCalling, forced_tool_calls
 from shoal.server.tool_parsers import PARSERS
@@ -61,8 +62,9 @@ def plan_chat(req: ChatCompletionRequest, tool_parser: str | None, reasoning: st
                                "function: those need no parser)", param="tools", code="unsupported_parameter")
         tools = ToolCalling(tool_parser, req.parallel_tool_calls is not False)
         markers += PARSERS[tool_parser].markers
-    # A constrained reply starts at its first token, so there is no reasoning to split off.
-    reasoning = reasoning if constraint is None else None
+    if constraint is not None and reasoning and thinks(reasoning, req.chat_template_kwargs):
+        # The model thinks first, freely; the constraint holds what follows its reasoning (as vLLM does).
+        constraint = replace(constraint, start_after=END)
     if reasoning:
         markers += ReasoningParser.markers
     reader = ReplyReader(tools, reasoning, req.chat_template_kwargs) if tools is not None or reasoning else None

@@ -88,8 +88,8 @@ async def parse(model: type[M], body: bytes) -> M:
             raise RequestError(f"the request body is not valid JSON: {first.get('msg')}") from None
         # pydantic names the union member it tried ("str", "list[int]", ...): not a field, leave it out.
         loc = [str(p) for p in first.get("loc", ()) if not (isinstance(p, str) and _UNION_TAG.fullmatch(p))]
-        if loc == ["prompt"] and len(errors) > 1:
-            message = "prompt must be a string, a list of strings, a list of token ids or a list of such lists"
+        if len(loc) == 1 and loc[0] in model.union_messages and len(errors) > 1:
+            message = model.union_messages[loc[0]]
         else:
             message = f"{'.'.join(loc)}: {first.get('msg')}" if loc else str(first.get("msg"))
         raise RequestError(message, param=loc[0] if loc else None) from None
@@ -391,12 +391,24 @@ class OpenAIServing:
     # ---- /v1/chat/completions -------------------------------------------------------------------
     async def chat(self, request: Request) -> Response:
         req = await parse(ChatCompletionRequest, await request.body())
+        prepared, reader, request_id, stream = await self.start_chat(req)
+        created = int(time.time())
+        n = req.n or 1
+        if req.stream:
+            chunks = self._chat_chunks(req, prepared, stream, request_id, created, n, reader)
+            return self._events(request_id, stream, chunks)
+        work = partial(self._chat_response, req, prepared, request_id, stream, created, n, reader)
+        return await self._until_done(request, request_id, stream, work)
+
+    async def start_chat(self, req: ChatCompletionRequest, prefix: str = "chatcmpl"
+                         ) -> tuple[_Prepared, ReplyReader | None, str, RequestStream]:
+        """Check, render and tokenize a chat request and submit it: (what was submitted, how to read its reply,
+        its request id, its stream). /v1/responses comes through here too, as the chat request it amounts to."""
         self.check_model(req.model)
         plan = plan_chat(req, self.tool_parser, self.reasoning_parser, self.tokenizer.token_to_id,
                          self.tokenizer.is_special)
         if req.top_logprobs is not None and not req.logprobs:
             raise RequestError("top_logprobs needs logprobs set to true", param="top_logprobs")
-        n = req.n or 1
         chat = conversation(req.messages, req.tools, req.add_generation_prompt, req.continue_final_message,
                             req.chat_template_kwargs, req.documents)
         explicit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
@@ -424,13 +436,8 @@ class OpenAIServing:
             prepared = await self.tokenizer_pool.run(size, prepare)
         except TokenizerError as exc:
             raise RequestError(str(exc), param="messages") from None
-        request_id, stream = self._submit("chatcmpl", prepared)
-        created = int(time.time())
-        if req.stream:
-            chunks = self._chat_chunks(req, prepared, stream, request_id, created, n, reader)
-            return self._events(request_id, stream, chunks)
-        work = partial(self._chat_response, req, prepared, request_id, stream, created, n, reader)
-        return await self._until_done(request, request_id, stream, work)
+        request_id, stream = self._submit(prefix, prepared)
+        return prepared, reader, request_id, stream
 
     async def _chat_response(self, req: ChatCompletionRequest, prepared: _Prepared, request_id: str,
                              stream: RequestStream, created: int, n: int, reader: ReplyReader | None = None) -> Response:

@@ -109,3 +109,29 @@ def test_token_mask_leaves_padded_ids_out_and_keeps_allowed_scores(demo):
     assert torch.equal(masked[1, kept], scores[1, kept]) and torch.isinf(masked[1]).sum() == padded - len(kept)
     every = apply_token_mask(scores, TokenMask([0, 1], torch.ones(2, padded, dtype=torch.bool)))
     assert torch.equal(every, scores)
+
+
+def test_start_after_leaves_the_reply_free_until_its_marker_then_holds_the_rest(demo):
+    """A reasoning model thinks first (vLLM's structured outputs with a reasoning parser): until the reply has
+    written start_after the grammar neither masks nor consumes; from the next token on it holds the reply."""
+    prompt = "The list type"
+    free = demo.generate([prompt], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))[0].outputs[0]
+    marker = demo.tokenizer.decode(free.token_ids[:2], skip_special_tokens=False)  # stands for "</think>"
+    choices = ["yes", "no"]
+    gated = StructuredOutputsParams(choice=choices, start_after=marker)
+    outs = demo.generate([prompt] * 2, [SamplingParams(temperature=0, max_tokens=12, structured_outputs=spec)
+                                        for spec in (gated, StructuredOutputsParams(choice=choices))])
+    waited, held = outs[0].outputs[0], outs[1].outputs[0]
+    assert waited.token_ids[:2] == free.token_ids[:2]  # unmasked while the marker was being written
+    assert waited.text.startswith(marker) and waited.text[len(marker):] in choices
+    assert waited.finish_reason == "stop"
+    assert held.text in choices  # without start_after the grammar holds the reply from its first token
+
+    matcher = demo.engine.grammars.matcher(gated)
+    assert not matcher.active and token_mask([matcher], demo.model_config.vocab_size) is None
+    for token in free.token_ids[:2]:
+        assert matcher.accept(token) and not matcher.finished
+    assert matcher.active and token_mask([matcher], demo.model_config.vocab_size).rows == [0]
+    with pytest.raises(InvalidRequestError, match="start_after takes a text of 1 to 64"):
+        StructuredOutputsParams(regex="a", start_after="")
+    assert gated.key() == StructuredOutputsParams(choice=choices).key()  # one compiled grammar for both

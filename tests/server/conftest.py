@@ -23,3 +23,17 @@ def serve():
     yield start
     for server in started:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def llama(checkpoint):
+    """(folder, transformers model) of the tiny Llama test checkpoint."""
+    return checkpoint("llama")
+
+
+@pytest.fixture(scope="module")
+def llama_server(llama, serve):
+    """A server of the tiny Llama in float32 (its outputs compared with transformers')."""
+    from shoal import LLM
+
+    return serve(LLM(str(llama[0]), dtype="float32", progress=False))

@@ -13,70 +13,13 @@ import shutil
 import openai
 import pytest
 from chat_checkpoints import MARKERS, long_context_checkpoint, shipped_templates, write_tokenizer_dir
+from chat_conversations import CASES, ONE_CALL, PARTIAL, PLAIN, REASONED, TIME, TWO_CALLS, WEATHER, drops_null_keys, \
+    server_conversation, transformers_messages, transformers_options
 from server_harness import MODEL
 
 from shoal import LLM
 from shoal.chat_template import ChatTemplateError
 from shoal.tokenizer import Tokenizer
-
-WEATHER = {"type": "function", "function": {
-    "name": "get_weather", "description": "The weather in a city, now.",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "unit": {"enum": ["C", "F"]}},
-                   "required": ["city"]}}}
-TIME = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
-
-# Conversations in OpenAI's wire form: tool-call arguments as JSON strings, null content.
-PLAIN = [
-    {"role": "system", "content": "You are terse."},
-    {"role": "user", "content": "Hi there"},
-    {"role": "assistant", "content": "Hello."},
-    {"role": "user", "content": "Héllo wörld — what's new?"},
-]
-ONE_CALL = [
-    {"role": "system", "content": "Use tools when they help."},
-    {"role": "user", "content": "Weather in Paris?"},
-    {"role": "assistant", "content": None, "tool_calls": [
-        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
-    {"role": "tool", "tool_call_id": "call_1", "content": "18 C, sunny"},
-]
-TWO_CALLS = [
-    {"role": "user", "content": "Weather and time in Oslo?"},
-    {"role": "assistant", "content": "Checking both.", "tool_calls": [
-        {"id": "a", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo", "unit": "C"}'}},
-        {"id": "b", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}]},
-    {"role": "tool", "tool_call_id": "a", "content": "3 C"},
-    {"role": "tool", "tool_call_id": "b", "content": "14:05"},
-    {"role": "assistant", "content": "3 C at 14:05."},
-    {"role": "user", "content": "Thanks"},
-]
-REASONED = [
-    {"role": "user", "content": "2+2?"},
-    {"role": "assistant", "content": "4", "reasoning_content": "Two and two make four."},
-    {"role": "user", "content": "And 3+3?"},
-    {"role": "assistant", "content": "6", "reasoning_content": "Three and three make six."},
-]
-PARTIAL = PLAIN + [{"role": "assistant", "content": "Not much, but"}]
-
-
-def drops_null_keys() -> bool:
-    """transformers since 5.2x leaves a message's null-valued keys out before rendering (shoal does the same)."""
-    from transformers.utils import chat_template_utils
-
-    return hasattr(chat_template_utils, "_normalize_chat_messages")
-
-
-def transformers_messages(messages: list[dict]) -> list[dict]:
-    """What transformers documents for tool-use templates: tool-call arguments as objects."""
-    out = json.loads(json.dumps(messages))
-    for message in out:
-        for call in message.get("tool_calls") or []:
-            call["function"]["arguments"] = json.loads(call["function"]["arguments"])
-    return out
-
-
-@pytest.fixture(scope="module")
-def llama(checkpoint):
-    return checkpoint("llama")
 
 
 @pytest.fixture(scope="module")
@@ -96,47 +39,23 @@ def tokenizers(llama, tmp_path_factory):
 TEMPLATE_NAMES = sorted(MARKERS) + ["llama4", "smolvlm"]
 
 
-CASES = [
-    ("plain", PLAIN, {}),
-    ("plain without a generation prompt", PLAIN, {"add_generation_prompt": False}),
-    ("one tool call and its result", ONE_CALL, {"tools": [WEATHER]}),
-    ("two tool calls, two results, more turns", TWO_CALLS, {"tools": [WEATHER, TIME]}),
-    ("earlier reasoning, thinking off", REASONED, {"template_kwargs": {"enable_thinking": False}}),
-    ("a date given as a template kwarg", PLAIN, {"template_kwargs": {"date_string": "26 Jul 2024"}}),
-    ("continue the final message", PARTIAL, {"add_generation_prompt": False, "continue_final_message": True}),
-    ("documents", PLAIN, {"documents": [{"title": "Paris", "text": "The capital of France."}]}),
-]
-
-
 @pytest.mark.parametrize("name", TEMPLATE_NAMES)
 @pytest.mark.parametrize("case, messages, options", CASES, ids=[c[0] for c in CASES])
 def test_renders_token_identical_to_transformers(tokenizers, name, case, messages, options):
-    from shoal.server.conversation import conversation
-    from shoal.server.protocol import ChatCompletionRequest
-
     if name not in tokenizers:
         pytest.skip(f"this transformers does not ship the {name} template")
     if any(None in m.values() for m in messages) and not drops_null_keys():
         pytest.skip("this transformers hands null content to the template; shoal follows the newer one that leaves "
                     "it out, as templates test for a missing key")
     ours, theirs = tokenizers[name]
-    options = dict(options)
-    add_generation_prompt = options.pop("add_generation_prompt", True)
-    template_kwargs = options.pop("template_kwargs", {})
     expected_error = None
     try:
         expected = theirs.apply_chat_template(transformers_messages(messages), tokenize=True, return_dict=False,
-                                              add_generation_prompt=add_generation_prompt, **options,
-                                              **template_kwargs)
+                                              **transformers_options(options))
     except Exception as exc:  # the template refuses this conversation (Llama 3: one tool call at a time)
         expected_error = exc
     # Through the server's own path: the request parsed, then the conversation handed to the template.
-    body = {"messages": messages, "tools": options.get("tools"), "add_generation_prompt": add_generation_prompt,
-            "continue_final_message": options.get("continue_final_message", False),
-            "chat_template_kwargs": template_kwargs, "documents": options.get("documents")}
-    request = ChatCompletionRequest.model_validate_json(json.dumps(body))
-    chat = conversation(request.messages, request.tools, request.add_generation_prompt,
-                        request.continue_final_message, request.chat_template_kwargs, request.documents)
+    chat = server_conversation(messages, options)
     if expected_error is not None:
         with pytest.raises(ChatTemplateError):
             ours.apply_chat_template(chat.messages, chat.add_generation_prompt, **chat.render_options())

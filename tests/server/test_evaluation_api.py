@@ -20,11 +20,6 @@ TEXT = "The quick brown fox jumps over the lazy dog. Héllo wörld"
 
 
 @pytest.fixture(scope="module")
-def llama(checkpoint):
-    return checkpoint("llama")
-
-
-@pytest.fixture(scope="module")
 def server(llama, serve):
     # A small batch budget: a prompt is scored over several prefill chunks.
     return serve(LLM(str(llama[0]), dtype="float32", progress=False, max_num_batched_tokens=8))

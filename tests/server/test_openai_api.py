@@ -13,7 +13,6 @@ import torch
 from checkpoints import VOCAB
 from server_harness import API_KEY, MODEL
 
-from shoal import LLM
 from shoal.server.protocol import SUPPORTED_PARAMS
 from shoal.tokenizer import Tokenizer
 
@@ -22,13 +21,8 @@ MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "conten
 
 
 @pytest.fixture(scope="module")
-def llama(checkpoint):
-    return checkpoint("llama")
-
-
-@pytest.fixture(scope="module")
-def server(llama, serve):
-    return serve(LLM(str(llama[0]), dtype="float32", progress=False))
+def server(llama_server):
+    return llama_server
 
 
 @pytest.fixture(scope="module")

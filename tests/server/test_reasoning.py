@@ -100,3 +100,44 @@ def test_reasoning_then_a_tool_call(server, scripted):
     assert [(c.function.name, json.loads(c.function.arguments)) for c in choice.message.tool_calls] == [
         ("get_weather", {"city": "Paris"})]
     assert choice.finish_reason == "tool_calls"
+
+
+# ---- structured outputs after the reasoning: the real model, its first token pushed to </think> -------------
+ANSWER = {"type": "object", "properties": {"city": {"enum": ["Paris", "Oslo"]}}, "required": ["city"],
+          "additionalProperties": False}
+
+
+def test_a_constraint_holds_the_answer_after_the_reasoning_not_the_reasoning(server):
+    """With a reasoning parser the grammar starts after </think> (vLLM's structured outputs with reasoning): the
+    model may write </think> first, which a JSON grammar from the first token would forbid, and the answer after it
+    still matches the schema; with thinking turned off the grammar holds the reply from its first token."""
+    from jsonschema import validate
+    from server_harness import MODEL
+
+    from shoal.server.protocol import ChatCompletionRequest
+    from shoal.server.reply import plan_chat
+
+    tokenizer = server.app.state.serving.tokenizer
+    end = tokenizer.token_to_id("</think>")
+    schema = {"type": "json_schema", "json_schema": {"name": "answer", "schema": ANSWER}}
+    client = server.client()
+    for kwargs, starts_after in [({}, "</think>"), ({"enable_thinking": False}, None)]:
+        body = {"model": MODEL, "messages": ASK, "response_format": schema, "chat_template_kwargs": kwargs}
+        plan = plan_chat(ChatCompletionRequest.model_validate(body), None, "qwen3", tokenizer.token_to_id,
+                         tokenizer.is_special)
+        assert plan.constraint.start_after == starts_after
+        out = client.chat.completions.create(model=MODEL, messages=ASK, response_format=schema, max_tokens=40,
+                                             logit_bias={str(end): 100}, logprobs=True,
+                                             extra_body={"chat_template_kwargs": kwargs})
+        message, tokens = out.choices[0].message, [t.token for t in out.choices[0].logprobs.content]
+        validate(json.loads(message.content), ANSWER)
+        assert message.reasoning_content is None
+        assert (tokens[0] == "</think>") == (starts_after is not None)  # free to end its reasoning at once
+        assert "</think>" not in tokens[1:]  # and held to the schema from then on, bias or not
+
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": ANSWER}}]
+    forced = client.chat.completions.create(model=MODEL, messages=ASK, tools=tools, tool_choice="required",
+                                            max_tokens=80, logit_bias={str(end): 100})
+    call = forced.choices[0].message.tool_calls[0]
+    assert call.function.name == "get_weather"
+    validate(json.loads(call.function.arguments), ANSWER)
