@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import socket
 import statistics
-import threading
 import time
 
 import httpx
