@@ -6,7 +6,7 @@ Model and engine code talk to devices only through a Backend; each device family
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from typing import Any, TYPE_CHECKING, Callable
 
 import torch
 
@@ -149,6 +149,12 @@ class Backend:
         from shoal.backends.measure import measure_device
 
         return measure_device(self, index=index, quick=quick)
+
+    def kernel_figures(self, quick: bool = False) -> list[dict[str, Any]]:
+        """Per decode kernel of the backend's own: the path it runs here and its measured share of the
+        memory bandwidth ({"kernel", "path", "weight_bytes", "gbps", "read_gbps", "share"}), for `shoal
+        doctor`. None by default: a backend without kernels of its own runs torch's."""
+        return []
 
     def __repr__(self) -> str:
         return f"<Backend {self.name} ({self.device_type}, {self.dist_backend})>"

@@ -99,12 +99,23 @@ def doctor_report(device: str | None = None, quick: bool = False) -> dict[str, A
             "matmul_tflops": dict(profile.matmul_tflops),
             "link_bandwidth_gbps": profile.link_bandwidth_gbps,
         },
+        "kernels": backend.kernel_figures(quick=quick),
     }
 
 
 def _table(rows: list[list[str]]) -> list[str]:
     widths = [max(len(row[col]) for row in rows) for col in range(len(rows[0]))]
     return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+
+
+def _kernel_rows(figures: list[dict[str, Any]]) -> list[list[str]]:
+    """Backend.kernel_figures as table rows; "-" where a kernel was not measured."""
+    rows = [["kernel", "path here", "weights", "GB/s", "share of read bandwidth"]]
+    for f in figures:
+        measured = f["gbps"] is not None
+        rows.append([f["kernel"], f["path"], f"{f['weight_bytes'] / (1 << 20):.0f} MiB",
+                     f"{f['gbps']:.1f}" if measured else "-", f"{f['share']:.2f}" if measured else "-"])
+    return rows
 
 
 def _yes(flag: bool) -> str:
@@ -168,4 +179,9 @@ def format_doctor_report(report: dict[str, Any]) -> str:
     if throughput["link_bandwidth_gbps"] is not None:
         rows.append(["link bandwidth", f"{throughput['link_bandwidth_gbps']:.1f} GB/s"])
     lines += ["  " + line for line in _table(rows)]
+    if report.get("kernels"):
+        read = report["kernels"][0]["read_gbps"]
+        lines += ["", f"decode kernels on {selected['backend']} (weight bytes read per second, against a stream read "
+                      f"of as many bytes: {read:.1f} GB/s):"]
+        lines += ["  " + line for line in _table(_kernel_rows(report["kernels"]))]
     return "\n".join(lines)

@@ -19,7 +19,7 @@ if TYPE_CHECKING:  # base.py calls into this module: no import back at run time
 _MIB = 1 << 20
 
 
-def _median_seconds(fn: Callable[[], object], backend: Backend, reps: int, min_rep_seconds: float) -> float:
+def median_seconds(fn: Callable[[], object], backend: Backend, reps: int, min_rep_seconds: float) -> float:
     """Median wall time of one fn() call over `reps` repetitions, synchronizing the device around each.
 
     A repetition runs fn() enough times back to back to last `min_rep_seconds`, so that on fast
@@ -53,7 +53,7 @@ def measure_bandwidth(backend: Backend, index: int = 0, quick: bool = False) -> 
         nbytes //= 2
     src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
-    seconds = _median_seconds(lambda: dst.copy_(src), backend, reps=5 if quick else 10,
+    seconds = median_seconds(lambda: dst.copy_(src), backend, reps=5 if quick else 10,
                               min_rep_seconds=0.005 if quick else 0.02)
     return 2 * nbytes / seconds / 1e9
 
@@ -82,7 +82,7 @@ def measure_matmul(backend: Backend, dtype: torch.dtype, index: int = 0, quick: 
     a = torch.randn(n, n, dtype=dtype, device=device)
     b = torch.randn(n, n, dtype=dtype, device=device)
     out = torch.empty(n, n, dtype=dtype, device=device)
-    seconds = _median_seconds(lambda: torch.mm(a, b, out=out), backend, reps=3 if quick else 5,
+    seconds = median_seconds(lambda: torch.mm(a, b, out=out), backend, reps=3 if quick else 5,
                               min_rep_seconds=0.005 if quick else 0.05)
     return 2 * n**3 / seconds / 1e12
 

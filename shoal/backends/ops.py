@@ -23,7 +23,7 @@ from torch import nn
 KERNEL_CHOICES = ("auto", "shoal", "torch")
 # What EngineConfig.cpu_isa may say: the instruction-set cap of the CPU backend's kernels
 # (shoal/backends/cpu/isa.py); other backends ignore it.
-ISA_LEVELS = ("native", "avx512", "avx2", "portable")
+ISA_LEVELS = ("native", "avx512", "avx2", "dotprod", "neon", "portable")  # x86 and ARM ones: cpu/isa.py
 
 
 def default_kernels() -> str:

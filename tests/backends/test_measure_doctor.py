@@ -60,3 +60,40 @@ def test_format_survives_a_backend_that_errors(report):
 def test_bad_device_raises_before_measuring():
     with pytest.raises(DeviceError, match="unknown device"):
         doctor_report(device="nosuchchip", quick=True)
+
+
+KERNELS = ["bf16 matvec", "int8 matvec", "int4 matvec", "batched rows (int4, 16 rows)", "MoE experts (int4, 2 routed)"]
+
+
+def _check_kernel_figures(figures: list[dict]) -> None:
+    assert [f["kernel"] for f in figures] == KERNELS
+    for f in figures:
+        assert f["path"] and f["weight_bytes"] > 1 << 20 and f["read_gbps"] > 0
+        if f["gbps"] is None:  # not measured: the path says why
+            assert f["path"].startswith("not measured: ") and f["share"] is None
+        else:
+            assert f["gbps"] > 0 and f["share"] == pytest.approx(f["gbps"] / f["read_gbps"])
+
+
+def test_doctor_shows_each_decode_kernels_path_and_share_of_the_bandwidth(report):
+    """The shape of the per-kernel table (the figures themselves are the machine's)."""
+    _check_kernel_figures(report["kernels"])
+    text = format_doctor_report(report)
+    assert "decode kernels on cpu" in text and "share of read bandwidth" in text
+    for f in report["kernels"]:
+        row = next(line for line in text.splitlines() if line.strip().startswith(f["kernel"]))
+        assert f["path"] in row and (f["gbps"] is None) == row.rstrip().endswith("-")
+
+
+def test_kernel_figures_name_shoals_isa_path_where_its_kernels_are_chosen(monkeypatch):
+    from shoal.backends.cpu import gemv, isa
+
+    if not gemv.available():
+        pytest.skip("no C compiler here: the kernels are not built")
+    monkeypatch.setattr(gemv, "vectorized", lambda: True)  # "auto" takes shoal's kernels, as on AVX-512 / NEON
+    figures = get_backend("cpu").kernel_figures(quick=True)
+    _check_kernel_figures(figures)
+    for f in figures[:3]:
+        assert f["path"].startswith(f"shoal {isa.chosen()}: ") and f["gbps"] > 0
+    assert figures[4]["path"].endswith(", one call") and figures[4]["gbps"] > 0
+    assert figures[3]["path"].startswith("shoal" if gemv.rows_kernels_available() else "not measured")

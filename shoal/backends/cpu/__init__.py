@@ -153,6 +153,11 @@ class CpuBackend(Backend):
             return kernel
         return super().linear_fn(weight_format)
 
+    def kernel_figures(self, quick: bool = False) -> list[dict]:
+        from shoal.backends.cpu.kernel_figures import kernel_figures
+
+        return kernel_figures(self, quick)
+
     def extra_info(self) -> dict[str, str]:
         flags = _cpuinfo()[1]
         notable = _NATIVE_BF16_FLAGS | _NATIVE_FP16_FLAGS | {"avx2", "avx512f", "amx_tile", "sve", "asimd"}
@@ -202,6 +207,6 @@ def _decode_kernels() -> str:
     if cpu_gemv.rows_kernels_available():
         rows = (f"; batched decode ({cpu_gemv.MAX_ROWS + 1}-{cpu_gemv.ROWS_MAX} rows) on AMX tiles" if cpu_gemv.rows_use_amx()
                 else f"; batched int8 / int4 decode ({cpu_gemv.MAX_ROWS + 1}-{cpu_gemv.ROWS_MAX_WITHOUT_AMX} rows) "
-                "with AVX512-BF16")
+                f"with {'NEON' if cpu_gemv.lanes() == 'neon' else 'AVX512-BF16'}")
     return (f"shoal gemv ({cpu_gemv.lanes().upper()} lanes; int8 / int4 weights x {int_path}), {fused}; each decode step recorded once and "
             f"replayed in one call{rows}")

@@ -68,22 +68,22 @@ def quantizes_activations() -> bool:
 
 
 def lanes() -> str:
-    """The registers the dot products' 16 lanes (csrc/lanes.h) live in here: "avx512", "avx2" or
+    """The registers the dot products' 16 lanes (csrc/lanes.h) live in here: "avx512", "avx2", "neon" or
     "portable" (plain C), or "none" where the kernels are not built."""
     lib = library()
     if lib is None:
         return "none"
-    return "avx512" if lib.features & 16 else "avx2" if lib.features & 32 else "portable"
+    return "avx512" if lib.features & 16 else "avx2" if lib.features & 32 else "neon" if lib.features & 64 else "portable"
 
 
 def vectorized() -> bool:
-    """Whether the matrix-vector kernels run vectorized here (AVX-512 or AVX2 lanes). Without it they are
+    """Whether the matrix-vector kernels run vectorized here (AVX-512, AVX2 or NEON lanes). Without them they are
     the portable C loops, several times slower than aten's kernels (`python benchmarks/quant_memory_speed.py
     --kernels --threads 2` on an AVX2-only AMD EPYC before the AVX2 lanes existed, one [1024 -> 5632]
     matmul of one bf16 row: bf16 5.12 ms against F.linear's 0.84, int8 3.29 against
     aten._weight_int8pack_mm's 0.73, int4 2.74 against _weight_int4pack_mm_for_cpu's 0.54), so the CPU
     backend multiplies with aten's there (cpu/ops.py, quantized.py) and keeps these for testing."""
-    return lanes() in ("avx512", "avx2")
+    return lanes() in ("avx512", "avx2", "neon")
 
 
 def chosen(kernels: str = "auto") -> bool:
@@ -94,7 +94,8 @@ def chosen(kernels: str = "auto") -> bool:
 
 def rows_kernels_available() -> bool:
     """Whether the matmul_rows_* kernels (bf16 activations, more rows than the matrix-vector kernels take)
-    run here: they need AVX512-BF16, and SHOAL_CPU_ROWS=0 switches them off (callers keep the matmul)."""
+    run here: they need AVX512-BF16 (or NEON: csrc/arm/matmul_rows.c), and SHOAL_CPU_ROWS=0 switches them off
+    (callers keep the matmul)."""
     lib = library()
     return lib is not None and bool(lib.features & 4) and not switched_off(ROWS_ENV_SWITCH)
 
@@ -239,7 +240,7 @@ def _rows_call(name: str, x: torch.Tensor, n: int, amx: bool | None, *args, keep
     code = call(getattr(library(), f"shoal_{name}"), f"shoal_{name}", x.data_ptr(), m, k, *args, y.data_ptr(),
                 int(use_amx), torch.get_num_threads(), keep=(x, y, *keep))
     if code == 3:
-        raise RuntimeError(f"shoal CPU kernel {name} needs AVX512-BF16, which this CPU or build lacks; "
+        raise RuntimeError(f"shoal CPU kernel {name} needs AVX512-BF16 (or NEON), which this CPU or build lacks; "
                            "check cpu_gemv.rows_kernels_available() before calling it")
     _check(code, name)
     return y

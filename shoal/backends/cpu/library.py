@@ -9,16 +9,25 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import platform
 from pathlib import Path
 
+from shoal.backends.cpu import isa
 from shoal.backends.cpu.build import load, switched_off
 
 CSRC = Path(__file__).parent / "csrc"
-# Portable C (with ISA-specific inner loops under #ifdef) and the kernels written for one architecture:
-# x86/ on x86-64; generic/ (entry points that answer "not on this CPU") elsewhere, until an arm/ exists.
-ISA_DIR = "x86" if platform.machine().lower() in ("x86_64", "amd64") else "generic"
-SOURCES = (*(CSRC / name for name in ("gemv.c", "fused.c", "experts.c", "replay.c")), CSRC / ISA_DIR / "matmul_rows.c")
+# Portable C (with ISA-specific inner loops under #ifdef) and the batched-decode kernels written for one
+# architecture: x86/ on x86-64, arm/ on aarch64, generic/ (entry points that answer "not on this CPU")
+# elsewhere.
+ISA_DIRS = {"x86": "x86", "arm": "arm", "other": "generic"}
+PORTABLE_SOURCES = tuple(CSRC / name for name in ("gemv.c", "fused.c", "experts.c", "replay.c"))
+
+
+def sources(machine: str | None = None) -> tuple[Path, ...]:
+    """The C files built into the library on `machine` (default: this host's platform.machine())."""
+    return (*PORTABLE_SOURCES, CSRC / ISA_DIRS[isa.arch(machine)] / "matmul_rows.c")
+
+
+SOURCES = sources()
 
 _i64, _p, _i32, _f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
 

@@ -1,7 +1,7 @@
 /* Matrix-vector kernels for the CPU backend: y[m, n] = sum_k x[m, k] * W[n, k] for a few activation
  * rows m (batch-1 and small-batch decode), with W in bf16, int8 per output channel, or int4 per group;
  * the same products for a batched decode step of more rows (shoal_matmul_rows_*) are ISA-specific and live
- * in x86/matmul_rows.c (generic/matmul_rows.c elsewhere).
+ * in x86/matmul_rows.c and arm/matmul_rows.c (generic/matmul_rows.c elsewhere).
  *
  * Decode reads every weight once per step, so these kernels are built to stream W at the memory's
  * speed: each thread takes a contiguous range of output rows and reads each weight row exactly once,
@@ -655,9 +655,10 @@ int shoal_dequant_int4(const uint8_t *w, const void *scale, const void *zero, in
 }
 
 /* What this build uses: 1 = bf16 activations quantized to int8 for int8 / int4 weights (on every ISA),
- * 2 = bf16 pair products, 4 = the shoal_matmul_rows_* kernels (AVX512-BF16), 8 = AMX for them (built in,
- * and granted by the OS), 16 = the dot products' lanes are AVX-512 registers, 32 = AVX2 registers (without
- * 16 or 32 they are the portable C loops). */
+ * 2 = bf16 pair products, 4 = the shoal_matmul_rows_* kernels (AVX512-BF16, or NEON), 8 = AMX for them
+ * (built in, and granted by the OS), 16 = the dot products' lanes are AVX-512 registers, 32 = AVX2
+ * registers, 64 = NEON registers, 128 = with NEON's int8 dot products (without 16, 32 or 64 they are the
+ * portable C loops). */
 int shoal_kernel_features(void) {
     int features = 1;
     features |= shoal_rows_features(); /* 4 and 8, from the batched kernels of this ISA */
@@ -668,6 +669,11 @@ int shoal_kernel_features(void) {
     features |= 16;
 #elif defined(SHOAL_LANES_AVX2)
     features |= 32;
+#elif defined(SHOAL_LANES_NEON)
+    features |= 64;
+#ifdef __ARM_FEATURE_DOTPROD
+    features |= 128;
+#endif
 #endif
     return features;
 }

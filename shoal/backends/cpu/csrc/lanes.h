@@ -3,14 +3,16 @@
  *
  *     AVX-512    one 512-bit register
  *     AVX2       two 256-bit registers, lanes 0-7 and 8-15
+ *     NEON       four 128-bit registers (aarch64), lanes 0-3, 4-7, 8-11, 12-15; int8 dot products with
+ *                vdotq_s32 where the CPU has them (armv8.2-a+dotprod), else widening multiplies
  *     portable   sixteen floats in a struct, for every other CPU (and the reference of the two above)
  *
  * A kernel written against these operations gives the same bits on every ISA level: each lane sees the
  * same multiplies and adds in the same order (fma is one rounding everywhere: the portable code calls
  * fmaf), the integer dot products are exact, and the 16 lanes are summed by one tree (f16_sum). So the
  * portable build is the reference every vector build is checked against, bit for bit
- * (tests/backends/test_cpu_gemv_isa.py), and a new ISA (ARM NEON: four 128-bit registers) is one more
- * block of this file.
+ * (tests/backends/test_cpu_gemv_isa.py; the NEON builds, cross-compiled and run under qemu-user, by
+ * tests/backends/test_cpu_arm.py), and a new ISA is one more block of this file.
  *
  * The integer dot products take 64 bytes and give 16 lanes, lane l the sum of the four products of
  * bytes 4l .. 4l + 3 (as vpdpbusd lays them out). */
@@ -27,6 +29,9 @@
 #define SHOAL_LANES_AVX512 1
 #elif defined(__AVX2__) && defined(__FMA__)
 #define SHOAL_LANES_AVX2 1
+#elif defined(__aarch64__) && defined(__ARM_NEON) /* not at the portable level: it builds with +nosimd */
+#define SHOAL_LANES_NEON 1
+#include <arm_neon.h>
 #endif
 
 #if defined(SHOAL_LANES_AVX512) || defined(SHOAL_LANES_AVX2)
@@ -165,6 +170,92 @@ INLINE void f16_sum4(F16 a, F16 b, F16 c, F16 d, float *out) {
     /* quads 0, 1 in lo; 2, 3 in hi: (q0 + q2) + (q1 + q3) */
     const __m256 h = _mm256_add_ps(quad_sums(a.lo, b.lo, c.lo, d.lo), quad_sums(a.hi, b.hi, c.hi, d.hi));
     _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+}
+
+/* ---- NEON (aarch64) ---------------------------------------------------------------------------- */
+#elif defined(SHOAL_LANES_NEON)
+#ifdef __ARM_FEATURE_DOTPROD
+#define SHOAL_LANES_NAME "neon-dotprod"
+#else
+#define SHOAL_LANES_NAME "neon"
+#endif
+typedef struct { float32x4_t v[4]; } F16;
+typedef struct { int32x4_t v[4]; } I16;
+
+INLINE F16 f16_zero(void) { const float32x4_t z = vdupq_n_f32(0.0f); return (F16){{z, z, z, z}}; }
+INLINE F16 f16_set1(float a) { const float32x4_t v = vdupq_n_f32(a); return (F16){{v, v, v, v}}; }
+INLINE F16 f16_set2(float a, float b) {
+    const float32x4_t va = vdupq_n_f32(a), vb = vdupq_n_f32(b);
+    return (F16){{va, va, vb, vb}};
+}
+INLINE F16 f16_load(const float *p) { return (F16){{vld1q_f32(p), vld1q_f32(p + 4), vld1q_f32(p + 8), vld1q_f32(p + 12)}}; }
+INLINE F16 f16_load_n(const float *p, int n) {
+    float buf[16] = {0};
+    memcpy(buf, p, (size_t)n * 4);
+    return f16_load(buf);
+}
+/* bf16 -> float32: the 16 bits moved up */
+INLINE float32x4_t bf16x4(uint16x4_t h) { return vreinterpretq_f32_u32(vshll_n_u16(h, 16)); }
+INLINE F16 f16_from_bf16(const uint16_t *p) {
+    const uint16x8_t a = vld1q_u16(p), b = vld1q_u16(p + 8);
+    return (F16){{bf16x4(vget_low_u16(a)), bf16x4(vget_high_u16(a)), bf16x4(vget_low_u16(b)), bf16x4(vget_high_u16(b))}};
+}
+INLINE F16 f16_from_bf16_n(const uint16_t *p, int n) {
+    uint16_t buf[16] = {0};
+    memcpy(buf, p, (size_t)n * 2);
+    return f16_from_bf16(buf);
+}
+INLINE F16 f16_from_i8(const int8_t *p) {
+    const int8x16_t b = vld1q_s8(p);
+    const int16x8_t lo = vmovl_s8(vget_low_s8(b)), hi = vmovl_s8(vget_high_s8(b));
+    return (F16){{vcvtq_f32_s32(vmovl_s16(vget_low_s16(lo))), vcvtq_f32_s32(vmovl_s16(vget_high_s16(lo))),
+                  vcvtq_f32_s32(vmovl_s16(vget_low_s16(hi))), vcvtq_f32_s32(vmovl_s16(vget_high_s16(hi)))}};
+}
+INLINE F16 f16_add(F16 a, F16 b) { for (int j = 0; j < 4; j++) a.v[j] = vaddq_f32(a.v[j], b.v[j]); return a; }
+INLINE F16 f16_mul(F16 a, F16 b) { for (int j = 0; j < 4; j++) a.v[j] = vmulq_f32(a.v[j], b.v[j]); return a; }
+/* c + a b, one rounding: as fmaf */
+INLINE F16 f16_fma(F16 a, F16 b, F16 c) { for (int j = 0; j < 4; j++) c.v[j] = vfmaq_f32(c.v[j], a.v[j], b.v[j]); return c; }
+INLINE F16 f16_from_i16(I16 a) {
+    F16 r;
+    for (int j = 0; j < 4; j++) r.v[j] = vcvtq_f32_s32(a.v[j]);
+    return r;
+}
+
+/* 16 bytes: per 4, sum a[i] b[i]. With dot products one vdotq_s32; else the 16 products widened to int16
+ * (|a b| <= 128 * 128 fits) and added in pairs twice: the same exact sums. */
+INLINE int32x4_t dot_s8x16(int8x16_t a, int8x16_t b) {
+#ifdef __ARM_FEATURE_DOTPROD
+    return vdotq_s32(vdupq_n_s32(0), a, b);
+#else
+    const int32x4_t lo = vpaddlq_s16(vmull_s8(vget_low_s8(a), vget_low_s8(b)));
+    const int32x4_t hi = vpaddlq_s16(vmull_s8(vget_high_s8(a), vget_high_s8(b)));
+    return vpaddq_s32(lo, hi);
+#endif
+}
+INLINE I16 i16_dot_s8s8(const int8_t *a, const int8_t *b) {
+    I16 r;
+    for (int j = 0; j < 4; j++) r.v[j] = dot_s8x16(vld1q_s8(a + 16 * j), vld1q_s8(b + 16 * j));
+    return r;
+}
+INLINE I16 i16_dot_u4s8(const uint8_t *p, int high, const int8_t *b) {
+    I16 r;
+    for (int j = 0; j < 4; j++) {
+        const uint8x16_t bytes = vld1q_u8(p + 16 * j);
+        const uint8x16_t u = high ? vshrq_n_u8(bytes, 4) : vandq_u8(bytes, vdupq_n_u8(0x0F));
+        r.v[j] = dot_s8x16(vreinterpretq_s8_u8(u), vld1q_s8(b + 16 * j)); /* nibbles 0..15: exact as int8 */
+    }
+    return r;
+}
+
+/* the portable tree below, on the stored lanes: (x0 + x2) + (x1 + x3) per quad, then (q0 + q2) + (q1 + q3) */
+INLINE float quad_sum(const float *x) { return (x[0] + x[2]) + (x[1] + x[3]); }
+INLINE void f16_sum4(F16 a, F16 b, F16 c, F16 d, float *out) {
+    const F16 *v[4] = {&a, &b, &c, &d};
+    for (int j = 0; j < 4; j++) {
+        float l[16];
+        for (int q = 0; q < 4; q++) vst1q_f32(l + 4 * q, v[j]->v[q]);
+        out[j] = (quad_sum(l) + quad_sum(l + 8)) + (quad_sum(l + 4) + quad_sum(l + 12));
+    }
 }
 
 /* ---- portable C: the reference ----------------------------------------------------------------- */

@@ -27,8 +27,8 @@ typedef struct {
     int64_t n, k;
 } ShoalWeight;
 
-/* ---- gemv.c: matrix-vector products (up to 8 rows); x86/matmul_rows.c (or generic/): batched-decode
- * products (more rows) ---- */
+/* ---- gemv.c: matrix-vector products (up to 8 rows); x86/ or arm/matmul_rows.c (generic/ elsewhere):
+ * batched-decode products (more rows) ---- */
 int shoal_gemv_bf16(const void *x, int act_bf16, int64_t M, int64_t K, const uint16_t *w, int64_t N, void *y,
                     int threads);
 int shoal_gemv_int8(const void *x, int act_bf16, int64_t M, int64_t K, const int8_t *w, const float *scale,
@@ -47,7 +47,7 @@ int shoal_matmul_rows_int4(const uint16_t *x, int64_t M, int64_t K, const uint8_
                            const void *zero, int scale_bf16, int64_t group, int64_t N, uint16_t *y, int amx,
                            int threads);
 int shoal_kernel_features(void);
-int shoal_rows_features(void); /* x86/ or generic/matmul_rows.c: the matmul_rows kernels' feature bits */
+int shoal_rows_features(void); /* x86/, arm/ or generic/matmul_rows.c: the matmul_rows kernels' feature bits */
 
 /* ---- fused.c: the small per-layer operations of decode ---- */
 int shoal_rms_norm(const void *x, const void *residual, void *res_out, const void *weight, void *out, int64_t rows,

@@ -1,8 +1,8 @@
 /* The batched-decode entry points (shoal_matmul_rows_*) on a CPU without ISA-specific kernels for them
- * (ARM, and every architecture but x86-64, where ../x86/matmul_rows.c holds them): each answers 3, "this
- * build lacks the ISA extension the call needs", and the caller keeps dequantize + F.linear, as an
- * x86 CPU without AVX512-BF16 does. An ARM port (NEON / SVE dot products, SME tiles) goes in ../arm/ and
- * replaces this file there (shoal/backends/cpu/library.py picks the folder by architecture).
+ * (every architecture but x86-64 and aarch64, whose ../x86/ and ../arm/matmul_rows.c hold them): each
+ * answers 3, "this build lacks the ISA extension the call needs", and the caller keeps dequantize +
+ * F.linear, as an x86 CPU without AVX512-BF16 does (shoal/backends/cpu/library.py picks the folder by
+ * architecture).
  */
 #include <stdint.h>
 
