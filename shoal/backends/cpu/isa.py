@@ -1,7 +1,7 @@
 """Which instruction set shoal's CPU kernels are compiled for: a cap on the ISA level, one per process.
 
 The C sources (csrc/) hold portable C next to ISA-specific paths chosen at compile time (`#ifdef
-__AVX512F__`, SHOAL_VNNI, SHOAL_AMX; SHOAL_NEON, SHOAL_DOTPROD on ARM). By default they are built with
+__AVX512F__`, SHOAL_VNNI, SHOAL_AMX; lanes.h's NEON block and __ARM_FEATURE_DOTPROD on ARM). By default they are built with
 `-march=native`, so they take every extension the host has. Capping the level builds the same sources
 without the extensions above it. On x86-64:
 
@@ -13,8 +13,8 @@ without the extensions above it. On x86-64:
 On aarch64 (Graviton, Kunpeng, Ampere, Apple silicon under Linux):
 
     native    everything the host has (NEON, and its int8 dot products where present)
-    dotprod   armv8.2-a + dot products (vdotq_s32, "asimddp" in /proc/cpuinfo): int8 activations
-    neon      armv8-a: NEON float32 dot products, no int8 ones
+    dotprod   armv8.2-a + int8 dot products (vdotq_s32, "asimddp" in /proc/cpuinfo)
+    neon      armv8-a: NEON lanes, int8 products by widening multiplies (the same sums)
     portable  armv8-a without NEON (+nosimd): the C reference code, scalar
 
 Other architectures have native and portable. Every level the host can run is a path users' machines

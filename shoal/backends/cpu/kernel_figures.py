@@ -35,14 +35,12 @@ def _features() -> int:
 
 
 def _isa_name(features: int, integer: bool) -> str:
-    """The extension a shoal kernel of this build multiplies with."""
-    if features & 32:
-        return "NEON dot products, int8 activations" if integer and features & 1 else "NEON"
-    if integer and features & 1:
-        return "AVX512-VNNI, int8 activations"
-    if not integer and features & 2:
-        return "AVX512-BF16"
-    return "AVX-512" if features & 16 else "portable C"
+    """The registers and instructions a shoal kernel of this build multiplies with (gemv.c's feature bits)."""
+    lanes = {"avx512": "AVX-512", "avx2": "AVX2", "neon": "NEON", "portable": "portable C"}[gemv.lanes()]
+    if not integer:
+        return "AVX512-BF16 pair products" if features & 2 else f"{lanes} lanes"
+    dot = ", int8 dot products (vdotq_s32)" if features & 128 else ""
+    return f"{lanes} lanes{dot}, int8 activations" if features & 1 else f"{lanes} lanes"
 
 
 def _aten() -> str:
