@@ -186,7 +186,11 @@ class DeepseekDecoderLayer(nn.Module):
 def is_moe_layer(config: ModelConfig, index: int) -> bool:
     """Whether layer `index` holds the MoE block (DeepSeek: dense for the first `first_k_dense_replace`
     layers, then MoE every `moe_layer_freq`; see hf_config.parse_moe)."""
-    return config.moe is not None and config.moe.layers[index]
+    if config.moe is None:
+        return False
+    # The MTP module (index num_hidden_layers) has the block of the layers past first_k_dense_replace, as
+    # transformers' DeepseekV3DecoderLayer builds it: that of the last decoder layer.
+    return config.moe.layers[min(index, len(config.moe.layers) - 1)]
 
 
 def router_config(config: ModelConfig) -> RouterConfig:
