@@ -142,3 +142,37 @@ def test_rejection_sampling_keeps_the_target_distribution(sampler, passes):
     if passes:
         assert second.sum() > trials * probs[0, draft[0]] * 0.9
         assert _chi_square(second, probs[1]) < CHI2_7_AT_0_001
+
+
+def test_acceptance_figures_reach_metrics_and_shoal_bench(checkpoint, tmp_path, capsys):
+    import argparse
+    import json
+
+    from shoal.bench import add_bench_parser, cmd_bench
+    from shoal.engine.async_engine import EngineStats
+    from shoal.engine.speculative import SpeculationStats
+    from shoal.server.metrics import ServerMetrics
+
+    stats = SpeculationStats()
+    for drafted, accepted in [(3, 3), (3, 1), (2, 0), (3, 2)]:
+        stats.record(drafted, accepted)
+    assert stats.acceptance_rate == pytest.approx(6 / 11)
+    assert stats.mean_accepted_length == pytest.approx(1 + 6 / 4)
+    assert stats.acceptance_per_position() == [0.75, 0.5, 0.25]
+    text = ServerMetrics("m").render(EngineStats(speculation=stats))
+    assert 'shoal_spec_decode_num_draft_tokens_total{model_name="m"} 11' in text
+    assert 'shoal_spec_decode_acceptance_rate{model_name="m"} 0.545' in text
+    assert 'shoal_spec_decode_num_accepted_tokens_per_pos_total{model_name="m",position="2"} 1' in text
+    assert "shoal_spec_decode" not in ServerMetrics("m").render(EngineStats())
+
+    parser = argparse.ArgumentParser(prog="shoal")
+    add_bench_parser(parser.add_subparsers(dest="command", required=True))
+    out = tmp_path / "bench.json"
+    args = parser.parse_args(["bench", "--model", str(checkpoint("llama")[0]), "--dtype", "float32", "--num-prompts",
+                              "3", "--input-len", "9", "--output-len", "12", "--speculative", "ngram",
+                              "--num-speculative-tokens", "2", "--json-out", str(out)])
+    assert cmd_bench(args) == 0
+    assert "Speculative (ngram): acceptance rate" in capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert result["output_tokens"] == 36
+    assert 0 <= result["spec_num_accepted_tokens"] <= result["spec_num_draft_tokens"] <= 2 * result["spec_num_drafts"]
