@@ -12,6 +12,7 @@ import torch
 
 from shoal import LLM, SamplingParams
 from shoal.errors import ConfigError
+from shoal.layers.paged_kv_cache import PagedKVCache
 from shoal.layers.sampler import inverse_cdf, rejection_sample
 
 
@@ -57,9 +58,11 @@ def test_speculative_greedy_tokens_survive_preemption_and_prefix_caching(checkpo
     batch = repetitive_prompts(12, seed=1)
     batch += [batch[0] + batch[1][:5], batch[0] + batch[2][:3]]  # shared prefixes for the prefix cache
     params = params_for(batch)
-    expected = [out.token_ids for out in LLM(str(path), dtype="float32", progress=False).generate(batch, params)]
-    probe = LLM(str(path), dtype="float32", progress=False, speculative=method, kv_cache_memory=1 << 20)
-    per_block = (1 << 20) // probe.engine.block_manager.num_blocks
+    plain = LLM(str(path), dtype="float32", progress=False)
+    expected = [out.token_ids for out in plain.generate(batch, params)]
+    layers = plain.model.config.num_hidden_layers + (method == "mtp")  # the MTP module's own cache layer
+    per_block = PagedKVCache.bytes_per_block(layers, plain.engine.block_manager.block_size,
+                                             plain.model.cache_entry_shapes(), torch.float32, None)
     spec = LLM(str(path), dtype="float32", progress=False, speculative=method, num_speculative_tokens=3,
                kv_cache_memory=per_block * 12)
     assert spec.engine.block_manager.num_blocks == 12  # 192 tokens for 14 sequences of up to 76
@@ -87,11 +90,11 @@ def test_stop_strings_max_tokens_and_n_with_a_draft(checkpoint):
 def test_sampled_speculative_decoding_runs_and_counts_acceptance(checkpoint):
     path, _ = checkpoint("deepseek-v3-mtp")
     spec = LLM(str(path), dtype="float32", progress=False, speculative="mtp", num_speculative_tokens=2)
-    outs = spec.generate(repetitive_prompts(4, seed=3), SamplingParams(temperature=1.0, max_tokens=20, ignore_eos=True,
+    outs = spec.generate(repetitive_prompts(2, seed=3), SamplingParams(temperature=1.0, max_tokens=12, ignore_eos=True,
                                                                       seed=7, logprobs=1))
     for out in outs:
         tokens = out.outputs[0].token_ids
-        assert len(tokens) == 20 and all(0 <= t < spec.model_config.vocab_size for t in tokens)
+        assert len(tokens) == 12 and all(0 <= t < spec.model_config.vocab_size for t in tokens)
         assert [lp.token_id for lp in out.outputs[0].logprobs] == tokens
     stats = spec.engine.speculation
     assert stats.num_draft_tokens > 0 and 0 <= stats.acceptance_rate <= 1
