@@ -113,6 +113,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "shoal-bench"))
     ap.add_argument("--skip-llama", action="store_true", help="leave out the ~0.5B n-gram workload")
+    ap.add_argument("--skip-demo", action="store_true", help="leave out the demo model's workloads")
     ap.add_argument("--json-out", default=None)
     args = ap.parse_args(argv)
 
@@ -123,6 +124,30 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"CPU: {cpu_name()}, {torch.get_num_threads()} threads", flush=True)
+    rows = []
+    if not args.skip_demo:
+        rows += demo_workloads(args)
+    if not args.skip_llama:
+        from compare_cpu import build_llama
+
+        path = str(build_llama(Path(args.cache_dir)))
+        kv = 256 << 20  # two ~2 GB float32 models side by side: keep the KV pools small
+        llama = {"none": LLM(path, progress=False, kv_cache_memory=kv),
+                 "ngram k=4": LLM(path, progress=False, speculative="ngram", num_speculative_tokens=4,
+                                  kv_cache_memory=kv)}
+        prompt = code_edit_prompt(llama["none"].tokenizer, 1024)
+        rows += compare(llama, [prompt], args.new_tokens, args.rounds, "~0.5B random Llama, batch 1, code-edit prompt",
+                        alone=True)
+    if args.json_out:
+        result = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "new_tokens": args.new_tokens,
+                  "prompt_len": args.prompt_len, "rounds": args.rounds, "rows": rows}
+        Path(args.json_out).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def demo_workloads(args) -> list[dict]:
+    from shoal import LLM
+
     demo = {
         "none": LLM(progress=False),
         "mtp k=1": LLM(progress=False, speculative="mtp", num_speculative_tokens=1),
@@ -141,21 +166,7 @@ def main(argv=None) -> int:
         rows += compare({k: demo[k] for k in ("none", "mtp k=1", "mtp k=2")}, held_out[: args.batch],
                         args.new_tokens, args.rounds, f"demo model, batch {args.batch}, held-out docstrings",
                         alone=False)
-    del demo
-    if not args.skip_llama:
-        from compare_cpu import build_llama
-
-        path = str(build_llama(Path(args.cache_dir)))
-        llama = {"none": LLM(path, progress=False),
-                 "ngram k=4": LLM(path, progress=False, speculative="ngram", num_speculative_tokens=4)}
-        prompt = code_edit_prompt(llama["none"].tokenizer, 1024)
-        rows += compare(llama, [prompt], args.new_tokens, args.rounds, "~0.5B random Llama, batch 1, code-edit prompt",
-                        alone=True)
-    if args.json_out:
-        result = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "new_tokens": args.new_tokens,
-                  "prompt_len": args.prompt_len, "rounds": args.rounds, "rows": rows}
-        Path(args.json_out).write_text(json.dumps(result, indent=2) + "\n")
-    return 0
+    return rows
 
 
 if __name__ == "__main__":
