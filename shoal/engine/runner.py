@@ -79,6 +79,8 @@ class ModelRunner:
             results = self._sample(chunks, hidden, offsets)
         if self.keep_hidden:
             for chunk, offset, result in zip(chunks, offsets, results):
+                if chunk.seq.guide is not None:  # never drafted for (Scheduler._draft_room): nothing to keep
+                    continue
                 # The positions whose keys stay in the cache: the chunk, or the last token and the accepted drafts.
                 kept = len(result) if isinstance(result, list) else chunk.num_tokens
                 chunk.seq.keep_target_hidden(hidden[offset : offset + kept])
