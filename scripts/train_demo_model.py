@@ -13,6 +13,14 @@ IDLE, turtledemo and a few other noisy folders skipped), deduplicated. The
 last 2% of documents are held out to report a validation loss (written to
 /tmp only, never shipped).
 
+It carries one multi-token-prediction (MTP) module as DeepSeek-V3 lays it out
+(``model.layers.{num_hidden_layers}``: ``enorm``, ``hnorm``, ``eh_proj``, a
+decoder block and ``shared_head.norm``; the embedding and output head are the
+main model's, as in the paper), trained with the paper's MTP loss at weight
+``--mtp-weight``, so that speculative decoding (``--speculative mtp``) has a
+real draft to measure. transformers' DeepseekV3 runs only the first
+``num_hidden_layers`` layers, so the checkpoint still loads there unchanged.
+
 This is a DEMO, not a useful model. It exists so that ``shoal generate`` /
 ``shoal chat`` can print English-looking text about Python on a machine with
 no network, and so that tests have a real MLA + MoE checkpoint to load. It
@@ -137,6 +145,7 @@ def build_config(args):
         intermediate_size=args.hidden * 3,
         moe_intermediate_size=args.hidden // 2,
         num_hidden_layers=args.layers,
+        num_nextn_predict_layers=1,  # the MTP module, layer num_hidden_layers of the checkpoint
         num_attention_heads=4,
         num_key_value_heads=4,
         n_shared_experts=1,
@@ -205,6 +214,54 @@ class RouterBalancer:
         return worst
 
 
+class MultiTokenPredictor(torch.nn.Module):
+    """DeepSeek-V3's MTP module, depth 1: from the main model's final hidden state at position i and the
+    embedding of token i+1, predict token i+2. Laid out as vLLM's DeepSeekMultiTokenPredictorLayer
+    reads it (embedding first in the concatenation); the block is transformers' own decoder layer."""
+
+    def __init__(self, cfg):
+        from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3DecoderLayer, DeepseekV3RMSNorm
+
+        super().__init__()
+        index = cfg.num_hidden_layers
+        # The block's weights are named as layer `index` of the checkpoint; the extra modules hang on it.
+        self.block = DeepseekV3DecoderLayer(cfg, layer_idx=index)
+        self.block.enorm = DeepseekV3RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.block.hnorm = DeepseekV3RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.block.eh_proj = torch.nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.block.shared_head = torch.nn.Module()
+        self.block.shared_head.norm = DeepseekV3RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+
+    def forward(self, model, hidden: torch.Tensor, next_ids: torch.Tensor) -> torch.Tensor:
+        """hidden [b, t, h] (final, normed) at positions 0..t-1, next_ids [b, t] the tokens at 1..t ->
+        logits [b, t, vocab] for the tokens at 2..t+1."""
+        from transformers.masking_utils import create_causal_mask
+
+        block, inner = self.block, model.model
+        x = block.eh_proj(torch.cat([block.enorm(inner.embed_tokens(next_ids)), block.hnorm(hidden)], dim=-1))
+        positions = torch.arange(x.shape[1])[None]
+        mask = create_causal_mask(config=model.config, inputs_embeds=x, attention_mask=None, cache=None,
+                                  position_ids=positions)
+        x = block(x, attention_mask=mask, position_ids=positions, position_embeddings=inner.rotary_emb(x, positions))
+        return model.lm_head(block.shared_head.norm(x))
+
+
+def forward_losses(model, mtp, x: torch.Tensor, y: torch.Tensor, main_loss: bool = True):
+    """(main next-token loss, MTP loss for the token after next) over inputs x and targets y = x shifted;
+    main_loss=False (the main model frozen, see --mtp-from) skips the main head and its gradients."""
+    ce = torch.nn.functional.cross_entropy
+    with torch.set_grad_enabled(torch.is_grad_enabled() and main_loss):
+        hidden = model.model(input_ids=x).last_hidden_state
+    main = None
+    if main_loss:
+        logits = model.lm_head(hidden)
+        main = ce(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+    # Position i sees hidden_i and token i+1 (= y_i) and predicts token i+2 (= y_{i+1}).
+    mtp_logits = mtp(model, hidden[:, :-1], y[:, :-1])
+    extra = ce(mtp_logits.float().reshape(-1, mtp_logits.shape[-1]), y[:, 1:].reshape(-1))
+    return main, extra
+
+
 # --------------------------------------------------------------------------- train
 def batches(stream: torch.Tensor, seq: int, batch: int, gen: torch.Generator):
     n = stream.numel() - seq - 1
@@ -215,18 +272,37 @@ def batches(stream: torch.Tensor, seq: int, batch: int, gen: torch.Generator):
 
 
 @torch.no_grad()
-def evaluate(model, stream: torch.Tensor, seq: int, batch: int, autocast) -> float:
+def evaluate(model, mtp, stream: torch.Tensor, seq: int, batch: int, autocast) -> tuple[float, float | None]:
+    """Validation loss of the main head, and of the MTP head (None without one)."""
     model.eval()
     n = (stream.numel() - 1) // seq
-    losses = []
+    main, extra = [], []
     for i in range(0, n, batch):
         rows = range(i, min(i + batch, n))
         x = torch.stack([stream[r * seq : r * seq + seq + 1] for r in rows])
         with autocast():
-            logits = model(input_ids=x[:, :-1]).logits
-        losses.append(torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1)).item() * len(rows))
+            if mtp is None:
+                logits = model(input_ids=x[:, :-1]).logits
+                loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+            else:
+                loss, loss_mtp = forward_losses(model, mtp, x[:, :-1], x[:, 1:])
+                extra.append(loss_mtp.item() * len(rows))
+        main.append(loss.item() * len(rows))
     model.train()
-    return sum(losses) / n
+    return sum(main) / n, (sum(extra) / n if extra else None)
+
+
+def previous_model_loss(out: Path, val_docs: list[str], seq: int, batch: int, autocast) -> float | None:
+    """The main head's validation loss of the model already in `out` (with its own tokenizer), so a
+    retrained model replaces it only when it is no worse; None where there is none."""
+    from tokenizers import Tokenizer
+    from transformers import DeepseekV3ForCausalLM
+
+    if not (out / "model.safetensors").exists() or not (out / "tokenizer.json").exists():
+        return None
+    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    model = DeepseekV3ForCausalLM.from_pretrained(out, dtype=torch.float32)
+    return evaluate(model, None, encode_docs(tok, val_docs), seq, batch, autocast)[0]
 
 
 def lr_at(step: int, total: int, warmup: int, peak: float, floor: float) -> float:
@@ -295,6 +371,13 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--mtp-weight", type=float, default=0.3,
+                    help="weight of the MTP loss (DeepSeek-V3 uses 0.3 for most of training)")
+    ap.add_argument("--mtp-from", type=Path, default=None,
+                    help="train only the MTP module on top of the model (and tokenizer) in this folder, kept frozen: "
+                         "its main head stays exactly as it was")
+    ap.add_argument("--force", action="store_true",
+                    help="save even when the main head's validation loss is worse than the model already in --out")
     ap.add_argument("--scratch", type=Path, default=Path("/tmp/shoal_demo_model"))
     args = ap.parse_args(argv)
 
@@ -314,30 +397,51 @@ def main(argv=None) -> int:
     (args.scratch / "val.txt").write_text("\n\n".join(val_docs))
     print(f"corpus: {len(docs)} docs, {sum(map(len, docs)) / 1e6:.2f} MB chars; val {n_val} docs", flush=True)
 
-    tok = train_tokenizer(train_docs)
+    if args.mtp_from is not None:
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(args.mtp_from / "tokenizer.json"))
+    else:
+        tok = train_tokenizer(train_docs)
     train_ids = encode_docs(tok, train_docs)
     val_ids = encode_docs(tok, val_docs)
     print(f"tokens: train {train_ids.numel():,}  val {val_ids.numel():,}  "
           f"({sum(map(len, train_docs)) / train_ids.numel():.2f} chars/token)  [{time.time() - t0:.0f}s]", flush=True)
 
-    cfg = build_config(args)
-    cfg._experts_implementation = args.experts_impl  # training speed only; not saved
-    model = DeepseekV3ForCausalLM(cfg).float()
-    model.train()
-    balancer = RouterBalancer(model, rate=5e-3)
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: {n_params / 1e6:.2f}M params", flush=True)
-
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "norm" not in n and "gate.weight" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "norm" not in n and "gate.weight" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
     if args.dtype == "bf16":
         autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
     else:
         import contextlib
         autocast = contextlib.nullcontext
+    previous = previous_model_loss(args.out, val_docs, args.seq, args.batch * 2, autocast)
+    if previous is not None:
+        print(f"model already in {args.out}: val {previous:.3f} (main head)", flush=True)
+    torch.manual_seed(args.seed)  # the same initial weights whether or not a previous model was scored
 
+    if args.mtp_from is not None:
+        model = DeepseekV3ForCausalLM.from_pretrained(args.mtp_from, dtype=torch.float32)
+        model.requires_grad_(False)
+        cfg = model.config
+        cfg.num_nextn_predict_layers = 1
+    else:
+        cfg = build_config(args)
+        model = DeepseekV3ForCausalLM(cfg).float()
+    cfg._experts_implementation = args.experts_impl  # training speed only; not saved
+    mtp = MultiTokenPredictor(cfg).float()
+    mtp.apply(model._init_weights)  # transformers initialises a model's modules, not a loose layer's
+    model.model.layers.append(mtp.block)  # saved as layer num_hidden_layers; transformers never runs it
+    model.train()
+    trained = mtp if args.mtp_from is not None else model
+    balancer = RouterBalancer(trained, rate=5e-3)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {n_params / 1e6:.2f}M params, {sum(p.numel() for p in trained.parameters()) / 1e6:.2f}M trained",
+          flush=True)
+
+    named = list(trained.named_parameters())
+    decay = [p for n, p in named if p.ndim >= 2 and "norm" not in n and "gate.weight" not in n]
+    no_decay = [p for n, p in named if not (p.ndim >= 2 and "norm" not in n and "gate.weight" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
     gen = torch.Generator().manual_seed(args.seed)
     data = batches(train_ids, args.seq, args.batch, gen)
     budget = args.minutes * 60
@@ -356,14 +460,15 @@ def main(argv=None) -> int:
             g["lr"] = lr
         x, y = next(data)
         with autocast():
-            logits = model(input_ids=x).logits
-        loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+            loss_main, loss_mtp = forward_losses(model, mtp, x, y, main_loss=args.mtp_from is None)
+        loss = loss_mtp if loss_main is None else loss_main + args.mtp_weight * loss_mtp
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trained.parameters(), 1.0)
         opt.step()
         imbalance = balancer.step()
-        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        shown = (loss_main if loss_main is not None else loss_mtp).item()  # the MTP loss when it alone trains
+        ema = shown if ema is None else 0.98 * ema + 0.02 * shown
         bar.set_postfix(loss=f"{ema:.3f}", lr=f"{lr:.1e}", imb=f"{imbalance:.2f}")
         elapsed = time.time() - t_train
         if step == 10:
@@ -378,16 +483,21 @@ def main(argv=None) -> int:
                 bar.write(f"~{per_step:.2f}s/step: {total} steps fit in the {args.minutes:g} min budget")
         if (step + 1) % args.eval_every == 0:
             balancer.enabled = False
-            val = evaluate(model, val_ids, args.seq, args.batch * 2, autocast)
+            val, val_mtp = evaluate(model, mtp, val_ids, args.seq, args.batch * 2, autocast)
             balancer.enabled = True
-            bar.write(f"step {step + 1:5d}  train {ema:.3f}  val {val:.3f}  lr {lr:.2e}  imbalance {imbalance:.2f}  [{elapsed / 60:.1f} min]")
+            bar.write(f"step {step + 1:5d}  train {ema:.3f}  val {val:.3f}  val(mtp) {val_mtp:.3f}  lr {lr:.2e}  "
+                      f"imbalance {imbalance:.2f}  [{elapsed / 60:.1f} min]")
         if step + 1 >= total or elapsed > budget:
             break
     bar.close()
     balancer.enabled = False
-    val = evaluate(model, val_ids, args.seq, args.batch * 2, autocast)
+    val, val_mtp = evaluate(model, mtp, val_ids, args.seq, args.batch * 2, autocast)
     print(f"final: steps {step + 1}  train(ema) {ema:.3f}  val {val:.3f}  ppl {math.exp(val):.1f}  "
-          f"train time {(time.time() - t_train) / 60:.1f} min", flush=True)
+          f"val(mtp) {val_mtp:.3f}  train time {(time.time() - t_train) / 60:.1f} min", flush=True)
+    if previous is not None and val > previous and not args.force:
+        print(f"not saved: the main head's val loss {val:.3f} is worse than the model in {args.out} ({previous:.3f}); "
+              "train longer (--minutes, --steps) or pass --force", flush=True)
+        return 1
 
     save(model, tok, cfg, args.out, args)
     size = sum(f.stat().st_size for f in args.out.iterdir() if f.is_file())

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import math
 import os
@@ -52,6 +53,9 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                        help="draw each request's input and output length uniformly from "
                             "[len*(1-R), len*(1+R)] (default 0: every request the same)")
     bench.add_argument("--max-num-seqs", type=int, default=None, help="sequences batched together at most")
+    bench.add_argument("--speculative", default=None, choices=["ngram", "mtp"],
+                       help="speculative decoding (see `shoal generate --help`); acceptance is reported")
+    bench.add_argument("--num-speculative-tokens", type=int, default=None, help="draft tokens per step")
     bench.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
     bench.add_argument("--json-out", default=None, metavar="FILE", help="also write the results as JSON to FILE")
     serving = bench.add_argument_group("serving load (with --serve-url; the flags above are for the offline mode "
@@ -126,6 +130,7 @@ def run_bench(llm, prompts: list[list[int]], output_len: int | list[int], progre
     engine = llm.engine
     llm.generate(prompts[0][:8], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))  # warm-up
     preemptions = engine.scheduler.num_preemptions
+    before = dataclasses.replace(engine.speculation, accepted_at=list(engine.speculation.accepted_at))
     steps = 0
     # Progress counts output tokens: with every request running at once, requests all finish near the end.
     bar = tqdm(total=sum(output_lens), unit="tok", desc="bench", disable=not progress, file=sys.stderr)
@@ -153,7 +158,22 @@ def run_bench(llm, prompts: list[list[int]], output_len: int | list[int], progre
         "tokens_per_second": (input_tokens + output_tokens) / elapsed,
         "engine_steps": steps,
         "preemptions": engine.scheduler.num_preemptions - preemptions,
+        **(speculation_figures(before, engine.speculation) if engine.draft is not None else {}),
     }
+
+
+def speculation_figures(before, after) -> dict:
+    """Acceptance over a run: the difference of two SpeculationStats."""
+    from shoal.engine.speculative import SpeculationStats
+
+    run = SpeculationStats(after.num_drafts - before.num_drafts, after.num_draft_tokens - before.num_draft_tokens,
+                           after.num_accepted_tokens - before.num_accepted_tokens,
+                           [a - (before.accepted_at[j] if j < len(before.accepted_at) else 0)
+                            for j, a in enumerate(after.accepted_at)])
+    return {"spec_num_drafts": run.num_drafts, "spec_num_draft_tokens": run.num_draft_tokens,
+            "spec_num_accepted_tokens": run.num_accepted_tokens, "spec_acceptance_rate": run.acceptance_rate,
+            "spec_mean_accepted_length": run.mean_accepted_length,
+            "spec_acceptance_per_position": run.acceptance_per_position()}
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -170,7 +190,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for name in _SERVING_ONLY:
         if getattr(args, name, None) is not None:
             raise InvalidRequestError(f"--{name.replace('_', '-')} applies only with --serve-url")
-    options = {"kv_cache_dtype": args.kv_cache_dtype}
+    options = {"kv_cache_dtype": args.kv_cache_dtype, "speculative": args.speculative,
+               "num_speculative_tokens": args.num_speculative_tokens}
     if args.max_num_seqs is not None:
         options["max_num_seqs"] = args.max_num_seqs
     llm = LLM(args.model, device=args.device, dtype=args.dtype, **options)
@@ -201,6 +222,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         f"{result['tokens_per_second']:.2f} total tokens/s "
         f"({result['num_requests']} requests, {result['output_tokens']} output tokens in {result['elapsed_time']:.2f} s)"
     )
+    if "spec_acceptance_rate" in result:
+        per_position = ", ".join(f"{a:.2f}" for a in result["spec_acceptance_per_position"])
+        print(f"Speculative ({args.speculative}): acceptance rate {result['spec_acceptance_rate']:.2f}, "
+              f"mean accepted length {result['spec_mean_accepted_length']:.2f} tokens per step, "
+              f"acceptance per position [{per_position}]")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return 0

@@ -48,6 +48,10 @@ class EngineConfig:
     # "avx512", "avx2" or "portable"; one per process. None: SHOAL_CPU_ISA, else native.
     cpu_isa: str | None = None
     enforce_eager: bool = False  # never record and replay a decode step (vLLM's flag of the same name)
+    # Speculative decoding (shoal/engine/speculative.py): "ngram" (prompt lookup) or "mtp" (the checkpoint's
+    # DeepSeek multi-token-prediction module); draft tokens per step, None: 4 for ngram, 2 for mtp.
+    speculative: str | None = None
+    num_speculative_tokens: int | None = None
 
     def __post_init__(self) -> None:
         from shoal.quant.plan import check_quant_options
@@ -66,6 +70,7 @@ class EngineConfig:
         for name in ("max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) < 1:
                 raise InvalidRequestError(f"{name} must be >= 1, got {getattr(self, name)}")
+        self._check_speculative()
         if self.cpu_kernels is None:
             from shoal.backends.ops import default_kernels
 
@@ -77,6 +82,27 @@ class EngineConfig:
                 f"cpu_kernels must be one of {', '.join(KERNEL_CHOICES)}, got {self.cpu_kernels!r}")
         if self.cpu_isa is not None and self.cpu_isa not in ISA_LEVELS:
             raise InvalidRequestError(f"cpu_isa must be one of {', '.join(ISA_LEVELS)}, got {self.cpu_isa!r}")
+
+    def _check_speculative(self) -> None:
+        from shoal.engine.speculative import SPECULATIVE_METHODS
+
+        if self.speculative in (None, "", "none"):
+            self.speculative = None
+            if self.num_speculative_tokens:
+                raise InvalidRequestError("num_speculative_tokens needs speculative decoding: add --speculative ngram "
+                                          "(any model) or --speculative mtp (DeepSeek-V3 with its MTP module)")
+            self.num_speculative_tokens = 0
+            return
+        if self.speculative not in SPECULATIVE_METHODS:
+            raise InvalidRequestError(f"speculative must be one of {', '.join(SPECULATIVE_METHODS)}, "
+                                      f"got {self.speculative!r}")
+        if self.num_speculative_tokens is None:
+            self.num_speculative_tokens = 4 if self.speculative == "ngram" else 2
+        if not 1 <= self.num_speculative_tokens <= 16:
+            raise InvalidRequestError(f"num_speculative_tokens must be 1 to 16, got {self.num_speculative_tokens}")
+        if self.parallel.enabled:
+            raise InvalidRequestError("speculative decoding runs on one device for now; drop --tp / --ep / --pp "
+                                      "or --speculative")
 
     @property
     def model_path(self) -> str:

@@ -74,7 +74,7 @@ class LLM:
             self.model, self.model_config, self.dtype = build_model(
                 gguf_file or path, backend, self.device, self.config.torch_dtype, progress=self.config.progress,
                 quant=self.config.quant, quant_group_size=self.config.quant_group_size,
-                kernels=self.config.cpu_kernels,
+                kernels=self.config.cpu_kernels, mtp=self.config.speculative == "mtp",
             )
             self.model.capture_decode = not self.config.enforce_eager
         if gguf_file is not None:  # the tokenizer lives in the GGUF metadata
@@ -107,6 +107,8 @@ class LLM:
             max_num_batched_tokens=self.config.max_num_batched_tokens,
             enable_prefix_caching=self.config.enable_prefix_caching,
             parallel=self.parallel,
+            speculative=self.config.speculative,
+            num_speculative_tokens=self.config.num_speculative_tokens,
         )
 
     def _start_parallel(self) -> None:
@@ -135,7 +137,7 @@ class LLM:
         from shoal.layers.paged_kv_cache import PagedKVCache
 
         per_token = PagedKVCache.bytes_per_block(
-            self.model_config.num_hidden_layers, 1, self.model.cache_entry_shapes(), self.dtype, self.config.kv_quant
+            self.model.num_cache_layers, 1, self.model.cache_entry_shapes(), self.dtype, self.config.kv_quant
         )
         free = self.backend.memory_info(self.device.index or 0).free_bytes
         self.kv_pool = default_kv_pool(per_token, max_len, self.config.max_num_seqs, free,

@@ -107,6 +107,32 @@ def iterate_weights(files: list[Path], progress: bool = True) -> Iterator[tuple[
                 yield name, tensor
 
 
+def check_mtp_weights(path: Path, config: ModelConfig) -> None:
+    """Refuse --speculative mtp, with what to do instead, for a checkpoint that carries no MTP module."""
+    if config.model_type not in ("deepseek_v3",) and config.architecture != "DeepseekV3ForCausalLM":
+        raise ConfigError(f"--speculative mtp needs a DeepSeek-V3-style checkpoint with its multi-token-prediction "
+                          f"module; {config.architecture} has none: use --speculative ngram")
+    name = f"model.layers.{config.num_hidden_layers}.eh_proj.weight"
+    if int(config.get("num_nextn_predict_layers", 0)) < 1 or name not in checkpoint_names(path):
+        raise ConfigError(f"this checkpoint has no MTP weights ({name} is missing, num_nextn_predict_layers is "
+                          f"{config.get('num_nextn_predict_layers', 0)}): use --speculative ngram, or a checkpoint "
+                          "that ships its MTP module (DeepSeek-V3 / R1, the bundled demo model)")
+
+
+def checkpoint_names(path: Path) -> set[str]:
+    """The tensor names of a checkpoint folder (its index, else the files' headers; no tensor is read)."""
+    from safetensors import safe_open
+
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        return set(json.loads(index.read_text(encoding="utf-8")).get("weight_map", {}))
+    names: set[str] = set()
+    for file in safetensors_files(path):
+        with safe_open(str(file), framework="pt", device="cpu") as handle:
+            names.update(handle.keys())
+    return names
+
+
 _QUANT_BYTES = {"int8": 1.0, "fp8": 1.0, "int4": 0.5}
 
 
@@ -137,6 +163,7 @@ def build_model(
     quant_group_size: int | None = None,
     prepare: bool = True,
     kernels: str = "auto",
+    mtp: bool = False,
 ) -> tuple[CausalLM, ModelConfig, torch.dtype]:
     """Read config.json, construct the model on `device` and load its weights (a GGUF file, by path or
     opened as a GGUFFile: shoal.gguf).
@@ -145,14 +172,21 @@ def build_model(
     `quant` ("int8", "int4", "fp8") stores the weights quantized, each quantized as it streams in; a
     checkpoint that is already quantized (config.json's quantization_config) is read as such. See
     shoal/quant/plan.py. `prepare=False` keeps quantized weights in their canonical layout (for export).
+    `mtp`: also build and load the checkpoint's multi-token-prediction module (--speculative mtp).
     """
     if isinstance(path, GGUFFile) or path.is_file():
+        if mtp:
+            raise ConfigError("--speculative mtp reads the MTP module from a safetensors checkpoint folder, not a "
+                              "GGUF file; pass the folder, or use --speculative ngram")
         from shoal.gguf import build_gguf_model
 
         return build_gguf_model(path, backend, device, dtype, progress, quant, quant_group_size, prepare, kernels)
     from shoal.quant.plan import plan_quantization
 
     config = load_model_config(path)
+    if mtp:
+        check_mtp_weights(path, config)
+        config.draft_layers = 1
     dtype = choose_dtype(config, backend, dtype)
     check_fits(config, backend, device, dtype, quant)
     plan = plan_quantization(config, backend, quant, quant_group_size, prepare)

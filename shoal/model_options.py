@@ -42,6 +42,11 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                              "SHOAL_CPU_ISA, else native")
     parser.add_argument("--enforce-eager", action="store_true",
                         help="run every decode step layer by layer, never as a recorded and replayed step")
+    parser.add_argument("--speculative", default=None, choices=["ngram", "mtp"],
+                        help="speculative decoding: draft tokens by prompt lookup (ngram, any model) or with the "
+                             "checkpoint's DeepSeek multi-token-prediction module (mtp), verified in one forward")
+    parser.add_argument("--num-speculative-tokens", type=positive_int, default=None,
+                        help="draft tokens per step under --speculative (default 4 for ngram, 2 for mtp)")
     add_quant_options(parser)
     add_parallel_arguments(parser)
 
@@ -52,4 +57,6 @@ def llm_options(args: argparse.Namespace) -> dict:
 
     return dict(device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
                 kv_cache_dtype=args.kv_cache_dtype, quant=args.quant, quant_group_size=args.group_size,
-                cpu_kernels=args.cpu_kernels, cpu_isa=args.cpu_isa, enforce_eager=args.enforce_eager, **parallel_kwargs(args))
+                cpu_kernels=args.cpu_kernels, cpu_isa=args.cpu_isa, enforce_eager=args.enforce_eager,
+                speculative=args.speculative, num_speculative_tokens=args.num_speculative_tokens,
+                **parallel_kwargs(args))

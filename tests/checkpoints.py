@@ -219,13 +219,19 @@ def tokenizer_has_full_vocab(path: Path, vocab_size: int) -> bool:
 
 
 def build_checkpoint(name: str, path: Path, seed: int = 0, **overrides):
-    """Save a random transformers model of architecture `name` to `path`; return the transformers model."""
+    """Save a random transformers model of architecture `name` to `path`; return the transformers model.
+
+    A name ending in "-mtp" (deepseek-v3-mtp) adds a random multi-token-prediction module as DeepSeek-V3's
+    checkpoints store it: layer num_hidden_layers, with its copies of the embedding and the head."""
     import transformers
 
-    class_name, kwargs = ARCHITECTURES[name]
+    mtp = name.endswith("-mtp")
+    class_name, kwargs = ARCHITECTURES[name.removesuffix("-mtp")]
     config = getattr(transformers, class_name)(**{**kwargs, **overrides})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if mtp:
+        _add_mtp_layer(model)
     _randomize_router_biases(model)
     model.eval()
     path.mkdir(parents=True, exist_ok=True)
@@ -240,3 +246,29 @@ def _randomize_router_biases(model) -> None:
     for name, buf in model.named_buffers():
         if name.endswith("e_score_correction_bias"):
             buf.copy_(torch.rand(buf.shape, generator=generator) * 0.2)
+
+
+def _add_mtp_layer(model) -> None:
+    """Append DeepSeek-V3's MTP module as layer num_hidden_layers (transformers runs only the layers before
+    it, so the model's own outputs do not change)."""
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3DecoderLayer, DeepseekV3RMSNorm
+
+    config = model.config
+    config.num_nextn_predict_layers = 1
+    layer = DeepseekV3DecoderLayer(config, layer_idx=config.num_hidden_layers)
+    hidden = config.hidden_size
+    layer.enorm = DeepseekV3RMSNorm(hidden, eps=config.rms_norm_eps)
+    layer.hnorm = DeepseekV3RMSNorm(hidden, eps=config.rms_norm_eps)
+    layer.eh_proj = torch.nn.Linear(2 * hidden, hidden, bias=False)
+    layer.embed_tokens = torch.nn.Embedding(config.vocab_size, hidden)
+    layer.shared_head = torch.nn.Module()
+    layer.shared_head.norm = DeepseekV3RMSNorm(hidden, eps=config.rms_norm_eps)
+    layer.shared_head.head = torch.nn.Linear(hidden, config.vocab_size, bias=False)
+    layer.apply(model._init_weights)
+    generator = torch.Generator().manual_seed(2)
+    for norm in (layer.enorm, layer.hnorm, layer.shared_head.norm):  # not all ones, so a swap would show
+        norm.weight.data = 1 + 0.2 * torch.randn(norm.weight.shape, generator=generator)
+    with torch.no_grad():  # DeepSeek-V3 stores copies of the shared embedding and head in the layer
+        layer.embed_tokens.weight.copy_(model.model.embed_tokens.weight)
+        layer.shared_head.head.weight.copy_(model.lm_head.weight)
+    model.model.layers.append(layer.float())

@@ -16,6 +16,7 @@ the free sequence slots (`max_num_seqs` minus the running ones) — so a burst i
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 import time
@@ -25,6 +26,7 @@ from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 
 from shoal.engine.llm_engine import LLMEngine
+from shoal.engine.speculative import SpeculationStats
 from shoal.engine.sequence import Sequence
 from shoal.errors import EngineUnavailableError, GenerationError, InvalidRequestError, QueueFullError, ShoalError
 from shoal.outputs import TokenLogprob
@@ -73,6 +75,7 @@ class EngineStats:
     prefix_queries: int = 0
     prefix_hits: int = 0
     preemptions: int = 0
+    speculation: SpeculationStats | None = None  # draft counters (a copy) under speculative decoding
     expert_load: dict[int, list[int]] = field(default_factory=dict)  # MoE layer -> tokens routed per expert
     prompt_tokens: int = 0
     generation_tokens: int = 0
@@ -447,6 +450,8 @@ class AsyncEngine:
             s.used_blocks = s.num_blocks - s.free_blocks
             s.prefix_queries, s.prefix_hits = blocks.prefix_queries, blocks.prefix_hits
             s.preemptions = engine.scheduler.num_preemptions
+            if engine.draft is not None:
+                s.speculation = dataclasses.replace(engine.speculation, accepted_at=list(engine.speculation.accepted_at))
         # Refreshed at most once a second while busy, and once more when the engine goes idle.
         load = engine.expert_load(0.0 if not engine.has_unfinished() else 1.0) if engine.failure() is None else None
         if load is not None:

@@ -63,6 +63,14 @@ class BlockManager:
         block_table.extend(self._take() for _ in range(needed))
         return True
 
+    def trim(self, block_table: list[int], num_tokens: int) -> None:
+        """Give back the blocks past the first `num_tokens` tokens (a rejected draft's; never shared)."""
+        keep = -(-num_tokens // self.block_size)
+        if len(block_table) > keep:
+            tail = block_table[keep:]
+            del block_table[keep:]
+            self.free(tail)
+
     def free(self, block_table: list[int]) -> None:
         for block in reversed(block_table):  # the tail is the least likely to be shared: evict it first
             self.ref_counts[block] -= 1

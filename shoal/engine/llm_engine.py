@@ -22,6 +22,7 @@ from shoal.engine.grammar import GrammarCompiler
 from shoal.engine.runner import ModelRunner
 from shoal.engine.scheduler import Scheduler
 from shoal.engine.sequence import Sequence
+from shoal.engine.speculative import MtpDraft, SpeculationStats, make_draft
 from shoal.errors import InvalidRequestError
 from shoal.layers.paged_kv_cache import PagedKVCache
 from shoal.models.base import CausalLM
@@ -55,13 +56,16 @@ class LLMEngine:
         enable_prefix_caching: bool = True,
         kv_quant: str | None = None,
         parallel=None,
+        speculative: str | None = None,
+        num_speculative_tokens: int = 0,
     ) -> None:
-        """`parallel`: rank 0's handle on a split model (shoal.parallel.driver.Driver), else None."""
+        """`parallel`: rank 0's handle on a split model (shoal.parallel.driver.Driver), else None.
+        `speculative`: "ngram" or "mtp" (shoal.engine.speculative), with `num_speculative_tokens` drafts."""
         self.model, self.tokenizer = model, tokenizer
         self.eos_token_ids, self.max_model_len = eos_token_ids, max_model_len
         if parallel is None:
             shapes = model.cache_entry_shapes()
-            layers = model.config.num_hidden_layers
+            layers = model.num_cache_layers
             per_block = PagedKVCache.bytes_per_block(layers, block_size, shapes, cache_dtype, kv_quant)
             num_blocks = max(1, kv_cache_bytes // per_block)
             self.cache = PagedKVCache(layers, num_blocks, block_size, shapes, cache_dtype, device, kv_quant, model.ops)
@@ -73,7 +77,11 @@ class LLMEngine:
         # split model's) does not yet.
         self.scores_prompts = type(self.runner).step is ModelRunner.step
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
+        self.draft = make_draft(speculative, model, self.runner)
+        self.runner.keep_hidden = isinstance(self.draft, MtpDraft)
+        self.speculation = SpeculationStats()
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens,
+                                   num_speculative_tokens if self.draft is not None else 0)
         self.sequences: dict[str, Sequence] = {}
         self.grammars = GrammarCompiler(tokenizer, eos_token_ids, model.config.vocab_size)  # structured outputs
         self.depth = getattr(self.runner, "depth", 1)  # micro-batches in flight (pipeline stages)
@@ -135,6 +143,8 @@ class LLMEngine:
         chunks = self.scheduler.schedule()
         if not chunks:
             return []
+        if self.draft is not None:
+            self.draft.propose([c for c in chunks if c.max_draft])
         try:
             results = self.runner.step(chunks)
         except Exception:
@@ -181,7 +191,8 @@ class LLMEngine:
             seq = chunk.seq
             if seq.is_finished:  # aborted while its step was in flight
                 continue
-            if result is not None and not isinstance(result, StepFailed) and not 0 <= result[0] < vocab:
+            sampled = result if isinstance(result, list) else [result]
+            if result is not None and not isinstance(result, StepFailed) and not all(0 <= t < vocab for t, _ in sampled):
                 # The sampler marks a row whose probabilities were not finite with -1; any id outside the
                 # vocabulary would break the next step's embedding for the whole batch.
                 result = StepFailed("the model's scores for this request were not finite numbers, so no token "
@@ -192,11 +203,20 @@ class LLMEngine:
                 self.sequences.pop(seq.request_id, None)
                 advanced.append(seq)
                 continue
-            seq.num_computed += chunk.num_tokens
+            if isinstance(result, list):  # a verified draft: the accepted tokens and the target's own
+                self.speculation.record(len(chunk.draft), len(result) - 1)
+                seq.num_computed += len(result)  # the last token and the accepted drafts are in the cache
+            else:
+                seq.num_computed += chunk.num_tokens
+            if chunk.max_draft:
+                self.block_manager.trim(seq.block_table, seq.num_computed + 1)  # roll back past the rejection
             self.block_manager.register_full_blocks(seq.block_table, seq.all_ids[: seq.num_computed], seq.block_hashes)
             if result is None:
                 continue
-            seq.append_token(*result)
+            for token, logprob in sampled:
+                seq.append_token(token, logprob)
+                if seq.is_finished:  # a stop token, string or max_tokens: the rest of the draft is dropped
+                    break
             advanced.append(seq)
             if seq.is_finished:
                 self.scheduler.finish(seq)

@@ -1,95 +1,132 @@
 """ModelRunner: runs one engine step — one forward over every scheduled chunk, packed end to end
 without padding (see PagedKVCache) — and samples the next token of each sequence whose chunk reached
-its end."""
+its end (with speculative decoding, several: see shoal.engine.speculative)."""
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 
 from shoal.engine.grammar import token_mask
 from shoal.engine.scheduler import ScheduledChunk
+from shoal.engine.speculative import verify
 from shoal.layers.paged_kv_cache import PagedBatch, PagedKVCache
 from shoal.layers.sampler import prompt_token_logprobs, sample_batch
 from shoal.models.base import CausalLM
-from shoal.outputs import TokenLogprob
 
 
 _PROMPT_LOGITS_ELEMENTS = 1 << 24  # logits held at once while scoring a prompt (64 MiB in float32)
+
+
+def chunk_rows(chunks: list[ScheduledChunk]) -> list[tuple[list[int], int, list[int]]]:
+    """ModelRunner.layout's rows for a step's chunks: each chunk's tokens, and the draft it carries."""
+    rows = []
+    for chunk in chunks:
+        start = chunk.seq.num_computed
+        rows.append((chunk.seq.block_table, start, chunk.seq.all_ids[start : start + chunk.num_tokens] + chunk.draft))
+    return rows
 
 
 class ModelRunner:
     def __init__(self, model: CausalLM, cache: PagedKVCache, device: torch.device) -> None:
         self.model, self.cache, self.device = model, cache, device
 
-    def _tensor(self, rows) -> torch.Tensor:
+    def tensor(self, rows) -> torch.Tensor:
         return torch.tensor(rows, dtype=torch.long, device=self.device)
 
-    def _layout(self, chunks: list[ScheduledChunk]) -> tuple[PagedBatch, list[int], list[int], list[int]]:
-        """The step's PagedBatch, and its packed token ids, positions and each chunk's packed offset."""
+    def layout(self, rows: list[tuple[list[int], int, list[int]]]) -> tuple[PagedBatch, list[int], list[int], list[int]]:
+        """rows (block table, first position, token ids), one per sequence -> the step's PagedBatch, and its
+        packed token ids, positions and each row's packed offset."""
         size = self.cache.block_size
-        lengths = [c.num_tokens for c in chunks]
+        lengths = [len(ids) for _, _, ids in rows]
         longest = max(lengths)
-        context = max(c.seq.num_computed + c.num_tokens for c in chunks)
+        context = max(start + len(ids) for _, start, ids in rows)
         blocks = -(-context // size)
         token_ids, positions, slot_mapping, offsets, context_lens, tables = [], [], [], [], [], []
-        for chunk in chunks:
-            seq, start = chunk.seq, chunk.seq.num_computed
-            end = start + chunk.num_tokens
+        for table, start, ids in rows:
+            end = start + len(ids)
             offsets.append(len(token_ids))
-            token_ids.extend(seq.all_ids[start:end])
+            token_ids.extend(ids)
             positions.extend(range(start, end))
-            table = seq.block_table
             slot_mapping.extend(table[p // size] * size + p % size for p in range(start, end))
             context_lens.append(end)
             # Context beyond a sequence's own length is masked out; block 0 only keeps the gather in bounds.
             tables.append(table[:blocks] + [0] * (blocks - len(table[:blocks])))
         within = torch.arange(size, device=self.device)
-        block_tensor = self._tensor(tables)
+        block_tensor = self.tensor(tables)
         context_slots = (block_tensor[:, :, None] * size + within).flatten(1)[:, :context]
         start = None
-        if len(chunks) == 1 and tables[0] == list(range(tables[0][0], tables[0][0] + blocks)):
+        if len(rows) == 1 and tables[0] == list(range(tables[0][0], tables[0][0] + blocks)):
             start = tables[0][0] * size  # one sequence in consecutive blocks: its context is a view of the pool
         unpack_index = pack_index = None
         if any(n != longest for n in lengths):
             # Padded query rows repeat the chunk's last real token: same position, so a valid mask row.
-            unpack_index = self._tensor(
+            unpack_index = self.tensor(
                 [[off + min(j, n - 1) for j in range(longest)] for off, n in zip(offsets, lengths)]
             )
-            pack_index = self._tensor([row * longest + j for row, n in enumerate(lengths) for j in range(n)])
-        batch = PagedBatch(self._tensor(slot_mapping), context_slots, self._tensor(context_lens), unpack_index, pack_index,
+            pack_index = self.tensor([row * longest + j for row, n in enumerate(lengths) for j in range(n)])
+        batch = PagedBatch(self.tensor(slot_mapping), context_slots, self.tensor(context_lens), unpack_index, pack_index,
                            context_blocks=block_tensor, context_start=start)
         return batch, token_ids, positions, offsets
 
-    def step(self, chunks: list[ScheduledChunk]) -> list[tuple[int, TokenLogprob | None] | None]:
-        """Run the chunks; for each, the sampled (token, logprob) if it completed its sequence, else None."""
-        batch, token_ids, positions, offsets = self._layout(chunks)
+    def step(self, chunks: list[ScheduledChunk]) -> list:
+        """Run the chunks; for each, what it sampled if it completed its sequence, else None: a (token,
+        logprob), or, for a chunk that carried a draft, the list of tokens it keeps (speculative.verify)."""
+        batch, token_ids, positions, offsets = self.layout(chunk_rows(chunks))
         self.cache.set_batch(batch)
         with torch.inference_mode():
-            hidden = self.model(self._tensor([token_ids]), self._tensor([positions]), self.cache)[0]
+            hidden = self.model(self.tensor([token_ids]), self.tensor([positions]), self.cache)[0]
             for row, chunk in enumerate(chunks):
                 if chunk.seq.needs_prompt_logprobs:
                     self._prompt_logprobs(chunk, hidden, offsets[row])
                 if chunk.seq.params.pooling is not None and chunk.seq.embedding is None:
                     self._pool(chunk, hidden, offsets[row])
-            done = [row for row, c in enumerate(chunks) if c.completes]
-            if not done:
-                return [None] * len(chunks)
-            # Only the rows that sample a token need logits: the vocabulary projection is the widest matmul.
-            last = self._tensor([offsets[row] + chunks[row].num_tokens - 1 for row in done])
-            logits = self.model.compute_logits(hidden.index_select(0, last), float32=False)
-            seqs = [chunks[row].seq for row in done]
-            tokens, logprobs = sample_batch(
-                logits,
-                [seq.params for seq in seqs],
-                [seq.generator for seq in seqs],
-                [seq.prompt_ids for seq in seqs],
-                [seq.output_ids for seq in seqs],
-                ops=self.model.ops,
-                mask=token_mask([seq.guide for seq in seqs], logits.shape[1]),
-            )
-        results: list[tuple[int, TokenLogprob | None] | None] = [None] * len(chunks)
-        for row, token, logprob in zip(done, tokens, logprobs):
-            results[row] = (token, logprob)
+            results = self._sample(chunks, hidden, offsets)
+        if self.keep_hidden:
+            for chunk, offset, result in zip(chunks, offsets, results):
+                if chunk.seq.guide is not None:  # never drafted for (Scheduler._draft_room): nothing to keep
+                    continue
+                # The positions whose keys stay in the cache: the chunk, or the last token and the accepted drafts.
+                kept = len(result) if isinstance(result, list) else chunk.num_tokens
+                chunk.seq.keep_target_hidden(hidden[offset : offset + kept])
+        return results
+
+    # Whether each computed position's final hidden state is handed to its sequence (an MTP draft reads them).
+    keep_hidden: bool = False
+
+    def _sample(self, chunks: list[ScheduledChunk], hidden: torch.Tensor, offsets: list[int]) -> list:
+        done = [row for row, c in enumerate(chunks) if c.completes]
+        results: list = [None] * len(chunks)
+        if not done:
+            return results
+        # Only the rows that sample a token need logits: the vocabulary projection is the widest matmul.
+        last = [offsets[row] + chunks[row].num_tokens - 1 + j for row in done for j in range(len(chunks[row].draft) + 1)]
+        logits = self.model.compute_logits(hidden.index_select(0, self.tensor(last)), float32=False)
+        plain = [i for i, row in enumerate(done) if not chunks[row].draft]
+        if len(plain) < len(done):
+            starts = list(itertools.accumulate((len(chunks[row].draft) + 1 for row in done), initial=0))
+            drafted = [i for i, row in enumerate(done) if chunks[row].draft]
+            spec_rows = self.tensor([r for i in drafted for r in range(starts[i], starts[i + 1])])
+            verified = verify(logits.index_select(0, spec_rows), [chunks[done[i]].seq for i in drafted],
+                              [chunks[done[i]].draft for i in drafted], self.model.ops)
+            for i, kept in zip(drafted, verified):
+                results[done[i]] = kept
+            logits = logits.index_select(0, self.tensor([starts[i] for i in plain]))
+        if not plain:
+            return results
+        seqs = [chunks[done[i]].seq for i in plain]
+        tokens, logprobs = sample_batch(
+            logits,
+            [seq.params for seq in seqs],
+            [seq.generator for seq in seqs],
+            [seq.prompt_ids for seq in seqs],
+            [seq.output_ids for seq in seqs],
+            ops=self.model.ops,
+            mask=token_mask([seq.guide for seq in seqs], logits.shape[1]),
+        )
+        for i, token, logprob in zip(plain, tokens, logprobs):
+            results[done[i]] = (token, logprob)
         return results
 
     def _pool(self, chunk: ScheduledChunk, hidden: torch.Tensor, offset: int) -> None:

@@ -9,7 +9,7 @@ running sequence is preempted: its blocks are freed and it waits to be recompute
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from shoal.engine.block_manager import BlockManager
 from shoal.engine.sequence import Sequence, Status
@@ -20,6 +20,10 @@ from shoal.errors import InvalidRequestError
 class ScheduledChunk:
     seq: Sequence
     num_tokens: int  # how many of the sequence's uncomputed tokens run this step
+    # Speculative decoding: how many draft tokens the scheduler made room for after the sequence's last
+    # token (blocks and batch budget), and the ones the draft proposed (at most that many).
+    max_draft: int = 0
+    draft: list[int] = field(default_factory=list)
 
     @property
     def completes(self) -> bool:
@@ -28,8 +32,10 @@ class ScheduledChunk:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048):
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
+                 num_speculative_tokens: int = 0):
         self.blocks = block_manager
+        self.num_speculative_tokens = num_speculative_tokens
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -64,6 +70,16 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
+    def _draft_room(self, seq: Sequence, n: int, budget: int) -> int:
+        """Draft tokens a decoding sequence may carry this step: as many as asked, within its max_tokens, the
+        step's budget and the free blocks (speculation never preempts anyone)."""
+        if not self.num_speculative_tokens or n != 1 or seq.num_computed + 1 != seq.num_tokens or seq.guide is not None:
+            return 0
+        k = min(self.num_speculative_tokens, seq.max_output - len(seq.output_ids) - 1, budget - 1)
+        if k <= 0 or not self.blocks.grow(seq.block_table, seq.num_tokens + k):
+            return 0
+        return k
+
     def schedule(self, max_chunks: int | None = None) -> list[ScheduledChunk]:
         """The next step's chunks (at most `max_chunks` sequences: a pipeline's micro-batch). Sequences
         with a step still in flight are left out and never preempted."""
@@ -75,6 +91,11 @@ class Scheduler:
             if seq not in self.running or budget == 0 or seq.in_flight or len(chunks) >= limit:
                 continue
             n = min(seq.num_tokens - seq.num_computed, budget)
+            k = self._draft_room(seq, n, budget)
+            if k:
+                chunks.append(ScheduledChunk(seq, n, max_draft=k))
+                budget -= n + k
+                continue
             grown = True
             while not self.blocks.grow(seq.block_table, seq.num_computed + n):
                 # The newest: it has waited least and holds the least work.

@@ -263,7 +263,7 @@ class MoE(nn.Module):
 
 
 # Per-expert checkpoint names, after the family's renames (CausalLM.checkpoint_renames).
-EXPERT_NAME = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+EXPERT_NAME = re.compile(r"^((?:model\.layers\.\d+|mtp)\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
 
 def routed_expert_weight(name: str) -> tuple[str, int, str] | None:

@@ -15,6 +15,8 @@ can flip, and the rest of the completion follows it. Same seed, same batch: same
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -242,15 +244,7 @@ def sample_batch(
         # Greedy alone: the raw logits' argmax (bf16 ones need no float32 copy: the conversion is exact).
         return greedy_tokens(logits, ops).tolist(), [None] * batch
     logits = logits.float()
-    scores = logits
-    if penalties:
-        if prompt_ids is None or output_ids is None:
-            raise ValueError("penalties need each row's prompt_ids and output_ids")
-        scores = apply_penalties(scores, params, prompt_ids, output_ids)
-    if biased:
-        scores = apply_logit_bias(scores, params)
-    if mask is not None:
-        scores = apply_token_mask(scores, mask)
+    scores = adjusted_scores(logits, params, prompt_ids, output_ids, mask)
     tokens = greedy_tokens(scores, ops) if len(sampled) < batch else None
     if sampled:
         if len(sampled) < batch:
@@ -271,6 +265,73 @@ def sample_batch(
             tokens = tokens.index_copy(0, rows, chosen)
     token_list = tokens.tolist()
     return token_list, batch_logprobs(logits, token_list, params)
+
+
+def adjusted_scores(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    prompt_ids: Sequence[Sequence[int]] | None = None,
+    output_ids: Sequence[Sequence[int]] | None = None,
+    mask: TokenMask | None = None,
+) -> torch.Tensor:
+    """float32 logits [batch, vocab] with each row's penalties, logit bias and allowed-token mask applied."""
+    scores = logits
+    if any(p.has_penalties for p in params):
+        if prompt_ids is None or output_ids is None:
+            raise ValueError("penalties need each row's prompt_ids and output_ids")
+        scores = apply_penalties(scores, params, prompt_ids, output_ids)
+    if any(p.logit_bias for p in params):
+        scores = apply_logit_bias(scores, params)
+    if mask is not None:
+        scores = apply_token_mask(scores, mask)
+    return scores
+
+
+def sampling_probs(scores: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """Adjusted scores [batch, vocab] of sampled (temperature > 0) rows -> the distribution each row draws
+    from (temperature, min-p, top-k, top-p), normalised: what `sample_batch` samples."""
+    temperature = torch.tensor([p.temperature for p in params], dtype=scores.dtype, device=scores.device)
+    probs = filtered_probs(scores / temperature[:, None], params)
+    return probs / probs.sum(dim=-1, keepdim=True)
+
+
+def rejection_sample(probs: torch.Tensor, draft: Sequence[int], uniforms: torch.Tensor) -> list[int]:
+    """Speculative sampling (Leviathan et al. 2023) for a draft that proposed its tokens deterministically
+    (n-gram lookup, a greedy draft model): the emitted tokens are distributed exactly as sampling `probs`
+    one token at a time.
+
+    probs [k + 1, vocab]: the target's distribution at each draft position and the one after; draft: the
+    k proposed tokens; uniforms [k + 1]: draws in [0, 1). Draft token j is kept with probability
+    p_j(d_j) (min(1, p/q) with q one-hot); at the first rejection the token is drawn from p_j with d_j
+    removed (the normalised max(p - q, 0)) and the rest is dropped; if all k are kept, one more token is
+    drawn from p_k. Returns the accepted tokens and that last one (1 to k + 1 tokens); -1 marks a row
+    without a finite, positive mass.
+    """
+    out: list[int] = []
+    for j, token in enumerate(draft):
+        row = probs[j]
+        mass = float(row.sum())
+        if not (math.isfinite(mass) and mass > 0):
+            return out + [-1]
+        # One uniform decides acceptance and, scaled into the rejected share, draws the replacement.
+        u = float(uniforms[j])
+        p = float(row[token])
+        if u < p:
+            out.append(token)
+            continue
+        residual = row.clone()
+        residual[token] = 0.0
+        if float(residual.sum()) <= 0:
+            return out + [token]  # p_j(d_j) == 1 up to rounding: nothing else can be drawn
+        share = (u - p) / max(1.0 - p, 1e-300)  # uniform in [0, 1) given rejection
+        out.append(int(inverse_cdf(residual[None], torch.tensor([min(share, 1.0 - 1e-12)], dtype=torch.float64))[0]))
+        return out
+    last = probs[len(draft)]
+    mass = float(last.sum())
+    if not (math.isfinite(mass) and mass > 0):
+        return out + [-1]
+    out.append(int(inverse_cdf(last[None], uniforms[len(draft) :][:1])[0]))
+    return out
 
 
 def greedy_tokens(scores: torch.Tensor, ops: Ops = REFERENCE) -> torch.Tensor:

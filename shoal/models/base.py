@@ -77,6 +77,11 @@ class CausalLM(nn.Module):
         logits = self.lm_head(hidden)
         return logits.float() if float32 else logits
 
+    @property
+    def num_cache_layers(self) -> int:
+        """Layers the KV cache holds: the decoder's, and a draft module's where the model carries one."""
+        return self.config.num_hidden_layers + (1 if getattr(self, "mtp", None) is not None else 0)
+
     def cache_entry_shapes(self) -> list[tuple[int, ...]]:
         """Per-token, per-layer shapes of what the KV cache stores."""
         raise NotImplementedError

@@ -186,7 +186,11 @@ class DeepseekDecoderLayer(nn.Module):
 def is_moe_layer(config: ModelConfig, index: int) -> bool:
     """Whether layer `index` holds the MoE block (DeepSeek: dense for the first `first_k_dense_replace`
     layers, then MoE every `moe_layer_freq`; see hf_config.parse_moe)."""
-    return config.moe is not None and config.moe.layers[index]
+    if config.moe is None:
+        return False
+    # The MTP module (index num_hidden_layers) has the block of the layers past first_k_dense_replace, as
+    # transformers' DeepseekV3DecoderLayer builds it: that of the last decoder layer.
+    return config.moe.layers[min(index, len(config.moe.layers) - 1)]
 
 
 def router_config(config: ModelConfig) -> RouterConfig:
@@ -204,6 +208,30 @@ def router_config(config: ModelConfig) -> RouterConfig:
         routed_scaling_factor=float(config.get("routed_scaling_factor", 1.0)),
         correction_bias=topk_method == "noaux_tc",
     )
+
+
+class MultiTokenPredictor(DeepseekDecoderLayer):
+    """DeepSeek-V3's multi-token-prediction (MTP) module, checkpoint layer `num_hidden_layers`: from the
+    target's final hidden state at position p and the embedding of token p + 1 it predicts token p + 2.
+    As vLLM's DeepSeekMultiTokenPredictorLayer: eh_proj([enorm(embedding); hnorm(hidden)]), one decoder
+    block (its own KV cache layer), then shared_head.norm and the main output head. The checkpoint's copies
+    of the embedding and head in that layer (`embed_tokens`, `shared_head.head`) equal the main model's and
+    are not loaded twice."""
+
+    def __init__(self, config: ModelConfig, layer_index: int, backend: Backend, rotary: RotaryEmbedding) -> None:
+        super().__init__(config, layer_index, backend, rotary)
+        hidden = config.hidden_size
+        self.enorm = RMSNorm(hidden, config.rms_norm_eps)
+        self.hnorm = RMSNorm(hidden, config.rms_norm_eps)
+        self.eh_proj = Linear(2 * hidden, hidden)
+        self.shared_head = nn.Module()
+        self.shared_head.norm = RMSNorm(hidden, config.rms_norm_eps)
+
+    def predict(self, embedded: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
+                cache: ContiguousKVCache) -> torch.Tensor:
+        """Embeddings of tokens p + 1 and hidden states at p, [batch, tokens, hidden] -> the module's output."""
+        x = self.eh_proj(torch.cat([self.enorm(embedded), self.hnorm(hidden)], dim=-1))
+        return super().forward(x, positions, cache)
 
 
 class DeepseekModel(nn.Module):
@@ -239,6 +267,36 @@ class DeepseekForCausalLM(CausalLM):
         self.lm_head = LMHead(
             config.vocab_size, config.hidden_size, self.model.embed_tokens if config.tie_word_embeddings else None
         )
+        # The MTP draft (speculative decoding, shoal.engine.speculative.MtpDraft), built only when asked for.
+        self.mtp = None
+        if config.draft_layers:
+            self.mtp = MultiTokenPredictor(config, config.num_hidden_layers, backend,
+                                           self.model.layers[0].self_attn.rotary)
+
+    def mtp_forward(self, token_ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
+                    cache: ContiguousKVCache) -> torch.Tensor:
+        """The MTP module at `positions` over tokens p + 1 and the hidden states at p -> its output states."""
+        cache.begin_forward(positions, self.sliding_window)
+        return self.mtp.predict(self.model.embed_tokens(token_ids), hidden, positions, cache)
+
+    def mtp_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The MTP module's output -> logits for the token after next (the shared head)."""
+        return self.lm_head(self.mtp.shared_head.norm(hidden))
+
+    def _mtp_prefix(self) -> str | None:
+        return f"model.layers.{self.config.num_hidden_layers}." if self.mtp is not None else None
+
+    def canonical_name(self, name: str) -> str:
+        prefix = self._mtp_prefix()
+        if prefix and name.startswith(prefix):
+            return "mtp." + name[len(prefix):]
+        return super().canonical_name(name)
+
+    def checkpoint_spelling(self, name: str) -> str:
+        prefix = self._mtp_prefix()
+        if prefix and name.startswith("mtp."):
+            return prefix + name[len("mtp."):]
+        return super().checkpoint_spelling(name)
 
     def cache_entry_shapes(self) -> list[tuple[int, ...]]:
         return [(self.config.get("kv_lora_rank") + self.config.get("qk_rope_head_dim"),)]
@@ -247,7 +305,10 @@ class DeepseekForCausalLM(CausalLM):
         # DeepSeek-V3 ships its multi-token-prediction module as extra layers past num_hidden_layers.
         match = _LAYER_INDEX.match(name)
         if match and int(match.group(1)) >= self.config.num_hidden_layers:
-            return True
+            if self.mtp is None or int(match.group(1)) > self.config.num_hidden_layers:
+                return True
+            rest = name[match.end():]
+            return rest.startswith(("embed_tokens.", "shared_head.head."))  # copies of the main model's
         return super().ignore_weight(name)
 
     def expert_weight(self, name: str) -> tuple[str, int, str] | None:

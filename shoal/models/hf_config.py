@@ -124,6 +124,9 @@ class ModelConfig:
     eos_token_ids: list[int]
     moe: MoeConfig | None = None  # routed experts, for a mixture-of-experts model
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
+    # Draft modules to build with the model (1: DeepSeek's MTP module, for --speculative mtp); not a
+    # config.json field: the engine sets it when it asks for the draft.
+    draft_layers: int = 0
 
     def get(self, key: str, default: Any = None) -> Any:
         """A family-specific field; a present-but-null value reads as `default`."""

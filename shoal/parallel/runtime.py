@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from shoal.engine.grammar import token_mask
-from shoal.engine.runner import ModelRunner
+from shoal.engine.runner import ModelRunner, chunk_rows
 from shoal.engine.scheduler import ScheduledChunk
 from shoal.errors import EngineUnavailableError
 from shoal.layers.paged_kv_cache import PagedBatch, PagedKVCache
@@ -149,15 +149,15 @@ class ParallelRunner(ModelRunner):
     def launch(self, chunks: list[ScheduledChunk]) -> _Launched:
         if self.failure.reason is not None:
             raise EngineUnavailableError(self.failure.reason)
-        batch, token_ids, positions, offsets = self._layout(chunks)
+        batch, token_ids, positions, offsets = self.layout(chunk_rows(chunks))
         done = [row for row, c in enumerate(chunks) if c.completes]
         last = [offsets[row] + chunks[row].num_tokens - 1 for row in done]
         try:
             self._broadcast(*encode_step(batch, token_ids, positions, last))
             self.cache.set_batch(batch)
             with torch.inference_mode():
-                logits = run_stage(self.model, self.state, self.cache, self._tensor([token_ids]),
-                                   self._tensor([positions]), self._tensor(last), self.sender)
+                logits = run_stage(self.model, self.state, self.cache, self.tensor([token_ids]),
+                                   self.tensor([positions]), self.tensor(last), self.sender)
         except (RuntimeError, dist.DistError) as exc:
             raise self._fail(exc) from exc
         return _Launched(chunks, done, logits)

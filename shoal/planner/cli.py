@@ -38,7 +38,8 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
                            "mixed plans included) against each kind alone")
     plan.add_argument("--max-chips", type=int, default=64, help="largest serving instance to try (default 64)")
     plan.add_argument("--mtp", type=int, default=0, help="multi-token-prediction draft tokens per step (default 0)")
-    plan.add_argument("--mtp-acceptance", type=float, default=0.0, help="acceptance rate of each draft token")
+    plan.add_argument("--mtp-acceptance", type=float, default=0.0,
+                      help="acceptance rate of each draft token (measured: `shoal bench --speculative mtp` prints it)")
     plan.add_argument("--expert-imbalance", type=float, default=1.0, help="busiest chip's expert load over the mean")
     plan.add_argument("--objective", default="chip", choices=["chip", "watt", "dollar"],
                       help="rank by output tokens/s per chip, per watt or per dollar")

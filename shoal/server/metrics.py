@@ -98,6 +98,21 @@ class ServerMetrics:
         metric("shoal_prefix_cache_hit_rate", "gauge", "Prefix-cache hits over queries since start.", hit_rate)
         metric("shoal_num_preemptions_total", "counter", "Sequences preempted for lack of KV blocks.",
                stats.preemptions)
+        spec = stats.speculation
+        if spec is not None:  # vLLM's spec_decode counters, and the two figures derived from them
+            metric("shoal_spec_decode_num_drafts_total", "counter", "Verification steps of a sequence with a draft.",
+                   spec.num_drafts)
+            metric("shoal_spec_decode_num_draft_tokens_total", "counter", "Draft tokens proposed.",
+                   spec.num_draft_tokens)
+            metric("shoal_spec_decode_num_accepted_tokens_total", "counter", "Draft tokens accepted.",
+                   spec.num_accepted_tokens)
+            metric("shoal_spec_decode_acceptance_rate", "gauge", "Accepted over proposed draft tokens since start.",
+                   spec.acceptance_rate)
+            metric("shoal_spec_decode_mean_accepted_length", "gauge",
+                   "Tokens emitted per verification (accepted drafts + 1) since start.", spec.mean_accepted_length)
+            name = "shoal_spec_decode_num_accepted_tokens_per_pos_total"
+            lines.extend([f"# HELP {name} Drafts whose token at each position was accepted.", f"# TYPE {name} counter"])
+            lines.extend(f'{name}{{{labels},position="{j}"}} {n}' for j, n in enumerate(spec.accepted_at))
         metric("shoal_prompt_tokens_total", "counter", "Prompt tokens admitted.", stats.prompt_tokens)
         metric("shoal_generation_tokens_total", "counter", "Tokens generated.", stats.generation_tokens)
         name = "shoal_request_success_total"

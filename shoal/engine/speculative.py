@@ -1,0 +1,176 @@
+"""Speculative decoding: a draft proposes up to k tokens per decoding sequence, the runner verifies them
+in the same forward as the rest of the step (the sequence's chunk is its last token plus the draft, a
+small chunked-prefill row over the paged cache), and `verify` keeps the longest prefix the target agrees
+with plus one token of its own. Greedy rows keep exactly the tokens plain decoding would pick; sampled
+rows go through rejection sampling (shoal.layers.sampler.rejection_sample), so their distribution is the
+target's. The engine then rolls the block table back to the accepted length.
+
+Two drafts: `NgramDraft` (prompt lookup, vLLM's `prompt_lookup_min/max`: no weights, any model) and
+`MtpDraft` (DeepSeek's multi-token-prediction module from the checkpoint, chained for k > 1). Both
+propose deterministically, which is what the rejection sampler here assumes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from shoal.engine.scheduler import ScheduledChunk
+from shoal.engine.sequence import Sequence
+from shoal.layers.sampler import (adjusted_scores, batch_logprobs, draw_uniforms, rejection_sample, sample_batch,
+                                  sampling_probs)
+from shoal.outputs import TokenLogprob
+
+SPECULATIVE_METHODS = ("ngram", "mtp")
+
+
+@dataclass
+class SpeculationStats:
+    """Counters behind the acceptance figures (`/metrics`, `shoal bench`)."""
+
+    num_drafts: int = 0  # verification rows: sequences that carried a draft into a step
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accepted_at: list[int] = field(default_factory=list)  # [j]: drafts whose token j was accepted
+
+    def record(self, drafted: int, accepted: int) -> None:
+        self.num_drafts += 1
+        self.num_draft_tokens += drafted
+        self.num_accepted_tokens += accepted
+        if len(self.accepted_at) < drafted:
+            self.accepted_at.extend([0] * (drafted - len(self.accepted_at)))
+        for j in range(accepted):
+            self.accepted_at[j] += 1
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens emitted per verification: the accepted drafts plus the target's own token."""
+        return 1.0 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 0.0
+
+    def acceptance_per_position(self) -> list[float]:
+        return [n / self.num_drafts for n in self.accepted_at] if self.num_drafts else []
+
+
+def verify(logits: torch.Tensor, seqs: list[Sequence], drafts: list[list[int]], ops) -> list[list[tuple[int, TokenLogprob | None]]]:
+    """logits [sum(len(draft) + 1), vocab]: each sequence's rows for its last token and each draft token, in
+    order -> the tokens it emits this step (accepted drafts, then the target's own), with logprobs."""
+    params, prompts, histories = [], [], []
+    for seq, draft in zip(seqs, drafts):
+        for j in range(len(draft) + 1):  # row j follows the outputs and the first j draft tokens
+            params.append(seq.params)
+            prompts.append(seq.prompt_ids)
+            histories.append(seq.output_ids + draft[:j])
+    greedy = all(p.greedy for p in params)
+    if greedy:
+        # Each row's token is exactly what plain decoding picks after the same history.
+        picked, logprobs = sample_batch(logits, params, None, prompts, histories, ops=ops)
+    else:
+        scores = adjusted_scores(logits.float(), params, prompts, histories)
+    results, row = [], 0
+    for seq, draft in zip(seqs, drafts):
+        rows = range(row, row + len(draft) + 1)
+        row += len(draft) + 1
+        if greedy or seq.params.greedy:
+            if greedy:
+                tokens, marks = [picked[r] for r in rows], [logprobs[r] for r in rows]
+            else:
+                sub = scores[rows.start : rows.stop]
+                tokens = ops.argmax(sub).tolist()
+                marks = batch_logprobs(logits[rows.start : rows.stop], tokens, params[rows.start : rows.stop])
+            kept = next((j for j, (t, d) in enumerate(zip(tokens, draft)) if t != d), len(draft))
+            results.append(list(zip(tokens[: kept + 1], marks[: kept + 1])))
+            continue
+        probs = sampling_probs(scores[rows.start : rows.stop], params[rows.start : rows.stop])
+        tokens = rejection_sample(probs, draft, draw_uniforms([seq.generator] * (len(draft) + 1)))
+        marks = batch_logprobs(logits[rows.start : rows.start + len(tokens)], tokens,
+                               params[rows.start : rows.start + len(tokens)])
+        results.append(list(zip(tokens, marks)))
+    return results
+
+
+class NgramDraft:
+    """Prompt lookup: find the latest earlier occurrence of the sequence's last n tokens (n from
+    `max_n` down to `min_n`, the longest that matches wins) and propose the tokens that followed it."""
+
+    def __init__(self, min_n: int = 1, max_n: int = 4) -> None:
+        self.min_n, self.max_n = min_n, max_n
+
+    def propose(self, chunks: list[ScheduledChunk]) -> None:
+        for chunk in chunks:
+            chunk.draft = self.lookup(chunk.seq.all_ids, chunk.max_draft)
+
+    def lookup(self, ids: list[int], k: int) -> list[int]:
+        if k <= 0:
+            return []
+        for n in range(min(self.max_n, len(ids) - 1), self.min_n - 1, -1):
+            suffix = ids[-n:]
+            for start in range(len(ids) - n - 1, -1, -1):  # latest first; the suffix itself excluded
+                if ids[start : start + n] == suffix:
+                    return ids[start + n : start + n + k]
+        return []
+
+
+class MtpDraft:
+    """DeepSeek's MTP module as the draft: position p combines the target's final hidden state at p with
+    the embedding of token p + 1 and predicts token p + 2; for k > 1 its own output stands in for the
+    target's hidden state at the next position (chained, as vLLM and SGLang run it).
+
+    The module keeps a KV cache of its own (layer num_hidden_layers of the paged cache), filled for every
+    position the target computes: the runner hands over each computed position's hidden state
+    (`Sequence.target_hidden`), and each proposal first runs the module over those positions."""
+
+    def __init__(self, model, runner) -> None:
+        self.model, self.runner = model, runner
+
+    def propose(self, chunks: list[ScheduledChunk]) -> None:
+        chunks = [c for c in chunks if c.max_draft > 0 and c.seq.target_hidden]
+        if not chunks:
+            return
+        rows, hidden = [], []
+        for chunk in chunks:
+            seq = chunk.seq
+            start = seq.target_hidden_start
+            pending = torch.cat(seq.target_hidden)
+            # The tokens after each pending position: all known (the last is the one sampled last step).
+            rows.append((seq.block_table, start, seq.all_ids[start + 1 : start + 1 + pending.shape[0]]))
+            hidden.append(pending)
+            seq.target_hidden, seq.target_hidden_start = [], start + pending.shape[0]
+        with torch.inference_mode():
+            out, last = self._run(rows, torch.cat(hidden))
+            h = out.index_select(0, last)
+            for j in range(max(c.max_draft for c in chunks)):
+                tokens = self.model.ops.argmax(self.model.mtp_logits(h)).tolist()
+                for chunk, token in zip(chunks, tokens):
+                    chunk.draft.append(token)
+                live = [i for i, c in enumerate(chunks) if j + 1 < c.max_draft]
+                if not live:
+                    break
+                # The next link: one token per sequence at the position after its last accepted one.
+                rows = [(chunks[i].seq.block_table, chunks[i].seq.num_computed + j, [tokens[i]]) for i in live]
+                h, _ = self._run(rows, h.index_select(0, torch.tensor(live, device=h.device)))
+                chunks = [chunks[i] for i in live]
+
+    def _run(self, rows, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The MTP module over rows (block table, first position, token ids) with the matching hidden
+        states -> its output per packed token, and the index of each row's last token."""
+        batch, token_ids, positions, offsets = self.runner.layout(rows)
+        self.runner.cache.set_batch(batch)
+        out = self.model.mtp_forward(self.runner.tensor([token_ids]), hidden[None], self.runner.tensor([positions]),
+                                     self.runner.cache)[0]
+        last = self.runner.tensor([off + len(r[2]) - 1 for off, r in zip(offsets, rows)])
+        return out, last
+
+
+def make_draft(method: str | None, model, runner):
+    if method is None:
+        return None
+    if method == "ngram":
+        return NgramDraft()
+    if method == "mtp":
+        return MtpDraft(model, runner)
+    raise ValueError(f"speculative method must be one of {', '.join(SPECULATIVE_METHODS)}, got {method!r}")
