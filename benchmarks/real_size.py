@@ -341,7 +341,7 @@ def shoal_worker(spec: dict) -> dict:
     options = {"quant": spec["quant"], "quant_group_size": 64 if spec["quant"] == "int4" else None} if spec["quant"] else {}
     anon = PeakAnon()
     t0, cpu0 = time.perf_counter(), time.process_time()
-    llm = LLM(spec["path"], dtype="bfloat16", progress=False, max_model_len=spec["max_len"],
+    llm = LLM(spec["path"], dtype=spec["dtype"], progress=False, max_model_len=spec["max_len"],
               max_num_seqs=CONCURRENT, enable_prefix_caching=False, **options)
     load_s, load_cpu_s = time.perf_counter() - t0, time.process_time() - cpu0
     hwm_load = vm_hwm()
@@ -368,7 +368,7 @@ def shoal_worker(spec: dict) -> dict:
     _, decode32_s, decoded32 = timed([prompt[i:i + 16] for i in range(CONCURRENT)], spec["new_tokens"])
     return {"load_s": load_s, "load_cpu_s": load_cpu_s, "weight_bytes": weight_bytes,
             "active_bytes": torch_weight_bytes(named, share), "anon_peak": anon.stop(),
-            "kv_bytes": llm.kv_pool.bytes, "kv_reason": llm.kv_pool.reason, "hwm_load": hwm_load,
+            "dtype": str(llm.dtype).removeprefix("torch."), "kv_bytes": llm.kv_pool.bytes, "kv_reason": llm.kv_pool.reason, "hwm_load": hwm_load,
             "hwm": vm_hwm(), "prefill_tps": spec["prompt_len"] / ttft, "decode_tps": decoded / decode_s,
             "decode32_tps": decoded32 / decode32_s}
 
@@ -467,6 +467,7 @@ def measure(label: str, engine: str, path: Path, quant: str | None, args, bandwi
             return dict(row, refused=f"needs ~{need / GIB:.1f} GiB, {free / GIB:.1f} GiB available")
     row["read_s"] = cold_read_seconds(files, args.evict)
     spec = {"engine": engine, "path": str(path), "quant": quant, "threads": args.threads, "evict": args.evict,
+            "dtype": None if args.dtype == "auto" else args.dtype,
             "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
             "max_len": args.prompt_len + args.new_tokens + 16}
     result = run_worker(spec)
@@ -484,7 +485,8 @@ def table(rows: list[dict], bandwidth: float, cpu: str, threads: int) -> str:
              "decode b32 tok/s | b1 vs llama.cpp |", "|" + "---|" * 16]
     peers = {r["model"]: r for r in rows if r["engine"] == "llama.cpp" and "decode_tps" in r}
     for r in rows:
-        head = f"| {r['model']} | {r['engine']} | {r['weights']} | {r['file_bytes'] / GIB:.1f} |"
+        weights = r["weights"] + (f" ({r['dtype']})" if r.get("dtype") else "")
+        head = f"| {r['model']} | {r['engine']} | {weights} | {r['file_bytes'] / GIB:.1f} |"
         if "refused" in r or "error" in r:
             lines.append(head + f" {r.get('refused') or 'failed: ' + r['error'].strip().splitlines()[-1]} |" + " |" * 11)
             continue
@@ -514,6 +516,8 @@ def main(argv=None) -> int:
     parser.add_argument("--vocab", type=int, default=0, help="scale: this vocabulary size (0: the published one)")
     parser.add_argument("--shard-gib", type=float, default=0, help="shard size (0: as published)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--dtype", default="auto", help="shoal's compute dtype (auto: shoal's choice for this CPU, as "
+                        "a user gets it: bfloat16 where the CPU has native bf16, else float32)")
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--evict", choices=("auto", "fadvise"), default="auto",
