@@ -1,8 +1,9 @@
 """Real sizes without downloads: random checkpoints with the exact configs of DeepSeek-V2-Lite (15.7B
 parameters) and Llama-3.1-8B, loaded by shoal the way a downloaded model is, side by side with llama.cpp.
 
-    python benchmarks/real_size.py [--dir /work/realsize] [--only deepseek-v2-lite,llama-3.1-8b] [--evict auto]
-                                   [--layers N] [--vocab N] [--threads T] [--keep] [--json-out FILE]
+    python benchmarks/real_size.py [--dir /work/realsize] [--only llama-3.1-8b,deepseek-v2-lite] [--evict auto]
+                                   [--quants int4,int8] [--layers N] [--vocab N] [--threads T] [--keep]
+                                   [--json-out FILE]
 
 What it writes (into --dir, outside the repository; never committed), streamed: one shard in memory at a
 time (a shard is about --shard-gib; safetensors' writer copies it once more while writing), bf16
@@ -18,7 +19,7 @@ What it measures, each load in a fresh subprocess (so peak memory is the load's 
   load s        LLM(...) from start to ready, the files evicted from the page cache first
   read s        reading the same files cold (evicted again first): the floor a load cannot beat
   peak RSS      VmHWM of the subprocess after loading and running (mmapped file pages included), and
-                the peak of its anonymous memory (RssAnon, sampled), against the loaded weight bytes
+                the peak of its anonymous memory while loading (RssAnon, sampled), against the loaded weight bytes
                 (parameters and buffers of the model shoal built); the KV pool it chose is in the JSON
   prefill       tokens/s of one --prompt-len prompt (time to its first token)
   decode b1     tokens/s of one request after its first token
@@ -74,9 +75,11 @@ DEEPSEEK_V2_LITE = {
     "topk_group": 1, "topk_method": "greedy", "torch_dtype": "bfloat16", "v_head_dim": 128, "vocab_size": 102400,
 }
 MODELS = {
-    # name: (config, shard bytes as published: DeepSeek-V2-Lite in ~4 GiB files, Llama-3.1-8B in ~5 GB files)
-    "deepseek-v2-lite": (DEEPSEEK_V2_LITE, 4 * GIB),
+    # name: (config, shard bytes as published: Llama-3.1-8B in ~5 GB files, DeepSeek-V2-Lite in ~4 GiB files).
+    # Llama first: its F16 GGUF intermediate (16 GB, deleted once quantized) then never sits beside the
+    # DeepSeek files, so even with --keep the disk holds at most ~52 GB (16 + 4.9 + 31.4).
     "llama-3.1-8b": (json.loads((ROOT / "shoal/planner/models/llama-3.1-8b/config.json").read_text()), 5_000_000_000),
+    "deepseek-v2-lite": (DEEPSEEK_V2_LITE, 4 * GIB),
 }
 
 
@@ -280,7 +283,9 @@ def vm_hwm() -> int:
 
 class PeakAnon:
     """Peak anonymous resident memory (RssAnon: what the process itself allocated, without file pages the
-    kernel can drop), sampled every 20 ms on a thread: Linux keeps no peak of it."""
+    kernel can drop), sampled every 20 ms on a thread while loading: Linux keeps no peak of it. Stopped
+    before anything is timed: a thread waking beside the kernels' worker threads slows decode many-fold
+    on a busy machine."""
 
     def __init__(self) -> None:
         import threading
@@ -344,7 +349,7 @@ def shoal_worker(spec: dict) -> dict:
     llm = LLM(spec["path"], dtype=spec["dtype"], progress=False, max_model_len=spec["max_len"],
               max_num_seqs=CONCURRENT, enable_prefix_caching=False, **options)
     load_s, load_cpu_s = time.perf_counter() - t0, time.process_time() - cpu0
-    hwm_load = vm_hwm()
+    anon_peak, hwm_load = anon.stop(), vm_hwm()
     named = [(n, t) for n, t in list(llm.model.named_parameters()) + list(llm.model.named_buffers()) if "rotary" not in n]
     weight_bytes = sum(t.numel() * t.element_size() for _, t in named)
     cfg = llm.model_config.moe
@@ -367,7 +372,7 @@ def shoal_worker(spec: dict) -> dict:
     ttft, decode_s, decoded = timed([prompt], spec["new_tokens"])
     _, decode32_s, decoded32 = timed([prompt[i:i + 16] for i in range(CONCURRENT)], spec["new_tokens"])
     return {"load_s": load_s, "load_cpu_s": load_cpu_s, "weight_bytes": weight_bytes,
-            "active_bytes": torch_weight_bytes(named, share), "anon_peak": anon.stop(),
+            "active_bytes": torch_weight_bytes(named, share), "anon_peak": anon_peak, "anon_end": _status("RssAnon"),
             "dtype": str(llm.dtype).removeprefix("torch."), "kv_bytes": llm.kv_pool.bytes, "kv_reason": llm.kv_pool.reason, "hwm_load": hwm_load,
             "hwm": vm_hwm(), "prefill_tps": spec["prompt_len"] / ttft, "decode_tps": decoded / decode_s,
             "decode32_tps": decoded32 / decode32_s}
@@ -394,6 +399,7 @@ def llama_cpp_worker(spec: dict) -> dict:
     if not model or not ctx:
         raise RuntimeError(f"llama.cpp could not load {spec['path']}")
     load_s, load_cpu_s = time.perf_counter() - t0, time.process_time() - cpu0
+    anon_peak = anon.stop()
     vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model))
     batch = llama_cpp.llama_batch_init(max(spec["prompt_len"], CONCURRENT), 0, CONCURRENT)
 
@@ -439,7 +445,7 @@ def llama_cpp_worker(spec: dict) -> dict:
     llama_cpp.llama_model_free(model)
     return {"load_s": load_s, "load_cpu_s": load_cpu_s, "weight_bytes": Path(spec["path"]).stat().st_size,
             "active_bytes": gguf_weight_bytes(Path(spec["path"])), "hwm": vm_hwm(), "hwm_load": None,
-            "anon_peak": anon.stop(),
+            "anon_peak": anon_peak, "anon_end": _status("RssAnon"),
             "prefill_tps": spec["prompt_len"] / ttft, "decode_tps": decode_tps, "decode32_tps": decode32_tps}
 
 
@@ -462,8 +468,8 @@ def measure(label: str, engine: str, path: Path, quant: str | None, args, bandwi
         free = mem_available()
         if need > free:
             print(f"{label} {row['weights']}: refused: needs about {need / GIB:.1f} GiB (weights as shoal holds them "
-                  f"{expected / GIB:.1f} GiB + KV pool and runtime 2 GiB) but {free / GIB:.1f} GiB is available",
-                  flush=True)
+                  f"{expected / GIB:.1f} GiB + KV pool and runtime 2 GiB) but {free / GIB:.1f} GiB is available; "
+                  "free memory, or measure less (--quants int4, or --layers)", flush=True)
             return dict(row, refused=f"needs ~{need / GIB:.1f} GiB, {free / GIB:.1f} GiB available")
     row["read_s"] = cold_read_seconds(files, args.evict)
     spec = {"engine": engine, "path": str(path), "quant": quant, "threads": args.threads, "evict": args.evict,
@@ -481,7 +487,7 @@ def measure(label: str, engine: str, path: Path, quant: str | None, args, bandwi
 def table(rows: list[dict], bandwidth: float, cpu: str, threads: int) -> str:
     lines = [f"CPU: {cpu}, {threads} threads; memory bandwidth {bandwidth:.1f} GB/s (copy, read + write)", "",
              "| model | engine | weights | files GiB | load s (CPU s) | cold read s | load / read | loaded weights GiB | "
-             "peak RSS GiB | peak anon GiB | anon / weights | prefill tok/s | decode b1 tok/s | of limit | "
+             "peak RSS GiB | peak anon (load) GiB | anon / weights | prefill tok/s | decode b1 tok/s | of limit | "
              "decode b32 tok/s | b1 vs llama.cpp |", "|" + "---|" * 16]
     peers = {r["model"]: r for r in rows if r["engine"] == "llama.cpp" and "decode_tps" in r}
     for r in rows:
@@ -501,7 +507,8 @@ def table(rows: list[dict], bandwidth: float, cpu: str, threads: int) -> str:
     caches = sorted({r.get("cache") for r in rows if r.get("cache")})
     lines += ["", f"page cache emptied with: {', '.join(caches) or 'n/a'}; peak RSS is VmHWM, which counts the "
               "mmapped files' pages while they are touched (llama.cpp keeps its GGUF mmapped: its weights are "
-              "file pages); peak anon is the peak of RssAnon, what the process allocated itself; loaded weights "
+              "file pages); peak anon is the peak of RssAnon while loading, what the process allocated itself "
+              "(the KV pool included; its size and RssAnon after the runs are in the JSON); loaded weights "
               "for llama.cpp is the file's size; 'of limit' = decode b1 / (bandwidth / weight bytes one token "
               "reads); load CPU s is the loading process's CPU time (on a shared machine, wall time also waits "
               "for other processes)"]
@@ -512,6 +519,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dir", default="/work/realsize", help="where the checkpoints are written (outside the repo)")
     parser.add_argument("--only", default=",".join(MODELS), help="comma-separated: " + ", ".join(MODELS))
+    parser.add_argument("--quants", default="int4,int8", help="shoal's --quant for the safetensors checkpoints")
     parser.add_argument("--layers", type=int, default=0, help="scale: keep this many decoder layers (0: all)")
     parser.add_argument("--vocab", type=int, default=0, help="scale: this vocabulary size (0: the published one)")
     parser.add_argument("--shard-gib", type=float, default=0, help="shard size (0: as published)")
@@ -523,6 +531,7 @@ def main(argv=None) -> int:
     parser.add_argument("--evict", choices=("auto", "fadvise"), default="auto",
                         help="how the page cache is emptied: auto (drop_caches where allowed, else fadvise) or "
                              "fadvise (only the model's files: leaves other processes' caches alone)")
+    parser.add_argument("--llama-cpp-sdist", help="llama-cpp-python sdist to build if it is not installed")
     parser.add_argument("--keep", action="store_true", help="keep the written files after measuring")
     parser.add_argument("--json-out", help="write the rows as JSON here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -534,6 +543,7 @@ def main(argv=None) -> int:
 
     import torch
 
+    from compare_cpu import ensure_llama_cpp
     from shoal.backends.cpu import CpuBackend
     from shoal.backends.measure import measure_bandwidth
 
@@ -552,10 +562,10 @@ def main(argv=None) -> int:
         label = name if not (args.layers or args.vocab) else f"{name} ({cfg['num_hidden_layers']} layers, vocab {cfg['vocab_size']})"
         folder = base / (name if label == name else f"{name}-L{cfg['num_hidden_layers']}-V{cfg['vocab_size']}")
         write_checkpoint(name, cfg, folder, int(args.shard_gib * GIB) if args.shard_gib else shard_bytes)
-        for quant in ("int4", "int8"):
+        for quant in args.quants.split(","):
             rows.append(measure(label, "shoal", folder, quant, args, bandwidth))
         gguf_path = None
-        if cfg["model_type"] == "llama":
+        if cfg["model_type"] == "llama" and ensure_llama_cpp(args.llama_cpp_sdist):
             gguf_path = write_q4_k_m(folder, args.threads)
             rows.append(measure(label, "shoal", gguf_path, None, args, bandwidth))
             rows.append(measure(label, "llama.cpp", gguf_path, None, args, bandwidth))
