@@ -370,7 +370,8 @@ def shoal_worker(spec: dict) -> dict:
     prompt = torch.randint(3, llm.model_config.vocab_size, (spec["prompt_len"],), generator=torch.Generator().manual_seed(0)).tolist()
     timed([prompt[:8]], 4)  # warm up
     ttft, decode_s, decoded = timed([prompt], spec["new_tokens"])
-    _, decode32_s, decoded32 = timed([prompt[i:i + 16] for i in range(CONCURRENT)], spec["new_tokens"])
+    short = torch.randint(3, llm.model_config.vocab_size, (CONCURRENT, 16), generator=torch.Generator().manual_seed(1))
+    _, decode32_s, decoded32 = timed(short.tolist(), spec["new_tokens"])
     return {"load_s": load_s, "load_cpu_s": load_cpu_s, "weight_bytes": weight_bytes,
             "active_bytes": torch_weight_bytes(named, share), "anon_peak": anon_peak, "anon_end": _status("RssAnon"),
             "dtype": str(llm.dtype).removeprefix("torch."), "kv_bytes": llm.kv_pool.bytes, "kv_reason": llm.kv_pool.reason, "hwm_load": hwm_load,
@@ -434,7 +435,8 @@ def llama_cpp_worker(spec: dict) -> dict:
     decode_tps = (new - 1) / (time.perf_counter() - t1)
     ttft = t1 - t0
     clear()
-    tokens = [prefill(prompt[s:s + 16], s) for s in range(CONCURRENT)]
+    short = np.random.default_rng(1).integers(3, vocab, (CONCURRENT, 16)).tolist()  # 16 tokens each, as shoal's
+    tokens = [prefill(short[s], s) for s in range(CONCURRENT)]
     t1 = time.perf_counter()
     for step in range(new - 1):
         decode([(tokens[s], 16 + step, s, True) for s in range(CONCURRENT)])
