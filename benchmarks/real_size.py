@@ -304,13 +304,14 @@ class PeakAnon:
         return max(self.peak, _status("RssAnon"))
 
 
-def expected_weight_bytes(path: Path, quant: str | None) -> int:
+def expected_weight_bytes(path: Path, quant: str | None, dtype: str | None = None) -> int:
     """The bytes of the weights shoal will hold, from the loader itself: the model it would load, built on
-    the meta device (no memory) with the same quantization plan (a GGUF file's: shoal.gguf.loader)."""
+    the meta device (no memory) with the same quantization plan (a GGUF file's: shoal.gguf.loader) and
+    compute dtype (None: shoal's choice)."""
     import torch
 
     from shoal.backends import get_backend
-    from shoal.construct import construct_model
+    from shoal.construct import choose_dtype, construct_model
     from shoal.models.hf_config import load_model_config
     from shoal.quant.plan import plan_quantization
 
@@ -323,7 +324,8 @@ def expected_weight_bytes(path: Path, quant: str | None) -> int:
     else:
         config = load_model_config(path)
         plan = plan_quantization(config, backend, quant, 64 if quant == "int4" else None, prepare=False)
-    model = construct_model(config, backend, torch.device("meta"), torch.bfloat16, plan)
+    compute = choose_dtype(config, backend, getattr(torch, dtype) if dtype else None)
+    model = construct_model(config, backend, torch.device("meta"), compute, plan)
     return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
 
 
@@ -465,7 +467,8 @@ def measure(label: str, engine: str, path: Path, quant: str | None, args, bandwi
     row = {"model": label, "engine": engine, "weights": quant or ("Q4_K_M" if path.is_file() else "bf16"),
            "file_bytes": file_bytes}
     if engine == "shoal":
-        expected = row["expected_weight_bytes"] = expected_weight_bytes(path, quant)
+        expected = row["expected_weight_bytes"] = expected_weight_bytes(
+            path, quant, None if args.dtype == "auto" else args.dtype)
         need = expected + 2 * GIB  # the KV pool (small at these context lengths) and the runtime: 2 GiB
         free = mem_available()
         if need > free:
