@@ -13,7 +13,7 @@ from shoal.config import EngineConfig
 from shoal.engine.kv_pool import KVPool, default_kv_pool
 from shoal.engine.llm_engine import LLMEngine
 from shoal.engine.sequence import Sequence as EngineSequence
-from shoal.errors import ConfigError, GenerationError, InvalidRequestError, ModelNotFoundError
+from shoal.errors import GenerationError, InvalidRequestError, ModelNotFoundError
 from shoal.loader import build_model, resolve_model_path
 from shoal.outputs import RequestOutput
 from shoal.sampling_params import SamplingParams
@@ -55,12 +55,8 @@ class LLM:
         gguf_file = None
         self.parallel = None
         if self.config.parallel.enabled:
-            if path.is_file():
-                raise ConfigError(
-                    "--tp / --ep / --pp run safetensors checkpoint folders, not GGUF files; pass the checkpoint "
-                    "folder (with --quant int8 / int4 / fp8 to store the weights quantized)"
-                )
             self._start_parallel()
+            gguf_file = self.parallel.setup.gguf_file
         else:
             if path.is_file():  # a GGUF file, opened once: its header holds the config, tensors and tokenizer
                 from shoal.gguf.reader import GGUFFile

@@ -168,6 +168,64 @@ def _layers_not_int4(skeleton: CausalLM, steps: list[Step], file: GGUFFile) -> f
     return frozenset(names)
 
 
+@dataclasses.dataclass
+class GGUFModel:
+    """A GGUF file opened for loading: its config, the steps that rename its tensors to Hugging Face names,
+    and the model's skeleton on the meta device (which knows where each name loads)."""
+
+    file: GGUFFile
+    config: ModelConfig
+    steps: list[Step]
+    skeleton: CausalLM
+
+
+def open_gguf_model(source: Path | GGUFFile, backend: Backend) -> GGUFModel:
+    """Read the header (unless `source` is an opened GGUFFile) and check it against the tensors it holds."""
+    file = source if isinstance(source, GGUFFile) else GGUFFile(source)
+    config = load_gguf_config(file)
+    skeleton = _check_size(model_class(config), config, backend, file)
+    return GGUFModel(file, config, plan(list(file.tensors), config, file.architecture), skeleton)
+
+
+def gguf_quant_plan(gguf: GGUFModel, backend: Backend, quant: str | None, quant_group_size: int | None,
+                    prepare: bool = True):
+    """The QuantPlan for this file: a mostly Q4_0 / Q4_1 / Q4_K file loads as int4 group 32 (its embedding
+    and its non-4-bit layers as they are) unless `quant` names another format."""
+    from shoal.quant.plan import plan_quantization
+
+    file = gguf.file
+    from_file = quant is None
+    if from_file:
+        quant, quant_group_size = file_quantization(file)
+    elif quant == "int4" and quant_group_size is None and file_quantization(file) == ("int4", INT4_GROUP):
+        quant_group_size = INT4_GROUP  # --quant int4 on a 4-bit file: keep its groups of 32 rather than re-round
+    quant_plan = plan_quantization(gguf.config, backend, quant, quant_group_size, prepare)
+    if from_file and quant_plan is not None:
+        # keep the file's own embedding values (not an int8 copy) and its non-4-bit layers as they are
+        quant_plan = dataclasses.replace(
+            quant_plan, quantize_embeddings=False, keep_dense=_layers_not_int4(gguf.skeleton, gguf.steps, file)
+        )
+    return quant_plan
+
+
+def gguf_weights(gguf: GGUFModel, model: CausalLM, dtype: torch.dtype, progress: bool = True):
+    """The file's tensors for `model` (built under gguf_quant_plan), as iterate_gguf_weights yields them:
+    straight into int4 where the layer is int4 group 32; a pipeline stage's absent layers are not read."""
+    from shoal.quant.layers import QuantizedLinear, QuantizedStackedExperts
+
+    modules = dict(model.named_modules())
+
+    def int4_layer(hf_name: str) -> bool:
+        module = modules.get(model.weight_destination(hf_name)[0])
+        return (
+            isinstance(module, (QuantizedLinear, QuantizedStackedExperts))
+            and module.fmt == "int4" and module.group_size == INT4_GROUP
+        )
+
+    steps = [s for s in gguf.steps if not model.ignore_weight(s.hf_name.format(0))]
+    return iterate_gguf_weights(gguf.file, steps, dtype, progress=progress, int4_layer=int4_layer)
+
+
 def build_gguf_model(
     source: Path | GGUFFile,
     backend: Backend,
@@ -183,37 +241,13 @@ def build_gguf_model(
     load its tensors; a mostly Q4_0 / Q4_1 / Q4_K file loads as int4 group 32 unless `quant` names
     another format."""
     from shoal.construct import choose_dtype, construct_model, load_into
-    from shoal.quant.layers import QuantizedLinear, QuantizedStackedExperts
-    from shoal.quant.plan import plan_quantization
 
-    file = source if isinstance(source, GGUFFile) else GGUFFile(source)
-    config = load_gguf_config(file)
-    dtype = choose_dtype(config, backend, dtype)
-    skeleton = _check_size(model_class(config), config, backend, file)
-    steps = plan(list(file.tensors), config, file.architecture)
-    from_file = quant is None
-    if from_file:
-        quant, quant_group_size = file_quantization(file)
-    elif quant == "int4" and quant_group_size is None and file_quantization(file) == ("int4", INT4_GROUP):
-        quant_group_size = INT4_GROUP  # --quant int4 on a 4-bit file: keep its groups of 32 rather than re-round
-    quant_plan = plan_quantization(config, backend, quant, quant_group_size, prepare)
-    if from_file and quant_plan is not None:
-        # keep the file's own embedding values (not an int8 copy) and its non-4-bit layers as they are
-        quant_plan = dataclasses.replace(
-            quant_plan, quantize_embeddings=False, keep_dense=_layers_not_int4(skeleton, steps, file)
-        )
-    model = construct_model(config, backend, device, dtype, quant_plan, kernels)
-    modules = dict(model.named_modules())
-
-    def int4_layer(hf_name: str) -> bool:
-        module = modules.get(model.weight_destination(hf_name)[0])
-        return (
-            isinstance(module, (QuantizedLinear, QuantizedStackedExperts))
-            and module.fmt == "int4" and module.group_size == INT4_GROUP
-        )
-
-    weights = iterate_gguf_weights(file, steps, dtype, progress=progress, int4_layer=int4_layer)
-    return load_into(model, weights, weights.close, quant_plan), config, dtype
+    gguf = open_gguf_model(source, backend)
+    dtype = choose_dtype(gguf.config, backend, dtype)
+    quant_plan = gguf_quant_plan(gguf, backend, quant, quant_group_size, prepare)
+    model = construct_model(gguf.config, backend, device, dtype, quant_plan, kernels)
+    weights = gguf_weights(gguf, model, dtype, progress)
+    return load_into(model, weights, weights.close, quant_plan), gguf.config, dtype
 
 
 def file_quantization(file: GGUFFile) -> tuple[str | None, int | None]:

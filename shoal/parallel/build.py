@@ -7,6 +7,7 @@ Model code is unchanged: the split is applied to the model from outside, by laye
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,6 +31,41 @@ from shoal.parallel.state import ParallelState
 from shoal.quant.plan import QuantPlan, apply_plan, plan_quantization, prepare_for_kernels
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+@dataclass
+class ModelSource:
+    """What a rank reads before it builds its shard, once: the config, how the weights are stored, and for
+    a GGUF file the opened file (its header parsed once)."""
+
+    path: Path
+    config: ModelConfig
+    quant: QuantPlan | None
+    gguf: object = None  # shoal.gguf.loader.GGUFModel
+
+    @classmethod
+    def open(cls, path: Path, backend: Backend, quant: str | None, quant_group_size: int | None) -> "ModelSource":
+        from shoal.gguf import is_gguf
+
+        if is_gguf(path):
+            from shoal.gguf.loader import gguf_quant_plan, open_gguf_model
+
+            gguf = open_gguf_model(path, backend)
+            return cls(path, gguf.config, gguf_quant_plan(gguf, backend, quant, quant_group_size), gguf)
+        config = load_model_config(path)
+        return cls(path, config, plan_quantization(config, backend, quant, quant_group_size))
+
+    def weights(self, model: CausalLM, dtype: torch.dtype, progress: bool):
+        """(stream of (checkpoint name, tensor) pairs for `model`'s shard, the call that ends its progress bar)."""
+        if self.gguf is not None:
+            from shoal.gguf.loader import gguf_weights
+
+            weights = gguf_weights(self.gguf, model, dtype, progress)
+            return weights, weights.close
+        weights = iterate_weights(safetensors_files(self.path), progress=progress)
+        plan = self.quant
+        stream = plan.checkpoint.wrap(weights) if plan is not None and plan.checkpoint is not None else weights
+        return stream, weights.close
 
 
 class AbsentLayer(nn.Module):
@@ -134,19 +170,18 @@ def _split_pipeline(model: CausalLM, state: ParallelState) -> None:
     model.skip_weight = skip
 
 
-def build_model_shard(path: Path, backend: Backend, device: torch.device, dtype: torch.dtype | None,
-                      state: ParallelState, progress: bool = True, quant: str | None = None,
-                      quant_group_size: int | None = None,
+def build_model_shard(source: ModelSource, backend: Backend, device: torch.device, dtype: torch.dtype | None,
+                      state: ParallelState, progress: bool = True,
                       kernels: str = "auto") -> tuple[CausalLM, ModelConfig, torch.dtype]:
-    """This rank's part of the model at `path`, loaded; `state` must have its splits planned.
+    """This rank's part of the model `source` reads (a folder or a GGUF file), loaded; `state` must have
+    its splits planned.
 
-    `quant` / `quant_group_size` as for shoal.loader.build_model: the split layers are swapped for their
-    quantized variants (shoal/quant/parallel.py) after the split and before any weight is allocated.
+    `source.quant` as for shoal.loader.build_model: the split layers are swapped for their quantized
+    variants (shoal/quant/parallel.py) after the split and before any weight is allocated.
     """
-    config = load_model_config(path)
+    config, plan = source.config, source.quant
     cls = model_class(config)
     dtype = choose_dtype(config, backend, dtype)
-    plan = plan_quantization(config, backend, quant, quant_group_size)
     model = build_on_meta(cls, config, backend, dtype)
     with _default_dtype(dtype), torch.device("meta"):  # split layers are shapes too until materialize
         _split_pipeline(model, state)
@@ -156,12 +191,11 @@ def build_model_shard(path: Path, backend: Backend, device: torch.device, dtype:
     materialize(model, device)
     bind_ops(model, backend.ops(kernels))
     model.capture_decode = False  # a split step's collectives are not kernels a replay could run
-    weights = iterate_weights(safetensors_files(path), progress=progress)
-    stream = plan.checkpoint.wrap(weights) if plan is not None and plan.checkpoint is not None else weights
+    stream, close = source.weights(model, dtype, progress)
     try:
         model.load_weights(stream)
     finally:
-        weights.close()
+        close()
     if plan is not None and plan.changes_model and plan.prepare:
         prepare_for_kernels(model)
     model.eval()

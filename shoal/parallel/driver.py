@@ -13,31 +13,30 @@ from shoal.parallel.state import ParallelState, shutdown_process_groups
 log = logging.getLogger("shoal.parallel")
 
 
-def check_split(engine_config) -> None:
-    """Fail before any process starts when the split cannot fit the model (same checks every rank runs)."""
+def check_split(engine_config):
+    """Fail before any process starts when the split cannot fit the model (same checks every rank runs);
+    return what was read (shoal.parallel.build.ModelSource), for rank 0 to build its shard from."""
     from shoal.backends import parse_device
     from shoal.loader import resolve_model_path
-    from shoal.models.hf_config import load_model_config
-    from shoal.parallel.build import plan_splits
-    from shoal.quant.plan import plan_quantization
+    from shoal.parallel.build import ModelSource, plan_splits
 
     parallel = engine_config.parallel
     state = ParallelState(parallel, 0, parallel.world_size, None)
-    config = load_model_config(resolve_model_path(engine_config.model_path))
-    quant = plan_quantization(config, parse_device(engine_config.device)[0], engine_config.quant,
-                              engine_config.quant_group_size)
-    plan_splits(config, state, None, quant)
+    source = ModelSource.open(resolve_model_path(engine_config.model_path), parse_device(engine_config.device)[0],
+                              engine_config.quant, engine_config.quant_group_size)
+    plan_splits(source.config, state, None, source.quant)
+    return source
 
 
 class Driver:
     def __init__(self, engine_config) -> None:
-        check_split(engine_config)
+        source = check_split(engine_config)
         self.engine_config = engine_config
         self.executor = make_executor(engine_config)
         self.runner: ParallelRunner | None = None
         rank, world, local_rank, addr, port = self.executor.start(engine_config)
         try:
-            self.setup: RankSetup = setup_rank(engine_config, rank, world, local_rank, addr, port)
+            self.setup: RankSetup = setup_rank(engine_config, rank, world, local_rank, addr, port, source)
         except BaseException:
             self.shutdown()
             raise

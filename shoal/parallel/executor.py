@@ -58,6 +58,7 @@ class RankSetup:
     backend: object
     device: torch.device
     path: object
+    gguf_file: object = None  # the opened GGUF file (shoal.gguf.GGUFFile), whose metadata holds the tokenizer
 
 
 def _engine_spec(engine_config) -> dict:
@@ -71,13 +72,12 @@ def _engine_spec(engine_config) -> dict:
 
 
 def setup_rank(engine_config, rank: int, world_size: int, local_rank: int, master_addr: str,
-               master_port: int) -> RankSetup:
-    """Join the job, agree on the split, and build this rank's shard of the model."""
+               master_port: int, source=None) -> RankSetup:
+    """Join the job, agree on the split, and build this rank's shard of the model (from `source`, a
+    ModelSource already read, or from the model path)."""
     from shoal.backends import parse_device
     from shoal.loader import resolve_model_path
-    from shoal.models.hf_config import load_model_config
-    from shoal.parallel.build import build_model_shard, plan_splits
-    from shoal.quant.plan import plan_quantization
+    from shoal.parallel.build import ModelSource, build_model_shard, plan_splits
 
     parallel = engine_config.parallel
     backend, index = parse_device(engine_config.device)
@@ -102,15 +102,15 @@ def setup_rank(engine_config, rank: int, world_size: int, local_rank: int, maste
             speeds = speeds_by_rank[:size]
         log.info("measured memory bandwidth per rank (GB/s): %s", speeds_by_rank)
     path = resolve_model_path(engine_config.model_path)
-    config = load_model_config(path)
-    quant = plan_quantization(config, backend, engine_config.quant, engine_config.quant_group_size)
-    plan_splits(config, state, speeds, quant)
+    if source is None:
+        source = ModelSource.open(path, backend, engine_config.quant, engine_config.quant_group_size)
+    plan_splits(source.config, state, speeds, source.quant)
     progress = engine_config.progress and rank == 0
-    model, model_config, dtype = build_model_shard(path, backend, device, engine_config.torch_dtype, state, progress,
-                                                   engine_config.quant, engine_config.quant_group_size,
+    model, model_config, dtype = build_model_shard(source, backend, device, engine_config.torch_dtype, state, progress,
                                                    engine_config.cpu_kernels)
     log.info("%s ready: experts %s", state.describe(), state.expert_range() if parallel.ep > 1 else "all")
-    return RankSetup(state, model, model_config, dtype, backend, device, path)
+    return RankSetup(state, model, model_config, dtype, backend, device, path,
+                     source.gguf.file if source.gguf is not None else None)
 
 
 def kv_pool(engine_config, setup: RankSetup, max_len: int):

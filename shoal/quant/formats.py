@@ -24,6 +24,17 @@ from shoal.errors import ConfigError
 INT4_GROUP_SIZES = (32, 64, 128)
 FP8_BLOCK = 128
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
+# Rows are quantized this many float32 values at a time: the float32 temporaries of a whole embedding
+# table (Llama 3's 128256 x 4096) would be several GB on top of the loaded weights.
+QUANTIZE_CHUNK = 1 << 24
+
+
+def _row_chunks(w: torch.Tensor) -> list[torch.Tensor]:
+    """w cut along its output rows (dim -2) into pieces of about QUANTIZE_CHUNK values (views, no copy)."""
+    rows = w.shape[-2]
+    per_row = w.numel() // max(rows, 1)
+    step = max(1, QUANTIZE_CHUNK // max(per_row, 1))
+    return [w[..., i:i + step, :] for i in range(0, rows, step)]
 
 
 def _check_group(in_features: int, group_size: int, name: str) -> None:
@@ -58,6 +69,10 @@ class Int8ChannelWeight:
 
     @classmethod
     def quantize(cls, w: torch.Tensor, scale_dtype: torch.dtype = torch.float32) -> Int8ChannelWeight:
+        chunks = _row_chunks(w)
+        if len(chunks) > 1:  # each row on its own: the same values as quantizing w whole
+            parts = [cls.quantize(c, scale_dtype) for c in chunks]
+            return cls(torch.cat([q.qweight for q in parts], -2), torch.cat([q.scales for q in parts], -1))
         w = w.to(torch.float32)
         # Round the scale to its storage dtype first and quantize against the rounded value, so a
         # checkpoint written offline reproduces exactly what quantizing at load gives.
@@ -134,6 +149,11 @@ class Int4GroupWeight:
         """Asymmetric min-max per group, with an integer zero point (so it writes as compressed-tensors)."""
         *lead, out, n = w.shape
         _check_group(n, group_size, name)
+        chunks = _row_chunks(w)
+        if len(chunks) > 1:  # each row on its own: the same values as quantizing w whole
+            parts = [cls.quantize(c, group_size, scale_dtype, name) for c in chunks]
+            return cls(*(torch.cat([getattr(q, f) for q in parts], -2) for f in ("packed", "scales", "zeros")),
+                       group_size)
         g = w.to(torch.float32).reshape(*lead, out, n // group_size, group_size)
         low = g.amin(dim=-1).clamp(max=0.0)
         high = g.amax(dim=-1).clamp(min=0.0)

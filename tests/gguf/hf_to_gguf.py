@@ -166,19 +166,10 @@ def _load_weights(hf_dir: Path) -> dict[str, np.ndarray]:
     return weights
 
 
-def convert(
-    hf_dir: Path, out: Path, ftype: str = "F32", split_kv_b: bool = True, return_weights: bool = True,
-    split_max_tensors: int = 0,
-) -> dict[str, torch.Tensor]:
-    """Write hf_dir as a GGUF file at `out`; return the weights it holds, dequantized, under Hugging Face
-    names (an empty dict with return_weights=False, which skips the round trip: benchmarks/compare_cpu.py).
-    split_max_tensors > 0 writes a split set instead, out-0000K-of-0000N.gguf, as convert_hf_to_gguf's
-    --split-max-tensors does."""
-    cfg = json.loads((hf_dir / "config.json").read_text())
-    weights = _load_weights(hf_dir)
+def _write_metadata(writer, hf_dir: Path, cfg: dict) -> list[tuple[str, np.ndarray]]:
+    """The header's key-value pairs (sizes, rope, experts, tokenizer) as llama.cpp's converter writes them;
+    returns the extra tensors the metadata implies (Llama 3's rope_freqs)."""
     deepseek = cfg["model_type"].startswith("deepseek")
-    arch = "deepseek2" if deepseek else _ARCH.get(cfg["model_type"], cfg["model_type"])
-    writer = gguf.GGUFWriter(str(out), arch, split_max_tensors=split_max_tensors)
     heads, n_layers = cfg["num_attention_heads"], cfg["num_hidden_layers"]
     kv_heads = cfg.get("num_key_value_heads") or heads
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
@@ -229,6 +220,27 @@ def convert(
             if cfg.get("shared_expert_intermediate_size"):
                 writer.add_expert_shared_feed_forward_length(cfg["shared_expert_intermediate_size"])
     _tokenizer(writer, hf_dir, cfg["vocab_size"])
+    return extra
+
+
+def convert(
+    hf_dir: Path, out: Path, ftype: str = "F32", split_kv_b: bool = True, return_weights: bool = True,
+    split_max_tensors: int = 0,
+) -> dict[str, torch.Tensor]:
+    """Write hf_dir as a GGUF file at `out`; return the weights it holds, dequantized, under Hugging Face
+    names (an empty dict with return_weights=False, which skips the round trip: benchmarks/compare_cpu.py).
+    split_max_tensors > 0 writes a split set instead, out-0000K-of-0000N.gguf, as convert_hf_to_gguf's
+    --split-max-tensors does."""
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    weights = _load_weights(hf_dir)
+    deepseek = cfg["model_type"].startswith("deepseek")
+    arch = "deepseek2" if deepseek else _ARCH.get(cfg["model_type"], cfg["model_type"])
+    writer = gguf.GGUFWriter(str(out), arch, split_max_tensors=split_max_tensors)
+    extra = _write_metadata(writer, hf_dir, cfg)
+    heads = cfg["num_attention_heads"]
+    kv_heads = cfg.get("num_key_value_heads") or heads
+    if deepseek:
+        rank, nope, v_dim = cfg["kv_lora_rank"], cfg["qk_nope_head_dim"], cfg["v_head_dim"]
 
     held: dict[str, torch.Tensor] = {}
     experts: dict[tuple[int, str], dict[int, np.ndarray]] = {}
@@ -275,6 +287,54 @@ def convert(
     writer.write_tensors_to_file()
     writer.close()
     return {k: v for k, v in held.items() if v is not None}
+
+
+def convert_streaming_f16(hf_dir: Path, out: Path) -> None:
+    """Write a dense Llama-family folder (no experts) as an F16 GGUF file holding one tensor in memory at a
+    time, as convert_hf_to_gguf.py --outtype f16 does (norms and rope_freqs F32): for checkpoints too big
+    to load whole (benchmarks/real_size.py)."""
+    from safetensors import safe_open
+
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    arch = _ARCH.get(cfg["model_type"], cfg["model_type"])
+    if arch != "llama" or cfg.get("num_local_experts") or cfg.get("num_experts"):
+        raise ValueError(f"convert_streaming_f16 writes dense Llama checkpoints only, not {cfg['model_type']}")
+    heads = cfg["num_attention_heads"]
+    kv_heads = cfg.get("num_key_value_heads") or heads
+    writer = gguf.GGUFWriter(str(out), arch)
+    extra = _write_metadata(writer, hf_dir, cfg)
+    handles = [safe_open(str(f), "pt") for f in sorted(hf_dir.glob("*.safetensors"))]
+    names = [(h, n) for h in handles for n in h.keys()]
+
+    def gguf_name(name: str) -> str:
+        if name in _GLOBAL:
+            return _GLOBAL[name]
+        layer, rest = re.match(r"model\.layers\.(\d+)\.(.+)$", name).groups()
+        return f"blk.{layer}.{_LAYER_PARTS[rest]}"
+
+    def array(handle, name: str) -> np.ndarray:
+        arr = handle.get_tensor(name).float().numpy()
+        part = gguf_name(name)
+        if part.endswith("attn_q.weight"):
+            arr = permute(arr, heads)
+        elif part.endswith("attn_k.weight"):
+            arr = permute(arr, kv_heads)
+        return arr.astype(np.float16 if arr.ndim == 2 else np.float32)
+
+    for name, arr in extra:
+        writer.add_tensor_info(name, arr.shape, arr.dtype, arr.nbytes)
+    for handle, name in names:
+        shape = tuple(handle.get_slice(name).get_shape())
+        dtype = np.dtype(np.float16 if len(shape) == 2 else np.float32)
+        writer.add_tensor_info(gguf_name(name), shape, dtype, int(np.prod(shape)) * dtype.itemsize)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for _, arr in extra:
+        writer.write_tensor_data(arr)
+    for handle, name in names:
+        writer.write_tensor_data(array(handle, name))
+    writer.close()
 
 
 def save_hf_folder(hf_dir: Path, weights: dict[str, torch.Tensor], out: Path) -> Path:

@@ -132,3 +132,21 @@ def test_quant_int8_requantizes_a_q8_0_file_per_channel(gguf_model):
     assert not any(isinstance(m, QuantizedLinear) for m in exact.modules())  # Q8_0 loads dense by default
     assert any(isinstance(m, QuantizedLinear) for m in int8.modules())
     assert (shoal_logits(exact, IDS) - shoal_logits(int8, IDS)).abs().max() < 0.1
+
+
+@pytest.mark.parametrize("name", ["llama", "llama-tied-llama3-rope"])  # rope_freqs; a tied head (no output.weight)
+def test_streamed_f16_conversion_writes_the_same_file_as_the_whole_one(gguf_model, name, tmp_path):
+    """benchmarks/real_size.py converts checkpoints too big to hold one tensor at a time: the same tensors,
+    types and values as the whole-checkpoint converter's F16 file."""
+    from hf_to_gguf import convert_streaming_f16
+    from shoal.gguf.reader import GGUFFile
+
+    whole, folder, _, _ = gguf_model(name, "F16")
+    streamed = tmp_path / "streamed.gguf"
+    convert_streaming_f16(folder, streamed)
+    a, b = GGUFFile(whole), GGUFFile(streamed)
+    assert a.tensors.keys() == b.tensors.keys()
+    for t in a.tensors:
+        assert a.tensors[t].type_name == b.tensors[t].type_name and a.tensors[t].shape == b.tensors[t].shape
+        assert bytes(a.raw(t)) == bytes(b.raw(t)), t
+    assert torch.equal(shoal_logits(_load(streamed)[0], IDS), shoal_logits(_load(whole)[0], IDS))

@@ -1,5 +1,6 @@
 """Every split reproduces one process: same greedy tokens, logits within 1e-4 (float32, gloo on CPU);
-a quantized split reproduces one process quantized the same way."""
+a quantized split reproduces one process quantized the same way, and a GGUF file split reproduces the
+same file in one process."""
 
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ CASES = [
     *[(name, split) for name in ("qwen3-moe", "qwen2-moe", "mixtral") for split in ({"tp": 2}, {"ep": 2}, {"pp": 2})],
     ("qwen2-moe", {"ep": 2, "quant": "int8"}),  # the gated shared expert replicated, int8 experts partitioned
     ("mixtral", {"tp": 2, "quant": "int4", "quant_group_size": 32}),  # experts' 128 intermediate: 2 groups a rank
+    ("qwen3-moe", {"pp": 2, "quant": "int4", "quant_group_size": 32}),  # the dense layer 0 and the MoE layer 1 apart
 ]
 QUANT_KEYS = ("quant", "quant_group_size")
 
@@ -104,3 +106,28 @@ def test_quantized_checkpoint_splits_like_one_process(checkpoint, split_run, tmp
     diff = max_logit_diff(split, reference)
     print(f"{stored} checkpoint {options}: max |logit diff| = {diff:.2e}")
     assert diff < TOLERANCE
+
+
+GGUF_CASES = [
+    ("mixtral", "Q4_0", {"tp": 2}),  # llama with experts; the file's int4 codes cut per rank on group boundaries
+    ("qwen2-moe", "Q8_0", {"pp": 2}),  # qwen2moe, dequantized; the second stage reads only its layers' tensors
+    ("qwen3-moe", "Q4_0", {"ep": 2}),  # whole int4 experts per rank
+]
+
+
+@pytest.mark.parametrize("name,ftype,options", GGUF_CASES, ids=[f"{n}-{f}-{o}" for n, f, o in GGUF_CASES])
+def test_gguf_file_splits_like_one_process(checkpoint, split_run, tmp_path_factory, name, ftype, options):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent.parent / "gguf"))
+    from hf_to_gguf import convert
+
+    path = tmp_path_factory.mktemp("gguf") / f"{name}-{ftype}.gguf"
+    convert(checkpoint(name)[0], path, ftype, return_weights=False)
+    reference, split = split_run(path, {}), split_run(path, options)
+    assert split["tokens"] == reference["tokens"]
+    diff = max_logit_diff(split, reference)
+    print(f"{name} {ftype} GGUF {options}: max |logit diff| = {diff:.2e}")
+    assert diff < TOLERANCE
+    assert split["expert_load"] == reference["expert_load"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from shoal.quant.checkpoint import pack_int32, unpack_int32
@@ -75,3 +76,17 @@ def test_int32_packing_matches_compressed_tensors_layout():
     along_rows = pack_int32(values, 4, dim=0)
     assert along_rows.shape == (3, 40)
     assert torch.equal(unpack_int32(along_rows, 4, 24, dim=0), values.to(torch.int32))
+
+
+@pytest.mark.parametrize("shape", [(37, 64), (3, 10, 64)])  # a matrix, stacked experts
+def test_quantizing_rows_in_chunks_gives_the_same_values_as_whole(monkeypatch, shape):
+    import shoal.quant.formats as formats
+
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    whole8, whole4 = Int8ChannelWeight.quantize(w), Int4GroupWeight.quantize(w, 32)
+    monkeypatch.setattr(formats, "QUANTIZE_CHUNK", 5 * 64)  # five rows a chunk: uneven last chunk
+    assert len(formats._row_chunks(w)) > 1
+    chunked8, chunked4 = Int8ChannelWeight.quantize(w), Int4GroupWeight.quantize(w, 32)
+    assert torch.equal(chunked8.qweight, whole8.qweight) and torch.equal(chunked8.scales, whole8.scales)
+    for field in ("packed", "scales", "zeros"):
+        assert torch.equal(getattr(chunked4, field), getattr(whole4, field)), field

@@ -1,4 +1,5 @@
-"""DeepSeek-style fp8 block checkpoints on a device without fp8: to the compute dtype, or straight to int8."""
+"""DeepSeek-style fp8 block checkpoints (DeepSeek-V3's and Qwen3's published FP8 layout) on a device without
+fp8: to the compute dtype, or straight to int8."""
 
 from __future__ import annotations
 
@@ -15,9 +16,12 @@ from shoal.quant.formats import Fp8BlockWeight
 FP8_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
 
 
+ROUTERS = ("mlp.gate.weight", "block_sparse_moe.gate.weight", "shared_expert_gate.weight")
+
+
 def _is_block_quantized(name: str, tensor: torch.Tensor) -> bool:
-    # DeepSeek-V3 keeps embeddings, the head, norms and the router in bf16 / fp32.
-    return tensor.dim() == 2 and "embed_tokens" not in name and "lm_head" not in name and not name.endswith("mlp.gate.weight")
+    # DeepSeek-V3 and Qwen3-FP8 keep embeddings, the head, norms and the router in bf16 / fp32.
+    return tensor.dim() == 2 and "embed_tokens" not in name and "lm_head" not in name and not name.endswith(ROUTERS)
 
 
 def write_fp8_checkpoint(src, dst):
@@ -50,10 +54,17 @@ def fp8_pair(checkpoint, tmp_path_factory):
     return write_fp8_checkpoint(src, tmp_path_factory.mktemp("fp8"))
 
 
-def test_fp8_checkpoint_converts_to_the_compute_dtype_and_matches_transformers(fp8_pair, logits):
+@pytest.fixture(scope="module", params=["deepseek-v3", "qwen3-moe", "qwen2-moe", "mixtral"])
+def any_fp8_pair(request, checkpoint, tmp_path_factory):
+    if request.param == "deepseek-v3":
+        return request.getfixturevalue("fp8_pair")
+    return write_fp8_checkpoint(checkpoint(request.param)[0], tmp_path_factory.mktemp("fp8"))
+
+
+def test_fp8_checkpoint_converts_to_the_compute_dtype_and_matches_transformers(any_fp8_pair, logits):
     import transformers
 
-    fp8, plain = fp8_pair
+    fp8, plain = any_fp8_pair
     assert get_backend("cpu").supports_fp8_matmul() is False
     ours = logits(fp8)
     reference = transformers.AutoModelForCausalLM.from_pretrained(plain, dtype=torch.float32).eval()
@@ -62,8 +73,8 @@ def test_fp8_checkpoint_converts_to_the_compute_dtype_and_matches_transformers(f
     assert (ours - theirs).abs().max() < 1e-4
 
 
-def test_fp8_checkpoint_straight_to_int8_matches_int8_of_the_dequantized_weights(fp8_pair, logits):
-    fp8, plain = fp8_pair
+def test_fp8_checkpoint_straight_to_int8_matches_int8_of_the_dequantized_weights(any_fp8_pair, logits):
+    fp8, plain = any_fp8_pair
     assert torch.equal(logits(fp8, quant="int8"), logits(plain, quant="int8"))
     assert torch.equal(logits(fp8, quant="int4", quant_group_size=32), logits(plain, quant="int4", quant_group_size=32))
 
