@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from shoal.backends.cpu import experts as cpu_experts, gemv, isa
+from shoal.backends.cpu import gemv, isa
 from shoal.backends.cpu.library import kernels as built_kernels
 from shoal.backends.cpu.ops import CpuOps
 from shoal.backends.cpu.quantized import cpu_kernels
