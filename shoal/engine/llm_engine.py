@@ -14,6 +14,8 @@ import gc
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -38,6 +40,21 @@ class StepFailed:
 
     def __init__(self, reason: str) -> None:
         self.reason = reason
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One step as `LLMEngine.on_step` sees it: how many sequences and tokens it ran, and how long it took
+    (scheduling, the forward pass, sampling and applying the tokens)."""
+
+    num_seqs: int
+    num_tokens: int
+    seconds: float
+
+    @property
+    def decode(self) -> bool:
+        """A pure decode step: one new token per sequence, no prompt chunk."""
+        return self.num_tokens == self.num_seqs
 
 
 class LLMEngine:
@@ -88,6 +105,8 @@ class LLMEngine:
         self.in_flight: deque = deque()
         self._load: dict[int, list[int]] = {}
         self._load_at = float("-inf")
+        # Called (in the thread that steps) after each step that ran; a server's metrics, a benchmark.
+        self.on_step: Callable[[StepRecord], None] | None = None
         # Everything alive now (the model's modules and tensors, the tokenizer) moves out of the cyclic
         # garbage collector's generations, so that its full collections while serving do not walk it:
         # an ad-hoc perf profile of MoE decode showed ~3% of the time in gc_collect_main before.
@@ -140,6 +159,7 @@ class LLMEngine:
         no step in flight, then completes the oldest one."""
         if self.depth > 1:
             return self._pipelined_step()
+        start = time.perf_counter()
         chunks = self.scheduler.schedule()
         if not chunks:
             return []
@@ -153,7 +173,10 @@ class LLMEngine:
             logger.exception("a step of %d sequences failed; running each on its own to find the failing ones",
                              len(chunks))
             results = [self._step_alone(chunk) for chunk in chunks]
-        return self._apply(chunks, results)
+        advanced = self._apply(chunks, results)
+        if self.on_step is not None:
+            self.on_step(StepRecord(len(chunks), sum(c.num_tokens for c in chunks), time.perf_counter() - start))
+        return advanced
 
     def _step_alone(self, chunk):
         try:

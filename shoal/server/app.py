@@ -141,6 +141,7 @@ def build_app(
     model_name = served_model_name or default_model_name(llm)
     metrics = ServerMetrics(model_name)
     engine = AsyncEngine(llm.engine, max_waiting=max_waiting, on_finished=metrics.observe)
+    llm.engine.on_step = metrics.observe_step
     tokenizer_pool = TokenizerPool(limits.tokenizer_threads)
     serving = OpenAIServing(llm, engine, model_name, max_prompt_bytes, tool_call_parser, reasoning_parser,
                             tokenizer_pool)

@@ -1,7 +1,9 @@
 """Prometheus metrics for GET /metrics, in the text exposition format (version 0.0.4), written here.
 
 Gauges and counters come from the AsyncEngine's stats snapshot; latency histograms are fed by the
-engine thread (`observe`) each time a completion ends.
+engine thread (`observe`) each time a completion ends, and the step histograms (`observe_step`, the
+LLMEngine's `on_step`) after each engine step: how long decode steps take and how many sequences each
+step runs, so a served step can be set beside an offline one at the same batch.
 """
 
 from __future__ import annotations
@@ -10,11 +12,14 @@ import math
 import threading
 
 from shoal.engine.async_engine import EngineStats, SequenceTiming
+from shoal.engine.llm_engine import StepRecord
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0)
 TPOT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0)
+STEP_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0)
+STEP_SEQUENCE_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256)
 LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 60.0, 120.0)
 
 
@@ -68,12 +73,30 @@ class ServerMetrics:
         self.latency = Histogram(
             "shoal_e2e_request_latency_seconds", "Time from arrival to the last token of a completion.", LATENCY_BUCKETS
         )
+        self.decode_step = Histogram(
+            "shoal_decode_step_seconds", "Engine steps of one new token per sequence (no prompt chunk): time each took.",
+            STEP_BUCKETS,
+        )
+        self.prefill_step = Histogram(
+            "shoal_prefill_step_seconds", "Engine steps that ran a prompt chunk (alone or with decodes): time each took.",
+            STEP_BUCKETS,
+        )
+        self.decode_step_sequences = Histogram(
+            "shoal_decode_step_sequences", "Sequences that each decode step ran (its batch).", STEP_SEQUENCE_BUCKETS
+        )
 
     def observe(self, timing: SequenceTiming) -> None:
         self.ttft.observe(timing.time_to_first_token)
         if timing.time_per_output_token is not None:
             self.tpot.observe(timing.time_per_output_token)
         self.latency.observe(timing.latency)
+
+    def observe_step(self, step: StepRecord) -> None:
+        if step.decode:
+            self.decode_step.observe(step.seconds)
+            self.decode_step_sequences.observe(step.num_seqs)
+        else:
+            self.prefill_step.observe(step.seconds)
 
     def render(self, stats: EngineStats) -> str:
         labels = self.labels
@@ -137,6 +160,7 @@ class ServerMetrics:
             for layer, counts in sorted(stats.expert_load.items()):
                 mean = sum(counts) / len(counts)
                 lines.append(f'{name}{{{labels},layer="{layer}"}} {_number(max(counts) / mean if mean else 0.0)}')
-        for histogram in (self.ttft, self.tpot, self.latency):
+        for histogram in (self.ttft, self.tpot, self.latency, self.decode_step, self.prefill_step,
+                          self.decode_step_sequences):
             lines.extend(histogram.render(labels))
         return "\n".join(lines) + "\n"

@@ -52,6 +52,25 @@ def test_models_health_and_metrics(server, client):
     assert "# TYPE shoal_time_to_first_token_seconds histogram" in response.text
 
 
+def _metric_values(text: str) -> dict[str, float]:
+    return {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line and not line.startswith("#") and "_bucket{" not in line}
+
+
+def test_metrics_time_decode_steps_and_count_their_sequences(server, client):
+    before = _metric_values(httpx.get(f"{server.url}/metrics").text)
+    out = client.completions.create(model=MODEL, prompt=["The quick", "brown fox"], max_tokens=6, temperature=0,
+                                    extra_body=NO_EOS)
+    assert out.usage.completion_tokens == 12
+    after = _metric_values(httpx.get(f"{server.url}/metrics").text)
+    grew = {name: after[name] - before.get(name, 0.0) for name in after}
+    # Both prompts are prefilled (one step or two), then each further token is a decode step of both or one.
+    assert grew["shoal_prefill_step_seconds_count"] >= 1 and grew["shoal_prefill_step_seconds_sum"] > 0
+    assert 5 <= grew["shoal_decode_step_seconds_count"] <= 10 and grew["shoal_decode_step_seconds_sum"] > 0
+    assert grew["shoal_decode_step_sequences_count"] == grew["shoal_decode_step_seconds_count"]
+    assert grew["shoal_decode_step_sequences_sum"] == 10  # 5 more tokens each, one sequence-step per token
+
+
 # ---- completions ---------------------------------------------------------------------------------
 def test_completion_usage_matches_the_tokenizer(client, tokenizer):
     prompt = "The quick brown fox jumps"
