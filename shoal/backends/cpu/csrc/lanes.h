@@ -24,6 +24,7 @@
 #include <string.h>
 
 #include "bf16.h"
+#include "kernel_common.h"
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
 #define SHOAL_LANES_AVX512 1
@@ -98,16 +99,8 @@ INLINE I16 i16_dot_u4s8(const uint8_t *p, int high, const int8_t *b) {
 #endif
 }
 
-/* [sum of a, sum of b, sum of c, sum of d], each in f16_sum's order */
-INLINE void f16_sum4(F16 a, F16 b, F16 c, F16 d, float *out) {
-    const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a.v, b.v), _mm512_unpackhi_ps(a.v, b.v));
-    const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c.v, d.v), _mm512_unpackhi_ps(c.v, d.v));
-    const __m512 abcd = _mm512_add_ps(_mm512_shuffle_ps(ab, cd, _MM_SHUFFLE(1, 0, 1, 0)),
-                                      _mm512_shuffle_ps(ab, cd, _MM_SHUFFLE(3, 2, 3, 2)));
-    const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(abcd),
-                                   _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(abcd), 1)));
-    _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
-}
+/* [sum of a, sum of b, sum of c, sum of d], each in f16_sum's order: kernel_common.h's reduce4 */
+INLINE void f16_sum4(F16 a, F16 b, F16 c, F16 d, float *out) { _mm_storeu_ps(out, reduce4(a.v, b.v, c.v, d.v)); }
 
 /* ---- AVX2 -------------------------------------------------------------------------------------- */
 #elif defined(SHOAL_LANES_AVX2)
