@@ -246,9 +246,12 @@ class MultiTokenPredictor(torch.nn.Module):
         return model.lm_head(block.shared_head.norm(x))
 
 
-def forward_losses(model, mtp, x: torch.Tensor, y: torch.Tensor, main_loss: bool = True):
+def forward_losses(model, mtp, x: torch.Tensor, y: torch.Tensor, main_loss: bool = True, distill: bool = False):
     """(main next-token loss, MTP loss for the token after next) over inputs x and targets y = x shifted;
-    main_loss=False (the main model frozen, see --mtp-from) skips the main head and its gradients."""
+    main_loss=False (the main model frozen, see --mtp-from) skips the main head and its gradients.
+    distill: the MTP head learns the main model's own next-token distribution at that position (soft
+    cross-entropy) instead of the text's token: a draft is accepted when it agrees with the model, not
+    with the text (--mtp-distill)."""
     ce = torch.nn.functional.cross_entropy
     with torch.set_grad_enabled(torch.is_grad_enabled() and main_loss):
         hidden = model.model(input_ids=x).last_hidden_state
@@ -257,9 +260,21 @@ def forward_losses(model, mtp, x: torch.Tensor, y: torch.Tensor, main_loss: bool
         logits = model.lm_head(hidden)
         main = ce(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
     # Position i sees hidden_i and token i+1 (= y_i) and predicts token i+2 (= y_{i+1}).
-    mtp_logits = mtp(model, hidden[:, :-1], y[:, :-1])
-    extra = ce(mtp_logits.float().reshape(-1, mtp_logits.shape[-1]), y[:, 1:].reshape(-1))
-    return main, extra
+    mtp_logits = mtp(model, hidden[:, :-1], y[:, :-1]).float().reshape(-1, model.config.vocab_size)
+    if distill:
+        with torch.no_grad():
+            teacher = model.lm_head(hidden[:, 1:]).float().softmax(-1).reshape(-1, model.config.vocab_size)
+        return main, ce(mtp_logits, teacher)
+    return main, ce(mtp_logits, y[:, 1:].reshape(-1))
+
+
+@torch.no_grad()
+def mtp_agreement(model, mtp, x: torch.Tensor) -> float:
+    """The share of positions where the MTP head's first choice for token i + 2 is the main model's own
+    first choice there: the acceptance of a greedy one-token draft on this text (teacher-forced)."""
+    hidden = model.model(input_ids=x).last_hidden_state
+    drafted = mtp(model, hidden[:, :-1], x[:, 1:]).argmax(-1)
+    return float((drafted == model.lm_head(hidden[:, 1:]).argmax(-1)).float().mean())
 
 
 # --------------------------------------------------------------------------- train
@@ -273,7 +288,7 @@ def batches(stream: torch.Tensor, seq: int, batch: int, gen: torch.Generator):
 
 @torch.no_grad()
 def evaluate(model, mtp, stream: torch.Tensor, seq: int, batch: int, autocast) -> tuple[float, float | None]:
-    """Validation loss of the main head, and of the MTP head (None without one)."""
+    """Validation loss of the main head, and of the MTP head against the text (None without one)."""
     model.eval()
     n = (stream.numel() - 1) // seq
     main, extra = [], []
@@ -303,6 +318,28 @@ def previous_model_loss(out: Path, val_docs: list[str], seq: int, batch: int, au
     tok = Tokenizer.from_file(str(out / "tokenizer.json"))
     model = DeepseekV3ForCausalLM.from_pretrained(out, dtype=torch.float32)
     return evaluate(model, None, encode_docs(tok, val_docs), seq, batch, autocast)[0]
+
+
+def warm_start_mtp(mtp, folder: Path, index: int) -> None:
+    """Load the MTP layer (checkpoint layer `index`) already saved in `folder` into `mtp`, where it has one."""
+    from safetensors.torch import load_file
+
+    prefix = f"model.layers.{index}."
+    saved = {k[len(prefix):]: v.float() for k, v in load_file(str(folder / "model.safetensors")).items()
+             if k.startswith(prefix)}
+    if not saved:
+        print(f"{folder} holds no MTP layer: the MTP head starts from scratch", flush=True)
+        return
+    # The checkpoint names each expert (as save_pretrained writes them); the module stacks them.
+    experts = sorted({int(k.split(".")[2]) for k in saved if k.startswith("mlp.experts.")})
+    if experts:
+        e = "mlp.experts.{}.{}_proj.weight"
+        saved["mlp.experts.gate_up_proj"] = torch.stack(
+            [torch.cat([saved.pop(e.format(i, "gate")), saved.pop(e.format(i, "up"))]) for i in experts])
+        saved["mlp.experts.down_proj"] = torch.stack([saved.pop(e.format(i, "down")) for i in experts])
+    missing, unexpected = mtp.block.load_state_dict(saved, strict=False)
+    print(f"MTP head warm-started from {folder} ({len(saved)} tensors; missing {missing}, unexpected {unexpected})",
+          flush=True)
 
 
 def lr_at(step: int, total: int, warmup: int, peak: float, floor: float) -> float:
@@ -376,6 +413,10 @@ def main(argv=None) -> int:
     ap.add_argument("--mtp-from", type=Path, default=None,
                     help="train only the MTP module on top of the model (and tokenizer) in this folder, kept frozen: "
                          "its main head stays exactly as it was")
+    ap.add_argument("--mtp-distill", action="store_true",
+                    help="with --mtp-from: train the MTP head on the frozen model's own next-token distribution "
+                         "(what speculative decoding accepts) instead of the text's tokens, starting from the MTP "
+                         "layer already in that folder where it has one")
     ap.add_argument("--force", action="store_true",
                     help="save even when the main head's validation loss is worse than the model already in --out")
     ap.add_argument("--scratch", type=Path, default=Path("/tmp/shoal_demo_model"))
@@ -429,6 +470,8 @@ def main(argv=None) -> int:
     cfg._experts_implementation = args.experts_impl  # training speed only; not saved
     mtp = MultiTokenPredictor(cfg).float()
     mtp.apply(model._init_weights)  # transformers initialises a model's modules, not a loose layer's
+    if args.mtp_from is not None and args.mtp_distill:
+        warm_start_mtp(mtp, args.mtp_from, cfg.num_hidden_layers)
     model.model.layers.append(mtp.block)  # saved as layer num_hidden_layers; transformers never runs it
     model.train()
     trained = mtp if args.mtp_from is not None else model
@@ -460,7 +503,8 @@ def main(argv=None) -> int:
             g["lr"] = lr
         x, y = next(data)
         with autocast():
-            loss_main, loss_mtp = forward_losses(model, mtp, x, y, main_loss=args.mtp_from is None)
+            loss_main, loss_mtp = forward_losses(model, mtp, x, y, main_loss=args.mtp_from is None,
+                                                 distill=args.mtp_distill)
         loss = loss_mtp if loss_main is None else loss_main + args.mtp_weight * loss_mtp
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -485,15 +529,19 @@ def main(argv=None) -> int:
             balancer.enabled = False
             val, val_mtp = evaluate(model, mtp, val_ids, args.seq, args.batch * 2, autocast)
             balancer.enabled = True
-            bar.write(f"step {step + 1:5d}  train {ema:.3f}  val {val:.3f}  val(mtp) {val_mtp:.3f}  lr {lr:.2e}  "
+            agree = mtp_agreement(model, mtp, val_ids[: 4 * (args.seq + 1)].view(4, -1))
+            bar.write(f"step {step + 1:5d}  train {ema:.3f}  val {val:.3f}  val(mtp) {val_mtp:.3f}  "
+                      f"agree(mtp) {agree:.3f}  lr {lr:.2e}  "
                       f"imbalance {imbalance:.2f}  [{elapsed / 60:.1f} min]")
         if step + 1 >= total or elapsed > budget:
             break
     bar.close()
     balancer.enabled = False
     val, val_mtp = evaluate(model, mtp, val_ids, args.seq, args.batch * 2, autocast)
+    agree = mtp_agreement(model, mtp, val_ids[: 16 * (args.seq + 1)].view(16, -1))
     print(f"final: steps {step + 1}  train(ema) {ema:.3f}  val {val:.3f}  ppl {math.exp(val):.1f}  "
-          f"val(mtp) {val_mtp:.3f}  train time {(time.time() - t_train) / 60:.1f} min", flush=True)
+          f"val(mtp) {val_mtp:.3f}  agree(mtp) {agree:.3f}  train time {(time.time() - t_train) / 60:.1f} min",
+          flush=True)
     if previous is not None and val > previous and not args.force:
         print(f"not saved: the main head's val loss {val:.3f} is worse than the model in {args.out} ({previous:.3f}); "
               "train longer (--minutes, --steps) or pass --force", flush=True)

@@ -104,8 +104,9 @@ class Ops:
 
     def token_experts(self, fmt: str | None, kernel: str | None, experts: list[tuple[dict, dict]], group_size: int,
                       dtype: torch.dtype):
-        """A callable (x [1, hidden], weights, expert ids[, shared]) -> a lone token's weighted expert sum
-        in one call, built once for a layer's experts; None where this backend has none (the experts then
+        """A callable (x [tokens, hidden], weights, expert ids[, shared]) -> each token's weighted expert sum,
+        a token's experts in one call (the layer hands it one token, or a few whose choices do not outnumber
+        the experts), built once for a layer's experts; None where this backend has none (the experts then
         run one by one)."""
         return None
 

@@ -95,7 +95,8 @@ class LLMEngine:
         self.scores_prompts = type(self.runner).step is ModelRunner.step
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.draft = make_draft(speculative, model, self.runner)
-        self.runner.keep_hidden = isinstance(self.draft, MtpDraft)
+        if isinstance(self.draft, MtpDraft):
+            self.runner.after_step = self.draft.after_step
         self.speculation = SpeculationStats()
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens,
                                    num_speculative_tokens if self.draft is not None else 0)

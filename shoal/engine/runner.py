@@ -70,30 +70,44 @@ class ModelRunner:
                            context_blocks=block_tensor, context_start=start)
         return batch, token_ids, positions, offsets
 
+    def layout_chunks(self, chunks: list[ScheduledChunk]) -> tuple[PagedBatch, list[int], list[int], list[int]]:
+        """layout() for a step's chunks, with each chunk's packed offset. A chunk carrying a draft (a decode:
+        its last token, then the draft) is laid out as one row per token, each over the context up to
+        itself: the step stays one of one token per row, which the backend's decode attention (every row's
+        keys are written before any row attends) and its step graphs take, so verifying k drafts costs a
+        replayed decode step of k + 1 rows instead of an eager chunked-prefill step."""
+        rows, firsts = [], []
+        for chunk, row in zip(chunks, chunk_rows(chunks)):
+            firsts.append(len(rows))
+            if not chunk.draft:
+                rows.append(row)
+                continue
+            table, start, ids = row
+            rows.extend((table, start + j, [token]) for j, token in enumerate(ids))
+        batch, token_ids, positions, offsets = self.layout(rows)
+        return batch, token_ids, positions, [offsets[i] for i in firsts]
+
     def step(self, chunks: list[ScheduledChunk]) -> list:
         """Run the chunks; for each, what it sampled if it completed its sequence, else None: a (token,
         logprob), or, for a chunk that carried a draft, the list of tokens it keeps (speculative.verify)."""
-        batch, token_ids, positions, offsets = self.layout(chunk_rows(chunks))
+        batch, token_ids, positions, offsets = self.layout_chunks(chunks)
         self.cache.set_batch(batch)
         with torch.inference_mode():
-            hidden = self.model(self.tensor([token_ids]), self.tensor([positions]), self.cache)[0]
+            position_tensor = self.tensor([positions])
+            hidden = self.model(self.tensor([token_ids]), position_tensor, self.cache)[0]
             for row, chunk in enumerate(chunks):
                 if chunk.seq.needs_prompt_logprobs:
                     self._prompt_logprobs(chunk, hidden, offsets[row])
                 if chunk.seq.params.pooling is not None and chunk.seq.embedding is None:
                     self._pool(chunk, hidden, offsets[row])
             results = self._sample(chunks, hidden, offsets)
-        if self.keep_hidden:
-            for chunk, offset, result in zip(chunks, offsets, results):
-                if chunk.seq.guide is not None:  # never drafted for (Scheduler._draft_room): nothing to keep
-                    continue
-                # The positions whose keys stay in the cache: the chunk, or the last token and the accepted drafts.
-                kept = len(result) if isinstance(result, list) else chunk.num_tokens
-                chunk.seq.keep_target_hidden(hidden[offset : offset + kept])
+            if self.after_step is not None:
+                self.after_step(chunks, results, hidden, token_ids, position_tensor, offsets)
         return results
 
-    # Whether each computed position's final hidden state is handed to its sequence (an MTP draft reads them).
-    keep_hidden: bool = False
+    # Called with each step's (chunks, results, final hidden states, packed token ids, positions, offsets)
+    # while its cache batch is still set: the MTP draft runs there (speculative.MtpDraft.after_step).
+    after_step = None
 
     def _sample(self, chunks: list[ScheduledChunk], hidden: torch.Tensor, offsets: list[int]) -> list:
         done = [row for row, c in enumerate(chunks) if c.completes]

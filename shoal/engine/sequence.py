@@ -61,10 +61,10 @@ class Sequence:
         self.finish_reason: str | None = None
         self.guide = None  # its grammar's matcher (shoal.engine.grammar) under structured outputs
         self.error: str | None = None  # why the engine could not generate for it (see `fail`)
-        # Speculative decoding with an MTP draft: the target's final hidden states of computed positions
-        # the draft has not yet run over, from position target_hidden_start on (see MtpDraft).
-        self.target_hidden: list[torch.Tensor] = []
-        self.target_hidden_start = 0
+        # Speculative decoding with an MTP draft: the first draft token for the next step, and the MTP
+        # module's output it came from (what a chained draft continues from; see MtpDraft).
+        self.mtp_draft: list[int] = []
+        self.mtp_state: torch.Tensor | None = None
         self.text = ""
         self.emitted = 0  # characters of text already handed to a streaming caller
         self._holdback = max((len(s) for s in params.stop), default=1) - 1
@@ -140,14 +140,8 @@ class Sequence:
         """After preemption: the cache is gone, so everything is computed again (prompt and outputs)."""
         self.num_computed = 0
         self.block_hashes.clear()
-        self.target_hidden, self.target_hidden_start = [], 0
+        self.mtp_draft, self.mtp_state = [], None
         self.status = Status.WAITING
-
-    def keep_target_hidden(self, hidden: torch.Tensor) -> None:
-        """Hold the hidden states of the positions just computed (after num_computed) for the draft."""
-        if not self.target_hidden:
-            self.target_hidden_start = self.num_computed
-        self.target_hidden.append(hidden)
 
     def to_completion(self, index: int = 0) -> CompletionOutput:
         return CompletionOutput(

@@ -120,50 +120,80 @@ class MtpDraft:
     the embedding of token p + 1 and predicts token p + 2; for k > 1 its own output stands in for the
     target's hidden state at the next position (chained, as vLLM and SGLang run it).
 
-    The module keeps a KV cache of its own (layer num_hidden_layers of the paged cache), filled for every
-    position the target computes: the runner hands over each computed position's hidden state
-    (`Sequence.target_hidden`), and each proposal first runs the module over those positions."""
+    The module keeps a KV cache of its own (layer num_hidden_layers of the paged cache). It runs right
+    after each target step (`after_step`, called by the runner) over exactly the step's rows, in the
+    step's layout, with the step's hidden states and each row's next token — now known: the prompt's, the
+    sampled one, or a verified draft's — so no layout of its own is built and nothing is held between
+    steps but each sequence's first draft token and the module's state for it (`Sequence.mtp_draft`).
+    A row past a rejected draft gets a stand-in token; its cache entries are written again when that
+    position is computed anew. Further draft tokens (k > 1) are chained in `propose`, one token per
+    sequence per link."""
 
     def __init__(self, model, runner) -> None:
         self.model, self.runner = model, runner
 
+    def after_step(self, chunks: list[ScheduledChunk], results: list, hidden: torch.Tensor, token_ids: list[int],
+                   positions: torch.Tensor, offsets: list[int]) -> None:
+        """The module over the step the runner just ran (its cache batch still set): each sequence that
+        sampled a token gets its next first draft token."""
+        vocab = self.model.config.vocab_size
+        next_ids, picks = list(token_ids), []
+        for chunk, offset, result in zip(chunks, offsets, results):
+            seq = chunk.seq
+            seq.mtp_draft, seq.mtp_state = [], None
+            ids, start = seq.all_ids, seq.num_computed
+            if isinstance(result, list):  # a verified draft: row j's next token is the j-th kept one
+                kept = [t for t, _ in result]
+                rows = chunk.num_tokens + len(chunk.draft)
+                next_ids[offset : offset + rows] = [kept[min(j, len(kept) - 1)] for j in range(rows)]
+                last = offset + len(kept) - 1
+            else:
+                n = chunk.num_tokens
+                next_ids[offset : offset + n - 1] = ids[start + 1 : start + n]
+                next_ids[offset + n - 1] = ids[start + n] if result is None else result[0]
+                last = offset + n - 1
+            if result is not None and seq.guide is None:  # it decodes next (never drafted under a grammar)
+                picks.append((seq, last))
+        # The sampler marks non-finite rows with -1 (the engine fails those requests); keep the embedding in range.
+        next_ids = [t if 0 <= t < vocab else 0 for t in next_ids]
+        out = self.model.mtp_forward(self.runner.tensor([next_ids]), hidden[None], positions, self.runner.cache)[0]
+        if not picks:
+            return
+        states = out.index_select(0, self.runner.tensor([row for _, row in picks]))
+        tokens = self.model.ops.argmax(self.model.mtp_logits(states)).tolist()
+        for i, ((seq, _), token) in enumerate(zip(picks, tokens)):
+            seq.mtp_draft, seq.mtp_state = [token], states[i : i + 1]
+
     def propose(self, chunks: list[ScheduledChunk]) -> None:
-        chunks = [c for c in chunks if c.max_draft > 0 and c.seq.target_hidden]
+        chunks = [c for c in chunks if c.max_draft > 0 and c.seq.mtp_draft]
+        for chunk in chunks:
+            chunk.draft.extend(chunk.seq.mtp_draft)
+        chunks = [c for c in chunks if c.max_draft > 1]
         if not chunks:
             return
-        rows, hidden = [], []
-        for chunk in chunks:
-            seq = chunk.seq
-            start = seq.target_hidden_start
-            pending = torch.cat(seq.target_hidden)
-            # The tokens after each pending position: all known (the last is the one sampled last step).
-            rows.append((seq.block_table, start, seq.all_ids[start + 1 : start + 1 + pending.shape[0]]))
-            hidden.append(pending)
-            seq.target_hidden, seq.target_hidden_start = [], start + pending.shape[0]
         with torch.inference_mode():
-            out, last = self._run(rows, torch.cat(hidden))
-            h = out.index_select(0, last)
-            for j in range(max(c.max_draft for c in chunks)):
+            tokens = [c.draft[0] for c in chunks]
+            h = torch.cat([c.seq.mtp_state for c in chunks])
+            for j in range(1, max(c.max_draft for c in chunks)):
+                # The next link: one token per sequence, at the position after the last draft's.
+                rows = [(c.seq.block_table, c.seq.num_computed + j - 1, [token]) for c, token in zip(chunks, tokens)]
+                h = self._run(rows, h)
                 tokens = self.model.ops.argmax(self.model.mtp_logits(h)).tolist()
                 for chunk, token in zip(chunks, tokens):
                     chunk.draft.append(token)
                 live = [i for i, c in enumerate(chunks) if j + 1 < c.max_draft]
                 if not live:
                     break
-                # The next link: one token per sequence at the position after its last accepted one.
-                rows = [(chunks[i].seq.block_table, chunks[i].seq.num_computed + j, [tokens[i]]) for i in live]
-                h, _ = self._run(rows, h.index_select(0, torch.tensor(live, device=h.device)))
-                chunks = [chunks[i] for i in live]
+                h = h.index_select(0, torch.tensor(live, device=h.device))
+                chunks, tokens = [chunks[i] for i in live], [tokens[i] for i in live]
 
-    def _run(self, rows, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The MTP module over rows (block table, first position, token ids) with the matching hidden
-        states -> its output per packed token, and the index of each row's last token."""
-        batch, token_ids, positions, offsets = self.runner.layout(rows)
+    def _run(self, rows, hidden: torch.Tensor) -> torch.Tensor:
+        """The MTP module over one-token rows (block table, position, [token id]) with the matching hidden
+        states -> its output per row (a decode step, which the backend may replay)."""
+        batch, token_ids, positions, _ = self.runner.layout(rows)
         self.runner.cache.set_batch(batch)
-        out = self.model.mtp_forward(self.runner.tensor([token_ids]), hidden[None], self.runner.tensor([positions]),
-                                     self.runner.cache)[0]
-        last = self.runner.tensor([off + len(r[2]) - 1 for off, r in zip(offsets, rows)])
-        return out, last
+        return self.model.mtp_forward(self.runner.tensor([token_ids]), hidden[None], self.runner.tensor([positions]),
+                                      self.runner.cache)[0]
 
 
 def make_draft(method: str | None, model, runner):

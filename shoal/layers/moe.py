@@ -163,12 +163,18 @@ def weighted_expert_sum(
     """Each token's routing-weighted sum of its experts' outputs, for x [tokens, hidden]: the experts'
     tokens grouped so each expert runs once on all of its rows, or a lone token's experts run straight
     on its row. expert_fn(rows, expert) -> the expert's unweighted output; shared by the dense and the
-    quantized stacked experts. one_call(dtype) -> the backend's lone-token call (Ops.token_experts: a lone
+    quantized stacked experts. one_call(dtype) -> the backend's per-token call (Ops.token_experts: each
     token's experts in one call, with the same sums as `one_token`) or None."""
-    if x.shape[0] == 1:
+    # A few tokens whose choices do not outnumber the experts (a decode step, a verified draft) read about
+    # as many expert weights token by token as grouped: the backend's per-token call takes them, so they
+    # get a lone token's bits and a recorded step can replay them.
+    if x.shape[0] == 1 or x.shape[0] * expert_ids.shape[1] <= num_experts:
         fused = one_call(x.dtype) if one_call is not None and x.device.type == "cpu" else None
         out = fused(x, weights, expert_ids) if fused is not None else None
-        return out if out is not None else one_token(x, weights, expert_ids, expert_fn)
+        if out is not None:
+            return out
+        if x.shape[0] == 1:
+            return one_token(x, weights, expert_ids, expert_fn)
     out = torch.zeros_like(x)
     for expert, tokens, token_weights in tokens_by_expert(weights, expert_ids, num_experts):
         y = expert_fn(x[tokens], expert)

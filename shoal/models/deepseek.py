@@ -227,11 +227,14 @@ class MultiTokenPredictor(DeepseekDecoderLayer):
         self.shared_head = nn.Module()
         self.shared_head.norm = RMSNorm(hidden, config.rms_norm_eps)
 
-    def predict(self, embedded: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
-                cache: ContiguousKVCache) -> torch.Tensor:
-        """Embeddings of tokens p + 1 and hidden states at p, [batch, tokens, hidden] -> the module's output."""
-        x = self.eh_proj(torch.cat([self.enorm(embedded), self.hnorm(hidden)], dim=-1))
-        return super().forward(x, positions, cache)
+    def inputs(self, embedded: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """Embeddings of tokens p + 1 and hidden states at p, [batch, tokens, hidden] -> the block's input
+        before eh_proj: [enorm(embedding); hnorm(hidden)]."""
+        return torch.cat([self.enorm(embedded), self.hnorm(hidden)], dim=-1)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: ContiguousKVCache) -> torch.Tensor:
+        """inputs() -> the module's output (eh_proj, then the decoder block)."""
+        return super().forward(self.eh_proj(x), positions, cache)
 
 
 class DeepseekModel(nn.Module):
@@ -277,7 +280,18 @@ class DeepseekForCausalLM(CausalLM):
                     cache: ContiguousKVCache) -> torch.Tensor:
         """The MTP module at `positions` over tokens p + 1 and the hidden states at p -> its output states."""
         cache.begin_forward(positions, self.sliding_window)
-        return self.mtp.predict(self.model.embed_tokens(token_ids), hidden, positions, cache)
+        x = self.mtp.inputs(self.model.embed_tokens(token_ids), hidden)
+        step = cache.decode_attention()
+        if step is not None and self.capture_decode:
+            # One token per row (MtpDraft lays its rows out so): recorded and replayed as the target's decode
+            # steps are, in graphs of the module's own.
+            if self._mtp_graphs is None:
+                self._mtp_graphs = self.ops.step_graphs() or False
+            if self._mtp_graphs:
+                return self._mtp_graphs(cache, x, step, lambda h: self.mtp(h, positions, cache))
+        return self.mtp(x, positions, cache)
+
+    _mtp_graphs = None
 
     def mtp_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The MTP module's output -> logits for the token after next (the shared head)."""

@@ -52,6 +52,29 @@ def test_speculative_greedy_tokens_equal_plain_decoding_alone_and_in_a_batch_of_
     assert spec.engine.block_manager.num_used_blocks == 0
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_verification_and_mtp_steps_are_replayed_like_decode_steps(dtype):
+    """A verification step lays each draft token out as a row of its own (one token per row), and the MTP
+    module runs over the step's own rows: both are decode steps the CPU backend records and replays.
+    The bundled demo model (DeepSeek-V3 with a trained MTP layer), batch 1, k = 1 and 2."""
+    from shoal.backends.cpu import experts, fused
+
+    if not (fused.available() and experts.available()):
+        pytest.skip("the CPU kernels cannot be built here (no C compiler), so nothing is replayed")
+    prompt = "The os module provides a portable way of using operating system dependent functionality."
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    expected = LLM(dtype=dtype, progress=False).generate(prompt, params)[0].token_ids
+    for k in (1, 2):
+        spec = LLM(dtype=dtype, progress=False, speculative="mtp", num_speculative_tokens=k)
+        assert spec.generate(prompt, params)[0].token_ids == expected
+        model = spec.engine.model
+        target, mtp = model._step_graphs, model._mtp_graphs
+        if dtype == "float32" and not target:
+            pytest.skip("float32 decode steps are not recorded here (no packed MKL sgemm)")
+        assert target.replays[k + 1] > 0, (dict(target.replays), target.refused)  # verifications: k + 1 rows
+        assert sum(mtp.replays.values()) > 0, (dict(mtp.replays), mtp.refused)
+
+
 @pytest.mark.parametrize("name,method", [("llama", "ngram"), ("deepseek-v3-mtp", "mtp")])
 def test_speculative_greedy_tokens_survive_preemption_and_prefix_caching(checkpoint, name, method):
     path, _ = checkpoint(name)

@@ -73,21 +73,25 @@ def _batched(experts, x, weights, expert_ids):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("quant", [None, "int4", "int8"])
-def test_one_token_experts_equal_the_batched_path(checkpoint, dtype, quant):
-    """Batch-1 decode runs a lone token's experts straight on its row; the sum equals the grouped path's."""
+@pytest.mark.parametrize("tokens", [1, 2])
+def test_token_by_token_experts_equal_the_batched_path(checkpoint, dtype, quant, tokens):
+    """A decode step (one token, or a few whose choices do not outnumber the experts: a verified draft)
+    runs each token's experts straight on its row; the sums equal the grouped path's."""
     path, _ = checkpoint("deepseek-v2-lite")
     model, _, _ = build_model(path, get_backend("cpu"), torch.device("cpu"), dtype, progress=False, quant=quant,
                               quant_group_size=32 if quant == "int4" else None)
     moe = next(layer.mlp for layer in model.model.layers if isinstance(layer.mlp, MoE))
+    assert tokens * moe.gate.cfg.top_k <= moe.experts.num_experts  # the token-by-token path's condition
     g = torch.Generator().manual_seed(3)
-    x = torch.randn(1, moe.gate.weight.shape[1], generator=g).to(dtype)
+    x = torch.randn(tokens, moe.gate.weight.shape[1], generator=g).to(dtype)
     weights, expert_ids = moe.gate(x)
     with torch.no_grad():
-        lone = moe.experts(x, weights, expert_ids)
+        by_token = moe.experts(x, weights, expert_ids)
         batched = _batched(moe.experts, x, weights, expert_ids)
-    assert torch.equal(lone, batched)
+    assert torch.equal(by_token, batched)
     load = moe.expert_load.clone()
     with torch.no_grad():
         moe(x[None])
     assert (moe.expert_load - load).sum() == expert_ids.numel()
-    assert ((moe.expert_load - load)[expert_ids[0]] == 1).all()
+    if tokens == 1:
+        assert ((moe.expert_load - load)[expert_ids[0]] == 1).all()

@@ -1,6 +1,6 @@
-"""A lone token's MoE experts in one C call (csrc/experts.c), for batch-1 decode of DeepSeek-style models:
+"""A token's MoE experts in one C call (csrc/experts.c), for the decode steps of DeepSeek-style models:
 every chosen expert's gate_up, SiLU, down and the weighted sum in one call where torch would make a
-dozen. The CPU backend hands `TokenExperts` out through Ops.token_experts; the experts' layers
+dozen (a few tokens: one call each). The CPU backend hands `TokenExperts` out through Ops.token_experts; the experts' layers
 (shoal/layers/moe.py, shoal/quant/layers.py) call it for a lone token. Each product is the kernel the
 layer's own matmul runs for that row (csrc/gemv.c), so the sums are the bits of the expert-by-expert path.
 
@@ -119,19 +119,24 @@ class TokenExperts:
 
     def __call__(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor,
                  shared: tuple[WeightDescriptor, WeightDescriptor] | None = None, threads: int | None = None) -> torch.Tensor | None:
-        """x [1, hidden] (contiguous, this layer's dtype), weights float32 [1, top_k], expert_ids [1, top_k]
-        -> the weighted sum [1, hidden], plus the shared experts' gated MLP (gate_up, down) where given; or
-        None where the inputs are not ones the call takes."""
-        if x.shape[0] != 1 or weights.dtype != torch.float32 or expert_ids.dtype != torch.int64 \
-                or expert_ids.shape[1] > 64 or x.dtype not in cpu_ops.DTYPES or not x.is_contiguous():
+        """x [tokens, hidden] (contiguous, this layer's dtype), weights float32 [tokens, top_k], expert_ids
+        [tokens, top_k] -> each token's weighted sum [tokens, hidden], plus the shared experts' gated MLP
+        (gate_up, down) where given; or None where the inputs are not ones the call takes. One C call per
+        token (a few tokens: a decode step's, a verified draft's), each the lone-token sum, so a token gets
+        the same bits alone and beside others, and a recorded step replays them all."""
+        if weights.dtype != torch.float32 or expert_ids.dtype != torch.int64 or expert_ids.shape[1] > 64 \
+                or x.dtype not in cpu_ops.DTYPES or not x.is_contiguous() or x.dim() != 2:
             return None
         weights, expert_ids = weights.contiguous(), expert_ids.contiguous()
         out = torch.empty_like(x)
         shared_gate_up, shared_down = (ctypes.addressof(shared[0]), ctypes.addressof(shared[1])) if shared else (None, None)
         lib = _library()
-        _check(call(lib.shoal_moe_token, "shoal_moe_token",
-                    ctypes.addressof(self.gate_up), ctypes.addressof(self.down), self.num_experts, expert_ids.shape[1],
-                    expert_ids.data_ptr(), weights.data_ptr(), shared_gate_up, shared_down, x.data_ptr(), x.shape[1],
-                    self.inter, out.data_ptr(), cpu_ops.DTYPES[x.dtype], threads or torch.get_num_threads(),
-                    keep=(x, weights, expert_ids, out)), "MoE token step")
+        row, top_k = x.shape[1] * x.element_size(), expert_ids.shape[1]
+        for t in range(x.shape[0]):
+            _check(call(lib.shoal_moe_token, "shoal_moe_token",
+                        ctypes.addressof(self.gate_up), ctypes.addressof(self.down), self.num_experts, top_k,
+                        expert_ids.data_ptr() + t * top_k * 8, weights.data_ptr() + t * top_k * 4, shared_gate_up,
+                        shared_down, x.data_ptr() + t * row, x.shape[1], self.inter, out.data_ptr() + t * row,
+                        cpu_ops.DTYPES[x.dtype], threads or torch.get_num_threads(),
+                        keep=(x, weights, expert_ids, out)), "MoE token step")
         return out
