@@ -13,7 +13,9 @@
    rarely hits; the demo model's row of the same method shows it on real text.
 
 Every configuration is loaded side by side and run in alternating rounds (load from other processes hits
-them alike); figures are medians over rounds of output tokens / wall time of the whole batch. Each run
+them alike); figures are medians over rounds of output tokens / wall time of the whole batch, and the
+decode steps' share: the tokens after the first over the wall time less that of the same prompts
+generating one token (prefix-cached as in the whole run). Each run
 checks that its tokens equal plain decoding's.
 """
 
@@ -82,17 +84,26 @@ def compare(configs: dict, prompts, new_tokens: int, rounds: int, label: str, al
     for llm in configs.values():
         run(llm, [prompts[0][:16]], 4, True)  # warm-up: the decode step's capture
     speeds = {name: [] for name in configs}
+    decode = {name: [] for name in configs}
     figures, tokens = {}, {}
     for _ in range(rounds):
         for name, llm in configs.items():
+            # The prompt and first token alone (prefix-cached as in the whole run): what the decode steps add.
+            first, _, _ = run(llm, prompts, 1, alone)
             speed, toks, fig = run(llm, prompts, new_tokens, alone)
             speeds[name].append(speed)
+            total = sum(map(len, toks))
+            wall, wall_first = total / speed, len(prompts) / first
+            decode[name].append((total - len(prompts)) / max(wall - wall_first, 1e-9))
             figures[name], tokens[name] = fig, toks
     base = statistics.median(speeds["none"])
+    base_decode = statistics.median(decode["none"])
     rows = []
     for name in configs:
         median = statistics.median(speeds[name])
+        median_decode = statistics.median(decode[name])
         row = {"workload": label, "config": name, "output_tok_s": round(median, 2), "vs_none": round(median / base, 3),
+               "decode_tok_s": round(median_decode, 2), "decode_vs_none": round(median_decode / base_decode, 3),
                "same_tokens_as_none": tokens[name] == tokens["none"]}
         if figures[name]:
             row.update(acceptance_rate=round(figures[name]["spec_acceptance_rate"], 3),
@@ -114,6 +125,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "shoal-bench"))
     ap.add_argument("--skip-llama", action="store_true", help="leave out the ~0.5B n-gram workload")
     ap.add_argument("--skip-demo", action="store_true", help="leave out the demo model's workloads")
+    ap.add_argument("--dtype", default=None, help="the models' dtype (default: the backend's choice here)")
     ap.add_argument("--json-out", default=None)
     args = ap.parse_args(argv)
 
@@ -132,14 +144,15 @@ def main(argv=None) -> int:
 
         path = str(build_llama(Path(args.cache_dir)))
         kv = 256 << 20  # two ~2 GB float32 models side by side: keep the KV pools small
-        llama = {"none": LLM(path, progress=False, kv_cache_memory=kv),
+        kw = {"dtype": args.dtype} if args.dtype else {}
+        llama = {"none": LLM(path, progress=False, kv_cache_memory=kv, **kw),
                  "ngram k=4": LLM(path, progress=False, speculative="ngram", num_speculative_tokens=4,
-                                  kv_cache_memory=kv)}
+                                  kv_cache_memory=kv, **kw)}
         prompt = code_edit_prompt(llama["none"].tokenizer, 1024)
         rows += compare(llama, [prompt], args.new_tokens, args.rounds, "~0.5B random Llama, batch 1, code-edit prompt",
                         alone=True)
     if args.json_out:
-        result = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "new_tokens": args.new_tokens,
+        result = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "dtype": args.dtype, "new_tokens": args.new_tokens,
                   "prompt_len": args.prompt_len, "rounds": args.rounds, "rows": rows}
         Path(args.json_out).write_text(json.dumps(result, indent=2) + "\n")
     return 0
@@ -148,14 +161,15 @@ def main(argv=None) -> int:
 def demo_workloads(args) -> list[dict]:
     from shoal import LLM
 
+    kw = {"dtype": args.dtype} if args.dtype else {}
     demo = {
-        "none": LLM(progress=False),
-        "mtp k=1": LLM(progress=False, speculative="mtp", num_speculative_tokens=1),
-        "mtp k=2": LLM(progress=False, speculative="mtp", num_speculative_tokens=2),
-        "ngram k=4": LLM(progress=False, speculative="ngram", num_speculative_tokens=4),
-        # The verification and the draft run eagerly (only a one-token decode step is recorded and
-        # replayed): this row separates what speculation saves from what the replay saves.
-        "none, eager": LLM(progress=False, enforce_eager=True),
+        "none": LLM(progress=False, **kw),
+        "mtp k=1": LLM(progress=False, speculative="mtp", num_speculative_tokens=1, **kw),
+        "mtp k=2": LLM(progress=False, speculative="mtp", num_speculative_tokens=2, **kw),
+        "mtp k=3": LLM(progress=False, speculative="mtp", num_speculative_tokens=3, **kw),
+        "ngram k=4": LLM(progress=False, speculative="ngram", num_speculative_tokens=4, **kw),
+        # Every step eager: this row separates what the replay saves from what speculation saves.
+        "none, eager": LLM(progress=False, enforce_eager=True, **kw),
     }
     tokenizer = demo["none"].tokenizer
     held_out = held_out_prompts(tokenizer, max(args.requests, args.batch), args.prompt_len)
@@ -163,7 +177,7 @@ def demo_workloads(args) -> list[dict]:
     rows = compare(demo, held_out[: args.requests], args.new_tokens, args.rounds,
                    "demo model, batch 1, held-out docstrings", alone=True)
     if args.batch:
-        rows += compare({k: demo[k] for k in ("none", "mtp k=1", "mtp k=2")}, held_out[: args.batch],
+        rows += compare({k: demo[k] for k in ("none", "mtp k=1", "mtp k=2", "mtp k=3")}, held_out[: args.batch],
                         args.new_tokens, args.rounds, f"demo model, batch {args.batch}, held-out docstrings",
                         alone=False)
     return rows

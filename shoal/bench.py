@@ -56,6 +56,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     bench.add_argument("--speculative", default=None, choices=["ngram", "mtp"],
                        help="speculative decoding (see `shoal generate --help`); acceptance is reported")
     bench.add_argument("--num-speculative-tokens", type=int, default=None, help="draft tokens per step")
+    bench.add_argument("--speculative-max-batch", type=int, default=8,
+                       help="draft only while at most this many sequences run (default 8; 0: at any batch size)")
     bench.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
     bench.add_argument("--json-out", default=None, metavar="FILE", help="also write the results as JSON to FILE")
     serving = bench.add_argument_group("serving load (with --serve-url; the flags above are for the offline mode "
@@ -191,7 +193,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if getattr(args, name, None) is not None:
             raise InvalidRequestError(f"--{name.replace('_', '-')} applies only with --serve-url")
     options = {"kv_cache_dtype": args.kv_cache_dtype, "speculative": args.speculative,
-               "num_speculative_tokens": args.num_speculative_tokens}
+               "num_speculative_tokens": args.num_speculative_tokens,
+               "speculative_max_batch": args.speculative_max_batch or None}
     if args.max_num_seqs is not None:
         options["max_num_seqs"] = args.max_num_seqs
     llm = LLM(args.model, device=args.device, dtype=args.dtype, **options)

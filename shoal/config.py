@@ -52,6 +52,10 @@ class EngineConfig:
     # DeepSeek multi-token-prediction module); draft tokens per step, None: 4 for ngram, 2 for mtp.
     speculative: str | None = None
     num_speculative_tokens: int | None = None
+    # Draft only while at most this many sequences run (vLLM's speculative_disable_by_batch_size): past it a
+    # CPU step is bound by the rows it computes, not the weights it reads, and verifying k + 1 rows per
+    # sequence costs more than it saves (BENCHMARKS.md, speculative decoding). None: always draft.
+    speculative_max_batch: int | None = 8
 
     def __post_init__(self) -> None:
         from shoal.quant.plan import check_quant_options
@@ -100,6 +104,9 @@ class EngineConfig:
             self.num_speculative_tokens = 4 if self.speculative == "ngram" else 2
         if not 1 <= self.num_speculative_tokens <= 16:
             raise InvalidRequestError(f"num_speculative_tokens must be 1 to 16, got {self.num_speculative_tokens}")
+        if self.speculative_max_batch is not None and self.speculative_max_batch < 1:
+            raise InvalidRequestError("speculative_max_batch must be at least 1 (None: draft at any batch size), "
+                                      f"got {self.speculative_max_batch}")
         if self.parallel.enabled:
             raise InvalidRequestError("speculative decoding runs on one device for now; drop --tp / --ep / --pp "
                                       "or --speculative")

@@ -105,6 +105,7 @@ class LLM:
             parallel=self.parallel,
             speculative=self.config.speculative,
             num_speculative_tokens=self.config.num_speculative_tokens,
+            speculative_max_batch=self.config.speculative_max_batch,
         )
 
     def _start_parallel(self) -> None:

@@ -47,6 +47,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                              "checkpoint's DeepSeek multi-token-prediction module (mtp), verified in one forward")
     parser.add_argument("--num-speculative-tokens", type=positive_int, default=None,
                         help="draft tokens per step under --speculative (default 4 for ngram, 2 for mtp)")
+    parser.add_argument("--speculative-max-batch", type=int, default=8,
+                        help="draft only while at most this many sequences run (default 8; 0: at any batch size)")
     add_quant_options(parser)
     add_parallel_arguments(parser)
 
@@ -59,4 +61,5 @@ def llm_options(args: argparse.Namespace) -> dict:
                 kv_cache_dtype=args.kv_cache_dtype, quant=args.quant, quant_group_size=args.group_size,
                 cpu_kernels=args.cpu_kernels, cpu_isa=args.cpu_isa, enforce_eager=args.enforce_eager,
                 speculative=args.speculative, num_speculative_tokens=args.num_speculative_tokens,
+                speculative_max_batch=args.speculative_max_batch or None,
                 **parallel_kwargs(args))

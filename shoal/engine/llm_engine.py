@@ -75,9 +75,11 @@ class LLMEngine:
         parallel=None,
         speculative: str | None = None,
         num_speculative_tokens: int = 0,
+        speculative_max_batch: int | None = None,
     ) -> None:
         """`parallel`: rank 0's handle on a split model (shoal.parallel.driver.Driver), else None.
-        `speculative`: "ngram" or "mtp" (shoal.engine.speculative), with `num_speculative_tokens` drafts."""
+        `speculative`: "ngram" or "mtp" (shoal.engine.speculative), with `num_speculative_tokens` drafts
+        while at most `speculative_max_batch` sequences run (None: at any batch size)."""
         self.model, self.tokenizer = model, tokenizer
         self.eos_token_ids, self.max_model_len = eos_token_ids, max_model_len
         if parallel is None:
@@ -99,7 +101,7 @@ class LLMEngine:
             self.runner.after_step = self.draft.after_step
         self.speculation = SpeculationStats()
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens,
-                                   num_speculative_tokens if self.draft is not None else 0)
+                                   num_speculative_tokens if self.draft is not None else 0, speculative_max_batch)
         self.sequences: dict[str, Sequence] = {}
         self.grammars = GrammarCompiler(tokenizer, eos_token_ids, model.config.vocab_size)  # structured outputs
         self.depth = getattr(self.runner, "depth", 1)  # micro-batches in flight (pipeline stages)
@@ -165,6 +167,7 @@ class LLMEngine:
         if not chunks:
             return []
         if self.draft is not None:
+            self.draft.active = self.scheduler.drafting
             self.draft.propose([c for c in chunks if c.max_draft])
         try:
             results = self.runner.step(chunks)

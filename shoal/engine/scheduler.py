@@ -33,9 +33,11 @@ class ScheduledChunk:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
-                 num_speculative_tokens: int = 0):
+                 num_speculative_tokens: int = 0, speculative_max_batch: int | None = None):
         self.blocks = block_manager
         self.num_speculative_tokens = num_speculative_tokens
+        self.speculative_max_batch = speculative_max_batch
+        self.drafting = False  # whether this step's decoding sequences may carry drafts (see schedule)
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -73,7 +75,7 @@ class Scheduler:
     def _draft_room(self, seq: Sequence, n: int, budget: int) -> int:
         """Draft tokens a decoding sequence may carry this step: as many as asked, within its max_tokens, the
         step's budget and the free blocks (speculation never preempts anyone)."""
-        if not self.num_speculative_tokens or n != 1 or seq.num_computed + 1 != seq.num_tokens or seq.guide is not None:
+        if not self.drafting or n != 1 or seq.num_computed + 1 != seq.num_tokens or seq.guide is not None:
             return 0
         k = min(self.num_speculative_tokens, seq.max_output - len(seq.output_ids) - 1, budget - 1)
         if k <= 0 or not self.blocks.grow(seq.block_table, seq.num_tokens + k):
@@ -85,6 +87,8 @@ class Scheduler:
         with a step still in flight are left out and never preempted."""
         budget = self.max_num_batched_tokens
         limit = max_chunks or self.max_num_seqs
+        cap = self.speculative_max_batch
+        self.drafting = bool(self.num_speculative_tokens) and (cap is None or len(self.running) <= cap)
         chunks: list[ScheduledChunk] = []
         preempted = False
         for seq in list(self.running):

@@ -95,7 +95,9 @@ def verify(logits: torch.Tensor, seqs: list[Sequence], drafts: list[list[int]], 
 
 class NgramDraft:
     """Prompt lookup: find the latest earlier occurrence of the sequence's last n tokens (n from
-    `max_n` down to `min_n`, the longest that matches wins) and propose the tokens that followed it."""
+    `max_n` down to `min_n`, the longest that matches wins) and propose the tokens that followed it.
+    Where those run into the sequence's end, the copy goes on over what it has just proposed (an
+    overlapping copy, as in LZ77): a sequence in a loop of period p gets k tokens of the loop, not p."""
 
     def __init__(self, min_n: int = 1, max_n: int = 4) -> None:
         self.min_n, self.max_n = min_n, max_n
@@ -111,7 +113,10 @@ class NgramDraft:
             suffix = ids[-n:]
             for start in range(len(ids) - n - 1, -1, -1):  # latest first; the suffix itself excluded
                 if ids[start : start + n] == suffix:
-                    return ids[start + n : start + n + k]
+                    out: list[int] = []
+                    for pos in range(start + n, start + n + k):
+                        out.append(ids[pos] if pos < len(ids) else out[pos - len(ids)])
+                    return out
         return []
 
 
@@ -131,11 +136,19 @@ class MtpDraft:
 
     def __init__(self, model, runner) -> None:
         self.model, self.runner = model, runner
+        # False while the scheduler drafts for nobody (speculative_max_batch): the module is not run
+        # either, and drafting resumes a step after it is back (the positions computed meanwhile are not
+        # in the module's cache, which only lowers acceptance).
+        self.active = True
 
     def after_step(self, chunks: list[ScheduledChunk], results: list, hidden: torch.Tensor, token_ids: list[int],
                    positions: torch.Tensor, offsets: list[int]) -> None:
         """The module over the step the runner just ran (its cache batch still set): each sequence that
         sampled a token gets its next first draft token."""
+        if not self.active:
+            for chunk in chunks:
+                chunk.seq.mtp_draft, chunk.seq.mtp_state = [], None
+            return
         vocab = self.model.config.vocab_size
         next_ids, picks = list(token_ids), []
         for chunk, offset, result in zip(chunks, offsets, results):

@@ -40,7 +40,8 @@ CASES = [("llama", "ngram", 4), ("deepseek-v3-mtp", "mtp", 2)]
 def test_speculative_greedy_tokens_equal_plain_decoding_alone_and_in_a_batch_of_32(checkpoint, name, method, k):
     path, _ = checkpoint(name)
     plain = LLM(str(path), dtype="float32", progress=False)
-    spec = LLM(str(path), dtype="float32", progress=False, speculative=method, num_speculative_tokens=k)
+    spec = LLM(str(path), dtype="float32", progress=False, speculative=method, num_speculative_tokens=k,
+               speculative_max_batch=None)  # draft at every batch size: the batch of 32 carries drafts too
     batch = repetitive_prompts(32)
     params = params_for(batch)
     expected = [out.token_ids for out in plain.generate(batch, params)]
@@ -50,6 +51,16 @@ def test_speculative_greedy_tokens_equal_plain_decoding_alone_and_in_a_batch_of_
     stats = spec.engine.speculation
     assert stats.num_drafts > 20 and stats.num_accepted_tokens > 0
     assert spec.engine.block_manager.num_used_blocks == 0
+
+
+def test_prompt_lookup_proposes_the_longest_latest_match_and_continues_a_loop():
+    from shoal.engine.speculative import NgramDraft
+
+    draft = NgramDraft(min_n=1, max_n=4)
+    assert draft.lookup([1, 2, 3, 9, 1, 2, 3, 4, 5, 1, 2, 3], 2) == [4, 5]  # latest occurrence of [1, 2, 3]
+    assert draft.lookup([5, 6, 7, 5, 6, 7, 5], 4) == [6, 7, 5, 6]  # runs into the end: copies on, period 3
+    assert draft.lookup([8, 4, 4, 4], 3) == [4, 4, 4]  # a one-token loop: k tokens, not one
+    assert draft.lookup([1, 2, 3], 3) == [] and draft.lookup([1, 2, 1], 0) == []
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -87,11 +98,35 @@ def test_speculative_greedy_tokens_survive_preemption_and_prefix_caching(checkpo
     per_block = PagedKVCache.bytes_per_block(layers, plain.engine.block_manager.block_size,
                                              plain.model.cache_entry_shapes(), torch.float32, None)
     spec = LLM(str(path), dtype="float32", progress=False, speculative=method, num_speculative_tokens=3,
-               kv_cache_memory=per_block * 12)
+               kv_cache_memory=per_block * 12, speculative_max_batch=None)
     assert spec.engine.block_manager.num_blocks == 12  # 192 tokens for 14 sequences of up to 76
     assert [out.token_ids for out in spec.generate(batch, params)] == expected
     assert spec.engine.scheduler.num_preemptions > 0
     assert spec.engine.block_manager.num_used_blocks == 0
+
+
+@pytest.mark.parametrize("name,method", [("llama", "ngram"), ("deepseek-v3-mtp", "mtp")])
+def test_no_drafts_past_speculative_max_batch_and_the_same_tokens(checkpoint, name, method):
+    """Past speculative_max_batch running sequences nobody drafts (nor does the MTP module run); once the
+    batch shrinks to it, drafting resumes; the tokens are plain decoding's throughout."""
+    path, _ = checkpoint(name)
+    batch = repetitive_prompts(6, seed=4)
+    params = [SamplingParams(temperature=0, max_tokens=6 + 8 * (i == 0), ignore_eos=True) for i in range(6)]
+    expected = [out.token_ids for out in LLM(str(path), dtype="float32", progress=False).generate(batch, params)]
+    spec = LLM(str(path), dtype="float32", progress=False, speculative=method, speculative_max_batch=2)
+    drafted_at = []
+    step = spec.engine.runner.step
+
+    def counting(chunks):
+        drafted_at.append((len(spec.engine.scheduler.running), sum(bool(c.draft) for c in chunks)))
+        return step(chunks)
+
+    spec.engine.runner.step = counting
+    assert [out.token_ids for out in spec.generate(batch, params)] == expected
+    assert all(drafts == 0 for running, drafts in drafted_at if running > 2)
+    assert any(drafts > 0 for running, drafts in drafted_at if running <= 2)  # the long one, left alone
+    with pytest.raises(Exception, match="speculative_max_batch"):
+        LLM(str(path), progress=False, speculative=method, speculative_max_batch=0)
 
 
 def test_stop_strings_max_tokens_and_n_with_a_draft(checkpoint):
