@@ -165,16 +165,15 @@ def weighted_expert_sum(
     on its row. expert_fn(rows, expert) -> the expert's unweighted output; shared by the dense and the
     quantized stacked experts. one_call(dtype) -> the backend's per-token call (Ops.token_experts: each
     token's experts in one call, with the same sums as `one_token`) or None."""
-    # A few tokens whose choices do not outnumber the experts (a decode step, a verified draft) read about
-    # as many expert weights token by token as grouped: the backend's per-token call takes them, so they
-    # get a lone token's bits and a recorded step can replay them.
-    if x.shape[0] == 1 or x.shape[0] * expert_ids.shape[1] <= num_experts:
-        fused = one_call(x.dtype) if one_call is not None and x.device.type == "cpu" else None
-        out = fused(x, weights, expert_ids) if fused is not None else None
-        if out is not None:
-            return out
-        if x.shape[0] == 1:
-            return one_token(x, weights, expert_ids, expert_fn)
+    # The backend's call (Ops.token_experts) takes a step's tokens in one go where it can — token by
+    # token while their choices do not outnumber the experts, grouped by expert beyond — with this
+    # function's bits, so a recorded decode step replays the experts at any batch size.
+    fused = one_call(x.dtype) if one_call is not None and x.device.type == "cpu" else None
+    out = fused(x, weights, expert_ids) if fused is not None else None
+    if out is not None:
+        return out
+    if x.shape[0] == 1:
+        return one_token(x, weights, expert_ids, expert_fn)
     out = torch.zeros_like(x)
     for expert, tokens, token_weights in tokens_by_expert(weights, expert_ids, num_experts):
         y = expert_fn(x[tokens], expert)

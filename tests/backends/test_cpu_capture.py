@@ -55,15 +55,16 @@ def replays_here(name: str, dtype: str, seqs: int, kernels: str) -> bool:
     """Where every operation of such a step is one of shoal's kernels on this CPU, so the step must replay:
     the Llama family (Qwen3's per-head norms included) at up to 8 rows, on the matrix-vector
     kernels where they are chosen (kernels "shoal", or "auto" where they run vectorized; else aten
-    multiplies and the step stays eager) or on float32 weights packed for MKL; DeepSeek-V2-Lite's lone
-    token likewise (its routers in C, V3's grouped one too; its float32 experts packed for MKL), and so
-    Qwen3-MoE's and Mixtral's. Qwen2-MoE's sigmoid-gated shared expert is torch's (Ops.sigmoid_gate has no
-    C kernel), so its steps run eagerly."""
+    multiplies and the step stays eager) or on float32 weights packed for MKL; DeepSeek-V2-Lite's and
+    V3's steps likewise (their routers in C, V3's grouped one too; their routed experts in C, token by
+    token or grouped by expert; float32 experts packed for MKL), and so Qwen3-MoE's and Mixtral's.
+    Qwen2-MoE's sigmoid-gated shared expert is torch's (Ops.sigmoid_gate has no C kernel), so its steps
+    run eagerly."""
     shoal_matmuls = kernels == "shoal" or gemv.vectorized()
     if name in ("llama", "qwen2", "qwen3", "mistral"):
         return (dtype == "float32" or shoal_matmuls) and seqs <= 8
     moe = name.startswith("deepseek") or name in ("qwen3-moe", "mixtral")
-    return moe and (dtype == "float32" or shoal_matmuls) and seqs == 1
+    return moe and (dtype == "float32" or shoal_matmuls) and seqs <= 8
 
 
 CASES = [("bfloat16", None), ("bfloat16", "int8"), ("bfloat16", "int4"), ("float32", None)]

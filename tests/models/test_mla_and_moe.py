@@ -73,22 +73,36 @@ def _batched(experts, x, weights, expert_ids):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("quant", [None, "int4", "int8"])
-@pytest.mark.parametrize("tokens", [1, 2])
+@pytest.mark.parametrize("tokens", [1, 2, 24])
 def test_token_by_token_experts_equal_the_batched_path(checkpoint, dtype, quant, tokens):
     """A decode step (one token, or a few whose choices do not outnumber the experts: a verified draft)
-    runs each token's experts straight on its row; the sums equal the grouped path's."""
+    runs each token's experts straight on its row; more tokens run grouped by expert in one C call. The
+    sums equal the grouped torch path's — bit for bit where both multiply with the same kernel (float32:
+    MKL's packed sgemm; up to 8 rows per expert: gemv), else within bf16 rounding."""
     path, _ = checkpoint("deepseek-v2-lite")
     model, _, _ = build_model(path, get_backend("cpu"), torch.device("cpu"), dtype, progress=False, quant=quant,
                               quant_group_size=32 if quant == "int4" else None)
     moe = next(layer.mlp for layer in model.model.layers if isinstance(layer.mlp, MoE))
-    assert tokens * moe.gate.cfg.top_k <= moe.experts.num_experts  # the token-by-token path's condition
     g = torch.Generator().manual_seed(3)
     x = torch.randn(tokens, moe.gate.weight.shape[1], generator=g).to(dtype)
     weights, expert_ids = moe.gate(x)
     with torch.no_grad():
         by_token = moe.experts(x, weights, expert_ids)
         batched = _batched(moe.experts, x, weights, expert_ids)
-    assert torch.equal(by_token, batched)
+    from shoal.backends.cpu import gemv
+
+    most_rows = int(torch.bincount(expert_ids.flatten()).max())
+    if (dtype == torch.float32 and quant is None) or most_rows <= 8:
+        assert torch.equal(by_token, batched)
+    else:  # the grouped torch path multiplies many rows with another kernel (oneDNN, a dequantized matmul)
+        torch.testing.assert_close(by_token.float(), batched.float(), rtol=0.05, atol=0.05)
+    if dtype == torch.bfloat16 and (most_rows <= 8 or not gemv.rows_kernels_available()):
+        # bf16 rows through gemv (8 a call, activations quantized per row): each token's bits as when alone.
+        # (float32's MKL sgemm and float-activation gemv may sum differently for another row count.)
+        with torch.no_grad():
+            alone = torch.cat([moe.experts(x[i : i + 1], weights[i : i + 1], expert_ids[i : i + 1])
+                               for i in range(tokens)])
+        assert torch.equal(by_token, alone)
     load = moe.expert_load.clone()
     with torch.no_grad():
         moe(x[None])

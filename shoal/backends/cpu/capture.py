@@ -36,6 +36,7 @@ OPS = {
     "shoal_mla_decode_attention": 5, "shoal_moe_route": 6, "shoal_gemv_bf16": 7, "shoal_gemv_int8": 8,
     "shoal_gemv_int4": 9, "shoal_matmul_rows_bf16": 10, "shoal_matmul_rows_int8": 11,
     "shoal_matmul_rows_int4": 12, "shoal_moe_token": 13, "cblas_sgemm_compute": 14, "shoal_head_rms_norm": 15,
+    "shoal_moe_tokens": 16,
 }
 # Which arguments are pointers (relocated into the arena when they point into a step's intermediate).
 _POINTER_ARGS = {name: {i for i, t in enumerate(SIGNATURES[name]) if t is ctypes.c_void_p}

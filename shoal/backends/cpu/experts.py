@@ -123,7 +123,9 @@ class TokenExperts:
         [tokens, top_k] -> each token's weighted sum [tokens, hidden], plus the shared experts' gated MLP
         (gate_up, down) where given; or None where the inputs are not ones the call takes. One C call per
         token (a few tokens: a decode step's, a verified draft's), each the lone-token sum, so a token gets
-        the same bits alone and beside others, and a recorded step replays them all."""
+        the same bits alone and beside others, and a recorded step replays them all. More tokens (their
+        choices outnumber the experts) go in one call grouped by expert (shoal_moe_tokens): the bits of
+        the grouped torch path (layers/moe.py), each expert's weights read once."""
         if weights.dtype != torch.float32 or expert_ids.dtype != torch.int64 or expert_ids.shape[1] > 64 \
                 or x.dtype not in cpu_ops.DTYPES or not x.is_contiguous() or x.dim() != 2:
             return None
@@ -132,6 +134,17 @@ class TokenExperts:
         shared_gate_up, shared_down = (ctypes.addressof(shared[0]), ctypes.addressof(shared[1])) if shared else (None, None)
         lib = _library()
         row, top_k = x.shape[1] * x.element_size(), expert_ids.shape[1]
+        if x.shape[0] * top_k > self.num_experts and shared is None:
+            # More choices than experts: grouped by expert, each expert's weights read once for all its rows;
+            # up to ROWS_MAX tokens (a decode step's; a prompt's keep the layer's own matmuls).
+            if x.shape[0] > cpu_gemv.ROWS_MAX:
+                return None
+            _check(call(lib.shoal_moe_tokens, "shoal_moe_tokens",
+                        ctypes.addressof(self.gate_up), ctypes.addressof(self.down), self.num_experts, x.shape[0],
+                        top_k, expert_ids.data_ptr(), weights.data_ptr(), x.data_ptr(), x.shape[1], self.inter,
+                        out.data_ptr(), cpu_ops.DTYPES[x.dtype], threads or torch.get_num_threads(),
+                        keep=(x, weights, expert_ids, out)), "MoE experts step")
+            return out
         for t in range(x.shape[0]):
             _check(call(lib.shoal_moe_token, "shoal_moe_token",
                         ctypes.addressof(self.gate_up), ctypes.addressof(self.down), self.num_experts, top_k,

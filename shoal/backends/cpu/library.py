@@ -59,6 +59,7 @@ SIGNATURES: dict[str, list] = {
     "shoal_experts_use_amx": [_i32],
     "shoal_experts_use_sgemm": [_p],
     "shoal_moe_token": [_p, _p, _i64, _i64, _p, _p, _p, _p, _p, _i64, _i64, _p, _i32, _i32],
+    "shoal_moe_tokens": [_p, _p, _i64, _i64, _i64, _p, _p, _p, _i64, _i64, _p, _i32, _i32],
     # replay.c
     "shoal_replay": [_p, _i64],
 }

@@ -31,6 +31,7 @@ enum {
     OP_MOE_TOKEN = 13,
     OP_SGEMM_PACKED = 14,
     OP_HEAD_RMS_NORM = 15,
+    OP_MOE_TOKENS = 16,
 };
 
 /* MKL's cblas_sgemm_compute, as torch's library exports it (its address is the call's first argument). */
@@ -99,6 +100,9 @@ static int run(int64_t kind, int64_t nargs, const int64_t *a) {
         if (nargs != 14) return 1;
         return shoal_moe_token(P(0), P(1), I(2), I(3), P(4), P(5), P(6), P(7), P(8), I(9), I(10), P(11), INT(12),
                                INT(13));
+    case OP_MOE_TOKENS:
+        if (nargs != 13) return 1;
+        return shoal_moe_tokens(P(0), P(1), I(2), I(3), I(4), P(5), P(6), P(7), I(8), I(9), P(10), INT(11), INT(12));
     case OP_SGEMM_PACKED: {
         if (nargs != 14 || !a[0]) return 1;
         const SgemmCompute compute = (SgemmCompute)P(0);

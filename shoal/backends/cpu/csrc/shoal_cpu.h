@@ -75,13 +75,18 @@ int shoal_moe_route(const void *x, int act_bf16, int64_t tokens, int64_t hidden,
                     int64_t topk_groups, int group_mode, float *weights, int64_t *ids, int64_t *load, int nthreads);
 
 
-/* ---- experts.c: a lone token's MoE experts in one call ---- */
+/* ---- experts.c: a token's MoE experts in one call; a batch's, grouped by expert ---- */
 void shoal_experts_use_amx(int amx);
 void shoal_experts_use_sgemm(void *compute);
 int shoal_moe_token(const ShoalWeight *gate_up, const ShoalWeight *down, int64_t num_experts, int64_t count,
                     const int64_t *expert_ids, const float *weights, const ShoalWeight *shared_gate_up,
                     const ShoalWeight *shared_down, const void *x, int64_t hidden, int64_t inter, void *out,
                     int dtype, int threads);
+
+/* A batch of tokens' routed experts, grouped by expert: each chosen expert runs once over all of its rows. */
+int shoal_moe_tokens(const ShoalWeight *gate_up, const ShoalWeight *down, int64_t num_experts, int64_t tokens,
+                     int64_t top_k, const int64_t *expert_ids, const float *weights, const void *x, int64_t hidden,
+                     int64_t inter, void *out, int dtype, int threads);
 
 /* ---- replay.c: a recorded list of the calls above, run in one call ---- */
 int shoal_replay(const int64_t *ops, int64_t count);
