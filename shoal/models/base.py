@@ -52,13 +52,18 @@ class CausalLM(nn.Module):
         """
         cache.begin_forward(positions, self.sliding_window)
         x = self.model.embed_tokens(token_ids)
+        return self.decode_step("_step_graphs", cache, x, lambda h: self.decoder(h, positions, cache))
+
+    def decode_step(self, graphs: str, cache: ContiguousKVCache, x: torch.Tensor, forward) -> torch.Tensor:
+        """forward(x); a decode step through the backend's step graphs held in attribute `graphs` (made at
+        the first decode step: None not yet, False the backend has none), which may replay it."""
         step = cache.decode_attention()
         if step is not None and self.capture_decode:
-            if self._step_graphs is None:
-                self._step_graphs = self.ops.step_graphs() or False
-            if self._step_graphs:
-                return self._step_graphs(cache, x, step, lambda h: self.decoder(h, positions, cache))
-        return self.decoder(x, positions, cache)
+            if getattr(self, graphs) is None:
+                setattr(self, graphs, self.ops.step_graphs() or False)
+            if getattr(self, graphs):
+                return getattr(self, graphs)(cache, x, step, forward)
+        return forward(x)
 
     def decoder(self, x: torch.Tensor, positions: torch.Tensor, cache: ContiguousKVCache) -> torch.Tensor:
         """The decoder layers and the final norm over the embeddings x."""

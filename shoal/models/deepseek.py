@@ -281,15 +281,9 @@ class DeepseekForCausalLM(CausalLM):
         """The MTP module at `positions` over tokens p + 1 and the hidden states at p -> its output states."""
         cache.begin_forward(positions, self.sliding_window)
         x = self.mtp.inputs(self.model.embed_tokens(token_ids), hidden)
-        step = cache.decode_attention()
-        if step is not None and self.capture_decode:
-            # One token per row (MtpDraft lays its rows out so): recorded and replayed as the target's decode
-            # steps are, in graphs of the module's own.
-            if self._mtp_graphs is None:
-                self._mtp_graphs = self.ops.step_graphs() or False
-            if self._mtp_graphs:
-                return self._mtp_graphs(cache, x, step, lambda h: self.mtp(h, positions, cache))
-        return self.mtp(x, positions, cache)
+        # One token per row (MtpDraft lays its rows out so): recorded and replayed as the target's decode
+        # steps are, in graphs of the module's own.
+        return self.decode_step("_mtp_graphs", cache, x, lambda h: self.mtp(h, positions, cache))
 
     _mtp_graphs = None
 
