@@ -104,10 +104,9 @@ class Ops:
 
     def token_experts(self, fmt: str | None, kernel: str | None, experts: list[tuple[dict, dict]], group_size: int,
                       dtype: torch.dtype):
-        """A callable (x [tokens, hidden], weights, expert ids[, shared]) -> each token's weighted expert sum,
-        a token's experts in one call (the layer hands it one token, or a few whose choices do not outnumber
-        the experts), built once for a layer's experts; None where this backend has none (the experts then
-        run one by one)."""
+        """A callable (x [tokens, hidden], weights, expert ids[, shared]) -> each token's weighted expert sum
+        (or None for inputs it does not take), the step's experts in as few calls as the backend can, built
+        once for a layer's experts; None where this backend has none (the experts then run one by one)."""
         return None
 
     # ---- capture ---------------------------------------------------------------------------------

@@ -96,12 +96,12 @@ class LLMEngine:
         # split model's) does not yet.
         self.scores_prompts = type(self.runner).step is ModelRunner.step
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
-        self.draft = make_draft(speculative, model, self.runner)
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens,
+                                   num_speculative_tokens if speculative is not None else 0, speculative_max_batch)
+        self.draft = make_draft(speculative, model, self.runner, self.scheduler)
         if isinstance(self.draft, MtpDraft):
             self.runner.after_step = self.draft.after_step
         self.speculation = SpeculationStats()
-        self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens,
-                                   num_speculative_tokens if self.draft is not None else 0, speculative_max_batch)
         self.sequences: dict[str, Sequence] = {}
         self.grammars = GrammarCompiler(tokenizer, eos_token_ids, model.config.vocab_size)  # structured outputs
         self.depth = getattr(self.runner, "depth", 1)  # micro-batches in flight (pipeline stages)
@@ -167,7 +167,6 @@ class LLMEngine:
         if not chunks:
             return []
         if self.draft is not None:
-            self.draft.active = self.scheduler.drafting
             self.draft.propose([c for c in chunks if c.max_draft])
         try:
             results = self.runner.step(chunks)

@@ -134,18 +134,16 @@ class MtpDraft:
     position is computed anew. Further draft tokens (k > 1) are chained in `propose`, one token per
     sequence per link."""
 
-    def __init__(self, model, runner) -> None:
-        self.model, self.runner = model, runner
-        # False while the scheduler drafts for nobody (speculative_max_batch): the module is not run
-        # either, and drafting resumes a step after it is back (the positions computed meanwhile are not
-        # in the module's cache, which only lowers acceptance).
-        self.active = True
+    def __init__(self, model, runner, scheduler) -> None:
+        self.model, self.runner, self.scheduler = model, runner, scheduler
 
     def after_step(self, chunks: list[ScheduledChunk], results: list, hidden: torch.Tensor, token_ids: list[int],
                    positions: torch.Tensor, offsets: list[int]) -> None:
         """The module over the step the runner just ran (its cache batch still set): each sequence that
-        sampled a token gets its next first draft token."""
-        if not self.active:
+        sampled a token gets its next first draft token. While the scheduler drafts for nobody
+        (speculative_max_batch) the module does not run either; drafting resumes a step after it is back
+        (the positions computed meanwhile are not in the module's cache, which only lowers acceptance)."""
+        if not self.scheduler.drafting:
             for chunk in chunks:
                 chunk.seq.mtp_draft, chunk.seq.mtp_state = [], None
             return
@@ -209,11 +207,11 @@ class MtpDraft:
                                       self.runner.cache)[0]
 
 
-def make_draft(method: str | None, model, runner):
+def make_draft(method: str | None, model, runner, scheduler):
     if method is None:
         return None
     if method == "ngram":
         return NgramDraft()
     if method == "mtp":
-        return MtpDraft(model, runner)
+        return MtpDraft(model, runner, scheduler)
     raise ValueError(f"speculative method must be one of {', '.join(SPECULATIVE_METHODS)}, got {method!r}")

@@ -163,8 +163,8 @@ def weighted_expert_sum(
     """Each token's routing-weighted sum of its experts' outputs, for x [tokens, hidden]: the experts'
     tokens grouped so each expert runs once on all of its rows, or a lone token's experts run straight
     on its row. expert_fn(rows, expert) -> the expert's unweighted output; shared by the dense and the
-    quantized stacked experts. one_call(dtype) -> the backend's per-token call (Ops.token_experts: each
-    token's experts in one call, with the same sums as `one_token`) or None."""
+    quantized stacked experts. one_call(dtype) -> the backend's call (Ops.token_experts: the step's
+    experts with the same sums as `one_token` / the grouped loop below) or None."""
     # The backend's call (Ops.token_experts) takes a step's tokens in one go where it can — token by
     # token while their choices do not outnumber the experts, grouped by expert beyond — with this
     # function's bits, so a recorded decode step replays the experts at any batch size.

@@ -1,8 +1,9 @@
-"""A token's MoE experts in one C call (csrc/experts.c), for the decode steps of DeepSeek-style models:
-every chosen expert's gate_up, SiLU, down and the weighted sum in one call where torch would make a
-dozen (a few tokens: one call each). The CPU backend hands `TokenExperts` out through Ops.token_experts; the experts' layers
-(shoal/layers/moe.py, shoal/quant/layers.py) call it for a lone token. Each product is the kernel the
-layer's own matmul runs for that row (csrc/gemv.c), so the sums are the bits of the expert-by-expert path.
+"""A decode step's MoE experts in C (csrc/experts.c), for DeepSeek-style models: a token's chosen experts'
+gate_up, SiLU, down and the weighted sum in one call where torch would make a dozen (a few tokens: one
+call each), or a batch's grouped by expert in one call. The CPU backend hands `TokenExperts` out through
+Ops.token_experts; the experts' layers (shoal/layers/moe.py, shoal/quant/layers.py) call it for a step's
+tokens. Each product is the kernel the layer's own matmul runs for those rows (csrc/gemv.c), so the sums
+are the bits of the expert-by-expert path wherever that path multiplies with the same kernel.
 
 `weight_descriptor` says how the C side reads one weight: csrc/shoal_cpu.h's ShoalWeight, mirrored here
 as `WeightDescriptor`.
@@ -124,8 +125,8 @@ class TokenExperts:
         (gate_up, down) where given; or None where the inputs are not ones the call takes. One C call per
         token (a few tokens: a decode step's, a verified draft's), each the lone-token sum, so a token gets
         the same bits alone and beside others, and a recorded step replays them all. More tokens (their
-        choices outnumber the experts) go in one call grouped by expert (shoal_moe_tokens): the bits of
-        the grouped torch path (layers/moe.py), each expert's weights read once."""
+        choices outnumber the experts) go in one call grouped by expert (shoal_moe_tokens): the grouped
+        torch path's sums in its order (layers/moe.py), each expert's weights read once."""
         if weights.dtype != torch.float32 or expert_ids.dtype != torch.int64 or expert_ids.shape[1] > 64 \
                 or x.dtype not in cpu_ops.DTYPES or not x.is_contiguous() or x.dim() != 2:
             return None
