@@ -4,7 +4,9 @@ test_serve_ray): start it, gather what it prints, wait until it is healthy, stop
 from __future__ import annotations
 
 import os
+import random
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -21,9 +23,28 @@ BOUND_S = 15  # a failure must reach the client, /health and the exit code withi
 
 
 def free_port() -> int:
-    from shoal.parallel.executor import free_port as free
+    """A port free now and unlikely to be taken before the server binds it, minutes later.
 
-    return free()
+    A port from bind(("", 0)) lies in the kernel's ephemeral range, which every outgoing connection (Ray's
+    workers talking to their head, the collectives' stores) also draws from: one of them took such a port
+    between the test choosing it and the server binding it. So choose below that range, above Ray's
+    worker ports (10002-19999), and check that it binds."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    candidates = list(range(20000, low))
+    random.shuffle(candidates)
+    for port in candidates[:200]:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    from shoal.parallel.executor import free_port as ephemeral
+
+    return ephemeral()
 
 
 def serve(path: Path, port: int, *extra: str, env: dict | None = None, collective_timeout: float = 20) -> subprocess.Popen:
