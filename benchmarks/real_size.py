@@ -557,6 +557,12 @@ def main(argv=None) -> int:
     bandwidth = measure_bandwidth(CpuBackend())
     base = Path(args.dir)
     rows = []
+
+    def save() -> None:  # after every row, so a run cut short keeps what it measured
+        if args.json_out:
+            Path(args.json_out).write_text(json.dumps({"cpu": cpu, "threads": args.threads, "bandwidth_gbps": bandwidth,
+                                                       "rows": rows}, indent=1))
+
     for name in args.only.split(","):
         cfg, shard_bytes = MODELS[name]
         cfg = dict(cfg)
@@ -569,20 +575,21 @@ def main(argv=None) -> int:
         write_checkpoint(name, cfg, folder, int(args.shard_gib * GIB) if args.shard_gib else shard_bytes)
         for quant in args.quants.split(","):
             rows.append(measure(label, "shoal", folder, quant, args, bandwidth))
+            save()
         gguf_path = None
         if cfg["model_type"] == "llama" and ensure_llama_cpp(args.llama_cpp_sdist):
             gguf_path = write_q4_k_m(folder, args.threads)
             rows.append(measure(label, "shoal", gguf_path, None, args, bandwidth))
+            save()
             rows.append(measure(label, "llama.cpp", gguf_path, None, args, bandwidth))
+            save()
         if not args.keep:
             shutil.rmtree(folder)
             if gguf_path is not None:
                 gguf_path.unlink()
     print()
     print(table(rows, bandwidth, cpu, args.threads))
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps({"cpu": cpu, "threads": args.threads, "bandwidth_gbps": bandwidth,
-                                                   "rows": rows}, indent=1))
+    save()
     return 0
 
 

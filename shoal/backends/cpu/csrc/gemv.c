@@ -326,15 +326,36 @@ INLINE void int4_block(const uint8_t *wb, const Int4Groups *g, int64_t r, const 
     }
 }
 
+/* Per 128 inputs of float32 activations (xm at the block's first input), as given: the 64 weight bytes
+ * nibbles widened to floats (each byte's low one an input of the first 64-input half, its high one of the
+ * second) and multiplied against the activations 16 at a time; each group's sum (one per half for groups
+ * of 64 or more, which never straddle the halves; two for groups of 32) times its scale, added to acc[h]. */
+INLINE void int4_block_f32(const uint8_t *wb, const Int4Groups *g, int64_t r, const float *xm, int64_t k,
+                           const int sb, const int g32, F16 *acc) {
+    const int gs = g->group_shift;
+    F16 u[2][4]; /* [half][16-input chunk] */
+    for (int c = 0; c < 4; c++) f16_from_u4(wb + 16 * c, &u[0][c], &u[1][c]);
+    for (int h = 0; h < 2; h++) {
+        const int64_t k0 = k + 64 * h;
+        const float *x = xm + 64 * h;
+        const F16 sa = f16_set1(load_value(g->scale, r + (k0 >> gs), sb));
+        const F16 pa = f16_fma(u[h][1], f16_load(x + 16), f16_mul(u[h][0], f16_load(x)));
+        const F16 pc = f16_fma(u[h][3], f16_load(x + 48), f16_mul(u[h][2], f16_load(x + 32)));
+        if (g32) acc[h] = f16_fma(pc, f16_set1(load_value(g->scale, r + k0 / 32 + 1, sb)), f16_fma(pa, sa, acc[h]));
+        else acc[h] = f16_fma(f16_add(pa, pc), sa, acc[h]);
+    }
+}
+
 /* Four consecutive int4 weight rows (from w, row_bytes apart; their scales at row offsets r + j G)
- * against one quantized activation row: dots[j], each the bits dot_int4_impl gives for it with mb = 1
+ * against one activation row (quantized where q->xq is set, else the float32 xf as given): dots[j], each
+ * the bits dot_int4_impl gives for it with mb = 1
  * (the same operations in the same order), but one pass shares the activation's loads among the four,
  * reduces them together, and keeps four independent streams of work in flight. Batch-1 decode's rows
  * are short (a 1024-input row is 8 blocks), so the per-row reduction and call overhead counted: about
  * a fifth of the single-row kernel's time in an ad-hoc perf profile. */
 INLINE void dot_int4_x4_impl(const uint8_t *w, int64_t row_bytes, const Int4Groups *g, int64_t r, int64_t G,
-                             const QuantizedRows *q, const float *xsum, int64_t K, const int sb, const int g32,
-                             float *dots) {
+                             const float *xf, const QuantizedRows *q, const float *xsum, int64_t K, const int sb,
+                             const int g32, float *dots) {
     F16 acc[4][2];
     for (int j = 0; j < 4; j++) {
         zero_terms(g, r + j * G, xsum, G, 1, sb, &acc[j][1]);
@@ -344,19 +365,20 @@ INLINE void dot_int4_x4_impl(const uint8_t *w, int64_t row_bytes, const Int4Grou
         for (int j = 0; j < 4; j++) {
             const uint8_t *wj = w + j * row_bytes + k / 2;
             SHOAL_PREFETCH((const char *)wj + X4_AHEAD * row_bytes); /* X4_AHEAD rows on */
-            int4_block(wj, g, r + j * G, q->xq, q->lane_scale, k, sb, g32, acc[j]);
+            if (q->xq) int4_block(wj, g, r + j * G, q->xq, q->lane_scale, k, sb, g32, acc[j]);
+            else int4_block_f32(wj, g, r + j * G, xf + k, k, sb, g32, acc[j]);
         }
     f16_sum4(f16_add(acc[0][0], acc[0][1]), f16_add(acc[1][0], acc[1][1]), f16_add(acc[2][0], acc[2][1]),
              f16_add(acc[3][0], acc[3][1]), dots);
 }
 
 static void dot_int4_x4(const uint8_t *w, int64_t row_bytes, const Int4Groups *g, int64_t r, int64_t G,
-                        const QuantizedRows *q, const float *xsum, int64_t K, float *dots) {
+                        const float *xf, const QuantizedRows *q, const float *xsum, int64_t K, float *dots) {
     switch ((g->scale_bf16 ? 2 : 0) + (g->group == 32 ? 1 : 0)) {
-    case 0: dot_int4_x4_impl(w, row_bytes, g, r, G, q, xsum, K, 0, 0, dots); break;
-    case 1: dot_int4_x4_impl(w, row_bytes, g, r, G, q, xsum, K, 0, 1, dots); break;
-    case 2: dot_int4_x4_impl(w, row_bytes, g, r, G, q, xsum, K, 1, 0, dots); break;
-    default: dot_int4_x4_impl(w, row_bytes, g, r, G, q, xsum, K, 1, 1, dots); break;
+    case 0: dot_int4_x4_impl(w, row_bytes, g, r, G, xf, q, xsum, K, 0, 0, dots); break;
+    case 1: dot_int4_x4_impl(w, row_bytes, g, r, G, xf, q, xsum, K, 0, 1, dots); break;
+    case 2: dot_int4_x4_impl(w, row_bytes, g, r, G, xf, q, xsum, K, 1, 0, dots); break;
+    default: dot_int4_x4_impl(w, row_bytes, g, r, G, xf, q, xsum, K, 1, 1, dots); break;
     }
 }
 
@@ -383,32 +405,13 @@ INLINE void dot_int4_impl(const uint8_t *w, const Int4Groups *g, int64_t r, cons
         for (int m = 0; m < mb; m++) dots[m] = f16_sum(f16_add(acc[m][0], acc[m][1]));
         return;
     }
-    for (int m = 0; m < mb; m++) { /* float32 activations, as given: plain C, the same on every ISA */
-        const float *xm = xf + m * K;
-        float d = 0.0f;
-        for (int64_t k = 0; k < K; k += 128) {
-            const uint8_t *bytes = w + k / 2;
-            if (!g32) {
-                float lo = 0.0f, hi = 0.0f;
-                /* groups of 64 or more never straddle the two 64-input halves of a 128 block */
-                for (int i = 0; i < 64; i++) {
-                    lo += (float)(bytes[i] & 0x0F) * xm[k + i];
-                    hi += (float)(bytes[i] >> 4) * xm[k + 64 + i];
-                }
-                d += lo * load_value(g->scale, r + (k >> gs), sb) + hi * load_value(g->scale, r + ((k + 64) >> gs), sb);
-            } else {
-                for (int part = 0; part < 4; part++) {
-                    float s = 0.0f;
-                    for (int i = 0; i < 32; i++) {
-                        int j = (part % 2) * 32 + i;
-                        s += (float)(part < 2 ? bytes[j] & 0x0F : bytes[j] >> 4) * xm[k + part * 32 + i];
-                    }
-                    d += s * load_value(g->scale, r + (k + part * 32) / 32, sb);
-                }
-            }
-        }
-        dots[m] = d + f16_sum(t[m]); /* + sum_g (zero - 8 * scale) * xsum */
+    F16 acc[ROW_BLOCK][2]; /* float32 activations, as given */
+    for (int m = 0; m < mb; m++) acc[m][0] = f16_zero(), acc[m][1] = t[m];
+    for (int64_t k = 0; k < K; k += 128) {
+        SHOAL_PREFETCH((const char *)(w + k / 2) + PREFETCH);
+        for (int m = 0; m < mb; m++) int4_block_f32(w + k / 2, g, r, xf + m * K + k, k, sb, g32, acc[m]);
     }
+    for (int m = 0; m < mb; m++) dots[m] = f16_sum(f16_add(acc[m][0], acc[m][1]));
 }
 
 /* Dispatch on the constants the inner loop branches on: rows, bf16 scales, group 32. */
@@ -464,12 +467,12 @@ int shoal_gemv_int4(const void *x, int act_bf16, int64_t M, int64_t K, const uin
         group_sums(xf + m * K, &qm, K, group, xsum + m * G);
     }
     const Int4Groups groups = {scale, zero, scale_bf16, group, shift};
-    if (M == 1 && q.xq) { /* batch-1 decode: four weight rows at a time (the same bits as one at a time) */
+    if (M == 1) { /* batch-1 decode: four weight rows at a time (the same bits as one at a time) */
 #pragma omp parallel for schedule(static) num_threads(threads)
         for (int64_t n = 0; n < N; n += 4) {
             float dots[4];
             if (n + 4 <= N) {
-                dot_int4_x4(w + (size_t)n * (size_t)(K / 2), K / 2, &groups, n * G, G, &q, xsum, K, dots);
+                dot_int4_x4(w + (size_t)n * (size_t)(K / 2), K / 2, &groups, n * G, G, xf, &q, xsum, K, dots);
                 for (int j = 0; j < 4; j++) store_value(y, n + j, dots[j], act_bf16);
             } else {
                 for (int64_t r = n; r < N; r++) {
@@ -582,10 +585,11 @@ int shoal_gemv_many(const GemvWeight *const *weights, const void *const *xs, voi
                 const uint16_t *xb = act_bf16 ? (const uint16_t *)xs[j] : NULL;
                 const Int4Groups groups = {w->scale, w->zero, (int)w->scale_bf16, w->group, group_shift(w->group)};
                 int64_t r = r0;
-                if (w->kind == 2 && src->q.xq) /* four rows at a time where they fit (the same bits) */
+                if (w->kind == 2) /* four rows at a time where they fit (the same bits) */
                     for (float dots[4]; r + 4 <= r1; r += 4) {
                         dot_int4_x4((const uint8_t *)w->weight + (size_t)r * (size_t)(K / 2), K / 2, &groups,
-                                    r * (K >> groups.group_shift), K >> groups.group_shift, &src->q, in[j].xsum, K, dots);
+                                    r * (K >> groups.group_shift), K >> groups.group_shift, src->xf, &src->q,
+                                    in[j].xsum, K, dots);
                         for (int i = 0; i < 4; i++) store_value(ys[j], r + i, dots[i], act_bf16);
                     }
                 for (; r < r1; r++) {

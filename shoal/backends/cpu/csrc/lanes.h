@@ -65,6 +65,12 @@ INLINE F16 f16_from_bf16_n(const uint16_t *p, int n) {
 INLINE F16 f16_from_i8(const int8_t *p) {
     return (F16){_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)))};
 }
+/* the 16 bytes at p as floats 0..15: their low nibbles (lo) and their high ones (hi) */
+INLINE void f16_from_u4(const uint8_t *p, F16 *lo, F16 *hi) {
+    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
+    lo->v = _mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(0x0F)));
+    hi->v = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
+}
 INLINE F16 f16_add(F16 a, F16 b) { return (F16){_mm512_add_ps(a.v, b.v)}; }
 INLINE F16 f16_mul(F16 a, F16 b) { return (F16){_mm512_mul_ps(a.v, b.v)}; }
 INLINE F16 f16_fma(F16 a, F16 b, F16 c) { return (F16){_mm512_fmadd_ps(a.v, b.v, c.v)}; }
@@ -129,6 +135,13 @@ INLINE F16 f16_from_bf16_n(const uint16_t *p, int n) {
 INLINE F16 f16_from_i8(const int8_t *p) {
     const __m128i b = _mm_loadu_si128((const __m128i *)p);
     return (F16){_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)))};
+}
+INLINE void f16_from_u4(const uint8_t *p, F16 *lo, F16 *hi) {
+    const __m256i a = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+    const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8)));
+    const __m256i low = _mm256_set1_epi32(0x0F);
+    lo->lo = _mm256_cvtepi32_ps(_mm256_and_si256(a, low)), lo->hi = _mm256_cvtepi32_ps(_mm256_and_si256(b, low));
+    hi->lo = _mm256_cvtepi32_ps(_mm256_srli_epi32(a, 4)), hi->hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
 }
 INLINE F16 f16_add(F16 a, F16 b) { return (F16){_mm256_add_ps(a.lo, b.lo), _mm256_add_ps(a.hi, b.hi)}; }
 INLINE F16 f16_mul(F16 a, F16 b) { return (F16){_mm256_mul_ps(a.lo, b.lo), _mm256_mul_ps(a.hi, b.hi)}; }
@@ -204,6 +217,16 @@ INLINE F16 f16_from_i8(const int8_t *p) {
     return (F16){{vcvtq_f32_s32(vmovl_s16(vget_low_s16(lo))), vcvtq_f32_s32(vmovl_s16(vget_high_s16(lo))),
                   vcvtq_f32_s32(vmovl_s16(vget_low_s16(hi))), vcvtq_f32_s32(vmovl_s16(vget_high_s16(hi)))}};
 }
+INLINE void f16_from_u4(const uint8_t *p, F16 *lo, F16 *hi) {
+    const uint8x16_t bytes = vld1q_u8(p);
+    const uint8x16_t u[2] = {vandq_u8(bytes, vdupq_n_u8(0x0F)), vshrq_n_u8(bytes, 4)};
+    F16 *out[2] = {lo, hi};
+    for (int h = 0; h < 2; h++) {
+        const uint16x8_t a = vmovl_u8(vget_low_u8(u[h])), b = vmovl_u8(vget_high_u8(u[h]));
+        out[h]->v[0] = vcvtq_f32_u32(vmovl_u16(vget_low_u16(a))), out[h]->v[1] = vcvtq_f32_u32(vmovl_u16(vget_high_u16(a)));
+        out[h]->v[2] = vcvtq_f32_u32(vmovl_u16(vget_low_u16(b))), out[h]->v[3] = vcvtq_f32_u32(vmovl_u16(vget_high_u16(b)));
+    }
+}
 INLINE F16 f16_add(F16 a, F16 b) { for (int j = 0; j < 4; j++) a.v[j] = vaddq_f32(a.v[j], b.v[j]); return a; }
 INLINE F16 f16_mul(F16 a, F16 b) { for (int j = 0; j < 4; j++) a.v[j] = vmulq_f32(a.v[j], b.v[j]); return a; }
 /* c + a b, one rounding: as fmaf */
@@ -269,6 +292,9 @@ INLINE F16 f16_from_bf16_n(const uint16_t *p, int n) {
     return r;
 }
 INLINE F16 f16_from_i8(const int8_t *p) { F16 r; for (int i = 0; i < 16; i++) r.l[i] = (float)p[i]; return r; }
+INLINE void f16_from_u4(const uint8_t *p, F16 *lo, F16 *hi) {
+    for (int i = 0; i < 16; i++) lo->l[i] = (float)(p[i] & 0x0F), hi->l[i] = (float)(p[i] >> 4);
+}
 INLINE F16 f16_add(F16 a, F16 b) { for (int i = 0; i < 16; i++) a.l[i] += b.l[i]; return a; }
 INLINE F16 f16_mul(F16 a, F16 b) { for (int i = 0; i < 16; i++) a.l[i] *= b.l[i]; return a; }
 INLINE F16 f16_fma(F16 a, F16 b, F16 c) { for (int i = 0; i < 16; i++) c.l[i] = fmaf(a.l[i], b.l[i], c.l[i]); return c; }
