@@ -42,9 +42,10 @@ class Factors:
     # step, and a CPU matmul library prepares its kernels afresh for each new count.
     prefill_expert_us: float = 0.0
     decode_expert_us: float = 0.0
-    # Fixed cost per MoE layer per forward step when the experts are spread over chips (ep > 1): the
-    # dispatch and combine collectives' launch, synchronisation and round trip, paid however few
-    # tokens move (it is what keeps a small expert-parallel decode batch from getting faster).
+    # Fixed cost per MoE layer per forward step when the experts are spread over chips (ep > 1), beyond
+    # the dispatch and combine themselves (those pay the stack's published latency plus their bytes over
+    # the link, see Chip.ep_dispatch_latency_us): routing, permutation, grouped-GEMM launches, waiting
+    # for the slowest rank. Fitted; not yet tied to a published figure.
     ep_layer_us: float = 0.0
     # Share of the dense matmuls' efficiency that grouped routed-expert matmuls reach.
     expert_efficiency: float = 1.0
