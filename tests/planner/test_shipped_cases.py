@@ -50,8 +50,8 @@ def test_shipped_fit_errors_and_holdouts():
     for row in rows:
         assert set(row["predicted"]) == set(row["measured"])
         if row["role"] == "fit":  # held-out cases may miss by more (B200 DeepSeek-R1 FP4 does, today)
-            # DeepSeek's H800 prefill figure (a 24-hour average with cache hits) is the worst fit, at +36%
-            assert abs(row["error"][row["primary"]]) <= 0.40, row["name"]
+            # the worst fit is TensorRT-LLM's Llama-3.3-70B FP4 on one B200, at +25%
+            assert abs(row["error"][row["primary"]]) <= 0.30, row["name"]
     assert report["summary"]["fitted"]["median"] <= 0.15
     assert report["summary"]["holdout"]["n"] >= 5 and report["summary"]["holdout"]["median"] <= 0.20
     fitted = [p for p in report["provenance"] if p["fitted"]]
