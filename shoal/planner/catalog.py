@@ -18,7 +18,8 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
 
 BUILTIN_CATALOG = Path(__file__).with_name("catalog.toml")
 REQUIRED = ("bf16_tflops", "memory_gb", "memory_bw_gbps", "scaleup_gbps", "scaleup_domain", "scaleout_gbps", "power_w")
-OPTIONAL = ("fp8_tflops", "int8_tops", "fp4_tflops", "system_power_w", "price_per_hour")
+OPTIONAL = ("fp8_tflops", "int8_tops", "fp4_tflops", "system_power_w", "price_per_hour", "ep_dispatch_latency_us",
+            "ep_combine_latency_us")
 KINDS = ("official", "estimate", "measured")
 THIS_MACHINE = "this"
 
@@ -41,6 +42,12 @@ class Chip:
     fp4_tflops: float | None = None
     system_power_w: float | None = None
     price_per_hour: float | None = None
+    # Fixed latency of one expert-parallel dispatch and one combine (the stack's kernels: their launch,
+    # the signalling round trip between all ranks), paid however few tokens move; the bytes then move at
+    # the link's rate. Derived from a published kernel time at a known message size (that time minus its
+    # bytes over the link); unset: the fabric's start-up latency alone (cost.SCALEUP/SCALEOUT_LATENCY_S).
+    ep_dispatch_latency_us: float | None = None
+    ep_combine_latency_us: float | None = None
     family: str = "other"  # software stack (nvidia, ascend, cpu, ...): chips of one family share fitted factors
     sources: dict[str, tuple[str, str]] = field(default_factory=dict)  # figure -> (kind, source)
     efficiency: dict[str, float] = field(default_factory=dict)  # calibrated factors for this chip, if any

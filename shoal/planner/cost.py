@@ -42,9 +42,10 @@ class Factors:
     # step, and a CPU matmul library prepares its kernels afresh for each new count.
     prefill_expert_us: float = 0.0
     decode_expert_us: float = 0.0
-    # Fixed cost per MoE layer per forward step when the experts are spread over chips (ep > 1): the
-    # dispatch and combine collectives' launch, synchronisation and round trip, paid however few
-    # tokens move (it is what keeps a small expert-parallel decode batch from getting faster).
+    # Fixed cost per MoE layer per forward step when the experts are spread over chips (ep > 1), beyond
+    # the dispatch and combine themselves (those pay the stack's published latency plus their bytes over
+    # the link, see Chip.ep_dispatch_latency_us): routing, permutation, grouped-GEMM launches, waiting
+    # for the slowest rank. Fitted; not yet tied to a published figure.
     ep_layer_us: float = 0.0
     # Share of the dense matmuls' efficiency that grouped routed-expert matmuls reach.
     expert_efficiency: float = 1.0
@@ -203,16 +204,19 @@ def all_to_all_copies(chip: Chip, group: int, phase: str, topk: int) -> tuple[fl
 
 
 def _link_time(chip: Chip, factors: Factors, group: int, nbytes_remote: float,
-               share_out: float | None = None) -> float:
+               share_out: float | None = None, latency_us: float | None = None) -> float:
     """Seconds to move `nbytes_remote` from one chip to the other members of a group of `group` chips
     (spread evenly unless `share_out` says which share crosses the network): the part inside the
-    scale-up domain and the part across the network run at once."""
+    scale-up domain and the part across the network run at once, after the collective's fixed latency
+    (`latency_us`, else the fabric's start-up latency)."""
     if group <= 1 or nbytes_remote <= 0:
         return 0.0
     inside = min(group, chip.scaleup_domain)
     share_in = (inside - 1) / (group - 1) if share_out is None else 1 - share_out
     t_in = nbytes_remote * share_in / (chip.scaleup_gbps * 1e9 * factors.link)
     t_out = nbytes_remote * (1 - share_in) / (chip.scaleout_gbps * 1e9 * factors.link)
+    if latency_us is not None:
+        return max(t_in, t_out) + latency_us * 1e-6
     return max(t_in, t_out) + (SCALEOUT_LATENCY_S if group > chip.scaleup_domain else SCALEUP_LATENCY_S)
 
 
@@ -317,8 +321,10 @@ def forward_cost(shape: ModelShape, dep: Deployment, factors: Factors, tokens: f
         copies, share_out = all_to_all_copies(chip, lay.stage_chips, kernels, shape.experts_per_token)
         dispatch = per_chip_tokens * copies * shape.hidden * dispatch_bytes
         combine = per_chip_tokens * copies * shape.hidden * act
-        cost.comm["ep dispatch"] = moe_layers * _link_time(chip, factors, lay.stage_chips, dispatch, share_out)
-        cost.comm["ep combine"] = moe_layers * _link_time(chip, factors, lay.stage_chips, combine, share_out)
+        cost.comm["ep dispatch"] = moe_layers * _link_time(chip, factors, lay.stage_chips, dispatch, share_out,
+                                                           chip.ep_dispatch_latency_us)
+        cost.comm["ep combine"] = moe_layers * _link_time(chip, factors, lay.stage_chips, combine, share_out,
+                                                          chip.ep_combine_latency_us)
     if pp > 1:
         send = tokens / lay.stage_chips * shape.hidden * act
         cost.comm["pp send"] = _link_time(chip, factors, 2 if lay.chips <= chip.scaleup_domain else

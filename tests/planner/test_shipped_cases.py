@@ -50,8 +50,8 @@ def test_shipped_fit_errors_and_holdouts():
     for row in rows:
         assert set(row["predicted"]) == set(row["measured"])
         if row["role"] == "fit":  # held-out cases may miss by more (B200 DeepSeek-R1 FP4 does, today)
-            # DeepSeek's H800 prefill figure (a 24-hour average with cache hits) is the worst fit, at +36%
-            assert abs(row["error"][row["primary"]]) <= 0.40, row["name"]
+            # the worst fit is TensorRT-LLM's Llama-3.3-70B FP4 on one B200, at +25%
+            assert abs(row["error"][row["primary"]]) <= 0.30, row["name"]
     assert report["summary"]["fitted"]["median"] <= 0.15
     assert report["summary"]["holdout"]["n"] >= 5 and report["summary"]["holdout"]["median"] <= 0.20
     fitted = [p for p in report["provenance"] if p["fitted"]]
@@ -97,3 +97,35 @@ def test_a_family_fits_as_many_of_its_own_factors_as_it_has_cases():
     # a dense-only family has no expert-parallel case to fit the fixed cost on
     dense = [cases["trtllm-h100-llama-3.1-8b-1k-1k"], cases["trtllm-h200-llama-3.3-70b-1k-1k"]]
     assert family_fitted("nvidia", dense, catalog) == ["prefill_compute"]
+
+
+def test_cloudmatrix_decode_rows_carry_their_published_batch_and_tpot():
+    """The CloudMatrix384 paper's decode table gives each row's batch per NPU and its measured TPOT: the
+    cases carry both (throughput = batch / TPOT, so the batch is per NPU), not the SLO as a limit to
+    search under (its 30 ms row ran batch 24 at 24.6 ms, well inside the limit)."""
+    rows = [c for c in load_cases() if c.name.startswith("cm384-decode")]
+    assert len(rows) == 5
+    for case in rows:
+        assert case.tpot_limit_ms is None and case.batch_per_chip
+        tps, tpot = case.measured["output_tok_s_per_chip"], case.measured["tpot_ms"]
+        assert tps == pytest.approx(case.batch_per_chip / (tpot / 1e3), rel=0.01), case.name
+
+
+def test_a_full_load_figure_is_fitted_and_a_daily_average_held_out():
+    cases = {c.name: c for c in load_cases()}
+    assert cases["deepseek-h800-prefill"].role == "holdout"  # a 24-hour average with cache hits
+    profile = cases["deepseek-h800-prefill-profile"]
+    assert profile.role == "fit" and profile.cache_hit_rate == 0 and profile.input_len == 4096
+
+
+def test_the_15ms_cloudmatrix_point_left_out_is_predicted_within_35_percent():
+    """The point nearest the latency floor, predicted from a fit without it (it was -99% when the rows
+    were searched under their SLO with the fixed expert-parallel cost fitted on one decode point)."""
+    from shoal.planner.validate import _sets_without, predict_with
+
+    pool = load_cases()
+    catalog = load_catalog()
+    case = next(c for c in pool if c.name == "cm384-decode-15ms")
+    got = predict_with(case, _sets_without(case, pool, catalog), catalog)["predicted"]
+    # the figure it is judged by (its TPOT is the same step, so its error is the reciprocal one)
+    assert abs(got["output_tok_s_per_chip"] / case.measured["output_tok_s_per_chip"] - 1) <= 0.35

@@ -208,3 +208,35 @@ def test_calibration_checks_serving_on_the_held_back_shape(tmp_path):
     report = calibrate(path=tmp_path / "cal.json", progress=False, runs=runs, measure=measure, chip=fake)
     serving = [r for r in report["rows"] if r["metric"].startswith("serving")]
     assert len(serving) == 1 and serving[0]["held_back"] and abs(serving[0]["error"]) < 0.05
+
+
+def _ep_layer_us(chip_key: str, chips: int, tokens_per_chip: float, quant: str) -> tuple[float, float]:
+    """One MoE layer's dispatch and combine, in us, for DeepSeek-V3 decode at `tokens_per_chip`."""
+    shape = load_shape("deepseek-v3")
+    dep = Deployment(load_catalog()[chip_key], Layout(chips, ep=chips), quant=quant)
+    cost = forward_cost(shape, dep, Factors(link=0.8), tokens=tokens_per_chip * chips, keys=0, kv_read_tokens=0,
+                        logits_tokens=0, phase="decode")
+    return (cost.comm["ep dispatch"] / shape.moe_layers * 1e6, cost.comm["ep combine"] / shape.moe_layers * 1e6)
+
+
+def test_expert_dispatch_reproduces_the_published_kernel_times():
+    """DeepEP's low-latency kernels on H800 (EP256, 128 tokens per GPU, fp8 dispatch, bf16 combine:
+    194 and 360 us, its README) and CloudMatrix384's fused operators (EP256 over dies, 128 tokens per
+    die: 152 and 149 us, its paper) come out of a fixed latency plus the bytes over the link."""
+    dispatch, combine = _ep_layer_us("h800", 256, 128, "fp8")
+    assert dispatch == pytest.approx(194, rel=0.1) and combine == pytest.approx(360, rel=0.1)
+    dispatch, combine = _ep_layer_us("cm384", 128, 256, "int8")  # a cm384 chip is one 910C: two dies
+    assert dispatch == pytest.approx(152, rel=0.05) and combine == pytest.approx(149, rel=0.05)
+
+
+def test_expert_dispatch_grows_with_tokens_from_its_fixed_latency():
+    chips = load_catalog()
+    few, many = _ep_layer_us("cm384", 160, 16, "int8"), _ep_layer_us("cm384", 160, 192, "int8")
+    assert many[0] > few[0] > chips["cm384"].ep_dispatch_latency_us
+    assert many[1] > few[1] > chips["cm384"].ep_combine_latency_us
+    # the bytes term is proportional to the tokens: 12x the tokens, 12x what is above the latency
+    assert many[0] - chips["cm384"].ep_dispatch_latency_us == pytest.approx(
+        12 * (few[0] - chips["cm384"].ep_dispatch_latency_us), rel=0.01)
+    # a stack without a published figure pays the fabric's start-up latency alone
+    assert chips["h800"].ep_dispatch_latency_us is None
+    assert _ep_layer_us("h800", 144, 1, "fp8")[0] == pytest.approx(15, abs=2)
