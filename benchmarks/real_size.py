@@ -499,7 +499,9 @@ def table(rows: list[dict], bandwidth: float, cpu: str, threads: int) -> str:
         weights = r["weights"] + (f" ({r['dtype']})" if r.get("dtype") else "")
         head = f"| {r['model']} | {r['engine']} | {weights} | {r['file_bytes'] / GIB:.1f} |"
         if "refused" in r or "error" in r:
-            lines.append(head + f" {r.get('refused') or 'failed: ' + r['error'].strip().splitlines()[-1]} |" + " |" * 11)
+            error = (r.get("error") or "").strip().splitlines()
+            why = r.get("refused") or "failed: " + (error[-1] if error else "the worker died without a word (killed: see dmesg)")
+            lines.append(head + f" {why} |" + " |" * 11)
             continue
         peer = peers.get(r["model"]) if r["engine"] == "shoal" and r["weights"] == "Q4_K_M" else None
         vs = f"{r['decode_tps'] / peer['decode_tps']:.2f}x" if peer else ""
