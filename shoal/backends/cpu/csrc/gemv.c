@@ -387,29 +387,20 @@ static void dot_int4_x4(const uint8_t *w, int64_t row_bytes, const Int4Groups *g
 INLINE void dot_int4_impl(const uint8_t *w, const Int4Groups *g, int64_t r, const float *xf, const QuantizedRows *q,
                           const float *xsum, int64_t K, const int mb, const int sb, const int g32, float *dots) {
     const int64_t G = K >> g->group_shift;
-    const int gs = g->group_shift;
     F16 t[ROW_BLOCK]; /* the zero terms */
     zero_terms(g, r, xsum, G, mb, sb, t);
-    if (q->xq) {
-        F16 acc[ROW_BLOCK][2]; /* one per half, so consecutive FMAs do not wait on each other; the zero terms
-                                * start the second: one reduction per row */
-        for (int m = 0; m < mb; m++) acc[m][0] = f16_zero(), acc[m][1] = t[m];
-        for (int64_t k = 0; k < K; k += 128) {
-            /* The weight rows of a thread are one stream: ask for the bytes PREFETCH ahead now, so that
-             * the loads overlap this compute-heavy loop (the hardware prefetcher alone leaves the
-             * 0.5B Llama's int4 decode at ~9 GB/s in an ad-hoc timing). */
-            SHOAL_PREFETCH((const char *)(w + k / 2) + PREFETCH);
-            for (int m = 0; m < mb; m++)
-                int4_block(w + k / 2, g, r, q->xq + m * K, q->lane_scale + m * (K / 4), k, sb, g32, acc[m]);
-        }
-        for (int m = 0; m < mb; m++) dots[m] = f16_sum(f16_add(acc[m][0], acc[m][1]));
-        return;
-    }
-    F16 acc[ROW_BLOCK][2]; /* float32 activations, as given */
+    F16 acc[ROW_BLOCK][2]; /* one per half, so consecutive FMAs do not wait on each other; the zero terms
+                            * start the second: one reduction per row */
     for (int m = 0; m < mb; m++) acc[m][0] = f16_zero(), acc[m][1] = t[m];
     for (int64_t k = 0; k < K; k += 128) {
+        /* The weight rows of a thread are one stream: ask for the bytes PREFETCH ahead now, so that
+         * the loads overlap this compute-heavy loop (the hardware prefetcher alone leaves the
+         * 0.5B Llama's int4 decode at ~9 GB/s in an ad-hoc timing). */
         SHOAL_PREFETCH((const char *)(w + k / 2) + PREFETCH);
-        for (int m = 0; m < mb; m++) int4_block_f32(w + k / 2, g, r, xf + m * K + k, k, sb, g32, acc[m]);
+        for (int m = 0; m < mb; m++) {
+            if (q->xq) int4_block(w + k / 2, g, r, q->xq + m * K, q->lane_scale + m * (K / 4), k, sb, g32, acc[m]);
+            else int4_block_f32(w + k / 2, g, r, xf + m * K + k, k, sb, g32, acc[m]); /* float32, as given */
+        }
     }
     for (int m = 0; m < mb; m++) dots[m] = f16_sum(f16_add(acc[m][0], acc[m][1]));
 }
