@@ -358,6 +358,15 @@ INLINE void int4_block_f32(const uint8_t *wb, const Int4Groups *g, int64_t r, co
         }
 }
 
+/* int4_block or int4_block_f32, chosen by the constant q8 (whether the activations are quantized, q->xq): xm is
+ * the float32 activations at the block's first input, read only when they are not. */
+INLINE void int4_block_rows(const uint8_t *wb, const Int4Groups *g, int64_t r, const float *xm, const QuantizedRows *q,
+                            int64_t ldx, int64_t k, const int mb, const int sb, const int g32, const int q8,
+                            F16 (*acc)[2]) {
+    if (q8) int4_block(wb, g, r, q->xq, q->lane_scale, ldx, k, mb, sb, g32, acc);
+    else int4_block_f32(wb, g, r, xm, ldx, k, mb, sb, g32, acc);
+}
+
 /* Four consecutive int4 weight rows (from w, row_bytes apart; their scales at row offsets r + j G)
  * against one activation row (quantized where q->xq is set, else the float32 xf as given): dots[j], each
  * the bits dot_int4_impl gives for it with mb = 1
@@ -367,34 +376,20 @@ INLINE void int4_block_f32(const uint8_t *wb, const Int4Groups *g, int64_t r, co
  * a fifth of the single-row kernel's time in an ad-hoc perf profile. */
 INLINE void dot_int4_x4_impl(const uint8_t *w, int64_t row_bytes, const Int4Groups *g, int64_t r, int64_t G,
                              const float *xf, const QuantizedRows *q, const float *xsum, int64_t K, const int sb,
-                             const int g32, float *dots) {
+                             const int g32, const int q8, float *dots) {
     F16 acc[4][2];
     for (int j = 0; j < 4; j++) {
         zero_terms(g, r + j * G, xsum, G, 1, sb, &acc[j][1]);
         acc[j][0] = f16_zero();
     }
     /* The four rows' accumulators must stay in registers: the row loop is unrolled (left to itself, gcc 12
-     * kept a loop over j with acc[j] in memory, a store and a reload per FMA: 0.6x the speed on a Zen 5),
-     * and the activation's kind is decided once, outside the loops. */
-    if (q->xq) {
-        const int8_t *xq = q->xq;
-        const float *ls = q->lane_scale;
-        for (int64_t k = 0; k < K; k += 128) {
+     * kept a loop over j with acc[j] in memory, a store and a reload per FMA: 0.6x the speed on a Zen 5). */
+    for (int64_t k = 0; k < K; k += 128) {
 #pragma GCC unroll 4
-            for (int j = 0; j < 4; j++) {
-                const uint8_t *wj = w + j * row_bytes + k / 2;
-                SHOAL_PREFETCH((const char *)wj + X4_AHEAD * row_bytes); /* X4_AHEAD rows on */
-                int4_block(wj, g, r + j * G, xq, ls, K, k, 1, sb, g32, &acc[j]);
-            }
-        }
-    } else {
-        for (int64_t k = 0; k < K; k += 128) {
-#pragma GCC unroll 4
-            for (int j = 0; j < 4; j++) {
-                const uint8_t *wj = w + j * row_bytes + k / 2;
-                SHOAL_PREFETCH((const char *)wj + X4_AHEAD * row_bytes);
-                int4_block_f32(wj, g, r + j * G, xf + k, K, k, 1, sb, g32, &acc[j]);
-            }
+        for (int j = 0; j < 4; j++) {
+            const uint8_t *wj = w + j * row_bytes + k / 2;
+            SHOAL_PREFETCH((const char *)wj + X4_AHEAD * row_bytes); /* X4_AHEAD rows on */
+            int4_block_rows(wj, g, r + j * G, xf + k, q, K, k, 1, sb, g32, q8, &acc[j]);
         }
     }
     f16_sum4(f16_add(acc[0][0], acc[0][1]), f16_add(acc[1][0], acc[1][1]), f16_add(acc[2][0], acc[2][1]),
@@ -403,18 +398,23 @@ INLINE void dot_int4_x4_impl(const uint8_t *w, int64_t row_bytes, const Int4Grou
 
 static void dot_int4_x4(const uint8_t *w, int64_t row_bytes, const Int4Groups *g, int64_t r, int64_t G,
                         const float *xf, const QuantizedRows *q, const float *xsum, int64_t K, float *dots) {
-    switch ((g->scale_bf16 ? 2 : 0) + (g->group == 32 ? 1 : 0)) {
-    case 0: dot_int4_x4_impl(w, row_bytes, g, r, G, xf, q, xsum, K, 0, 0, dots); break;
-    case 1: dot_int4_x4_impl(w, row_bytes, g, r, G, xf, q, xsum, K, 0, 1, dots); break;
-    case 2: dot_int4_x4_impl(w, row_bytes, g, r, G, xf, q, xsum, K, 1, 0, dots); break;
-    default: dot_int4_x4_impl(w, row_bytes, g, r, G, xf, q, xsum, K, 1, 1, dots); break;
+    switch ((q->xq ? 4 : 0) + (g->scale_bf16 ? 2 : 0) + (g->group == 32 ? 1 : 0)) {
+    case 0: dot_int4_x4_impl(w, row_bytes, g, r, G, xf, q, xsum, K, 0, 0, 0, dots); break;
+    case 1: dot_int4_x4_impl(w, row_bytes, g, r, G, xf, q, xsum, K, 0, 1, 0, dots); break;
+    case 2: dot_int4_x4_impl(w, row_bytes, g, r, G, xf, q, xsum, K, 1, 0, 0, dots); break;
+    case 3: dot_int4_x4_impl(w, row_bytes, g, r, G, xf, q, xsum, K, 1, 1, 0, dots); break;
+    case 4: dot_int4_x4_impl(w, row_bytes, g, r, G, xf, q, xsum, K, 0, 0, 1, dots); break;
+    case 5: dot_int4_x4_impl(w, row_bytes, g, r, G, xf, q, xsum, K, 0, 1, 1, dots); break;
+    case 6: dot_int4_x4_impl(w, row_bytes, g, r, G, xf, q, xsum, K, 1, 0, 1, dots); break;
+    default: dot_int4_x4_impl(w, row_bytes, g, r, G, xf, q, xsum, K, 1, 1, 1, dots); break;
     }
 }
 
 /* One int4 weight row (its scales and zeros at row offset `r`) against rows [0, mb); xsum [M, K / group]
  * holds each group's sum of the activations, for the (zero - 8 * scale) term. */
 INLINE void dot_int4_impl(const uint8_t *w, const Int4Groups *g, int64_t r, const float *xf, const QuantizedRows *q,
-                          const float *xsum, int64_t K, const int mb, const int sb, const int g32, float *dots) {
+                          const float *xsum, int64_t K, const int mb, const int sb, const int g32, const int q8,
+                          float *dots) {
     const int64_t G = K >> g->group_shift;
     F16 t[ROW_BLOCK]; /* the zero terms */
     zero_terms(g, r, xsum, G, mb, sb, t);
@@ -423,31 +423,24 @@ INLINE void dot_int4_impl(const uint8_t *w, const Int4Groups *g, int64_t r, cons
     for (int m = 0; m < mb; m++) acc[m][0] = f16_zero(), acc[m][1] = t[m];
     /* The weight rows of a thread are one stream: ask for the bytes PREFETCH ahead now, so that the loads
      * overlap this compute-heavy loop (the hardware prefetcher alone leaves the 0.5B Llama's int4 decode
-     * at ~9 GB/s in an ad-hoc timing). The activation's kind is decided once, outside the loop. */
-    if (q->xq) {
-        const int8_t *xq = q->xq;
-        const float *ls = q->lane_scale;
-        for (int64_t k = 0; k < K; k += 128) {
-            SHOAL_PREFETCH((const char *)(w + k / 2) + PREFETCH);
-            int4_block(w + k / 2, g, r, xq, ls, K, k, mb, sb, g32, acc);
-        }
-    } else {
-        for (int64_t k = 0; k < K; k += 128) { /* float32, as given */
-            SHOAL_PREFETCH((const char *)(w + k / 2) + PREFETCH);
-            int4_block_f32(w + k / 2, g, r, xf + k, K, k, mb, sb, g32, acc);
-        }
+     * at ~9 GB/s in an ad-hoc timing). */
+    for (int64_t k = 0; k < K; k += 128) {
+        SHOAL_PREFETCH((const char *)(w + k / 2) + PREFETCH);
+        int4_block_rows(w + k / 2, g, r, xf + k, q, K, k, mb, sb, g32, q8, acc);
     }
     for (int m = 0; m < mb; m++) dots[m] = f16_sum(f16_add(acc[m][0], acc[m][1]));
 }
 
-/* Dispatch on the constants the inner loop branches on: rows, bf16 scales, group 32. */
-#define DOT_INT4_CASE(MB, SB, G32) \
-    case (MB) * 4 + (SB) * 2 + (G32): dot_int4_impl(w, g, r, xf, q, xsum, K, MB, SB, G32, dots); break;
-#define DOT_INT4_ROWS(MB) DOT_INT4_CASE(MB, 0, 0) DOT_INT4_CASE(MB, 0, 1) DOT_INT4_CASE(MB, 1, 0) DOT_INT4_CASE(MB, 1, 1)
+/* Dispatch on the constants the inner loop branches on: rows, quantized activations, bf16 scales, group 32. */
+#define DOT_INT4_CASE(MB, Q8, SB, G32) \
+    case (MB) * 8 + (Q8) * 4 + (SB) * 2 + (G32): dot_int4_impl(w, g, r, xf, q, xsum, K, MB, SB, G32, Q8, dots); break;
+#define DOT_INT4_KINDS(MB, Q8) \
+    DOT_INT4_CASE(MB, Q8, 0, 0) DOT_INT4_CASE(MB, Q8, 0, 1) DOT_INT4_CASE(MB, Q8, 1, 0) DOT_INT4_CASE(MB, Q8, 1, 1)
+#define DOT_INT4_ROWS(MB) DOT_INT4_KINDS(MB, 0) DOT_INT4_KINDS(MB, 1)
 
 static void dot_int4(const uint8_t *w, const Int4Groups *g, int64_t r, const float *xf, const QuantizedRows *q,
                      const float *xsum, int64_t K, int mb, float *dots) {
-    switch (mb * 4 + (g->scale_bf16 ? 2 : 0) + (g->group == 32 ? 1 : 0)) {
+    switch (mb * 8 + (q->xq ? 4 : 0) + (g->scale_bf16 ? 2 : 0) + (g->group == 32 ? 1 : 0)) {
         DOT_INT4_ROWS(1)
         DOT_INT4_ROWS(2)
         DOT_INT4_ROWS(3)
