@@ -170,12 +170,23 @@ class Executor:
     def __init__(self) -> None:
         self.failure = WorkerFailure()
         self.stopping = False
+        self._rendezvous_dir: str | None = None
 
     def start(self, engine_config) -> tuple[int, int, int, str, int]:
         raise NotImplementedError
 
     def stop(self, timeout: float = 10.0) -> None:
         self.stopping = True
+
+    def _file_store(self) -> tuple[str, int]:
+        """(master addr, port) of a rendezvous through a file, for ranks that all run on this host: never a
+        TCP store, which torch opens on every interface, unauthenticated, whatever address it is given."""
+        self._rendezvous_dir = tempfile.mkdtemp(prefix="shoal-rendezvous-")
+        return f"file://{os.path.join(self._rendezvous_dir, 'store')}", 0
+
+    def _remove_file_store(self) -> None:
+        if self._rendezvous_dir:
+            shutil.rmtree(self._rendezvous_dir, ignore_errors=True)
 
 
 class MultiprocExecutor(Executor):
@@ -185,11 +196,8 @@ class MultiprocExecutor(Executor):
         parallel = engine_config.parallel
         world = parallel.world_size
         addr, port = parallel.master_addr, parallel.master_port
-        if port is None:
-            # Every rank is on this host: rendezvous through a file, never a TCP store (torch's listens on
-            # all interfaces, unauthenticated, whatever address it is given).
-            self._rendezvous_dir = tempfile.mkdtemp(prefix="shoal-rendezvous-")
-            addr, port = f"file://{os.path.join(self._rendezvous_dir, 'store')}", 0
+        if port is None:  # every rank is on this host
+            addr, port = self._file_store()
         spec = json.dumps({**_engine_spec(engine_config), "_threads": torch.get_num_threads()})
         context = mp.get_context("spawn")
         self.processes = []
@@ -224,8 +232,7 @@ class MultiprocExecutor(Executor):
         for _, process in self.processes:
             if process.is_alive():
                 process.terminate()
-        if getattr(self, "_rendezvous_dir", None):
-            shutil.rmtree(self._rendezvous_dir, ignore_errors=True)
+        self._remove_file_store()
 
 
 class TorchrunExecutor(Executor):
@@ -252,8 +259,13 @@ class RayExecutor(Executor):
                               "its hosts") from None
         parallel = engine_config.parallel
         ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), ignore_reinit_error=True)
-        addr = ray.util.get_node_ip_address()
-        port = parallel.master_port or free_port("0.0.0.0")
+        if len([node for node in ray.nodes() if node.get("Alive")]) == 1:  # every actor runs on this host
+            addr, port = self._file_store()
+        else:
+            addr = ray.util.get_node_ip_address()
+            port = parallel.master_port or free_port("0.0.0.0")
+            log.warning("the ranks meet through torch's TCP store on %s:%d, which listens on every interface "
+                        "without authentication: keep that port reachable only by the cluster's hosts", addr, port)
         spec = json.dumps({**_engine_spec(engine_config), "_threads": torch.get_num_threads()})
         accelerator = 0 if (engine_config.device or "cpu").startswith("cpu") else 1
         remote = ray.remote(num_gpus=accelerator)(_RayWorker)
@@ -287,6 +299,7 @@ class RayExecutor(Executor):
                 self.ray.kill(actor)
             except Exception:
                 pass
+        self._remove_file_store()
 
 
 class _RayWorker:

@@ -113,6 +113,12 @@ def init_process_groups(config: ParallelConfig, rank: int, world_size: int, dist
     # take longer than a collective may: a short --collective-timeout must not fail the start.
     join = datetime.timedelta(seconds=max(config.collective_timeout, MIN_JOIN_TIMEOUT_S))
     store, rank, world_size = next(dist.rendezvous(init_method, rank, world_size, timeout=join))
+    if init_method.startswith("file://"):
+        # A TCP rendezvous waits (up to `join`) for every rank to connect; a file store returns at once, and
+        # init_process_group would give the slowest rank only the collective timeout to arrive.
+        store.set_timeout(join)
+        store.set(f"shoal/joined/{rank}", "1")
+        store.wait([f"shoal/joined/{r}" for r in range(world_size)])
     dist.init_process_group(dist_backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
     state = ParallelState(config, rank, world_size, device)
     size = config.stage_size
