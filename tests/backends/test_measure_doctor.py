@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from shoal.backends import get_backend
 from shoal.backends.doctor import doctor_report, format_doctor_report
@@ -97,3 +98,36 @@ def test_kernel_figures_name_shoals_isa_path_where_its_kernels_are_chosen(monkey
         assert f["path"].startswith(f"shoal {isa.chosen()}: ") and f["gbps"] > 0
     assert figures[4]["path"].endswith(", one call") and figures[4]["gbps"] > 0
     assert figures[3]["path"].startswith("shoal" if gemv.rows_kernels_available() else "not measured")
+
+
+def test_the_stream_read_reads_every_byte():
+    """shoal_stream_read, the kernels' reference in doctor, returns the xor of every 64-bit word it read."""
+    import ctypes
+
+    import numpy as np
+
+    from shoal.backends.cpu import gemv
+    from shoal.backends.cpu.library import kernels
+
+    if not gemv.available():
+        pytest.skip("no C compiler here: the kernels are not built")
+    data = torch.randint(0, 256, (3 << 20,), dtype=torch.uint8)
+    out = ctypes.c_uint64()
+    assert kernels().shoal_stream_read(data.data_ptr(), data.numel(), ctypes.byref(out), 2) == 0
+    assert out.value == int(np.bitwise_xor.reduce(data.numpy().view(np.uint64)))
+    assert kernels().shoal_stream_read(data.data_ptr(), 100, ctypes.byref(out), 2) == 1  # not whole 256-byte steps
+
+
+def test_kernel_weights_outgrow_the_last_level_cache(monkeypatch):
+    """64 MiB a matrix, or twice the largest cache where that is more (a VM's 480 MiB of L3 held the 64 MiB),
+    within 1 GiB and a 32nd of the available memory."""
+    from shoal.backends.cpu import kernel_figures
+
+    monkeypatch.setattr(kernel_figures.os, "sysconf", lambda name: {"SC_AVPHYS_PAGES": 8 << 20, "SC_PAGE_SIZE": 4096}[name])
+    for cache, expected in ((32 << 20, 64 << 20), (480 << 20, 960 << 20), (4 << 30, 1 << 30)):
+        monkeypatch.setattr(kernel_figures, "last_level_cache_bytes", lambda cache=cache: cache)
+        assert kernel_figures.measured_bytes(quick=False) == expected
+    monkeypatch.setattr(kernel_figures.os, "sysconf", lambda name: {"SC_AVPHYS_PAGES": 1 << 20, "SC_PAGE_SIZE": 4096}[name])
+    assert kernel_figures.measured_bytes(quick=False) == 128 << 20  # 4 GiB available
+    assert kernel_figures.measured_bytes(quick=True) == 4 << 20
+    assert kernel_figures.last_level_cache_bytes() >= 0

@@ -41,6 +41,7 @@ SIGNATURES: dict[str, list] = {
     "shoal_matmul_rows_bf16": [_p, _i64, _i64, _p, _i64, _p, _i32, _i32],
     "shoal_matmul_rows_int8": [_p, _i64, _i64, _p, _p, _i64, _p, _i32, _i32],
     "shoal_matmul_rows_int4": [_p, _i64, _i64, _p, _p, _p, _i32, _i64, _i64, _p, _i32, _i32],
+    "shoal_stream_read": [_p, _i64, _p, _i32],
     "shoal_kernel_features": [],
     "shoal_rows_features": [],
     # fused.c

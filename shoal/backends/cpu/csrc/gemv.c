@@ -677,6 +677,40 @@ int shoal_dequant_int4(const uint8_t *w, const void *scale, const void *zero, in
     return 0;
 }
 
+/* ---- the reference the kernels are measured against (shoal doctor) ------------------------------ */
+
+/* Reads nbytes at p (nbytes % 256 == 0) once, as the kernels read weights: each thread one contiguous share,
+ * four 64-byte lines a step into four independent vector accumulators, prefetched PREFETCH ahead; *out = the
+ * xor of every 64-bit word, so that no read can be left out. A stream read with nothing else to do: torch's
+ * reductions (sum, dot) and a scalar loop reached less than the bf16 matrix-vector kernel on an AMX Xeon's
+ * memory (25-30 GB/s against 32.7, 2.4 GB read, ad hoc), so they could not serve as the kernels' ceiling. */
+typedef uint64_t StreamLine __attribute__((vector_size(64), aligned(8)));
+
+int shoal_stream_read(const void *p, int64_t nbytes, uint64_t *out, int threads) {
+    if (nbytes % 256) return 1;
+    const char *bytes = (const char *)p;
+    const int64_t steps = nbytes / 256;
+    uint64_t total = 0;
+#pragma omp parallel num_threads(threads) reduction(^ : total)
+    {
+        StreamLine acc[4] = {{0}, {0}, {0}, {0}};
+#pragma omp for schedule(static)
+        for (int64_t step = 0; step < steps; step++) {
+            const char *at = bytes + 256 * step;
+            for (int j = 0; j < 4; j++) {
+                SHOAL_PREFETCH(at + 64 * j + PREFETCH);
+                StreamLine line;
+                memcpy(&line, at + 64 * j, 64);
+                acc[j] ^= line;
+            }
+        }
+        const StreamLine all = (acc[0] ^ acc[1]) ^ (acc[2] ^ acc[3]);
+        for (int i = 0; i < 8; i++) total ^= all[i];
+    }
+    *out = total;
+    return 0;
+}
+
 /* What this build uses: 1 = bf16 activations quantized to int8 for int8 / int4 weights (on every ISA),
  * 2 = bf16 pair products, 4 = the shoal_matmul_rows_* kernels (AVX512-BF16, or NEON), 8 = AMX for them
  * (built in, and granted by the OS), 16 = the dot products' lanes are AVX-512 registers, 32 = AVX2

@@ -37,6 +37,7 @@ int shoal_gemv_int4(const void *x, int act_bf16, int64_t M, int64_t K, const uin
                     const void *zero, int scale_bf16, int64_t group, int64_t N, void *y, int threads);
 int shoal_gemv_many(const ShoalWeight *const *weights, const void *const *xs, void *const *ys, int64_t count,
                     int act_bf16, int threads);
+int shoal_stream_read(const void *p, int64_t nbytes, uint64_t *out, int threads);
 int shoal_dequant_int4(const uint8_t *w, const void *scale, const void *zero, int scale_bf16, int64_t group,
                        int64_t N, int64_t K, void *out, int out_bf16, int threads);
 int shoal_matmul_rows_bf16(const uint16_t *x, int64_t M, int64_t K, const uint16_t *w, int64_t N, uint16_t *y, int amx,
