@@ -42,7 +42,8 @@
 #define QBLOCK 32    /* inputs per activation scale when activations are quantized */
 #ifndef PREFETCH
 /* bytes ahead in the weight stream: against 2048, 4096 read the 0.5B Llama's int8 weights (and its output
- * head) 4% faster and its bf16 ones 2% in an ad-hoc timing (2 threads, medians of 5); 8192 no better */
+ * head) 4% faster and its bf16 ones 2% in an ad-hoc timing (2 threads, medians of 5); 8192 no better.
+ * On Intel CPUs the build sets 16384 (build.py: tuning_flags, measured on an AMX Xeon). */
 #define PREFETCH 4096
 #endif
 #ifndef X4_AHEAD
