@@ -7,10 +7,6 @@ from shoal.torch_extensions import import_torch
 
 import_torch()  # before anything else imports torch: a broken device extension must not break shoal
 
-from shoal.backends.cpu.packed_f32 import make_mkl_reproducible  # noqa: E402
-
-make_mkl_reproducible()  # before MKL's first call: the same bits run after run
-
 from shoal.llm import LLM  # noqa: E402
 from shoal.sampling_params import SamplingParams  # noqa: E402
 

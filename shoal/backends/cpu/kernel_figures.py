@@ -189,12 +189,14 @@ def kernel_figures(backend, quick: bool = False) -> list[dict[str, Any]]:
                 for e in range(top_k)]
 
     set_bytes = top_k * (_int4_bytes(2 * MOE_INTER, MOE_HIDDEN) + _int4_bytes(MOE_HIDDEN, MOE_INTER))
-    one_call = ops.token_experts("int4", quant["int4"].name, expert_set(10), GROUP, torch.bfloat16) is not None
+    first_set = expert_set(10)
+    one_call = ops.token_experts("int4", quant["int4"].name, first_set, GROUP, torch.bfloat16) is not None
 
     def moe_row():
         # one token's experts at a time, from sets that together exceed the caches: each call reads a set the
         # previous calls did not, as a decode step's experts come from memory
-        sets = [expert_set(10 + 2 * top_k * i) for i in range(max(1, -(-nbytes // set_bytes)))]
+        count = max(1, -(-nbytes // set_bytes))
+        sets = [first_set] + [expert_set(10 + 2 * top_k * i) for i in range(1, count)]
         if one_call:
             calls = [ops.token_experts("int4", quant["int4"].name, experts, GROUP, torch.bfloat16) for experts in sets]
             run = [lambda call=call: call(xm, gates, chosen) for call in calls]

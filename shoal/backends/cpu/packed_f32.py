@@ -62,32 +62,6 @@ def _cblas() -> ctypes.CDLL | None:
     return lib
 
 
-# MKL's conditional numerical reproducibility (mkl_cbwr.h): its code path chosen for this CPU, strictly.
-_CBWR_AUTO, _CBWR_STRICT, _CBWR_ENV = 2, 0x10000, "MKL_CBWR"
-
-
-def make_mkl_reproducible() -> None:
-    """Ask MKL for the same bits from the same inputs, run after run (MKL_CBWR=AUTO,STRICT), unless the user
-    set MKL_CBWR. Without it MKL's sgemm may sum in another order from one call to the next: on an AVX-512
-    Xeon (AMX) a float32 MoE's packed expert matmuls (csrc/experts.c) gave other last bits in 11 of 11
-    repeats of one generate (ad hoc), so a replayed decode step could not equal the eager one it recorded. On AMD CPUs MKL's
-    AVX2 code was already reproducible. No cost was measured (16-layer Llama, float32, batch 1 / 8 / 16
-    decode and a 400-token prefill, ad hoc, within noise). MKL takes the mode only before its first call,
-    so shoal/__init__.py sets it on import; where MKL ran before (torch imported and used first) the mode
-    stays off, as before."""
-    if _CBWR_ENV in os.environ or not torch.backends.mkl.is_available():
-        return
-    try:
-        # mkl_cbwr_set's own name is not exported by torch's library; its service function is.
-        set_mode = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so")).mkl_serv_cbwr_set
-    except (OSError, AttributeError):
-        return
-    set_mode.argtypes, set_mode.restype = [ctypes.c_int], ctypes.c_int
-    code = set_mode(_CBWR_AUTO | _CBWR_STRICT)
-    if code:
-        log.debug("MKL's reproducible mode was not set (code %d): MKL ran before shoal was imported", code)
-
-
 @functools.lru_cache(maxsize=1)
 def available() -> bool:
     """Whether torch's library has MKL's packed sgemm and packing is not switched off."""
