@@ -1,5 +1,5 @@
 """Run by tests/backends/test_cpu_gemv_isa.py in a process of its own per ISA level (SHOAL_CPU_ISA): every
-matrix-vector kernel of csrc/gemv.c over fixed inputs, in each weight format, activation dtype, row
+matrix-vector kernel of csrc/gemv.c (and the batched integer kernel of csrc/rows_q8.c) over fixed inputs, in each weight format, activation dtype, row
 count and shape that takes a different path through it; the outputs saved to the file named on the
 command line (torch.save), with the level and the registers the lanes live in."""
 
@@ -36,6 +36,10 @@ def outputs() -> dict[str, torch.Tensor]:
                     for rows in (1, 2, 5):
                         x = torch.randn(rows, k, generator=g).to(dtype)
                         out[f"int4-g{group}-{scale_dtype}-k{k}-{dtype}-{rows}"] = gemv.gemv_int4(x, t, group)
+                # the batched integer kernel (rows_q8.c): one and two lane groups, a partial one, four
+                for rows in (9, 16, 33, 64):
+                    x = torch.randn(rows, k, generator=g).bfloat16()
+                    out[f"rows-q8-int4-g{group}-{scale_dtype}-k{k}-{rows}"] = gemv.matmul_rows_q8_int4(x, t, group)
     return out
 
 

@@ -9,7 +9,8 @@ by cpu/build.py.
 For a batched decode step (9 to ROWS_MAX bf16 rows) the matmul_rows_* kernels take over: there the
 multiplies set the pace, and they run on AMX tiles (or AVX512-BF16 dot products) against the weight
 turned into bf16 a tile at a time in cache, instead of dequantizing the whole weight into memory for
-F.linear on every call. SHOAL_CPU_ROWS=0 switches them off alone.
+F.linear on every call; int4 weights on a CPU without AMX multiply int8-quantized activations with integer
+dot products instead (csrc/rows_q8.c), on every vectorized ISA. SHOAL_CPU_ROWS=0 switches them off alone.
 
 Where no compiler is found, or SHOAL_CPU_KERNELS=0, `library()` is None and every caller keeps
 aten's kernels: the engine runs the same, only slower.
@@ -46,6 +47,11 @@ ROWS_MAX = 128
 # against 554 ms at 32, 819 against 978 at 64) but only tie it at 128, and only tie F.linear for bf16
 # weights at any size: there bf16 weights keep F.linear and int8 / int4 stop at 64 rows.
 ROWS_MAX_WITHOUT_AMX = 64
+# int4 weights without AMX multiply with csrc/rows_q8.c's integer kernel up to the same 64 rows. Alone it
+# was faster at every size tried on a Zen 4 (2 threads, ad hoc, [1024 -> 2816] and [2816 -> 1024] weights,
+# 4 copies: 410-470 GFLOP/s from 16 to 512 rows, against 165-404 for dequantize + F.linear), but sending a
+# prefill chunk to it made an offline 32-prompt run slower (197 against 224 tok/s, 128-token prompts): its
+# per-row activation layout and scalar output stores cost more at thousands of rows; not yet tuned for that.
 
 
 @functools.lru_cache(maxsize=1)
@@ -100,6 +106,13 @@ def rows_kernels_available() -> bool:
     return lib is not None and bool(lib.features & 4) and not switched_off(ROWS_ENV_SWITCH)
 
 
+def rows_int4_available() -> bool:
+    """Whether shoal_matmul_rows_int4 runs here: the kernels above, or (without them, and wherever AMX is
+    not used) the integer kernel of csrc/rows_q8.c, which every vectorized ISA level runs."""
+    lib = library()
+    return lib is not None and bool(lib.features & (4 | 256)) and not switched_off(ROWS_ENV_SWITCH)
+
+
 def rows_use_amx() -> bool:
     """Whether matmul_rows_* multiply on AMX tiles (else with AVX512-BF16 dot products)."""
     lib = library()
@@ -113,7 +126,9 @@ def rows_kernel_takes(x: torch.Tensor, in_features: int, weight_format: str) -> 
     F.linear): where the kernels measured faster than the matmul they replace."""
     if not (x.dim() == 2 and x.dtype == torch.bfloat16 and x.shape[1] == in_features and x.device.type == "cpu"):
         return False
-    if not MAX_ROWS < x.shape[0] <= ROWS_MAX or not rows_kernels_available():
+    if not MAX_ROWS < x.shape[0] <= ROWS_MAX:
+        return False
+    if not (rows_int4_available() if weight_format == "int4" else rows_kernels_available()):
         return False
     return rows_use_amx() or (weight_format != "bf16" and x.shape[0] <= ROWS_MAX_WITHOUT_AMX)
 
@@ -270,3 +285,17 @@ def matmul_rows_int4(x: torch.Tensor, t: dict[str, torch.Tensor], group_size: in
     return _rows_call("matmul_rows_int4", x, n, amx, t["qweight_gemv"].data_ptr(), t["scales"].data_ptr(),
                       t["zeros"].data_ptr(), int(t["scales"].dtype == torch.bfloat16), group_size, n,
                       keep=tuple(t.values()))
+
+
+def matmul_rows_q8_int4(x: torch.Tensor, t: dict[str, torch.Tensor], group_size: int) -> torch.Tensor:
+    """bf16 x [M, K] times a kernel-layout int4 weight with x quantized to int8 per block of 32 (as the
+    matrix-vector kernels quantize it) and integer dot products: the batched path without AMX."""
+    x = x.contiguous()
+    m, k = x.shape
+    n = t["qweight_gemv"].shape[0]
+    y = torch.empty(m, n, dtype=torch.bfloat16)
+    _check(call(library().shoal_matmul_rows_q8_int4, "shoal_matmul_rows_q8_int4", x.data_ptr(), m, k,
+                t["qweight_gemv"].data_ptr(), t["scales"].data_ptr(), t["zeros"].data_ptr(),
+                int(t["scales"].dtype == torch.bfloat16), group_size, n, y.data_ptr(), torch.get_num_threads(),
+                keep=(x, y, *t.values())), "matmul_rows_q8_int4")
+    return y

@@ -19,7 +19,7 @@ CSRC = Path(__file__).parent / "csrc"
 # architecture: x86/ on x86-64, arm/ on aarch64, generic/ (entry points that answer "not on this CPU")
 # elsewhere.
 ISA_DIRS = {"x86": "x86", "arm": "arm", "other": "generic"}
-PORTABLE_SOURCES = tuple(CSRC / name for name in ("gemv.c", "fused.c", "experts.c", "replay.c"))
+PORTABLE_SOURCES = tuple(CSRC / name for name in ("gemv.c", "rows_q8.c", "fused.c", "experts.c", "replay.c"))
 
 
 def sources(machine: str | None = None) -> tuple[Path, ...]:
@@ -42,6 +42,8 @@ SIGNATURES: dict[str, list] = {
     "shoal_matmul_rows_int8": [_p, _i64, _i64, _p, _p, _i64, _p, _i32, _i32],
     "shoal_matmul_rows_int4": [_p, _i64, _i64, _p, _p, _p, _i32, _i64, _i64, _p, _i32, _i32],
     "shoal_stream_read": [_p, _i64, _p, _i32],
+    # rows_q8.c
+    "shoal_matmul_rows_q8_int4": [_p, _i64, _i64, _p, _p, _p, _i32, _i64, _i64, _p, _i32],
     "shoal_kernel_features": [],
     "shoal_rows_features": [],
     # fused.c

@@ -33,13 +33,13 @@
 #include <string.h>
 #include <omp.h>
 
+#include "act_quant.h"
 #include "kernel_common.h"
 #include "lanes.h"
 #include "shoal_cpu.h"
 
 #define MAX_ROWS 8   /* activation rows per call; the Python side uses a matmul above this */
 #define ROW_BLOCK 4  /* activation rows multiplied per pass over a weight row */
-#define QBLOCK 32    /* inputs per activation scale when activations are quantized */
 #ifndef PREFETCH
 /* bytes ahead in the weight stream: against 2048, 4096 read the 0.5B Llama's int8 weights (and its output
  * head) 4% faster and its bf16 ones 2% in an ad-hoc timing (2 threads, medians of 5); 8192 no better.
@@ -52,60 +52,6 @@
 #endif
 
 
-
-/* x as float32 [M, K]. */
-static float *activations(const void *x, int act_bf16, int64_t M, int64_t K) {
-    float *xf = (float *)alloc((size_t)(M * K) * 4);
-    if (!xf) return NULL;
-    if (act_bf16) {
-        const uint16_t *xb = (const uint16_t *)x;
-        for (int64_t i = 0; i < M * K; i++) xf[i] = bf16_to_float(xb[i]);
-    } else {
-        memcpy(xf, x, (size_t)(M * K * 4));
-    }
-    return xf;
-}
-
-/* Activations quantized per block of 32: xq int8 [M, K], and each block's scale repeated for the 8
- * int32 lanes of a vpdpbusd result that cover it: lane_scale float32 [M, K / 4]. */
-typedef struct {
-    int8_t *xq;
-    float *lane_scale;
-} QuantizedRows;
-
-/* The quantized activations from row m0 on (NULL pointers where the activations are not quantized). */
-static inline QuantizedRows rows_from(const QuantizedRows *q, int64_t m0, int64_t K) {
-    QuantizedRows rows = {q->xq ? q->xq + m0 * K : NULL, q->xq ? q->lane_scale + m0 * (K / 4) : NULL};
-    return rows;
-}
-
-static int quantize_rows(const float *xf, int64_t M, int64_t K, QuantizedRows *q) {
-    q->xq = (int8_t *)alloc((size_t)(M * K));
-    q->lane_scale = (float *)alloc((size_t)(M * K / 4) * 4);
-    if (!q->xq || !q->lane_scale) return 2;
-    for (int64_t m = 0; m < M; m++)
-        for (int64_t b = 0; b < K / QBLOCK; b++) {
-            const float *xs = xf + m * K + b * QBLOCK;
-            int8_t *qs = q->xq + m * K + b * QBLOCK;
-            float *lanes = q->lane_scale + m * (K / 4) + b * (QBLOCK / 4);
-#ifdef __AVX512F__
-            const __m512 x0 = _mm512_loadu_ps(xs), x1 = _mm512_loadu_ps(xs + 16);
-            const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
-            const __m512 inv = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
-            /* cvtps rounds to nearest even (the default rounding mode), as lrintf does */
-            _mm_storeu_si128((__m128i *)qs, _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(x0, inv))));
-            _mm_storeu_si128((__m128i *)(qs + 16), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(x1, inv))));
-            _mm256_storeu_ps(lanes, _mm256_set1_ps(amax / 127.0f));
-#else
-            float amax = 0.0f;
-            for (int i = 0; i < QBLOCK; i++) amax = fmaxf(amax, fabsf(xs[i]));
-            const float d = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-            for (int i = 0; i < QBLOCK; i++) qs[i] = (int8_t)lrintf(xs[i] * inv);
-            for (int i = 0; i < QBLOCK / 4; i++) lanes[i] = d;
-#endif
-        }
-    return 0;
-}
 
 /* ---- bf16 weights ---------------------------------------------------------------------------- */
 
@@ -449,25 +395,6 @@ static void dot_int4(const uint8_t *w, const Int4Groups *g, int64_t r, const flo
     }
 }
 
-/* xsum[g] = the sum of one activation row's inputs in group g, as the dot products see them (quantized
- * where they are: per block of 32, its scale times the sum of its codes), so that the zero term cancels the
- * scale term's offset exactly as in w = (u - 8) * scale + zero. */
-static void group_sums(const float *xf, const QuantizedRows *q, int64_t K, int64_t group, float *xsum) {
-    for (int64_t gi = 0; gi < K / group; gi++) {
-        float s = 0.0f;
-        if (q->xq) {
-            for (int64_t b = gi * group / QBLOCK; b < (gi + 1) * group / QBLOCK; b++) {
-                int codes = 0;
-                for (int i = 0; i < QBLOCK; i++) codes += q->xq[b * QBLOCK + i];
-                s += (float)codes * q->lane_scale[b * (QBLOCK / 4)];
-            }
-        } else {
-            for (int64_t k = gi * group; k < (gi + 1) * group; k++) s += xf[k];
-        }
-        xsum[gi] = s;
-    }
-}
-
 int shoal_gemv_int4(const void *x, int act_bf16, int64_t M, int64_t K, const uint8_t *w, const void *scale,
                     const void *zero, int scale_bf16, int64_t group, int64_t N, void *y, int threads) {
     const int shift = group_shift(group);
@@ -716,7 +643,8 @@ int shoal_stream_read(const void *p, int64_t nbytes, uint64_t *out, int threads)
  * 2 = bf16 pair products, 4 = the shoal_matmul_rows_* kernels (AVX512-BF16, or NEON), 8 = AMX for them
  * (built in, and granted by the OS), 16 = the dot products' lanes are AVX-512 registers, 32 = AVX2
  * registers, 64 = NEON registers, 128 = with NEON's int8 dot products (without 16, 32 or 64 they are the
- * portable C loops). */
+ * portable C loops), 256 = shoal_matmul_rows_int4 multiplies with rows_q8.c's integer kernel where AMX is not
+ * used, vectorized (x86; arm/ keeps its NEON bf16 kernel). */
 int shoal_kernel_features(void) {
     int features = 1;
     features |= shoal_rows_features(); /* 4 and 8, from the batched kernels of this ISA */
@@ -724,9 +652,9 @@ int shoal_kernel_features(void) {
     features |= 2;
 #endif
 #if defined(SHOAL_LANES_AVX512)
-    features |= 16;
+    features |= 16 | 256;
 #elif defined(SHOAL_LANES_AVX2)
-    features |= 32;
+    features |= 32 | 256;
 #elif defined(SHOAL_LANES_NEON)
     features |= 64;
 #ifdef __ARM_FEATURE_DOTPROD

@@ -75,6 +75,20 @@ INLINE F16 f16_add(F16 a, F16 b) { return (F16){_mm512_add_ps(a.v, b.v)}; }
 INLINE F16 f16_mul(F16 a, F16 b) { return (F16){_mm512_mul_ps(a.v, b.v)}; }
 INLINE F16 f16_fma(F16 a, F16 b, F16 c) { return (F16){_mm512_fmadd_ps(a.v, b.v, c.v)}; }
 INLINE F16 f16_from_i16(I16 a) { return (F16){_mm512_cvtepi32_ps(a.v)}; }
+INLINE void f16_store(float *p, F16 a) { _mm512_storeu_ps(p, a.v); }
+INLINE I16 i16_zero(void) { return (I16){_mm512_setzero_si512()}; }
+/* acc + per lane l: sum_j u[j] x[4 l + j], u the 4 bytes at u4 (each 0..15, the same for every lane), x 64
+ * int8 */
+INLINE I16 i16_dot_u4_bcast(I16 acc, const uint8_t *u4, const int8_t *x) {
+    int32_t word;
+    memcpy(&word, u4, 4);
+    const __m512i u = _mm512_set1_epi32(word), xv = _mm512_loadu_si512(x);
+#ifdef __AVX512VNNI__
+    return (I16){_mm512_dpbusd_epi32(acc.v, u, xv)};
+#else
+    return (I16){_mm512_add_epi32(acc.v, _mm512_madd_epi16(_mm512_maddubs_epi16(u, xv), _mm512_set1_epi16(1)))};
+#endif
+}
 
 /* per 4 bytes: sum a[i] b[i], a and b int8 with a in [-127, 127] */
 INLINE I16 i16_dot_s8s8(const int8_t *a, const int8_t *b) {
@@ -147,6 +161,15 @@ INLINE F16 f16_add(F16 a, F16 b) { return (F16){_mm256_add_ps(a.lo, b.lo), _mm25
 INLINE F16 f16_mul(F16 a, F16 b) { return (F16){_mm256_mul_ps(a.lo, b.lo), _mm256_mul_ps(a.hi, b.hi)}; }
 INLINE F16 f16_fma(F16 a, F16 b, F16 c) { return (F16){_mm256_fmadd_ps(a.lo, b.lo, c.lo), _mm256_fmadd_ps(a.hi, b.hi, c.hi)}; }
 INLINE F16 f16_from_i16(I16 a) { return (F16){_mm256_cvtepi32_ps(a.lo), _mm256_cvtepi32_ps(a.hi)}; }
+INLINE void f16_store(float *p, F16 a) { _mm256_storeu_ps(p, a.lo), _mm256_storeu_ps(p + 8, a.hi); }
+INLINE I16 i16_zero(void) { return (I16){_mm256_setzero_si256(), _mm256_setzero_si256()}; }
+INLINE I16 i16_dot_u4_bcast(I16 acc, const uint8_t *u4, const int8_t *x) {
+    int32_t word;
+    memcpy(&word, u4, 4);
+    const __m256i u = _mm256_set1_epi32(word), one = _mm256_set1_epi16(1); /* pairs <= 2 * 15 * 128: int16 */
+    return (I16){_mm256_add_epi32(acc.lo, _mm256_madd_epi16(_mm256_maddubs_epi16(u, _mm256_loadu_si256((const __m256i *)x)), one)),
+                 _mm256_add_epi32(acc.hi, _mm256_madd_epi16(_mm256_maddubs_epi16(u, _mm256_loadu_si256((const __m256i *)(x + 32))), one))};
+}
 
 /* 32 bytes: per 4, sum a[i] b[i] (|a| <= 127): |b| unsigned times a with b's sign, pairs within int16 */
 INLINE __m256i dot_s8s8_x8(__m256i a, __m256i b) {
@@ -236,6 +259,8 @@ INLINE F16 f16_from_i16(I16 a) {
     for (int j = 0; j < 4; j++) r.v[j] = vcvtq_f32_s32(a.v[j]);
     return r;
 }
+INLINE void f16_store(float *p, F16 a) { for (int j = 0; j < 4; j++) vst1q_f32(p + 4 * j, a.v[j]); }
+INLINE I16 i16_zero(void) { const int32x4_t z = vdupq_n_s32(0); return (I16){{z, z, z, z}}; }
 
 /* 16 bytes: per 4, sum a[i] b[i]. With dot products one vdotq_s32; else the 16 products widened to int16
  * (|a b| <= 128 * 128 fits) and added in pairs twice: the same exact sums. */
@@ -261,6 +286,13 @@ INLINE I16 i16_dot_u4s8(const uint8_t *p, int high, const int8_t *b) {
         r.v[j] = dot_s8x16(vreinterpretq_s8_u8(u), vld1q_s8(b + 16 * j)); /* nibbles 0..15: exact as int8 */
     }
     return r;
+}
+INLINE I16 i16_dot_u4_bcast(I16 acc, const uint8_t *u4, const int8_t *x) {
+    uint32_t word;
+    memcpy(&word, u4, 4);
+    const int8x16_t u = vreinterpretq_s8_u32(vdupq_n_u32(word)); /* 0..15: exact as int8 */
+    for (int j = 0; j < 4; j++) acc.v[j] = vaddq_s32(acc.v[j], dot_s8x16(u, vld1q_s8(x + 16 * j)));
+    return acc;
 }
 
 /* the portable tree below, on the stored lanes: (x0 + x2) + (x1 + x3) per quad, then (q0 + q2) + (q1 + q3) */
@@ -299,6 +331,13 @@ INLINE F16 f16_add(F16 a, F16 b) { for (int i = 0; i < 16; i++) a.l[i] += b.l[i]
 INLINE F16 f16_mul(F16 a, F16 b) { for (int i = 0; i < 16; i++) a.l[i] *= b.l[i]; return a; }
 INLINE F16 f16_fma(F16 a, F16 b, F16 c) { for (int i = 0; i < 16; i++) c.l[i] = fmaf(a.l[i], b.l[i], c.l[i]); return c; }
 INLINE F16 f16_from_i16(I16 a) { F16 r; for (int i = 0; i < 16; i++) r.l[i] = (float)a.l[i]; return r; }
+INLINE void f16_store(float *p, F16 a) { memcpy(p, a.l, 64); }
+INLINE I16 i16_zero(void) { I16 r; for (int i = 0; i < 16; i++) r.l[i] = 0; return r; }
+INLINE I16 i16_dot_u4_bcast(I16 acc, const uint8_t *u4, const int8_t *x) {
+    for (int i = 0; i < 16; i++)
+        acc.l[i] += u4[0] * x[4 * i] + u4[1] * x[4 * i + 1] + u4[2] * x[4 * i + 2] + u4[3] * x[4 * i + 3];
+    return acc;
+}
 INLINE I16 i16_dot_s8s8(const int8_t *a, const int8_t *b) {
     I16 r;
     for (int i = 0; i < 16; i++)

@@ -47,6 +47,10 @@ int shoal_matmul_rows_int8(const uint16_t *x, int64_t M, int64_t K, const int8_t
 int shoal_matmul_rows_int4(const uint16_t *x, int64_t M, int64_t K, const uint8_t *w, const void *scale,
                            const void *zero, int scale_bf16, int64_t group, int64_t N, uint16_t *y, int amx,
                            int threads);
+/* rows_q8.c: the same product as shoal_matmul_rows_int4 with the activations quantized to int8 per block of
+ * 32 (integer dot products, every ISA) */
+int shoal_matmul_rows_q8_int4(const uint16_t *x, int64_t M, int64_t K, const uint8_t *w, const void *scale,
+                              const void *zero, int scale_bf16, int64_t group, int64_t N, uint16_t *y, int threads);
 int shoal_kernel_features(void);
 int shoal_rows_features(void); /* x86/, arm/ or generic/matmul_rows.c: the matmul_rows kernels' feature bits */
 

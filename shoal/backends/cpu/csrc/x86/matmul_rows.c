@@ -42,7 +42,8 @@
  *   int8  y = bf16(bf16(sum) * scale[n])   (the scale applied to the output, as shoal's int8 fallback does;
  *                                           int8 values are exact in bf16)
  *   int4  y = bf16(sum), W as shoal_dequant_int4 writes it: bf16((u - 8) * scale + zero), multiply then add
- * Without AVX512-BF16 these return 3 and shoal_kernel_features() says so: the callers keep the matmul. */
+ * Without AVX512-BF16 these return 3 and shoal_kernel_features() says so: the callers keep the matmul.
+ * int4 weights without AMX go to ../rows_q8.c instead (int8 activations, integer dot products, any ISA). */
 
 
 #define TILE_N 32 /* weight rows turned into bf16 and multiplied together: two AMX tiles' rows */
@@ -493,8 +494,15 @@ int shoal_matmul_rows_int4(const uint16_t *x, int64_t M, int64_t K, const uint8_
                            int threads) {
     const int shift = group_shift(group);
     if (shift < 5 || K % group || K % 128) return 1;
-    RowsWeight rw = {ROWS_INT4, w, NULL, {scale, zero, scale_bf16, group, shift}, N, K, 0};
-    return rows_matmul(&rw, x, M, y, amx, threads);
+#ifdef SHOAL_AMX
+    if (amx && amx_permitted()) {
+        RowsWeight rw = {ROWS_INT4, w, NULL, {scale, zero, scale_bf16, group, shift}, N, K, 0};
+        return rows_matmul(&rw, x, M, y, amx, threads);
+    }
+#endif
+    /* without AMX: int8 activations and integer dot products (../rows_q8.c), on every ISA level */
+    (void)amx;
+    return shoal_matmul_rows_q8_int4(x, M, K, w, scale, zero, scale_bf16, group, N, y, threads);
 }
 
 /* The features bits these kernels give this build (shoal_kernel_features): 4 = built (AVX512-BF16),
