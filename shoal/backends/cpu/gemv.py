@@ -166,6 +166,9 @@ def accepts(x: torch.Tensor, in_features: int) -> bool:
 
 
 def _check(code: int, name: str) -> None:
+    if code == 2:  # the kernels' "out of memory" (their scratch buffers)
+        raise MemoryError(f"shoal CPU kernel {name} could not allocate its scratch memory; free memory (e.g. a "
+                          "smaller --kv-cache-memory or --max-num-seqs) and retry")
     if code != 0:
         raise RuntimeError(f"shoal CPU kernel {name} rejected its arguments (code {code}); this is a bug in shoal")
 

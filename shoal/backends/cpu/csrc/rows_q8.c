@@ -9,7 +9,8 @@
  * one weight row) is broadcast to every lane and multiplied against those 4 inputs of 16 rows, so one
  * integer sum per block of 32 inputs needs no reduction across lanes, and each block's activation scales
  * (one per row) are a vector. The activations are laid out that way once per call (Q8Lanes); the weights
- * are read in place, each weight row once per 32 activation rows, its nibbles widened to bytes in L1.
+ * are read in place, 8 rows a pass, once per lane group of 16 activation rows (from cache after the first),
+ * their nibbles widened to bytes in L1.
  *
  * Per output (row m, weight row n), with q the activation codes, d their block scales, u the nibbles and
  * s, z the group's scale and zero:
@@ -140,10 +141,14 @@ int shoal_matmul_rows_q8_int4(const uint16_t *x, int64_t M, int64_t K, const uin
     a.codes = (int8_t *)alloc((size_t)(V * K * LANES));
     a.scale = (float *)alloc((size_t)(V * a.B * LANES) * 4);
     a.xsum = (float *)alloc((size_t)(V * G * LANES) * 4);
-    int failed = !a.codes || !a.scale || !a.xsum;
+    if (!a.codes || !a.scale || !a.xsum) { /* nothing written: out of memory */
+        free(a.codes), free(a.scale), free(a.xsum);
+        return 2;
+    }
+    int failed = 0;
     const Int4Groups g = {scale, zero, scale_bf16, group, shift};
     const int64_t chunks = (N + CHUNK - 1) / CHUNK;
-#pragma omp parallel num_threads(threads) if (!failed)
+#pragma omp parallel num_threads(threads)
     {
         float *scratch = (float *)alloc((size_t)(K + K / 4 + G) * 4 + (size_t)K);
         if (!scratch) {
