@@ -56,20 +56,11 @@ _NATIVE_FP16_FLAGS = {"avx512_fp16", "amx_fp16", "asimdhp"}
 @functools.lru_cache(maxsize=1)
 def _cpuinfo() -> tuple[str, frozenset[str]]:
     """(model name, feature flags) of the first CPU; empty where /proc/cpuinfo is absent (macOS, Windows)."""
-    name, flags = "", frozenset()
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or platform.machine(), flags
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        key = key.strip().lower()
-        if key in ("model name", "hardware", "cpu model") and not name:
-            name = value.strip()
-        elif key in ("flags", "features") and not flags:
-            flags = frozenset(value.split())
-        if name and flags:
-            break
+    from shoal.backends.cpu import isa
+
+    info = isa.cpuinfo()
+    name = info.get("model name") or info.get("hardware") or info.get("cpu model") or ""
+    flags = frozenset((info.get("flags") or info.get("features") or "").split())
     return name or platform.processor() or platform.machine(), flags
 
 

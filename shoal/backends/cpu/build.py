@@ -51,12 +51,9 @@ def _compiler() -> str | None:
 
 def _cpu_signature() -> str:
     """What -march=native depends on: the same cache entry must not be reused on another CPU model."""
-    try:
-        head = Path("/proc/cpuinfo").read_text().split("\n\n", 1)[0]
-        keep = [line for line in head.splitlines() if line.split(":")[0].strip() in ("model name", "flags", "Features")]
-        return "\n".join(keep)
-    except OSError:
-        return platform.processor() + platform.machine()
+    info = isa.cpuinfo()
+    keep = [f"{key}: {info[key]}" for key in ("model name", "flags", "features") if key in info]
+    return "\n".join(keep) if keep else platform.processor() + platform.machine()
 
 
 def tuning_flags() -> list[str]:
@@ -66,12 +63,7 @@ def tuning_flags() -> list[str]:
     decoded the 0.5B Llama's int8 8% and int4 4% faster, bf16 alike (`compare_cpu.py --models llama
     --no-llama-cpp --rounds 2`, three runs a setting, alternated: 52.1 / 77.5 / 30.6 against 48.2 / 74.5 /
     30.6 tok/s). The AMD EPYCs tried keep 4096 (their int8 kernel read 0.96 of the memory's rate)."""
-    try:
-        vendor = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                       if line.startswith("vendor_id")), "")
-    except OSError:
-        vendor = ""
-    return ["-DPREFETCH=16384"] if vendor == "GenuineIntel" else []
+    return ["-DPREFETCH=16384"] if isa.cpuinfo().get("vendor_id") == "GenuineIntel" else []
 
 
 def _build(sources: tuple[Path, ...], compiler: str, level: str) -> Path:

@@ -63,15 +63,24 @@ def _x86() -> bool:
     return arch() == "x86"
 
 
-def _host_flags() -> set[str]:
+def cpuinfo() -> dict[str, str]:
+    """/proc/cpuinfo as {lower-case key: value}, each key's first occurrence (the first CPU's, and aarch64's
+    trailing "hardware"); empty where the file is absent (macOS, Windows). The one reader of that file."""
+    fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.split(":")[0].strip() in ("flags", "Features"):
-                    return set(line.split(":", 1)[1].split())
+                key, sep, value = line.partition(":")
+                if sep:
+                    fields.setdefault(key.strip().lower(), value.strip())
     except OSError:
         pass
-    return set()
+    return fields
+
+
+def _host_flags() -> set[str]:
+    info = cpuinfo()
+    return set((info.get("flags") or info.get("features") or "").split())
 
 
 def levels() -> list[str]:
